@@ -1,0 +1,1 @@
+"""Instance-disk backends, loaded by name through stevedore."""

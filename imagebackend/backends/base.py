@@ -1,0 +1,253 @@
+"""The pipeline every backend shares: one template method and its hooks.
+
+:meth:`ImageBackend.create_image` runs fetch -> convert -> cache (through
+:class:`imagebackend.cache.ImageCache`), then the two hooks a backend
+overrides: :meth:`ImageBackend.prepare_base` (extend: the base the disk is
+made over) and :meth:`ImageBackend.create_disk` (overlay: the instance
+disk itself).  Subclasses never override :meth:`create_image`.
+"""
+
+import abc
+import dataclasses
+import functools
+import logging
+import os
+import time
+import typing
+
+from oslo_config import cfg
+
+from imagebackend import cache as image_cache
+from imagebackend import disk_ops as disk_operations
+from imagebackend import exception
+from imagebackend import fileutils
+from imagebackend import plugins
+from imagebackend import qemu_img
+from imagebackend import sources
+from imagebackend.sources import base as source_base
+
+LOG = logging.getLogger(__name__)
+
+OPTIONS = [
+    cfg.StrOpt("images_type",
+               default="qcow2",
+               choices=[
+                   ("qcow2", "a qcow2 copy-on-write overlay over the "
+                             "cached base"),
+                   ("cached-base", "a qcow2 overlay over a shared base "
+                                   "already grown to the disk's size"),
+                   ("raw", "an independent sparse raw copy of the base"),
+               ],
+               help="How instance disks are made from cached base images "
+                    "(the name of an 'imagebackend.backends' entry "
+                    "point). Default: qcow2."),
+    cfg.StrOpt("preallocate_images",
+               default="none",
+               choices=[
+                   ("none", "allocate disk space as the guest writes"),
+                   ("space", "reserve the disk's full size when it is "
+                             "created (fallocate), so a full host "
+                             "filesystem is found at creation, not by a "
+                             "guest I/O error"),
+               ],
+               help="Whether instance disks reserve their space up front. "
+                    "Applies to every backend. Default: none."),
+]
+
+
+@dataclasses.dataclass
+class Disk:
+    """An instance disk made by :meth:`ImageBackend.create_image`."""
+
+    path: str
+    format: str
+    virtual_size: int
+    image_id: str
+    backend: str
+    backing_chain: list[str]
+    cache_hit: bool
+    timings: dict[str, float]
+
+    @property
+    def backing_file(self) -> str | None:
+        return self.backing_chain[0] if self.backing_chain else None
+
+    def libvirt_info(self) -> dict:
+        """What a libvirt driver needs for the disk's ``<disk>`` element:
+        ``source_type`` (``file``), ``source_path``, ``driver_type``
+        (``qcow2`` or ``raw``) and the backing chain, nearest first.
+        """
+        return {
+            "source_type": "file",
+            "source_path": self.path,
+            "driver_name": "qemu",
+            "driver_type": self.format,
+            "backing_chain": list(self.backing_chain),
+        }
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["backing_file"] = self.backing_file
+        return data
+
+
+class ImageBackend(abc.ABC):
+    """Base class of backends (stevedore namespace
+    ``imagebackend.backends``).
+
+    :param conf: a ConfigOpts with the library's options registered
+        (:func:`imagebackend.opts.new_conf` or
+        :func:`imagebackend.opts.register_opts`).
+    :param source: the image source; by default the one named by
+        ``[imagebackend] image_source``.
+    :param qemu: the qemu-img runner; inject one to capture or fake
+        commands.
+    """
+
+    #: the entry-point name, as in ``[imagebackend] images_type``.
+    name: str = ""
+    #: the format of the disks this backend makes.
+    disk_format: str = ""
+    OPTIONS: list[tuple[str, list[cfg.Opt]]] = []
+
+    def __init__(self, conf: cfg.ConfigOpts,
+                 source: source_base.ImageSource | None = None,
+                 qemu: qemu_img.QemuImg | None = None) -> None:
+        self.conf = conf
+        self.qemu = qemu or qemu_img.QemuImg(conf)
+        self.source = source or sources.load(conf)
+        self.cache = image_cache.ImageCache(conf, self.source, self.qemu)
+
+    @functools.cached_property
+    def disk_ops(self) -> disk_operations.DiskOperations:
+        """Operations on existing disks -- info, check, snapshots, rebase,
+        extract, resize -- run through this backend's qemu-img runner.
+        Give them the format the disk was made with
+        (``backend.disk_ops.snapshot_create(disk.path, "s1",
+        fmt=disk.format)``); see
+        :class:`imagebackend.disk_ops.DiskOperations`.
+        """
+        return disk_operations.DiskOperations(self.conf, self.qemu)
+
+    # -- the template method ---------------------------------------------
+
+    def create_image(self, image_id: str, target: str, size: int, *,
+                     progress: image_cache.ProgressCallback | None = None
+                     ) -> Disk:
+        """Make the instance disk ``target`` of ``size`` bytes from image
+        ``image_id``.
+
+        :param image_id: the id in the image source.
+        :param target: the path of the disk to create; it must not exist.
+        :param size: the disk's virtual size in bytes; at least the image's
+            virtual size.
+        :param progress: called as ``progress(stage, done, total)`` during
+            long steps (``fetch``, ``convert``).
+        :returns: a :class:`Disk` describing the result.
+        :raises imagebackend.exception.InvalidImageSize: ``size`` is smaller
+            than the image; nothing is written.
+        :raises imagebackend.exception.ImageBackendException: any failure;
+            the target does not exist afterwards and ``_base`` holds no
+            partial file under a final name.
+        """
+        target = os.path.abspath(target)
+        if not isinstance(size, int) or size <= 0:
+            raise exception.InvalidImageSize(
+                image_id=image_id,
+                reason="the requested disk size must be a positive number "
+                       "of bytes, not %r" % (size,))
+        self._check_target(target)
+        timings: dict[str, float] = {}
+        # Held shared until the disk exists and is recorded, so the cache
+        # pruner never removes the base in between.
+        with self.cache.use(image_id):
+            entry, hit = self.cache.get(image_id, requested_size=size,
+                                        progress=progress, timings=timings)
+            if entry.virtual_size > size:
+                raise exception.InvalidImageSize(
+                    image_id=image_id,
+                    reason="its virtual size is %d bytes, larger than the "
+                           "requested disk of %d bytes; ask for at least "
+                           "%d bytes" % (entry.virtual_size, size,
+                                         entry.virtual_size))
+            created = False
+            try:
+                start = time.monotonic()
+                base_path, base_format = self.prepare_base(entry, size)
+                timings["extend"] = time.monotonic() - start
+                start = time.monotonic()
+                created = True
+                self.create_disk(base_path, base_format, target, size)
+                if self.conf.imagebackend.preallocate_images == "space":
+                    self.preallocate(target, size)
+                if self.uses_backing_file:
+                    self.cache.register_disk(target, entry, base_path)
+                timings["overlay"] = time.monotonic() - start
+            except BaseException:
+                if created:
+                    fileutils.remove_quietly(target)
+                raise
+        chain = [base_path] if self.uses_backing_file else []
+        LOG.info("Created %s disk %s (%d bytes) from image %s%s",
+                 self.name, target, size, image_id,
+                 " (cache hit)" if hit else "")
+        return Disk(path=target, format=self.disk_format, virtual_size=size,
+                    image_id=image_id, backend=self.name,
+                    backing_chain=chain, cache_hit=hit, timings=timings)
+
+    def _check_target(self, target: str) -> None:
+        if os.path.lexists(target):
+            raise exception.TargetExists(path=target)
+        parent = os.path.dirname(target)
+        try:
+            fileutils.ensure_dir(parent)
+        except OSError as exc:
+            raise exception.InvalidTarget(
+                path=target,
+                reason="its directory cannot be created: %s" % exc) from exc
+
+    # -- hooks -------------------------------------------------------------
+
+    #: whether disks of this backend keep a backing file.
+    uses_backing_file = True
+
+    def prepare_base(self, entry: image_cache.CacheEntry,
+                     size: int) -> tuple[str, str]:
+        """Extend hook: the base the disk is made from, and its format.
+
+        The default is the cached base itself.
+        """
+        return entry.path, entry.format
+
+    @abc.abstractmethod
+    def create_disk(self, base_path: str, base_format: str, target: str,
+                    size: int) -> None:
+        """Overlay hook: create ``target`` of ``size`` bytes from the base.
+
+        The target does not exist when this is called; if this raises, the
+        template method removes whatever it left.
+        """
+
+    def preallocate(self, target: str, size: int) -> None:
+        """Reserve the disk's space (``preallocate_images = space``)."""
+        fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            fileutils.preallocate(fd, size,
+                                  keep_size=self.disk_format != "raw")
+        finally:
+            os.close(fd)
+
+
+def load(conf: cfg.ConfigOpts, name: str | None = None,
+         **kwargs: typing.Any) -> ImageBackend:
+    """Build the backend named ``name`` (default: ``[imagebackend]
+    images_type``) from the ``imagebackend.backends`` entry points.
+
+    :param kwargs: passed to the backend's constructor (``source``,
+        ``qemu``).
+    :raises imagebackend.exception.BackendNotFound: no such backend.
+    """
+    name = name or conf.imagebackend.images_type
+    cls = plugins.load_class("imagebackend.backends", name,
+                             exception.BackendNotFound)
+    return cls(conf, **kwargs)

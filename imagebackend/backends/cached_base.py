@@ -1,0 +1,35 @@
+"""cached-base: a qcow2 overlay over a shared base grown to the disk size.
+
+The sized base ``_base/<cache_id>_<size>`` (``<size>`` in bytes, decimal)
+is made once per image and size, under its own lock, and shared by every
+disk of that size; the overlay then has the same virtual size as its
+backing file, as some tools expect.
+"""
+
+import os
+
+from imagebackend.backends import qcow2
+from imagebackend import fileutils
+
+
+class CachedBaseBackend(qcow2.Qcow2Backend):
+    """Disks are qcow2 overlays over ``_base/<cache_id>_<size>``; a
+    request for the image's own size uses the base itself.
+    """
+
+    name = "cached-base"
+
+    def prepare_base(self, entry, size):
+        if entry.virtual_size == size:
+            return entry.path, entry.format
+        sized = self.cache.sized_path(entry.cache_id, size)
+
+        def build(fd, tmp):
+            fileutils.sparse_copy(entry.path, fd)
+            if entry.format == "raw":
+                os.ftruncate(fd, size)
+            else:
+                self.qemu.resize(tmp, entry.format, size)
+
+        self.cache.publish_derived(sized, os.path.basename(sized), build)
+        return sized, entry.format

@@ -1,0 +1,437 @@
+"""The base-image cache: ``<instances_path>/<base_dir_name>``.
+
+Layout (``cache_id = sha1(image_id)``; a *stem* names one generation)::
+
+    _base/<cache_id>             generation 1 of an image: a complete,
+                                 verified base; it only appears by rename
+    _base/<cache_id>-<N>         generation N (2, 3, ...) of the same image
+    _base/<stem>.json            the generation's metadata record (written
+                                 before the base is renamed into place)
+    _base/<stem>_<size>          a sized base for the cached-base backend:
+                                 the base grown to <size> bytes (decimal)
+    _base/<stem>.part            scratch: the download in progress
+    _base/<stem>.converted       scratch: the conversion in progress
+    _base/<stem>_<size>.part     scratch: a sized base being built
+    _base/<name>.corrupt         moved aside by ``cache verify --repair``
+    _base/<name>.refused         moved aside: refused on re-inspection
+    _base/.disks/<cache_id>/     the disks the library made from the image
+    locks/                       inter-process lock files (beside _base)
+
+Generations: every use compares the source's current identity of the image
+(a content hash, or a hash plus an update time) with the record of the
+newest usable generation.  When they differ, the image is fetched again
+and published under the next free generation number, and the older
+generations are marked stale in their records.  A published base is never
+modified, and never removed while a disk uses it, so existing overlays go
+on reading exactly the bytes they were made from.  A stale base is never
+used for a new disk; ``cache prune`` removes it once nothing uses it.  A
+generation number is reused only after every file of that generation has
+gone (the cache then holds nothing an old disk could still name).
+
+Only the holder of an entry's lock writes its scratch files, so anything
+else the cache finds there is left over from a crash and may be removed.
+The last-used time of a base is the modification time of its metadata
+record, refreshed with ``utime`` on every use (a use never rewrites it);
+that of a sized base is its own modification time.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import os
+import stat
+import time
+import typing
+
+from oslo_concurrency import opts as lock_opts
+from oslo_config import cfg
+
+from imagebackend import cache_fetch
+from imagebackend import cache_layout
+from imagebackend import cache_locks
+from imagebackend import cache_prune
+from imagebackend import cache_usage
+from imagebackend import cache_verify
+from imagebackend import exception
+from imagebackend import fileutils
+from imagebackend import inspect
+from imagebackend import qemu_img
+from imagebackend.sources import base as source_base
+
+LOG = logging.getLogger(__name__)
+
+OPTIONS = [
+    cfg.StrOpt("instances_path",
+               default="/var/lib/imagebackend/instances",
+               help="Directory under which instance disks and the shared "
+                    "base-image cache live. The cache is the subdirectory "
+                    "named by base_dir_name; inter-process locks go to a "
+                    "'locks' subdirectory unless [oslo_concurrency] "
+                    "lock_path is set. Disks anywhere under it keep the "
+                    "bases they use from being pruned. Default: "
+                    "/var/lib/imagebackend/instances."),
+    cfg.StrOpt("base_dir_name",
+               default="_base",
+               help="Name of the base-image cache directory inside "
+                    "instances_path. Several compute hosts may share it "
+                    "over a filesystem with working POSIX locks. Default: "
+                    "_base."),
+    cfg.BoolOpt("force_raw_images",
+                default=True,
+                help="Convert every non-raw image to raw when it is "
+                     "cached. Raw bases cost disk space but make instance "
+                     "disks faster and let the raw backend copy them "
+                     "without qemu-img. When false, a base keeps the "
+                     "format it was downloaded in. Default: true."),
+]
+
+#: the ``[image_cache]`` options: in-use tracking, pruning.
+IMAGE_CACHE_OPTIONS = cache_usage.OPTIONS + cache_prune.OPTIONS
+IMAGE_CACHE_GROUP = "image_cache"
+
+ProgressCallback = typing.Callable[[str, int, typing.Optional[int]], None]
+SCRATCH_SUFFIXES = cache_layout.SCRATCH_SUFFIXES
+
+
+def lock_option_list() -> list[cfg.Opt]:
+    """oslo.concurrency's ``[oslo_concurrency]`` options (``lock_path``)."""
+    return lock_opts.list_opts()[0][1]
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register ``[oslo_concurrency]`` and ``[image_cache]``; this module's
+    ``[imagebackend]`` options are registered by
+    :func:`imagebackend.opts.register_opts`.
+    """
+    conf.register_opts(lock_option_list(), group="oslo_concurrency")
+    conf.register_opts(IMAGE_CACHE_OPTIONS, group=IMAGE_CACHE_GROUP)
+
+
+#: ``cache_id(image_id)``: the cache's name for an image, the sha1 of its
+#: id in hex.
+cache_id = cache_layout.cache_id
+
+
+@dataclasses.dataclass
+class CacheEntry:
+    """One published base image.
+
+    :param cache_id: the base's file name in ``_base``: ``sha1(image_id)``
+        for generation 1, ``sha1(image_id)-<N>`` for generation N.
+    """
+
+    image_id: str
+    cache_id: str
+    path: str
+    format: str
+    virtual_size: int
+    record: dict
+    generation: int = 1
+
+    @property
+    def last_used(self) -> float | None:
+        try:
+            return os.stat(self.path + ".json").st_mtime
+        except FileNotFoundError:
+            return None
+
+
+class ImageCache:
+    """Fetches, verifies, converts, publishes and looks after base images.
+
+    :param conf: a ConfigOpts with the library's options registered.
+    :param source: the :class:`~imagebackend.sources.base.ImageSource`;
+        ``None`` for a cache that is only listed, pruned or verified.
+    :param qemu: the :class:`~imagebackend.qemu_img.QemuImg` to run.
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts,
+                 source: source_base.ImageSource | None = None,
+                 qemu: qemu_img.QemuImg | None = None) -> None:
+        register_opts(conf)
+        self.conf = conf
+        self.source = source
+        self.qemu = qemu or qemu_img.QemuImg(conf)
+        opts = conf.imagebackend
+        self.instances_path = os.path.abspath(opts.instances_path)
+        self.base_dir = os.path.join(self.instances_path, opts.base_dir_name)
+        self.lock_dir = os.path.abspath(
+            conf.oslo_concurrency.lock_path
+            or os.path.join(self.instances_path, "locks"))
+        self.scanner = cache_usage.UsageScanner(
+            self.base_dir,
+            [self.instances_path] + list(conf.image_cache.disk_dirs or []),
+            [self.base_dir, self.lock_dir])
+        self._dirs_ready = False
+
+    # -- names and locks ---------------------------------------------------
+
+    def base_path(self, cid: str) -> str:
+        """The path of base ``cid`` (a stem: ``<cache_id>[-<N>]``)."""
+        return os.path.join(self.base_dir, cid)
+
+    def sized_path(self, cid: str, size: int) -> str:
+        """The path of base ``cid`` grown to ``size`` bytes."""
+        return os.path.join(self.base_dir, "%s_%d" % (cid, size))
+
+    def ensure_dirs(self) -> None:
+        if self._dirs_ready:
+            return
+        try:
+            fileutils.ensure_dir(self.base_dir)
+            fileutils.ensure_dir(self.lock_dir)
+        except OSError as exc:
+            raise exception.CacheError(
+                path=self.base_dir,
+                reason="cannot create the cache directories (%s); check "
+                       "[imagebackend] instances_path and its permissions"
+                       % exc) from exc
+        self._dirs_ready = True
+
+    @contextlib.contextmanager
+    def lock(self, name: str, *, blocking: bool = True):
+        """Hold the inter-process (and inter-thread) lock ``name``.
+
+        :raises imagebackend.cache_locks.Busy: ``blocking`` is False and
+            the lock is held.
+        """
+        self.ensure_dirs()
+        with cache_locks.exclusive(self.lock_dir, name, blocking=blocking):
+            yield
+
+    @contextlib.contextmanager
+    def use(self, image_id: str, *, exclusive: bool = False,
+            blocking: bool = True):
+        """Hold image ``image_id``'s use lock: shared while a disk is made
+        from (or a prefetch fetches) one of its bases, so that the pruner,
+        which takes it exclusively, never removes a base in between.
+        """
+        self.ensure_dirs()
+        path = cache_locks.use_lock_file(self.lock_dir, cache_id(image_id))
+        with cache_locks.flocked(path, shared=not exclusive,
+                                 blocking=blocking):
+            yield
+
+    def check_regular(self, path: str) -> bool:
+        """True if ``path`` is a regular file, False if it is missing;
+        anything else (a symlink, a directory, a device) is refused.
+        """
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            raise exception.UnsafeCachePath(
+                path=path, reason="it is not a regular file (symlinks are "
+                                  "never followed in the cache)")
+        return True
+
+    # -- lookup --------------------------------------------------------------
+
+    def lookup(self, image_id: str) -> CacheEntry | None:
+        """The newest usable generation of ``image_id``, without asking the
+        source, locking or spawning anything; ``None`` when none is cached
+        (missing, stale, or recorded under an older inspection policy).
+        """
+        return self._find(image_id, None)
+
+    def _find(self, image_id, identity):
+        cid = cache_id(image_id)
+        entry = self._usable(image_id, cid, 1, identity)
+        if entry is not None:
+            return entry
+        found = cache_layout.generations(self.base_dir, cid)
+        for gen in sorted(found, reverse=True):
+            if gen > 1 and "base" in found[gen]:
+                entry = self._usable(image_id, cid, gen, identity)
+                if entry is not None:
+                    return entry
+        return None
+
+    def _usable(self, image_id, cid, gen, identity):
+        stem = cache_layout.stem(cid, gen)
+        path = self.base_path(stem)
+        if not self.check_regular(path):
+            return None
+        record = fileutils.read_json(path + ".json")
+        if (not record or record.get("image_id") != image_id
+                or record.get("stale")
+                or not cache_fetch.same_identity(record, identity)):
+            return None
+        inspection = record.get("inspection") or {}
+        if inspection.get("version", 0) < inspect.INSPECTION_VERSION:
+            return None
+        return self._entry(image_id, stem, record)
+
+    def touch(self, entry: CacheEntry) -> None:
+        """Record a use of ``entry`` (the record's mtime is last-used)."""
+        try:
+            os.utime(entry.path + ".json")
+        except FileNotFoundError:
+            pass
+
+    def get(self, image_id: str, *, requested_size: int | None = None,
+            progress: ProgressCallback | None = None,
+            timings: dict | None = None) -> tuple[CacheEntry, bool]:
+        """The cached base for ``image_id``, fetching it if needed.
+
+        The source is always asked for the image's metadata first, so an
+        image the source no longer serves (deleted, or not visible to these
+        credentials) is never used from the cache, and an image whose
+        content changed is fetched again as a new generation.  Callers that
+        go on to use the base hold :meth:`use` around this call and the use.
+
+        :param requested_size: the size of the disk to be made; an image
+            whose virtual size is larger is refused (before it is fully
+            downloaded where the format allows).
+        :returns: ``(entry, cache_hit)``.
+        :raises imagebackend.exception.ImageBackendException: on any
+            failure, after removing every scratch file it made.
+        """
+        timings = timings if timings is not None else {}
+        start = time.monotonic()
+        meta = self.source.get_meta(image_id)
+        timings["lookup"] = time.monotonic() - start
+        cache_fetch.precheck_size(meta, requested_size)
+        entry = self._find(image_id, meta.identity)
+        if entry is not None:
+            self.touch(entry)
+            return entry, True
+        self.ensure_dirs()
+        with self.lock(cache_id(image_id)):
+            entry = self._find(image_id, meta.identity)
+            if entry is not None:       # another request published it
+                self.touch(entry)
+                return entry, True
+            stem, again = cache_fetch.choose_stem(self, meta)
+            if again:
+                record = cache_fetch.reinspect(self, meta, stem)
+                return self._entry(image_id, stem, record), True
+            record = cache_fetch.fetch(self, meta, stem, requested_size,
+                                       progress, timings)
+            return self._entry(image_id, stem, record), False
+
+    def _entry(self, image_id, stem, record):
+        return CacheEntry(image_id=image_id, cache_id=stem,
+                          path=self.base_path(stem), format=record["format"],
+                          virtual_size=record["virtual_size"], record=record,
+                          generation=cache_layout.parse(stem).generation)
+
+    # -- publishing ----------------------------------------------------------
+
+    def remove_scratch(self, path: str) -> None:
+        """Remove a leftover scratch file (we hold the entry's lock)."""
+        if self.check_regular(path):
+            LOG.info("Removing leftover scratch file %s", path)
+            os.unlink(path)
+
+    def mark_stale(self, stem: str, reason: str) -> bool:
+        """Mark generation ``stem`` stale: no new disk will use it.
+
+        :returns: True if it was not stale before.
+        """
+        return cache_layout.mark_stale(self.base_path(stem) + ".json",
+                                       reason)
+
+    def publish_derived(self, final: str, lock_name: str,
+                        build: typing.Callable[[int, str], None]) -> bool:
+        """Make ``final`` once, under ``lock_name``, by rename.
+
+        :param build: called as ``build(fd, tmp_path)`` to fill a new
+            temporary file; it is fsynced and renamed to ``final``.
+        :returns: True if ``final`` already existed (a cache hit; its
+            modification time, the last-used time, is refreshed).
+        """
+        if self.check_regular(final):
+            _utime_quietly(final)
+            return True
+        with self.lock(lock_name):
+            if self.check_regular(final):
+                _utime_quietly(final)
+                return True
+            tmp = final + ".part"
+            self.remove_scratch(tmp)
+            with fileutils.new_file(tmp) as fd:
+                build(fd, tmp)
+                os.fsync(fd)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                fileutils.remove_quietly(tmp)
+                raise
+            fileutils.fsync_dir(self.base_dir)
+        return False
+
+    def register_disk(self, disk: str, entry: CacheEntry,
+                      backing_file: str) -> None:
+        """Record that the library made ``disk`` over ``backing_file`` (a
+        base of ``entry``), so that the base counts as in use wherever the
+        disk lives.
+
+        :raises imagebackend.exception.CacheError: the record cannot be
+            written.
+        """
+        try:
+            self.scanner.registry.add(cache_id(entry.image_id),
+                                      entry.image_id, disk, backing_file)
+        except OSError as exc:
+            raise exception.CacheError(
+                path=self.base_dir,
+                reason="cannot record disk %s in the cache (%s); check the "
+                       "free space and permissions of the cache directory"
+                       % (disk, exc)) from exc
+
+    # -- reports and upkeep ---------------------------------------------------
+
+    def prune(self, *,
+              dry_run: bool = False) -> cache_prune.PruneReport:
+        """Remove what the cache no longer needs; see
+        :func:`imagebackend.cache_prune.prune`.  Safe to call from a
+        periodic task while disks are being created.
+        """
+        return cache_prune.prune(self, dry_run=dry_run)
+
+    def invalidate(self, image_id: str) -> dict:
+        """Mark every base of ``image_id`` stale, so the next use fetches
+        it again, and remove those nothing uses; see
+        :func:`imagebackend.cache_prune.invalidate`.
+        """
+        return cache_prune.invalidate(self, image_id)
+
+    def verify(self, image_ids: list[str] | None = None, *,
+               repair: bool = False) -> list[dict]:
+        """Re-check bases against their records; see
+        :func:`imagebackend.cache_verify.verify`.
+        """
+        return cache_verify.verify(self, image_ids, repair=repair)
+
+    def prefetch(self, image_ids: list[str], *, parallel: int = 4,
+                 progress: typing.Callable | None = None) -> list[dict]:
+        """Fetch images into the cache ahead of use, ``parallel`` at a
+        time; each image is downloaded once even while disks are being
+        created from it.
+
+        :param progress: called as ``progress(image_id, stage, done,
+            total)`` during long steps.
+        :returns: one dict per distinct image: ``image_id``, ``file``,
+            ``generation``, ``cache_hit``, ``seconds``, or ``error``.
+        """
+        return cache_fetch.prefetch(self, image_ids, parallel=parallel,
+                                    progress=progress)
+
+    # Last: in the class body, ``list`` names this method from here on.
+    def list(self) -> list[dict]:
+        """One row per base and sized base in the cache: image id, kind,
+        generation, file, size on disk, virtual size, format, last used,
+        number of disks using it, stale or not.
+        """
+        layout = cache_layout.scan(self.base_dir)
+        usage = self.scanner.scan() if layout.bases else None
+        return cache_layout.rows(layout, usage.of if usage else None)
+
+
+def _utime_quietly(path: str) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass

@@ -1,0 +1,284 @@
+"""Checking cached bases against their records: ``cache verify``.
+
+Each base's record keeps the checksum of the bytes the source served
+(``checksum``: algorithm and value).  A base renamed straight from the
+download holds exactly those bytes and is re-hashed with that algorithm.
+A converted base holds other bytes, so its record also keeps
+``base_checksum``: a SHA-256 over the base file's non-zero 64 KiB blocks,
+each prefixed with its offset (scheme ``sparse-64k``).  Holes and zero
+blocks are skipped, so the digest is cheap for sparse files and the same
+for a raw base and any sized base grown from it, which is how raw sized
+bases are verified.  Non-raw bases also go through ``qemu-img check``.
+
+With ``repair``, a corrupt base nothing uses is moved aside (renamed to
+``<name>.corrupt``) and its generation marked stale, so the next use fetches
+the image again; a corrupt base in use is only marked stale (moving it would
+break the disks using it, which are reported).
+"""
+
+import hashlib
+import logging
+import os
+import typing
+
+from imagebackend import cache_layout
+from imagebackend import cache_locks
+from imagebackend import cache_remove
+from imagebackend import exception
+from imagebackend import inspect
+
+if typing.TYPE_CHECKING:
+    from imagebackend import cache
+
+LOG = logging.getLogger(__name__)
+
+SPARSE_SCHEME = "sparse-64k"
+BLOCK = 64 * 1024
+_CHUNK = 16 * BLOCK
+_ZEROS = bytes(_CHUNK)
+
+
+def _data_extents(fd: int, size: int):
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:         # ENXIO: only a hole remains
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end
+        offset = end
+
+
+def _block_spans(fd: int, size: int) -> list[list[int]]:
+    """Data extents widened to whole blocks and merged."""
+    spans: list[list[int]] = []
+    for start, end in _data_extents(fd, size):
+        start = start // BLOCK * BLOCK
+        end = min(size, -(-end // BLOCK) * BLOCK)
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    return spans
+
+
+def digests(path: str, algos: typing.Sequence[str] = (),
+            sparse: bool = True) -> dict:
+    """Hash file ``path`` in one pass, reading only its data extents.
+
+    :param algos: :mod:`hashlib` algorithms of the whole byte stream (holes
+        read as zeros).
+    :param sparse: also compute the ``sparse-64k`` digest.
+    :returns: ``{"full": {algo: hex}, "sparse": hex or None, "size": n}``.
+    :raises ValueError: an unknown algorithm.
+    :raises OSError: the file cannot be read.
+    """
+    full = [hashlib.new(a) for a in algos]
+    blocks = hashlib.sha256() if sparse else None
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        for start, end in _block_spans(fd, size):
+            _feed_zeros(full, start - pos)
+            offset = start
+            while offset < end:
+                data = os.pread(fd, min(_CHUNK, end - offset), offset)
+                if not data:
+                    break
+                for h in full:
+                    h.update(data)
+                if blocks is not None:
+                    _feed_blocks(blocks, memoryview(data), offset)
+                offset += len(data)
+            pos = offset
+        _feed_zeros(full, size - pos)
+    finally:
+        os.close(fd)
+    return {"full": {a: h.hexdigest() for a, h in zip(algos, full)},
+            "sparse": blocks.hexdigest() if blocks is not None else None,
+            "size": size}
+
+
+def _feed_zeros(hashers, count: int) -> None:
+    if not hashers:
+        return
+    while count > 0:
+        n = min(count, _CHUNK)
+        for h in hashers:
+            h.update(_ZEROS[:n])
+        count -= n
+
+
+def _feed_blocks(hasher, data: memoryview, offset: int) -> None:
+    for i in range(0, len(data), BLOCK):
+        block = data[i:i + BLOCK]
+        if block != _ZEROS[:len(block)]:
+            hasher.update((offset + i).to_bytes(8, "big"))
+            hasher.update(block)
+
+
+def sparse_digest(path: str) -> dict:
+    """The ``base_checksum`` record of file ``path``."""
+    return {"algo": "sha256", "scheme": SPARSE_SCHEME,
+            "value": digests(path)["sparse"]}
+
+
+def _converted(record: dict) -> bool:
+    if "converted" in record:
+        return bool(record["converted"])
+    try:
+        return inspect.qemu_format(record.get("source_format") or
+                                   "raw") != record.get("format")
+    except ValueError:
+        return True
+
+
+def check_base(c: "cache.ImageCache", f: cache_layout.CachedFile
+               ) -> tuple[str, str, str | None]:
+    """Verify original base ``f``.
+
+    :returns: ``(status, detail, sparse digest or None)``; status is
+        ``ok``, ``corrupt`` or ``unverified``.
+    """
+    record = f.record
+    fmt = record.get("format")
+    if not record or not fmt:
+        return "unverified", "it has no metadata record", None
+    checksum = record.get("checksum") or {}
+    converted = _converted(record)
+    algos = [] if converted or not checksum.get("value") else [
+        checksum.get("algo") or "sha256"]
+    try:
+        found = digests(f.path, algos, sparse=fmt == "raw")
+    except ValueError:
+        return ("unverified", "its record names an unknown hash algorithm "
+                "%r" % algos[0], None)
+    problems = []
+    status = "ok"
+    if algos:
+        actual = found["full"][algos[0]]
+        if actual != checksum["value"].lower():
+            problems.append("its %s is %s, the image's is %s"
+                            % (algos[0], actual, checksum["value"]))
+    else:
+        expected = (record.get("base_checksum") or {}).get("value")
+        if expected is None:
+            status = "unverified"
+            problems.append("no digest of the converted base is recorded; "
+                            "invalidate the image to fetch it again")
+        elif found["sparse"] != expected:
+            problems.append("its content digest is %s, the record says %s"
+                            % (found["sparse"], expected))
+    if fmt == "raw" and record.get("virtual_size") not in (None,
+                                                           found["size"]):
+        problems.append("it is %d bytes long, the record says %d"
+                        % (found["size"], record["virtual_size"]))
+    problems += _qemu_check(c, f.path, fmt)
+    if problems and status == "ok":
+        status = "corrupt"
+    return (status, "; ".join(problems),
+            found["sparse"] if status == "ok" else None)
+
+
+def check_sized(c: "cache.ImageCache", f: cache_layout.CachedFile,
+                expected: str | None) -> tuple[str, str]:
+    """Verify sized base ``f`` against its original's sparse digest."""
+    fmt = f.record.get("format") or "raw"
+    if fmt != "raw":
+        problems = _qemu_check(c, f.path, fmt)
+        return ("corrupt" if problems else "ok"), "; ".join(problems)
+    if expected is None:
+        return "unverified", "its original base could not be verified"
+    found = digests(f.path)
+    problems = []
+    if found["sparse"] != expected:
+        problems.append("its content differs from its original base's")
+    if found["size"] != f.name.size:
+        problems.append("it is %d bytes long, its name says %d"
+                        % (found["size"], f.name.size))
+    return ("corrupt" if problems else "ok"), "; ".join(problems)
+
+
+def _qemu_check(c, path, fmt) -> list[str]:
+    if fmt == "raw":
+        return []
+    try:
+        result = c.qemu.check(path, fmt)
+    except exception.QemuImgError as exc:
+        return ["qemu-img check failed: %s" % exc.message]
+    if result.corruptions or result.check_errors:
+        return ["qemu-img check found %d corruption(s) and %d error(s)"
+                % (result.corruptions, result.check_errors)]
+    return []
+
+
+def verify(c: "cache.ImageCache", image_ids: list[str] | None = None, *,
+           repair: bool = False) -> list[dict]:
+    """Verify the bases of ``image_ids`` (default: every base).
+
+    :returns: one row per file: ``image_id``, ``kind``, ``generation``,
+        ``file``, ``status`` (``ok``, ``corrupt``, ``unverified``, ``not
+        cached``), ``detail`` and ``action`` (what ``repair`` did).
+    """
+    wanted = None
+    if image_ids:
+        wanted = {cache_layout.cache_id(i): i for i in image_ids}
+    layout = cache_layout.scan(c.base_dir)
+    files = [f for f in layout.bases if wanted is None or f.cid in wanted]
+    rows, sparse = [], {}
+    for f in sorted(files, key=lambda f: (f.kind != "base", f.name.name)):
+        if f.kind == "base":
+            status, detail, digest = check_base(c, f)
+            if digest is not None:
+                sparse[f.name.stem] = digest
+        else:
+            # A raw sized base has its original's sparse digest: the one
+            # just verified, or else the one recorded for a converted base.
+            expected = sparse.get(f.name.stem) or (
+                f.record.get("base_checksum") or {}).get("value")
+            status, detail = check_sized(c, f, expected)
+        if status == "corrupt":
+            LOG.warning("Cached %s %s is corrupt: %s", f.kind, f.path,
+                        detail)
+        rows.append({"image_id": f.image_id, "kind": f.kind,
+                     "generation": f.generation, "file": f.path,
+                     "status": status, "detail": detail, "action": None,
+                     "_file": f})
+    present = {f.cid for f in files}
+    for cid, image_id in (wanted or {}).items():
+        if cid not in present:
+            rows.append({"image_id": image_id, "kind": None,
+                         "generation": None, "file": None,
+                         "status": "not cached", "detail": "",
+                         "action": None})
+    corrupt = [r for r in rows if r["status"] == "corrupt"]
+    if repair and corrupt:
+        usage = c.scanner.scan()
+        for row in corrupt:
+            users = usage.of(row["_file"].name.name)
+            if usage.unreadable and not users:
+                users = ["an unknown disk (cannot read %s)"
+                         % ", ".join(usage.unreadable)]
+            row["action"] = _repair(c, row["_file"], users)
+    for row in rows:
+        row.pop("_file", None)
+    return rows
+
+
+def _repair(c, f, users) -> str:
+    try:
+        with cache_remove.exclusive_image(c, f.cid):
+            users = users or c.scanner.users_of(f.cid, f.name.name)
+            c.mark_stale(f.name.stem, "corrupt")
+            if users:
+                return ("in use by %s: left in place, marked stale; new "
+                        "disks use a fresh copy" % ", ".join(users))
+            aside = f.path + ".corrupt"
+            os.rename(f.path, aside)
+    except cache_locks.Busy:
+        return "busy (a disk is being made from it); run again"
+    LOG.warning("Moved corrupt cached %s %s aside to %s", f.kind, f.path,
+                aside)
+    return "moved aside to %s" % aside

@@ -1,0 +1,1 @@
+"""The ``imagebackend`` command line."""

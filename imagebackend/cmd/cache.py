@@ -1,0 +1,186 @@
+"""``imagebackend cache ...``: base-image cache commands."""
+
+import argparse
+import threading
+
+from imagebackend import cache as image_cache
+from imagebackend.cmd import output
+from imagebackend import qemu_img
+from imagebackend import sources
+
+LIST_COLUMNS = ["image_id", "kind", "generation", "file", "size_on_disk",
+                "virtual_size", "format", "last_used", "disks", "stale"]
+PRUNE_COLUMNS = ["action", "kind", "file", "bytes", "reason"]
+VERIFY_COLUMNS = ["status", "image_id", "kind", "generation", "file",
+                  "detail", "action"]
+PREFETCH_COLUMNS = ["image_id", "cache_hit", "generation", "file",
+                    "seconds", "error"]
+
+
+def add_commands(groups) -> None:
+    parser = groups.add_parser("cache", help="Inspect and manage the "
+                                             "base-image cache.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    listing = commands.add_parser(
+        "list", help="List the cached bases.",
+        description="One row per base and sized base: image id, kind, "
+                    "generation, file, size on disk, virtual size, format, "
+                    "last use, number of disks using it, stale or not.")
+    output.add_format_argument(listing)
+    listing.set_defaults(func=list_cache, columns=LIST_COLUMNS)
+
+    prune = commands.add_parser(
+        "prune", help="Remove what the cache no longer needs.",
+        description="Remove orphaned scratch files, stale and old unused "
+                    "bases, and unused bases least recently used first "
+                    "while the cache exceeds [image_cache] max_size or "
+                    "free space is below min_free_space. A base any disk "
+                    "uses is never removed.")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="Report what would be removed; remove nothing.")
+    output.add_format_argument(prune)
+    prune.set_defaults(func=prune_cache, columns=PRUNE_COLUMNS)
+
+    invalidate = commands.add_parser(
+        "invalidate", help="Make the next use of an image fetch it again.",
+        description="Mark every cached base of IMAGE_ID stale, so the next "
+                    "disk made from it fetches the image again, and remove "
+                    "the stale bases no disk uses.")
+    invalidate.add_argument("image_id", metavar="IMAGE_ID")
+    output.add_format_argument(invalidate)
+    invalidate.set_defaults(func=invalidate_image, columns=PRUNE_COLUMNS)
+
+    verify = commands.add_parser(
+        "verify", help="Check cached bases against their records.",
+        description="Re-hash bases (all, or those of the given images) "
+                    "against their metadata records and run 'qemu-img "
+                    "check' on non-raw ones. Exits 1 if any is corrupt.")
+    verify.add_argument("image_ids", metavar="IMAGE_ID", nargs="*")
+    verify.add_argument("--repair", action="store_true",
+                        help="Move corrupt bases no disk uses aside and "
+                             "mark corrupt ones stale, so the next use "
+                             "fetches the image again.")
+    output.add_format_argument(verify)
+    verify.set_defaults(func=verify_cache, columns=VERIFY_COLUMNS)
+
+    prefetch = commands.add_parser(
+        "prefetch", help="Fetch images into the cache ahead of use.",
+        description="Download (and convert) images into the cache so that "
+                    "the first disk made from them is fast. Each image is "
+                    "downloaded once, even while disks are being made from "
+                    "it. Exits 1 if any image fails.")
+    prefetch.add_argument("image_ids", metavar="IMAGE_ID", nargs="+")
+    prefetch.add_argument("--parallel", type=_positive, default=4,
+                          metavar="N",
+                          help="Images fetched at the same time (default "
+                               "4).")
+    output.add_format_argument(prefetch)
+    prefetch.set_defaults(func=prefetch_images, columns=PREFETCH_COLUMNS)
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError("%r is not a positive whole "
+                                         "number" % value)
+    return number
+
+
+def make_cache(conf, with_source: bool = False) -> image_cache.ImageCache:
+    """The cache; ``with_source`` for commands that fetch."""
+    return image_cache.ImageCache(
+        conf, sources.load(conf) if with_source else None,
+        qemu_img.QemuImg(conf))
+
+
+def list_cache(args, conf) -> list[dict]:
+    return make_cache(conf).list()
+
+
+def _json(args) -> bool:
+    return getattr(args, "output_format", "text") == "json"
+
+
+def _removal_rows(result, dry_run=False) -> list[dict]:
+    verb = "would remove" if dry_run else "removed"
+    rows = [dict(row, action=verb) for row in result["removed"]]
+    rows += [dict(row, action="kept", bytes=None) for row in result["kept"]
+             if not row["reason"].startswith("in use by ")]
+    return rows
+
+
+def prune_cache(args, conf):
+    report = make_cache(conf).prune(dry_run=args.dry_run).to_dict()
+    if _json(args):
+        return report
+    rows = _removal_rows(report, args.dry_run)
+    summary = "cache now %d bytes" % report["cache_size"]
+    if report["free_space"] is not None:
+        summary += ", %d bytes free" % report["free_space"]
+    if not report["space_target_met"]:
+        summary += "; max_size/min_free_space not met: the rest is in use"
+    rows.append({"action": "total", "bytes": report["bytes_freed"],
+                 "reason": summary})
+    return rows
+
+
+def invalidate_image(args, conf):
+    result = make_cache(conf).invalidate(args.image_id)
+    if _json(args):
+        return result
+    rows = [{"action": "marked stale", "file": path}
+            for path in result["marked_stale"]]
+    rows += _removal_rows(result)
+    rows += [dict(row, action="kept") for row in result["kept"]
+             if row["reason"].startswith("in use by ")]
+    rows.append({"action": "total", "bytes": result["bytes_freed"]})
+    return rows
+
+
+def verify_cache(args, conf) -> list[dict]:
+    rows = make_cache(conf).verify(args.image_ids or None,
+                                   repair=args.repair)
+    if any(row["status"] == "corrupt" for row in rows):
+        args.exit_status = 1
+    return rows
+
+
+def prefetch_images(args, conf) -> list[dict]:
+    cache = make_cache(conf, with_source=True)
+    bar = output.ProgressBar(args)
+    progress = _PrefetchProgress(bar, len(set(args.image_ids)))
+    try:
+        rows = cache.prefetch(args.image_ids, parallel=args.parallel,
+                              progress=progress)
+    finally:
+        bar.close()
+    if any(row.get("error") for row in rows):
+        args.exit_status = 1
+    return rows
+
+
+class _PrefetchProgress:
+    """Adds the downloads running in parallel into one progress line,
+    labelled with the number of images started.
+    """
+
+    def __init__(self, bar, count: int) -> None:
+        self.bar = bar
+        self.count = count
+        self.done: dict[str, tuple[int, int | None]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, image_id, stage, done, total) -> None:
+        if stage != "fetch":
+            return
+        with self._lock:
+            self.done[image_id] = (done, total)
+            totals = [t for _, t in self.done.values()]
+            known = None if None in totals else sum(totals)
+            self.bar("%d/%d" % (len(self.done), self.count),
+                     sum(d for d, _ in self.done.values()), known)

@@ -1,0 +1,97 @@
+"""Printing command results: readable text by default, JSON with -f json,
+and a progress bar on a terminal for long steps.
+"""
+
+import json
+import sys
+import time
+
+
+def add_format_argument(parser) -> None:
+    parser.add_argument("-f", "--format", dest="output_format",
+                        choices=("text", "json"), default="text",
+                        help="Output format; 'json' is machine-readable "
+                             "and never mixed with progress output.")
+
+
+def emit(result, args, stream=None) -> None:
+    stream = stream or sys.stdout
+    if result is None:
+        return
+    if getattr(args, "output_format", "text") == "json":
+        json.dump(result, stream, indent=2, sort_keys=True)
+        stream.write("\n")
+    elif isinstance(result, list):
+        _table(result, getattr(args, "columns", None), stream)
+    elif isinstance(result, dict):
+        width = max((len(k) for k in result), default=0)
+        for key, value in result.items():
+            stream.write("%-*s  %s\n" % (width, key, _text(value)))
+    else:
+        stream.write("%s\n" % result)
+
+
+def _text(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join("%s=%s" % (k, _text(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_text(v) for v in value) or "-"
+    if isinstance(value, float):
+        return "%.3f" % value
+    return "-" if value is None else str(value)
+
+
+def _table(rows, columns, stream) -> None:
+    if not rows:
+        stream.write("(none)\n")
+        return
+    columns = columns or list(rows[0])
+    cells = [[_text(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells))
+              for i, c in enumerate(columns)]
+    stream.write("  ".join(c.ljust(w) for c, w in zip(columns, widths))
+                 .rstrip() + "\n")
+    for row in cells:
+        stream.write("  ".join(v.ljust(w) for v, w in zip(row, widths))
+                     .rstrip() + "\n")
+
+
+class ProgressBar:
+    """``progress(stage, done, total)`` drawn on a terminal's stderr.
+
+    Silent when stderr is not a terminal or the output is JSON, so pipes
+    and machine-readable output stay clean.
+    """
+
+    def __init__(self, args, stream=None, min_interval: float = 0.1):
+        self.stream = stream or sys.stderr
+        self.enabled = (getattr(args, "output_format", "text") != "json"
+                        and self.stream.isatty())
+        self.min_interval = min_interval
+        self._last = 0.0
+        self._stage = None
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        final = total is not None and done >= total
+        if (stage == self._stage and not final
+                and now - self._last < self.min_interval):
+            return
+        if self._stage not in (None, stage):
+            self.stream.write("\n")
+        self._stage, self._last = stage, now
+        if total:
+            frac = min(done / total, 1.0)
+            bar = "#" * int(frac * 30)
+            self.stream.write("\r%-8s [%-30s] %5.1f%%"
+                              % (stage, bar, frac * 100))
+        else:
+            self.stream.write("\r%-8s %d MiB" % (stage, done >> 20))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._stage is not None:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,236 @@
+"""The library's exception hierarchy.
+
+Every error a caller can see is an :class:`ImageBackendException`.  Where a
+builtin exception means the same thing, the subclass inherits it too, so a
+caller may catch either (``except ValueError`` catches
+:class:`InvalidImageSize`).  Third-party errors are never raised to callers:
+they are wrapped in one of these with the original chained as ``__cause__``.
+
+Each class carries a message template, ``msg_fmt``, filled from the keyword
+arguments given to the constructor; the arguments stay available as
+attributes (``exc.image_id``) and in ``exc.kwargs``.
+"""
+
+
+class ImageBackendException(Exception):
+    """The root of every error raised by imagebackend."""
+
+    msg_fmt = "An unknown imagebackend error occurred."
+
+    def __init__(self, message: str | None = None, **kwargs) -> None:
+        self.kwargs = kwargs
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+        if message is None:
+            try:
+                message = self.msg_fmt % kwargs
+            except (KeyError, TypeError, ValueError):
+                # A template that cannot be filled must not hide the error
+                # it describes: fall back to the raw template and the args.
+                message = "%s (%s)" % (self.msg_fmt, kwargs)
+        self.message = message
+        super().__init__(message)
+
+
+# --- configuration --------------------------------------------------------
+
+class ConfigurationError(ImageBackendException, ValueError):
+    msg_fmt = "Invalid configuration: %(reason)s"
+
+
+class BackendNotFound(ConfigurationError):
+    msg_fmt = ("Unknown image backend %(name)r; set [imagebackend] "
+               "images_type to one of: %(choices)s.")
+
+
+class SourceNotFound(ConfigurationError):
+    msg_fmt = ("Unknown image source %(name)r; set [imagebackend] "
+               "image_source to one of: %(choices)s.")
+
+
+# --- requests -------------------------------------------------------------
+
+class InvalidImageId(ImageBackendException, ValueError):
+    msg_fmt = "Invalid image id %(image_id)r: %(reason)s"
+
+
+class InvalidImageSize(ImageBackendException, ValueError):
+    msg_fmt = ("Image %(image_id)s: %(reason)s")
+
+
+class InvalidSize(ImageBackendException, ValueError):
+    msg_fmt = ("Invalid size %(value)r: %(reason)s. Give a number of bytes "
+               "or a number with a K, M, G or T suffix (1024-based).")
+
+
+class TargetExists(ImageBackendException, FileExistsError):
+    msg_fmt = ("Target %(path)s already exists; remove it or choose another "
+               "path (imagebackend never overwrites a disk).")
+
+
+class InvalidTarget(ImageBackendException, ValueError):
+    msg_fmt = "Invalid target %(path)s: %(reason)s"
+
+
+# --- image sources --------------------------------------------------------
+
+class ImageSourceError(ImageBackendException):
+    msg_fmt = "Image %(image_id)s: the image source failed: %(reason)s"
+
+
+class ImageNotFound(ImageSourceError, LookupError):
+    msg_fmt = "Image %(image_id)s was not found in %(source)s%(hint)s."
+
+    def __init__(self, message=None, **kwargs):
+        kwargs.setdefault("hint", "")
+        super().__init__(message, **kwargs)
+
+
+class ImageNotAuthorized(ImageSourceError, PermissionError):
+    msg_fmt = ("Image %(image_id)s: not authorized by %(source)s: "
+               "%(reason)s")
+
+
+class ImageNotActive(ImageSourceError):
+    msg_fmt = ("Image %(image_id)s is not active (status %(status)s); wait "
+               "for the upload to finish or choose an active image.")
+
+
+class ImageUnsupported(ImageSourceError, ValueError):
+    msg_fmt = "Image %(image_id)s cannot be used: %(reason)s"
+
+
+class ImageSourceUnavailable(ImageSourceError, ConnectionError):
+    msg_fmt = ("Image %(image_id)s: %(source)s is unreachable after "
+               "%(attempts)s attempt(s): %(reason)s")
+
+
+class ImageDownloadError(ImageSourceError, IOError):
+    msg_fmt = ("Image %(image_id)s: download failed: %(reason)s. Nothing was "
+               "cached; retry, and if it persists check the image in "
+               "%(source)s.")
+
+
+class ImageChecksumMismatch(ImageDownloadError):
+    msg_fmt = ("Image %(image_id)s: the downloaded bytes do not match the "
+               "%(algo)s recorded by %(source)s (expected %(expected)s, got "
+               "%(actual)s). Nothing was cached; the stored image may be "
+               "corrupt or tampered with.")
+
+
+# --- untrusted images (format inspection and policy) ---------------------
+
+class UnsafeImage(ImageBackendException, ValueError):
+    """An image refused by the safety policy.  ``rule`` names the rule."""
+
+    rule = "unsafe-image"
+    msg_fmt = ("Image %(image_id)s was refused (%(rule)s): %(reason)s")
+
+    def __init__(self, message=None, **kwargs):
+        kwargs.setdefault("rule", self.rule)
+        super().__init__(message, **kwargs)
+
+
+class InvalidImageFormat(UnsafeImage):
+    rule = "invalid-format"
+
+
+class BackingFileRefused(UnsafeImage):
+    rule = "backing-file"
+
+
+class DataFileRefused(UnsafeImage):
+    rule = "data-file"
+
+
+class VMDKSubformatRefused(UnsafeImage):
+    rule = "vmdk-subformat"
+
+
+class UnsupportedFormat(UnsafeImage):
+    rule = "unsupported-format"
+
+
+class UnsupportedFeature(UnsafeImage):
+    rule = "unsupported-feature"
+
+
+class FormatMismatch(UnsafeImage):
+    rule = "format-mismatch"
+
+
+class AmbiguousFormat(UnsafeImage):
+    rule = "ambiguous-format"
+
+
+class ImageTooLarge(UnsafeImage):
+    rule = "virtual-size"
+
+
+class EncryptedImageRefused(UnsafeImage):
+    rule = "encrypted"
+
+
+# --- qemu-img -------------------------------------------------------------
+
+class QemuImgError(ImageBackendException):
+    msg_fmt = ("qemu-img %(operation)s failed on %(path)s (exit code "
+               "%(exit_code)s): %(stderr)s")
+
+
+class QemuImgNotFound(QemuImgError, FileNotFoundError):
+    msg_fmt = ("qemu-img was not found (%(reason)s). Install it: "
+               "apt-get install qemu-utils (Debian/Ubuntu) or "
+               "dnf install qemu-img (Fedora/RHEL).")
+
+
+class QemuImgLimitExceeded(QemuImgError):
+    msg_fmt = ("qemu-img %(operation)s on %(path)s exceeded its %(limit)s "
+               "limit and was stopped; the image is likely malicious or "
+               "corrupt. Raise [qemu_img] %(option)s only if you trust it.")
+
+
+class QemuImgInvalidRequest(ImageBackendException, ValueError):
+    msg_fmt = ("qemu-img %(operation)s of %(path)s was not run: %(reason)s")
+
+
+class OperationCancelled(ImageBackendException):
+    msg_fmt = "%(operation)s of %(path)s was cancelled; nothing was kept."
+
+
+# --- cache and disks ------------------------------------------------------
+
+class CacheError(ImageBackendException):
+    msg_fmt = "Image cache %(path)s: %(reason)s"
+
+
+class UnsafeCachePath(CacheError):
+    msg_fmt = ("Refusing to use %(path)s: %(reason)s. Remove it by hand after "
+               "checking how it got there.")
+
+
+class DiskOperationError(ImageBackendException):
+    msg_fmt = "Disk %(path)s: %(reason)s"
+
+
+class UnsupportedDiskOperation(DiskOperationError):
+    msg_fmt = ("Disk %(path)s: %(operation)s is not supported for %(fmt)s "
+               "disks%(hint)s.")
+
+    def __init__(self, message=None, **kwargs):
+        kwargs.setdefault("hint", "")
+        super().__init__(message, **kwargs)
+
+
+class DiskNotFound(DiskOperationError, FileNotFoundError):
+    msg_fmt = "Disk %(path)s does not exist; check the path."
+
+
+class InvalidDiskRequest(DiskOperationError, ValueError):
+    msg_fmt = "Disk %(path)s: %(reason)s"
+
+
+class SnapshotNotFound(DiskOperationError, LookupError):
+    msg_fmt = ("Disk %(path)s has no snapshot %(name)r (its snapshots: "
+               "%(names)s); list them with 'imagebackend disk snapshot "
+               "list'.")

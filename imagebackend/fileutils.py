@@ -1,0 +1,230 @@
+"""Small filesystem primitives the cache and the backends share.
+
+Every write that another process may read goes to a temporary name first,
+is fsynced, and is renamed into place, so no reader ever sees half a file.
+Copies keep holes as holes.
+"""
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import stat
+import tempfile
+
+LOG = logging.getLogger(__name__)
+
+#: granularity at which streamed data is checked for zeros; a zero block is
+#: skipped with lseek so it stays a hole in the written file.
+ZERO_BLOCK = 64 * 1024
+_ZEROS = bytes(ZERO_BLOCK)
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_libc = None
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or unlink in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: str, mode: int = 0o755) -> None:
+    """Create ``path`` (and parents) if missing; refuse a symlink."""
+    os.makedirs(path, mode=mode, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR,
+                                 "not a directory (or a symlink)", path)
+
+
+def remove_quietly(path: str) -> bool:
+    """Remove ``path`` if it exists.
+
+    :returns: True when a file was removed.
+    """
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def write_json_atomic(path: str, data: dict, *, durable: bool = True) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file + rename.
+
+    :param durable: fsync the file and its directory.  Records that only
+        refresh a timestamp may skip it; losing one on a crash is harmless.
+    """
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".",
+                               suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    if durable:
+        fsync_dir(directory)
+
+
+def read_json(path: str) -> dict | None:
+    """Read a JSON record; ``None`` if it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        LOG.warning("Ignoring unreadable metadata record %s: %s", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class SparseWriter:
+    """Write a stream of chunks to a new, empty file descriptor, leaving
+    zero blocks as holes.  Call :meth:`finish` to set the final length (a
+    trailing hole needs an explicit truncate).
+
+    Blocks are aligned to the file, not to the chunks, so the same holes
+    are found however the stream is cut into chunks.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.offset = 0
+
+    def write(self, chunk: bytes) -> None:
+        view = memoryview(chunk).cast("B")
+        length = len(view)
+        origin = self.offset
+        start = 0       # the first byte neither written nor skipped
+        pos = 0
+        while pos < length:
+            end = min(pos + ZERO_BLOCK - (origin + pos) % ZERO_BLOCK, length)
+            # bytes.startswith compares with memcmp; comparing memoryviews
+            # with == goes byte by byte and costs ~100 times more.
+            if _ZEROS.startswith(view[pos:end]):
+                if start < pos:
+                    self._write_at(view[start:pos], origin + start)
+                start = end
+            pos = end
+        if start < length:
+            self._write_at(view[start:length], origin + start)
+        self.offset = origin + length
+
+    def _write_at(self, data: memoryview, offset: int) -> None:
+        while data:
+            written = os.pwrite(self.fd, data, offset)
+            data = data[written:]
+            offset += written
+
+    def finish(self) -> int:
+        os.ftruncate(self.fd, self.offset)
+        return self.offset
+
+
+def _data_extents(fd: int, size: int):
+    """Yield ``(offset, length)`` of the data regions of an open file."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:    # only a hole remains
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end - start
+        offset = end
+
+
+def sparse_copy(src: str, dst_fd: int) -> int:
+    """Copy file ``src`` into the open, empty file ``dst_fd``, keeping holes.
+
+    Only the data extents are copied, with ``os.copy_file_range`` (a
+    reflink or in-kernel copy where the filesystem offers one).
+
+    :returns: the number of bytes in the copy (the source's length).
+    """
+    src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(src_fd).st_size
+        for start, length in _data_extents(src_fd, size):
+            copied = 0
+            while copied < length:
+                n = _copy_range(src_fd, dst_fd, start + copied,
+                                length - copied)
+                if n == 0:      # the source shrank under us
+                    break
+                copied += n
+        os.ftruncate(dst_fd, size)
+        return size
+    finally:
+        os.close(src_fd)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    try:
+        return os.copy_file_range(src_fd, dst_fd, count, offset, offset)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP,
+                             errno.EINVAL):
+            raise
+    # Filesystems without copy_file_range between these two files.
+    data = os.pread(src_fd, min(count, 8 * 1024 * 1024), offset)
+    return os.pwrite(dst_fd, data, offset)
+
+
+def allocated_bytes(path: str) -> int:
+    """Bytes actually allocated on disk for ``path``."""
+    return os.stat(path, follow_symlinks=False).st_blocks * 512
+
+
+def preallocate(fd: int, size: int, *, keep_size: bool = False) -> None:
+    """Reserve ``size`` bytes of disk space for an open file.
+
+    :param keep_size: reserve without changing the file's length (for a
+        qcow2 file, whose length must stay the end of its metadata).
+    """
+    if not keep_size:
+        os.posix_fallocate(fd, 0, size)
+        return
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextlib.contextmanager
+def new_file(path: str, mode: int = 0o644):
+    """Create ``path`` exclusively (never following a symlink) and yield its
+    descriptor; on any error the file is removed.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)     # independent of the caller's umask
+        yield fd
+    except BaseException:
+        os.close(fd)
+        remove_quietly(path)
+        raise
+    os.close(fd)

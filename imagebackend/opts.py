@@ -1,0 +1,72 @@
+"""Configuration: building a ConfigOpts and listing every option.
+
+Options are declared beside the code that reads them; this module only
+gathers them.  Nothing here reads a global configuration object.
+"""
+
+import itertools
+
+from oslo_config import cfg
+
+from imagebackend.backends import base as backends_base
+from imagebackend import cache
+from imagebackend import exception
+from imagebackend import inspect
+from imagebackend import plugins
+from imagebackend import qemu_img
+from imagebackend import sources
+
+GROUP = "imagebackend"
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register the library's core options on ``conf``.
+
+    The options of the configured image source are registered when the
+    source is built.
+    """
+    conf.register_opts(_core_opts(), group=GROUP)
+    cache.register_opts(conf)
+    qemu_img.register_opts(conf)
+
+
+def _core_opts() -> list[cfg.Opt]:
+    return list(itertools.chain(cache.OPTIONS, backends_base.OPTIONS,
+                                sources.OPTIONS, inspect.OPTIONS))
+
+
+def new_conf(argv: list[str] | None = None,
+             default_config_files: list[str] | None = None
+             ) -> cfg.ConfigOpts:
+    """A new ConfigOpts with every option registered and ``argv`` parsed.
+
+    :param argv: command-line style arguments such as
+        ``["--config-file", "/etc/imagebackend/imagebackend.conf"]``.
+    """
+    conf = cfg.ConfigOpts()
+    register_opts(conf)
+    conf(argv or [], project="imagebackend",
+         default_config_files=default_config_files or [])
+    return conf
+
+
+def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    """Every option, by group, for oslo-config-generator
+    (``oslo.config.opts`` entry point ``imagebackend``).
+    """
+    groups = {GROUP: _core_opts()}
+    for group, opts in itertools.chain(
+            [("oslo_concurrency", cache.lock_option_list())],
+            [(cache.IMAGE_CACHE_GROUP, cache.IMAGE_CACHE_OPTIONS)],
+            [("qemu_img", qemu_img.OPTIONS)],
+            _plugin_opts("imagebackend.sources")):
+        groups.setdefault(group, []).extend(opts)
+    return [(group, sorted(opts, key=lambda o: o.name))
+            for group, opts in sorted(groups.items())]
+
+
+def _plugin_opts(namespace):
+    for name in plugins.names(namespace):
+        cls = plugins.load_class(namespace, name,
+                                 exception.SourceNotFound)
+        yield from cls.OPTIONS

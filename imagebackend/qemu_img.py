@@ -1,0 +1,627 @@
+"""qemu-img: the only place imagebackend runs it.
+
+:class:`QemuImg` offers one typed method per qemu-img command.  Every
+command gets ``-f`` for its input, so qemu-img never guesses a format, and
+every machine-readable answer is read from ``--output json``, never from
+human text.  Results are the dataclasses of
+:mod:`imagebackend.qemu_img_types`, re-exported here.
+
+Commands run through an injectable :class:`imagebackend.runner.Runner`.
+Failures become :class:`imagebackend.exception.QemuImgError` (or a
+subclass) with the useful line of qemu-img's standard error.  The fast path
+of the pipeline -- creating an overlay -- starts exactly one process: no
+version probe, no ``info``.
+"""
+
+import errno
+import json
+import logging
+import mmap
+import os
+import re
+import secrets
+import stat
+import threading
+import typing
+
+from oslo_concurrency import processutils
+from oslo_config import cfg
+
+from imagebackend import exception
+from imagebackend import fileutils
+from imagebackend import qemu_img_types
+from imagebackend import runner
+
+LOG = logging.getLogger(__name__)
+
+GROUP = "qemu_img"
+
+OPTIONS = [
+    cfg.StrOpt(
+        "binary", default="qemu-img",
+        help="The qemu-img program imagebackend runs: a name looked up on "
+             "PATH, or an absolute path.  Every qemu-img command uses it.  "
+             "The default, qemu-img, finds the distribution's binary "
+             "(package qemu-utils or qemu-img); versions 7.0 and later are "
+             "supported."),
+    cfg.IntOpt(
+        "info_address_space_limit", default=1024, min=0,
+        help="Address space, in MiB, that 'qemu-img info' may use while it "
+             "reads an image.  Images come from users, and a crafted image "
+             "can make qemu-img allocate without bound; the limit stops it "
+             "and the request fails with an error naming this option.  The "
+             "default, 1024, is ample for images of 100 GiB and more.  "
+             "Values below 64 make qemu-img fail on every image.  0 removes "
+             "the limit (not recommended)."),
+    cfg.IntOpt(
+        "info_cpu_time_limit", default=30, min=0,
+        help="CPU time, in seconds, that 'qemu-img info' may use while it "
+             "reads an image.  A crafted image can keep qemu-img busy "
+             "indefinitely; when the limit is reached qemu-img is killed "
+             "and the request fails with an error naming this option.  The "
+             "default, 30, is far above the fraction of a second a sound "
+             "image of 100 GiB needs.  0 removes the limit (not "
+             "recommended)."),
+]
+
+# Re-exported so callers need only this module.
+ImageInfo = qemu_img_types.ImageInfo
+Snapshot = qemu_img_types.Snapshot
+CheckResult = qemu_img_types.CheckResult
+MapEntry = qemu_img_types.MapEntry
+Measurement = qemu_img_types.Measurement
+CreateOption = qemu_img_types.CreateOption
+parse_size = qemu_img_types.parse_size
+useful_error = qemu_img_types.useful_error
+
+CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
+_CHECK_CODES = (CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED)
+# Cache modes that make qemu-img write through to stable storage itself;
+# with any other mode the converted file is fsynced afterwards.
+_DURABLE_CACHES = ("none", "directsync", "writethrough")
+_FMT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
+_VERSIONS: dict[str, tuple[int, int, int]] = {}
+_DIRECT_IO: dict[str, bool] = {}
+_DIRECT_IO_LOCK = threading.Lock()
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register the ``[qemu_img]`` options on ``conf`` (idempotent)."""
+    conf.register_opts(OPTIONS, group=GROUP)
+
+
+class QemuImg:
+    """Typed access to qemu-img.
+
+    :param conf: a ConfigOpts carrying the ``[qemu_img]`` options (they are
+        registered on it); ``None`` uses the defaults.
+    :param execute: a :class:`imagebackend.runner.Runner` (or an object with
+        its ``execute`` and ``stream`` methods), or a function with the
+        signature of :func:`oslo_concurrency.processutils.execute`;
+        ``None`` runs commands directly.
+    :param binary: the qemu-img program to run; ``None`` takes
+        ``[qemu_img] binary``.
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts | None = None,
+                 execute=None, binary: str | None = None) -> None:
+        if conf is None:
+            conf = cfg.ConfigOpts()
+        register_opts(conf)
+        self.conf = conf
+        if execute is None or callable(execute):
+            execute = runner.Runner(execute)
+        self.runner = execute
+        self.binary = binary or conf.qemu_img.binary
+        self._version = None
+
+    # --- creating and changing images -------------------------------------
+
+    def create(self, path: str, fmt: str, size: int | str | None = None, *,
+               backing_file: str | None = None,
+               backing_fmt: str | None = None,
+               options: dict | None = None,
+               preallocation: str | None = None) -> None:
+        """Create image ``path`` (an existing file is replaced).
+
+        :param size: the virtual size in bytes (or a size string, see
+            :func:`parse_size`); ``None`` takes the backing file's size.
+        :param backing_file: make a copy-on-write overlay over this image.
+        :param backing_fmt: the backing file's format; required with
+            ``backing_file``.
+        :param options: more ``-o`` options for the format, such as
+            ``{"cluster_size": 65536}``.
+        :param preallocation: ``off``, ``metadata``, ``falloc`` or ``full``.
+        :raises exception.QemuImgInvalidRequest: a bad combination of
+            arguments; nothing was run.
+        :raises exception.QemuImgError: qemu-img failed.
+        """
+        _check_fmt("create", path, fmt)
+        opts = dict(options or {})
+        extra = {"backing_file": backing_file, "backing_fmt": backing_fmt,
+                 "preallocation": preallocation}
+        for key, value in extra.items():
+            if value is not None:
+                if key in opts:
+                    raise _invalid("create", path, "%s is given twice" % key)
+                opts[key] = value
+        if opts.get("backing_file") is not None:
+            _check_fmt("create", path, opts.get("backing_fmt"), "backing_fmt")
+        elif opts.get("backing_fmt") is not None:
+            raise _invalid("create", path, "backing_fmt without backing_file")
+        elif size is None:
+            raise _invalid("create", path, "a size is needed without a "
+                           "backing file")
+        args = ["create", "-f", fmt]
+        if opts:
+            args += ["-o", _format_options("create", path, opts)]
+        args.append(path)
+        if size is not None:
+            args.append(str(parse_size(size)))
+        self._run("create", path, args)
+
+    def convert(self, source: str, source_fmt: str, target: str,
+                target_fmt: str, *, target_cache: str | None = None,
+                source_cache: str | None = None,
+                sparse_size: int | None = None, compress: bool = False,
+                parallel: int | None = None, out_of_order: bool = False,
+                rate_limit: int | None = None, options: dict | None = None,
+                progress: typing.Callable[[float], None] | None = None,
+                cancel: threading.Event | None = None) -> None:
+        """Convert ``source`` into a new image ``target``.
+
+        The target is durable when this returns: it is written with
+        ``O_DIRECT`` (cache mode ``none``) where its directory supports
+        that, and otherwise with ``writeback`` followed by an fsync of the
+        file and its directory.  On any failure or cancellation the target
+        file is removed.
+
+        :param target_cache: a qemu cache mode for the target; ``None``
+            chooses as described above.
+        :param source_cache: a qemu cache mode for the source (``-T``).
+        :param sparse_size: bytes of zeros that make a hole (``-S``).
+        :param compress: compress the target (qcow2 targets only).
+        :param parallel: coroutines qemu-img runs in parallel (``-m``).
+        :param out_of_order: allow out-of-order writes (``-W``).
+        :param rate_limit: bytes per second qemu-img may write (``-r``).
+        :param options: ``-o`` options for the target format.
+        :param progress: called with the percentage done (0.0 to 100.0);
+            the last call is 100.0 when the conversion succeeded.
+        :param cancel: set it from another thread to stop the conversion.
+        :raises exception.OperationCancelled: ``cancel`` was set.
+        :raises exception.QemuImgInvalidRequest: a bad combination of
+            arguments; nothing was run.
+        :raises exception.QemuImgError: qemu-img failed.
+        :raises exception.DiskOperationError: the target could not be
+            flushed to disk.
+        """
+        _check_fmt("convert", source, source_fmt)
+        _check_fmt("convert", source, target_fmt, "target format")
+        if compress and target_fmt != "qcow2":
+            raise _invalid("convert", source, "compression needs a qcow2 "
+                           "target, not %s" % target_fmt)
+        if target_cache is None:
+            directory = os.path.dirname(os.path.abspath(target))
+            target_cache = ("none" if direct_io_supported(directory)
+                            else "writeback")
+        args = ["convert", "-f", source_fmt, "-O", target_fmt,
+                "-t", target_cache]
+        if source_cache is not None:
+            args += ["-T", source_cache]
+        flags = [("-S", sparse_size), ("-m", parallel), ("-r", rate_limit)]
+        args += [arg for flag, value in flags if value is not None
+                 for arg in (flag, str(value))]
+        if compress:
+            args.append("-c")
+        if out_of_order:
+            args.append("-W")
+        if options:
+            args += ["-o", _format_options("convert", source, options)]
+        parser = qemu_img_types.ProgressParser(progress) if progress else None
+        if parser:
+            args.append("-p")
+        args += [source, target]
+        try:
+            if parser or cancel is not None:
+                result = self._run("convert", source, args, cancel=cancel,
+                                   on_output=parser.feed if parser else None)
+                if result.cancelled:
+                    raise exception.OperationCancelled(
+                        operation="Conversion", path=source)
+            else:
+                self._run("convert", source, args)
+            _flush(target, target_cache not in _DURABLE_CACHES)
+            if parser:
+                parser.finish()
+        except BaseException:
+            _remove_file(target)
+            raise
+
+    def resize(self, path: str, fmt: str, size: int | str, *,
+               shrink: bool = False,
+               preallocation: str | None = None) -> None:
+        """Set the virtual size of ``path`` to ``size`` bytes.
+
+        :param shrink: allow a smaller size (data past it is lost).
+        :param preallocation: how to allocate the new space (``off``,
+            ``metadata``, ``falloc``, ``full``).
+        :raises exception.QemuImgError: qemu-img failed, for example when
+            shrinking without ``shrink``.
+        """
+        _check_fmt("resize", path, fmt)
+        args = ["resize", "-f", fmt]
+        if shrink:
+            args.append("--shrink")
+        if preallocation is not None:
+            args.append("--preallocation=%s" % preallocation)
+        args += [path, str(parse_size(size))]
+        self._run("resize", path, args)
+
+    def rebase(self, path: str, fmt: str, backing_file: str | None,
+               backing_fmt: str | None, unsafe: bool = False) -> None:
+        """Make ``backing_file`` the backing file of ``path``.
+
+        :param backing_file: the new backing file; ``None`` removes it
+            (with ``unsafe=False`` its data is copied in first).
+        :param unsafe: only rewrite the reference, copying no data (for a
+            backing file that moved or was renamed).
+        :raises exception.QemuImgError: qemu-img failed.
+        """
+        _check_fmt("rebase", path, fmt)
+        args = ["rebase", "-f", fmt]
+        if unsafe:
+            args.append("-u")
+        args += ["-b", backing_file or ""]
+        if backing_file:
+            _check_fmt("rebase", path, backing_fmt, "backing_fmt")
+            args += ["-F", backing_fmt]
+        args.append(path)
+        self._run("rebase", path, args)
+
+    def commit(self, path: str, fmt: str, *, base: str | None = None,
+               drop: bool = False) -> None:
+        """Write the changes held in overlay ``path`` into its backing file.
+
+        The changes go into ``base`` instead when it is given (an image
+        further down the chain).
+
+        :param drop: leave the overlay as it is instead of emptying it
+            (``-d``).
+        :raises exception.QemuImgError: qemu-img failed.
+        """
+        _check_fmt("commit", path, fmt)
+        args = ["commit", "-f", fmt]
+        if base is not None:
+            args += ["-b", base]
+        if drop:
+            args.append("-d")
+        self._run("commit", path, args + [path])
+
+    def amend(self, path: str, fmt: str, options: dict) -> None:
+        """Change format options of an existing image (``-o``)."""
+        _check_fmt("amend", path, fmt)
+        if not options:
+            raise _invalid("amend", path, "no options to change")
+        self._run("amend", path, ["amend", "-f", fmt, "-o",
+                                  _format_options("amend", path, options),
+                                  path])
+
+    # --- snapshots ---------------------------------------------------------
+
+    def snapshot_create(self, path: str, fmt: str, name: str) -> None:
+        """Create internal snapshot ``name`` of image ``path``."""
+        self._snapshot("-c", path, fmt, name)
+
+    def snapshot_apply(self, path: str, fmt: str, name: str) -> None:
+        """Revert image ``path`` to snapshot ``name`` (a name or an id)."""
+        self._snapshot("-a", path, fmt, name)
+
+    def snapshot_delete(self, path: str, fmt: str, name: str) -> None:
+        """Delete snapshot ``name`` (a name or an id) of image ``path``."""
+        self._snapshot("-d", path, fmt, name)
+
+    def snapshot_list(self, path: str, fmt: str) -> list[Snapshot]:
+        """The internal snapshots of ``path``, read from ``info``."""
+        return self.info(path, fmt).snapshots
+
+    def _snapshot(self, flag, path, fmt, name):
+        # "qemu-img snapshot" has no -f; --image-opts names the driver.
+        _check_fmt("snapshot", path, fmt)
+        if not name:
+            raise _invalid("snapshot", path, "a snapshot needs a name")
+        self._run("snapshot", path, ["snapshot", "--image-opts", flag, name,
+                                     _image_opts(fmt, path)])
+
+    # --- reading images ----------------------------------------------------
+
+    def info(self, path: str, fmt: str, *, backing_chain: bool = False,
+             force_share: bool = False, limits: bool = True
+             ) -> ImageInfo:
+        """Read what qemu-img knows about ``path``.
+
+        :param backing_chain: also read every backing file; the result's
+            ``chain`` is then the whole chain, this image first.
+        :param force_share: read an image another process has open
+            (``-U``).
+        :param limits: run under the ``[qemu_img] info_*_limit`` process
+            limits, as any image from a user must be.
+        :returns: an :class:`ImageInfo`.
+        :raises exception.QemuImgLimitExceeded: a limit was hit.
+        :raises exception.QemuImgError: qemu-img failed.
+        """
+        _check_fmt("info", path, fmt)
+        args = ["info", "-f", fmt, "--output=json"]
+        if backing_chain:
+            args.append("--backing-chain")
+        if force_share:
+            args.append("-U")
+        result = self._run("info", path, args + [path],
+                           limits=self._info_limits() if limits else None)
+        return self._parse("info", path, result, ImageInfo.from_qemu,
+                           backing_chain)
+
+    def check(self, path: str, fmt: str, repair: str | None = None
+              ) -> CheckResult:
+        """Check (and with ``repair``, fix) the consistency of ``path``.
+
+        :param repair: ``None``, ``"leaks"`` or ``"all"``.
+        :returns: a :class:`CheckResult`; for a format without checks its
+            ``supported`` is False.  Corruptions and leaks are results,
+            not exceptions.
+        :raises exception.QemuImgError: the check could not complete.
+        """
+        _check_fmt("check", path, fmt)
+        if repair not in (None, "leaks", "all"):
+            raise _invalid("check", path, "repair must be 'leaks' or 'all', "
+                           "not %r" % repair)
+        args = ["check", "-f", fmt, "--output=json"]
+        if repair:
+            args += ["-r", repair]
+        result = self._run("check", path, args + [path],
+                           ok_codes=_CHECK_CODES)
+        if result.exit_code == CHECK_UNSUPPORTED:
+            return CheckResult(filename=path, format=fmt, supported=False,
+                               exit_code=CHECK_UNSUPPORTED)
+        return self._parse("check", path, result,
+                           CheckResult.from_qemu, result.exit_code)
+
+    def compare(self, path1: str, fmt1: str, path2: str, fmt2: str, *,
+                strict: bool = False) -> bool:
+        """Whether two images have the same guest-visible content.
+
+        :param strict: also fail when the sizes or allocation differ.
+        """
+        _check_fmt("compare", path1, fmt1)
+        _check_fmt("compare", path2, fmt2)
+        args = ["compare", "-f", fmt1, "-F", fmt2] + (["-s"] if strict
+                                                      else [])
+        result = self._run("compare", path1, args + [path1, path2],
+                           ok_codes=(0, 1))
+        return result.exit_code == 0
+
+    def measure(self, path: str | None, fmt: str | None, target_fmt: str,
+                *, size: int | None = None, options: dict | None = None
+                ) -> Measurement:
+        """Bytes an image in ``target_fmt`` would need.
+
+        It measures a conversion of ``path``, or with ``path`` None a new
+        image of ``size`` bytes.
+        """
+        _check_fmt("measure", path, target_fmt, "target format")
+        args = ["measure", "--output=json", "-O", target_fmt]
+        if options:
+            args += ["-o", _format_options("measure", path, options)]
+        if path is None:
+            args += ["--size", str(parse_size(size))]
+        else:
+            _check_fmt("measure", path, fmt)
+            args += ["-f", fmt, path]
+        return self._parse("measure", path, self._run("measure", path, args),
+                           Measurement.from_qemu)
+
+    def map(self, path: str, fmt: str, *, force_share: bool = False
+            ) -> list[MapEntry]:
+        """The allocation map of ``path``.
+
+        :returns: :class:`MapEntry` ranges saying which hold data, which
+            read as zeros, and at which depth of the chain.
+        """
+        _check_fmt("map", path, fmt)
+        args = ["map", "-f", fmt, "--output=json"] + (
+            ["-U"] if force_share else [])
+        return self._parse("map", path, self._run("map", path, args + [path]),
+                           MapEntry.list_from_qemu)
+
+    # --- the program itself ------------------------------------------------
+
+    def version(self) -> tuple[int, int, int]:
+        """qemu-img's version, asked once per binary and remembered."""
+        if self._version is None:
+            if self.binary not in _VERSIONS:
+                out = self._run("--version", self.binary,
+                                ["--version"]).stdout
+                match = _VERSION_RE.search(out)
+                if not match:
+                    raise _bad_output("--version", self.binary, out[:80])
+                _VERSIONS[self.binary] = tuple(int(part or 0)
+                                               for part in match.groups())
+            self._version = _VERSIONS[self.binary]
+        return self._version
+
+    def supported_formats(self) -> list[str]:
+        """The formats this qemu-img was built with (from ``-h``)."""
+        out = self._run("-h", self.binary, ["-h"], ok_codes=(0, 1)).stdout
+        for line in out.splitlines():
+            if line.startswith("Supported formats:"):
+                return line.split(":", 1)[1].split()
+        raise _bad_output("-h", self.binary, "no 'Supported formats' line")
+
+    def create_options_help(self, fmt: str) -> list[CreateOption]:
+        """The ``-o`` options ``create`` accepts for ``fmt``."""
+        _check_fmt("create", fmt, fmt)
+        out = self._run("create", fmt,
+                        ["create", "-f", fmt, "-o", "help"]).stdout
+        return CreateOption.parse_help(out)
+
+    # --- running -----------------------------------------------------------
+
+    def _run(self, operation, path, args, *, ok_codes=(0,), limits=None,
+             on_output=None, cancel=None) -> runner.ProcessResult:
+        # The runner logs each command at debug level.
+        argv = [self.binary] + [os.fspath(arg) for arg in args]
+        preexec_fn = limits.apply if limits else None
+        try:
+            if on_output is not None or cancel is not None:
+                return self.runner.stream(
+                    argv, on_output or _ignore, cancel, ok_codes=ok_codes,
+                    preexec_fn=preexec_fn)
+            return self.runner.execute(argv, ok_codes=ok_codes,
+                                       preexec_fn=preexec_fn)
+        except processutils.ProcessExecutionError as exc:
+            kwargs = dict(operation=operation, path=path,
+                          exit_code=exc.exit_code,
+                          stderr=useful_error(exc.stderr or ""))
+            hit = limits and limits.exceeded(exc.exit_code, exc.stderr)
+            if hit:
+                value = getattr(limits, hit)
+                raise exception.QemuImgLimitExceeded(
+                    limit=("CPU time (%d s)" % value if hit == "cpu_time"
+                           else "address space (%d MiB)" % (value >> 20)),
+                    option="info_%s_limit" % hit, **kwargs) from exc
+            raise exception.QemuImgError(**kwargs) from exc
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise exception.QemuImgNotFound(
+                    reason="%s: %s" % (self.binary, exc.strerror),
+                    operation=operation, path=path, exit_code=None,
+                    stderr=str(exc)) from exc
+            raise exception.QemuImgError(
+                operation=operation, path=path, exit_code=None,
+                stderr=str(exc)) from exc
+
+    def _info_limits(self):
+        group = self.conf.qemu_img
+        return runner.Limits(
+            address_space=group.info_address_space_limit * 1024 ** 2 or None,
+            cpu_time=group.info_cpu_time_limit or None)
+
+    @staticmethod
+    def _parse(operation, path, result, parse, *args):
+        """Return ``parse(json, *args)`` of a command's output.
+
+        Any surprise in the output is a QemuImgError, never a KeyError.
+        """
+        try:
+            return parse(json.loads(result.stdout), *args)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise _bad_output(operation, path, exc) from exc
+
+
+def direct_io_supported(directory: str) -> bool:
+    """Whether files in ``directory`` can be written with ``O_DIRECT``.
+
+    Probed once per directory (by writing one aligned block to a temporary
+    file) and remembered for the life of the process.
+    """
+    directory = os.path.realpath(directory)
+    with _DIRECT_IO_LOCK:
+        if directory not in _DIRECT_IO:
+            answer = _probe_direct_io(directory)
+            if answer is None:
+                return False
+            _DIRECT_IO[directory] = answer
+        return _DIRECT_IO[directory]
+
+
+def _probe_direct_io(directory):
+    """Return True or False, or None when the directory cannot tell.
+
+    A directory that is missing or not writable cannot tell; that answer
+    is not remembered.
+    """
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    path = os.path.join(directory,
+                        ".direct-io-probe-%s" % secrets.token_hex(8))
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_DIRECT,
+                     0o600)
+    except OSError as exc:
+        LOG.debug("O_DIRECT probe in %s: %s", directory, exc)
+        return False if exc.errno == errno.EINVAL else None
+    buf = mmap.mmap(-1, mmap.PAGESIZE)  # page-aligned, as O_DIRECT needs
+    try:
+        os.write(fd, buf)
+        return True
+    except OSError as exc:
+        LOG.debug("O_DIRECT probe in %s: %s", directory, exc)
+        return False if exc.errno == errno.EINVAL else None
+    finally:
+        buf.close()
+        os.close(fd)
+        fileutils.remove_quietly(path)
+
+
+def _flush(path, data):
+    """Make a new image's name durable, and with ``data`` its contents.
+
+    ``data`` is for contents qemu-img wrote through the page cache.
+    """
+    try:
+        if data:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fileutils.fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except FileNotFoundError:
+        # Not a local file (a protocol target such as rbd:pool/image).
+        LOG.debug("Not flushing %s: not a local file", path)
+    except OSError as exc:
+        raise exception.DiskOperationError(
+            path=path, reason="could not flush the converted image to disk "
+            "(%s)" % exc) from exc
+
+
+def _remove_file(path):
+    """Remove a partial output, but never a device node or a directory."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            fileutils.remove_quietly(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        LOG.warning("Could not remove partial image %s: %s", path, exc)
+
+
+def _format_options(operation, path, options):
+    try:
+        return qemu_img_types.format_options(options)
+    except ValueError as exc:
+        raise _invalid(operation, path, str(exc)) from exc
+
+
+def _image_opts(fmt, path):
+    return "driver=%s,file.filename=%s" % (fmt, path.replace(",", ",,"))
+
+
+def _check_fmt(operation, path, fmt, what="format"):
+    if not isinstance(fmt, str) or not _FMT_RE.match(fmt):
+        raise _invalid(operation, path, "invalid %s %r" % (what, fmt))
+
+
+def _invalid(operation, path, reason):
+    return exception.QemuImgInvalidRequest(operation=operation, path=path,
+                                           reason=reason)
+
+
+def _bad_output(operation, path, detail):
+    return exception.QemuImgError(
+        operation=operation, path=path, exit_code=0,
+        stderr="unexpected output from qemu-img (%s)" % detail)
+
+
+def _ignore(_text):
+    pass

@@ -1,0 +1,257 @@
+"""The one way imagebackend runs an external command.
+
+:class:`Runner` has two primitives: :meth:`Runner.execute`, which runs a
+command to completion through :func:`oslo_concurrency.processutils.execute`
+(or any function with its signature, such as a privsep or rootwrap
+``execute``), and :meth:`Runner.stream`, which hands the command's standard
+output to a callback as it arrives and can stop the command from another
+thread.  Callers take a runner as an argument, so a unit test passes an
+autospec mock and never starts a process.
+
+Both primitives return a :class:`ProcessResult` for the exit codes the
+caller accepts, and raise
+:class:`oslo_concurrency.processutils.ProcessExecutionError` for any other
+exit code and :class:`OSError` when the command cannot be started.  The
+caller turns those into the library's own exceptions.
+"""
+
+import codecs
+import collections.abc
+import dataclasses
+import logging
+import os
+import re
+import resource
+import selectors
+import shlex
+import signal
+import subprocess
+import threading
+import time
+
+from oslo_concurrency import processutils
+
+LOG = logging.getLogger(__name__)
+
+#: how often a streaming command checks its cancel event, in seconds.
+POLL_INTERVAL = 0.1
+#: how long a cancelled command gets to exit after SIGTERM before SIGKILL.
+TERMINATE_GRACE = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessResult:
+    """How a command ended.
+
+    :param exit_code: the exit status (negative: killed by that signal).
+    :param stdout: the standard output, decoded.
+    :param stderr: the standard error, decoded.
+    :param cancelled: True when :meth:`Runner.stream` stopped the command
+        because its cancel event was set.
+    """
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    cancelled: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Resource limits for a child process.
+
+    They are set with ``setrlimit`` in the child just before the program
+    starts (no helper process is spawned).
+
+    :param address_space: bytes of address space (``RLIMIT_AS``).
+    :param cpu_time: seconds of CPU time (``RLIMIT_CPU``); the kernel kills
+        the process with SIGKILL when it is used up.
+    """
+
+    address_space: int | None = None
+    cpu_time: int | None = None
+
+    _NO_MEMORY = re.compile(
+        r"cannot allocate memory|failed to (?:allocate|map)|out of memory|"
+        r"resource temporarily unavailable", re.IGNORECASE)
+
+    def apply(self) -> None:
+        """Set the limits on the calling process (a ``preexec_fn``)."""
+        if self.address_space:
+            resource.setrlimit(resource.RLIMIT_AS,
+                               (self.address_space, self.address_space))
+        if self.cpu_time:
+            resource.setrlimit(resource.RLIMIT_CPU,
+                               (self.cpu_time, self.cpu_time))
+
+    def exceeded(self, exit_code: int | None, stderr: str) -> str | None:
+        """Return which limit a failed process most likely hit, or None.
+
+        The answer is ``"cpu_time"`` or ``"address_space"``.
+
+        Running out of CPU time ends in SIGKILL (or SIGXCPU); running out
+        of address space in an abort (a failed allocation or thread
+        creation) or an allocation error message.
+        """
+        if self.cpu_time and exit_code in (-signal.SIGKILL, -signal.SIGXCPU):
+            return "cpu_time"
+        if self.address_space and (exit_code == -signal.SIGABRT or
+                                   self._NO_MEMORY.search(stderr or "")):
+            return "address_space"
+        return None
+
+
+class Runner:
+    """Runs commands given as argv lists (never through a shell).
+
+    :param execute: a function with the signature of
+        :func:`oslo_concurrency.processutils.execute`; defaults to it.  When
+        one is given, :meth:`stream` runs through it too, so every command
+        goes through the caller's function: output then arrives in one
+        piece when the command ends, and cancellation is only noticed
+        before it starts.
+    """
+
+    def __init__(self, execute: collections.abc.Callable | None = None
+                 ) -> None:
+        self._execute = execute or processutils.execute
+        self._custom = execute is not None
+
+    def execute(self, argv: collections.abc.Sequence[str], *,
+                ok_codes: collections.abc.Collection[int] = (0,),
+                preexec_fn: collections.abc.Callable | None = None
+                ) -> ProcessResult:
+        """Run ``argv`` to completion.
+
+        :param argv: the program and its arguments.
+        :param ok_codes: exit codes that are a result, not a failure.
+        :param preexec_fn: called in the child before the program starts
+            (for example to set resource limits).
+        :returns: a :class:`ProcessResult`.
+        :raises oslo_concurrency.processutils.ProcessExecutionError: the
+            command exited with a code not in ``ok_codes``.
+        :raises OSError: the command could not be started.
+        """
+        argv = [str(arg) for arg in argv]
+        try:
+            stdout, stderr = self._execute(*argv, check_exit_code=[0],
+                                           preexec_fn=preexec_fn)
+        except processutils.ProcessExecutionError as exc:
+            if exc.exit_code not in ok_codes:
+                raise
+            return ProcessResult(exc.exit_code, exc.stdout or "",
+                                 exc.stderr or "")
+        return ProcessResult(0, stdout or "", stderr or "")
+
+    def stream(self, argv: collections.abc.Sequence[str],
+               on_output: collections.abc.Callable[[str], None],
+               cancel: threading.Event | None = None, *,
+               ok_codes: collections.abc.Collection[int] = (0,),
+               preexec_fn: collections.abc.Callable | None = None
+               ) -> ProcessResult:
+        """Run ``argv``, passing its standard output to ``on_output``.
+
+        :param argv: the program and its arguments.
+        :param on_output: called with each piece of standard output as it
+            arrives (text, not split into lines).  If it raises, the command
+            is stopped and the exception propagates.
+        :param cancel: when set (from any thread), the command is stopped
+            (SIGTERM, then SIGKILL after a grace period) and the result
+            says ``cancelled``.
+        :param ok_codes: exit codes that are a result, not a failure.
+        :param preexec_fn: called in the child before the program starts.
+        :returns: a :class:`ProcessResult`.
+        :raises oslo_concurrency.processutils.ProcessExecutionError: the
+            command exited with a code not in ``ok_codes``.
+        :raises OSError: the command could not be started.
+        """
+        argv = [str(arg) for arg in argv]
+        if cancel is not None and cancel.is_set():
+            return ProcessResult(-1, "", "", cancelled=True)
+        if self._custom:
+            result = self.execute(argv, ok_codes=ok_codes,
+                                  preexec_fn=preexec_fn)
+            if result.stdout:
+                on_output(result.stdout)
+            return result
+        cmd = shlex.join(argv)
+        LOG.debug("Running cmd (streaming): %s", cmd)
+        start = time.monotonic()
+        proc = subprocess.Popen(  # noqa: S603 (argv list, no shell)
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, close_fds=True, preexec_fn=preexec_fn)
+        try:
+            stdout, stderr, cancelled = _pump(proc, on_output, cancel)
+        except BaseException:
+            _stop(proc)
+            raise
+        finally:
+            proc.stdout.close()
+            proc.stderr.close()
+        LOG.debug('CMD "%s" %s: %s in %0.3fs', cmd,
+                  "cancelled" if cancelled else "returned", proc.returncode,
+                  time.monotonic() - start)
+        if cancelled:
+            return ProcessResult(proc.returncode, stdout, stderr,
+                                 cancelled=True)
+        if proc.returncode not in ok_codes:
+            raise processutils.ProcessExecutionError(
+                stdout=stdout, stderr=stderr, exit_code=proc.returncode,
+                cmd=cmd)
+        return ProcessResult(proc.returncode, stdout, stderr)
+
+
+def _pump(proc, on_output, cancel):
+    """Read both pipes until EOF and the process has exited, or cancel.
+
+    :returns: (stdout, stderr, cancelled).
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out, err = [], []
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ, out)
+        selector.register(proc.stderr, selectors.EVENT_READ, err)
+        while selector.get_map():
+            if cancel is not None and cancel.is_set():
+                _stop(proc)
+                return "".join(out), _decode(err), True
+            for key, _events in selector.select(POLL_INTERVAL):
+                data = os.read(key.fd, 65536)
+                if not data:
+                    selector.unregister(key.fileobj)
+                elif key.data is out:
+                    text = decoder.decode(data)
+                    out.append(text)
+                    if text:
+                        on_output(text)
+                else:
+                    err.append(data)
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        out.append(tail)
+        on_output(tail)
+    while True:
+        try:
+            proc.wait(timeout=POLL_INTERVAL)
+            break
+        except subprocess.TimeoutExpired:
+            if cancel is not None and cancel.is_set():
+                _stop(proc)
+                return "".join(out), _decode(err), True
+    return "".join(out), _decode(err), False
+
+
+def _decode(chunks):
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def _stop(proc):
+    """Terminate ``proc`` and reap it, killing it if it lingers."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=TERMINATE_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

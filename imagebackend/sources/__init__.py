@@ -1,0 +1,28 @@
+"""Image sources: where image bytes come from (local directory, Glance)."""
+
+from oslo_config import cfg
+
+from imagebackend import exception
+from imagebackend import plugins
+
+OPTIONS = [
+    cfg.StrOpt("image_source",
+               default="local",
+               help="Where images come from: the name of an "
+                    "'imagebackend.sources' entry point. 'local' serves "
+                    "files from [local_source] path (no image service "
+                    "needed); 'glance' downloads from OpenStack Glance "
+                    "with the [glance] options. Default: local."),
+]
+
+
+def load(conf: cfg.ConfigOpts, name: str | None = None, **kwargs):
+    """Build the image source named ``name`` (default: ``[imagebackend]
+    image_source``).
+
+    :raises imagebackend.exception.SourceNotFound: no such source.
+    """
+    name = name or conf.imagebackend.image_source
+    cls = plugins.load_class("imagebackend.sources", name,
+                             exception.SourceNotFound)
+    return cls(conf, **kwargs)

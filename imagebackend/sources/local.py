@@ -1,0 +1,201 @@
+"""Images from a local directory: the image id is a file name in it.
+
+The directory is trusted, its files are not: an id must name a regular file
+directly inside the directory, never through ``..``, an absolute path or a
+symlink.  Each image's content identity is the SHA-256 of its bytes.  It is
+computed once per version of the file and remembered in
+``<base_dir>/.sources/local/<sha1 of the image id>.json``, keyed by the
+file's device, inode, size, mtime and ctime; a file modified less than
+``_RACY_SECONDS`` before it was hashed is hashed again next time, since a
+second change within the filesystem's timestamp granularity would not
+show.  The pipeline verifies the download against the same hash.
+"""
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+import time
+
+from oslo_config import cfg
+
+from imagebackend import exception
+from imagebackend import fileutils
+from imagebackend.sources import base
+
+LOG = logging.getLogger(__name__)
+
+_RACY_SECONDS = 2
+
+OPTIONS = [
+    cfg.StrOpt("path",
+               default="images",
+               help="Directory holding the image files served by the "
+                    "'local' image source ([imagebackend] image_source = "
+                    "local). The image id is the file name; only regular "
+                    "files directly inside this directory are served "
+                    "(no subdirectories, no symlinks, no '..'). A relative "
+                    "path is taken from the current working directory. "
+                    "Default: 'images'."),
+    cfg.DictOpt("formats",
+                default={},
+                help="Declared disk formats of local images, as "
+                     "'image_id:format' pairs (for example "
+                     "'cirros.img:qcow2'). An image whose bytes are of "
+                     "another format is refused, like a Glance image whose "
+                     "disk_format lies. Images not listed are declared by "
+                     "their file name extension when it is a known format "
+                     "('.qcow2', '.raw', '.vmdk', '.vhd', '.vhdx', '.vdi', "
+                     "'.iso'), otherwise not at all (the format is then "
+                     "detected). Default: empty."),
+]
+
+_EXTENSION_FORMATS = {
+    ".qcow2": "qcow2", ".raw": "raw", ".vmdk": "vmdk", ".vhd": "vhd",
+    ".vhdx": "vhdx", ".vdi": "vdi", ".iso": "iso",
+}
+
+
+class LocalSource(base.ImageSource):
+    """Serve images from ``[local_source] path``."""
+
+    name = "local"
+    OPTIONS = [("local_source", OPTIONS)]
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        super().__init__(conf)
+        self.register_opts(conf)
+        self.directory = os.path.abspath(conf.local_source.path)
+
+    def describe(self) -> str:
+        return "local:%s" % self.directory
+
+    def _validate_id(self, image_id: str) -> None:
+        if not image_id or image_id in (".", ".."):
+            raise exception.InvalidImageId(image_id=image_id,
+                                           reason="empty or a directory")
+        if "/" in image_id or "\0" in image_id:
+            raise exception.InvalidImageId(
+                image_id=image_id,
+                reason="a local image id is a plain file name inside %s; "
+                       "it may not contain '/'" % self.directory)
+
+    def _open_fd(self, image_id: str) -> int:
+        """Open the image without following a symlink, relative to the
+        directory (so a renamed-in symlink or '..' cannot escape it).
+        """
+        self._validate_id(image_id)
+        try:
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise exception.ImageSourceError(
+                image_id=image_id,
+                reason="cannot open the image directory %s (%s); set "
+                       "[local_source] path" % (self.directory,
+                                                exc.strerror)) from exc
+        try:
+            fd = os.open(image_id, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NONBLOCK, dir_fd=dir_fd)
+        except FileNotFoundError as exc:
+            raise exception.ImageNotFound(
+                image_id=image_id, source=self.describe(),
+                hint="; put the image file there or fix [local_source] "
+                     "path") from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise exception.InvalidImageId(
+                    image_id=image_id,
+                    reason="%s is a symlink; the local source serves only "
+                           "regular files inside %s" % (
+                               os.path.join(self.directory, image_id),
+                               self.directory)) from exc
+            raise exception.ImageSourceError(
+                image_id=image_id,
+                reason="cannot open %s: %s" % (
+                    os.path.join(self.directory, image_id),
+                    exc.strerror)) from exc
+        finally:
+            os.close(dir_fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise exception.InvalidImageId(
+                image_id=image_id,
+                reason="%s is not a regular file" % os.path.join(
+                    self.directory, image_id))
+        return fd
+
+    def declared_format(self, image_id: str) -> str | None:
+        formats = self.conf.local_source.formats or {}
+        if image_id in formats:
+            return formats[image_id]
+        ext = os.path.splitext(image_id)[1].lower()
+        return _EXTENSION_FORMATS.get(ext)
+
+    def get_meta(self, image_id: str) -> base.ImageMeta:
+        fd = self._open_fd(image_id)
+        try:
+            st = os.fstat(fd)
+            digest = self._content_hash(image_id, fd, st)
+        finally:
+            os.close(fd)
+        return base.ImageMeta(
+            image_id=image_id,
+            source=self.describe(),
+            disk_format=self.declared_format(image_id),
+            size=st.st_size,
+            hash_algo="sha256",
+            hash_value=digest,
+            identity="sha256:%s" % digest,
+        )
+
+    def _content_hash(self, image_id: str, fd: int,
+                      st: os.stat_result) -> str:
+        """The file's SHA-256, remembered per version of the file."""
+        imagebackend = self.conf.imagebackend
+        memo = os.path.join(
+            os.path.abspath(imagebackend.instances_path),
+            imagebackend.base_dir_name,
+            ".sources", "local",
+            hashlib.sha1(image_id.encode("utf-8")).hexdigest() + ".json")
+        key = _version(st)
+        known = fileutils.read_json(memo) or {}
+        if known.get("key") == key and known.get("sha256"):
+            return known["sha256"]
+        hasher = hashlib.sha256()
+        for chunk in _read_chunks(os.dup(fd), self.chunk_size):
+            hasher.update(chunk)
+        digest = hasher.hexdigest()
+        settled = time.time_ns() - st.st_mtime_ns > _RACY_SECONDS * 10 ** 9
+        if settled and _version(os.fstat(fd)) == key:
+            try:
+                os.makedirs(os.path.dirname(memo), exist_ok=True)
+                fileutils.write_json_atomic(
+                    memo, {"image_id": image_id, "key": key,
+                           "sha256": digest}, durable=False)
+            except OSError as exc:
+                LOG.debug("Cannot remember the hash of %s: %s", image_id, exc)
+        return digest
+
+    def open(self, meta: base.ImageMeta):
+        fd = self._open_fd(meta.image_id)
+        return _read_chunks(fd, self.chunk_size)
+
+
+def _version(st: os.stat_result) -> str:
+    """What changes whenever the file's content may have changed."""
+    return "%d:%d:%d:%d:%d" % (st.st_dev, st.st_ino, st.st_size,
+                               st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _read_chunks(fd: int, chunk_size: int):
+    try:
+        os.set_blocking(fd, True)
+        while True:
+            chunk = os.read(fd, chunk_size)
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        os.close(fd)

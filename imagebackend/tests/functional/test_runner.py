@@ -1,0 +1,96 @@
+"""The runner with tiny real programs: streaming, cancelling, limits."""
+
+import resource
+import sys
+import threading
+import time
+
+from oslo_concurrency import processutils
+import pytest
+
+from imagebackend import runner
+
+
+def python(code):
+    return [sys.executable, "-c", code]
+
+
+def test_output_arrives_while_the_program_runs_and_cancel_stops_it():
+    cancel = threading.Event()
+    seen = []
+
+    def on_output(text):
+        seen.append(text)
+        cancel.set()
+
+    start = time.monotonic()
+    result = runner.Runner().stream(
+        python("import sys, time\n"
+               "sys.stdout.write('    (1.00/100%)\\r'); sys.stdout.flush()\n"
+               "time.sleep(60)\n"), on_output, cancel)
+    assert seen == ["    (1.00/100%)\r"]
+    assert result.cancelled
+    assert result.exit_code < 0
+    assert time.monotonic() - start < 10
+
+
+def test_a_program_ignoring_sigterm_is_killed(monkeypatch):
+    monkeypatch.setattr(runner, "TERMINATE_GRACE", 0.5)
+    cancel = threading.Event()
+    result = runner.Runner().stream(
+        python("import signal, sys, time\n"
+               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+               "print('ready', flush=True)\n"
+               "time.sleep(60)\n"), lambda text: cancel.set(), cancel)
+    assert result.cancelled
+    assert result.exit_code == -9
+
+
+def test_a_failing_stream_raises_with_its_stderr():
+    with pytest.raises(processutils.ProcessExecutionError) as err:
+        runner.Runner().stream(
+            python("import sys; print('half'); sys.exit('it broke')"),
+            lambda text: None)
+    assert err.value.exit_code == 1
+    assert "it broke" in err.value.stderr
+    assert err.value.stdout == "half\n"
+
+
+def test_a_callback_error_stops_the_program_and_propagates():
+    def on_output(text):
+        raise RuntimeError("no more")
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        runner.Runner().stream(
+            python("import time; print('x', flush=True); time.sleep(60)"),
+            on_output)
+    assert time.monotonic() - start < 10
+
+
+def test_stream_of_a_missing_program_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        runner.Runner().stream([str(tmp_path / "nothing")], print)
+
+
+def test_limits_apply_to_the_child_only():
+    before = resource.getrlimit(resource.RLIMIT_CPU)
+    code = ("import resource; "
+            "print(resource.getrlimit(resource.RLIMIT_CPU), "
+            "resource.getrlimit(resource.RLIMIT_AS))")
+    limits = runner.Limits(address_space=2 << 30, cpu_time=7)
+    out = runner.Runner().execute(python(code), preexec_fn=limits.apply)
+    assert out.stdout.strip() == "(7, 7) (%d, %d)" % (2 << 30, 2 << 30)
+    streamed = runner.Runner().stream(python(code), lambda text: None,
+                                      preexec_fn=limits.apply)
+    assert streamed.stdout == out.stdout
+    assert resource.getrlimit(resource.RLIMIT_CPU) == before
+
+
+def test_accepted_exit_codes_are_results():
+    result = runner.Runner().execute(python("import sys; sys.exit(3)"),
+                                     ok_codes=(0, 3))
+    assert result.exit_code == 3
+    streamed = runner.Runner().stream(python("import sys; sys.exit(3)"),
+                                      lambda text: None, ok_codes=(0, 3))
+    assert streamed.exit_code == 3 and not streamed.cancelled

@@ -1,0 +1,39 @@
+"""``imagebackend cache`` command helpers."""
+
+import argparse
+
+import pytest
+
+from imagebackend.cmd import cache as cache_cmd
+from imagebackend.cmd import main
+
+
+def test_prefetch_progress_adds_up_parallel_downloads():
+    calls = []
+    progress = cache_cmd._PrefetchProgress(
+        lambda *args: calls.append(args), count=3)
+    progress("a", "fetch", 10, 100)
+    progress("b", "fetch", 5, 50)
+    progress("b", "convert", 1, 2)          # not a download
+    progress("a", "fetch", 100, 100)
+    assert calls == [("1/3", 10, 100), ("2/3", 15, 150), ("2/3", 105, 150)]
+    progress("c", "fetch", 1, None)         # size unknown
+    assert calls[-1] == ("3/3", 106, None)
+
+
+@pytest.mark.parametrize("argv", [
+    ["cache", "prune", "--dry-run"],
+    ["cache", "invalidate", "img"],
+    ["cache", "verify"],
+    ["cache", "verify", "a", "b", "--repair"],
+    ["cache", "prefetch", "a", "b", "--parallel", "2"],
+])
+def test_cache_commands_parse(argv):
+    args = main.build_parser().parse_args(argv + ["-f", "json"])
+    assert callable(args.func)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_parallel_must_be_positive(value):
+    with pytest.raises(argparse.ArgumentTypeError):
+        cache_cmd._positive(value)

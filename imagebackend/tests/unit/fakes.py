@@ -1,0 +1,66 @@
+"""Test doubles shared by the unit tests."""
+
+import hashlib
+import threading
+
+from imagebackend import exception
+from imagebackend import opts
+from imagebackend.sources import base
+
+
+def qcow2_header(virtual_size: int) -> bytes:
+    """The first bytes of a minimal, valid-looking qcow2 v3 image."""
+    header = bytearray(512)
+    header[0:4] = b"QFI\xfb"
+    header[4:8] = (3).to_bytes(4, "big")            # version
+    header[20:24] = (16).to_bytes(4, "big")         # cluster_bits
+    header[24:32] = virtual_size.to_bytes(8, "big")
+    header[96:100] = (4).to_bytes(4, "big")         # refcount_order
+    header[100:104] = (104).to_bytes(4, "big")      # header_length
+    return bytes(header)
+
+
+class FakeSource(base.ImageSource):
+    """An in-memory source: ``images`` maps id -> bytes."""
+
+    name = "fake"
+
+    def __init__(self, conf, images=None, declared=None, checksums=None,
+                 chunk=64 * 1024, truncate=None):
+        super().__init__(conf)
+        self.images = dict(images or {})
+        self.declared = dict(declared or {})
+        self.checksums = dict(checksums or {})
+        self.chunk = chunk
+        self.truncate = truncate
+        self.opened = 0
+        self._lock = threading.Lock()
+
+    def get_meta(self, image_id):
+        if image_id not in self.images:
+            raise exception.ImageNotFound(image_id=image_id, source="fake")
+        data = self.images[image_id]
+        digest = self.checksums.get(image_id,
+                                    hashlib.sha512(data).hexdigest())
+        return base.ImageMeta(image_id=image_id, source="fake",
+                              disk_format=self.declared.get(image_id),
+                              size=len(data), hash_algo="sha512",
+                              hash_value=digest, identity=digest)
+
+    def open(self, meta):
+        with self._lock:
+            self.opened += 1
+        data = self.images[meta.image_id]
+        if self.truncate is not None:
+            data = data[:self.truncate]
+        for i in range(0, len(data), self.chunk):
+            yield data[i:i + self.chunk]
+
+
+def conf(tmp_path, **overrides):
+    c = opts.new_conf([])
+    c.set_override("instances_path", str(tmp_path / "instances"),
+                   group="imagebackend")
+    for key, value in overrides.items():
+        c.set_override(key, value, group="imagebackend")
+    return c

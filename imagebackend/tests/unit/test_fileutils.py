@@ -1,0 +1,88 @@
+import os
+
+from imagebackend import fileutils
+
+MiB = 1024 * 1024
+
+
+def test_sparse_writer_leaves_zero_blocks_as_holes(tmp_path):
+    path = tmp_path / "out"
+    data = b"x" * MiB + bytes(8 * MiB) + b"y" * 1000 + bytes(3 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        writer = fileutils.SparseWriter(fd)
+        for i in range(0, len(data), 3 * MiB + 7):
+            writer.write(data[i:i + 3 * MiB + 7])
+        assert writer.finish() == len(data)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+    assert os.stat(path).st_blocks * 512 < 3 * MiB
+
+
+def test_sparse_writer_holes_do_not_depend_on_chunking(tmp_path):
+    block = fileutils.ZERO_BLOCK
+    data = (bytes(3 * block) + b"d" * 10 + bytes(5 * block - 10)
+            + b"e" * block + bytes(4 * block))
+    for size in (len(data), block, 100 * 1024 + 3, 4097):
+        path = tmp_path / ("out-%d" % size)
+        with fileutils.new_file(str(path)) as fd:
+            writer = fileutils.SparseWriter(fd)
+            for i in range(0, len(data), size):
+                writer.write(data[i:i + size])
+            assert writer.finish() == len(data)
+        assert path.read_bytes() == data
+        # At most the two blocks holding data are written, however the
+        # stream is cut.
+        assert os.stat(path).st_blocks * 512 <= 2 * block, size
+
+
+def test_sparse_copy_copies_data_and_keeps_holes(tmp_path):
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        f.truncate(64 * MiB)
+        f.seek(10 * MiB)
+        f.write(b"a" * MiB)
+        f.seek(40 * MiB)
+        f.write(b"b" * 12345)
+    dst = tmp_path / "dst"
+    with fileutils.new_file(str(dst)) as fd:
+        assert fileutils.sparse_copy(str(src), fd) == 64 * MiB
+    assert dst.read_bytes() == src.read_bytes()
+    assert os.stat(dst).st_blocks <= os.stat(src).st_blocks + 16
+
+
+def test_new_file_removes_the_file_on_error(tmp_path):
+    path = tmp_path / "f"
+    try:
+        with fileutils.new_file(str(path)) as fd:
+            os.write(fd, b"half")
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert not path.exists()
+
+
+def test_new_file_never_follows_a_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    link = tmp_path / "link"
+    os.symlink(victim, link)
+    try:
+        with fileutils.new_file(str(link)):
+            pass
+    except FileExistsError:
+        pass
+    else:
+        raise AssertionError("a symlink was opened for writing")
+    assert victim.read_text() == "keep"
+
+
+def test_write_json_atomic_round_trips(tmp_path):
+    path = str(tmp_path / "r.json")
+    fileutils.write_json_atomic(path, {"a": 1})
+    assert fileutils.read_json(path) == {"a": 1}
+    assert os.listdir(tmp_path) == ["r.json"]
+    (tmp_path / "bad.json").write_text("{not json")
+    assert fileutils.read_json(str(tmp_path / "bad.json")) is None
+    assert fileutils.read_json(str(tmp_path / "missing.json")) is None

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""The main job end to end, on the local directory image source.
+
+Builds a small qcow2 image with real data in it, writes a config file, and
+runs the ``imagebackend`` command line for every backend: the first disk
+fetches, converts and caches the image, the rest hit the cache.  Every
+disk's content is then compared with the image by ``qemu-img compare``.
+
+    tox -e demo                   # in a fresh temporary directory
+    tox -e demo -- --keep DIR     # keep the work in DIR to look at
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+
+def run(argv, **kwargs):
+    print("$ " + " ".join(argv), flush=True)
+    return subprocess.run(argv, check=True, **kwargs)
+
+
+def make_image(images_dir):
+    """A 64 MiB qcow2 image with a few MiB of recognisable data."""
+    raw = os.path.join(images_dir, "demo-seed.raw")
+    with open(raw, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+        for i in range(8):
+            f.seek(i * 8 * 1024 * 1024)
+            f.write((b"imagebackend demo block %d\n" % i) * 4096)
+    image = os.path.join(images_dir, "cirros-demo.qcow2")
+    run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw,
+         image])
+    os.unlink(raw)
+    return image
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", metavar="DIR",
+                        help="work in DIR and keep it (default: a "
+                             "temporary directory, removed at the end)")
+    args = parser.parse_args()
+    work = args.keep or tempfile.mkdtemp(prefix="imagebackend-demo-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        images = os.path.join(work, "images")
+        instances = os.path.join(work, "instances")
+        os.makedirs(images, exist_ok=True)
+        image = make_image(images)
+        conf = os.path.join(work, "imagebackend.conf")
+        with open(conf, "w") as f:
+            f.write("[imagebackend]\ninstances_path = %s\n"
+                    "image_source = local\n\n"
+                    "[local_source]\npath = %s\n" % (instances, images))
+        cli = [sys.executable, "-m", "imagebackend.cmd.main",
+               "--config-file", conf]
+        image_id = os.path.basename(image)
+        for n, backend in enumerate(("qcow2", "cached-base", "raw")):
+            target = os.path.join(instances, "vm%d" % n, "disk")
+            out = run(cli + ["disk", "create", image_id, target,
+                             "--size", "1G", "--backend", backend,
+                             "-f", "json"],
+                      stdout=subprocess.PIPE, text=True).stdout
+            disk = json.loads(out)
+            print("  -> %s disk %s, %d bytes, backing %s, cache hit: %s, "
+                  "%.3f s" % (disk["format"], disk["path"],
+                              disk["virtual_size"], disk["backing_file"],
+                              disk["cache_hit"], sum(disk["timings"]
+                                                     .values())))
+            run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F",
+                 disk["format"], image, target])
+            print("  -> content identical to the image")
+        run(cli + ["cache", "list"])
+        print("\nDemo finished: 3 disks made from %s, one download." %
+              image_id)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
