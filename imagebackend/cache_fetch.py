@@ -219,7 +219,7 @@ def reinspect(c: "cache.ImageCache", meta, stem: str) -> dict:
     """
     base = c.base_path(stem)
     record = fileutils.read_json(base + ".json") or {}
-    fmt = record.get("format")
+    fmt = _declared_base_format(record)
     if fmt is None and c.conf.imagebackend.force_raw_images:
         fmt = "raw"
     LOG.info("Re-inspecting cached base %s of image %s", base,
@@ -243,6 +243,22 @@ def reinspect(c: "cache.ImageCache", meta, stem: str) -> dict:
                       cache_layout.isotime(os.stat(base).st_mtime))
     fileutils.write_json_atomic(base + ".json", record)
     return record
+
+
+def _declared_base_format(record: dict) -> str | None:
+    """The format a base must inspect as: the source's own format when
+    the base is the downloaded file itself (an ISO stays an ISO, a GPT disk
+    a GPT disk, though qemu-img reads both as raw), otherwise the format
+    it was converted to.
+    """
+    fmt, source_fmt = record.get("format"), record.get("source_format")
+    if fmt and source_fmt:
+        try:
+            if inspect.qemu_format(source_fmt) == fmt:
+                return source_fmt
+        except ValueError:
+            pass
+    return fmt
 
 
 def prefetch(c: "cache.ImageCache", image_ids: list[str], *,

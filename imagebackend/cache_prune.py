@@ -232,15 +232,7 @@ def prune(c: "cache.ImageCache", *, dry_run: bool = False) -> PruneReport:
                         % (now - st.st_mtime), st.st_blocks * 512,
                         name.cid, report)
 
-    unused = []
-    for f in layout.bases:
-        users = usage.of(f.name.name)
-        if users:
-            report.keep(f, "in use by %d disk(s)" % len(users))
-        elif usage.unreadable:
-            report.keep(f, _UNREADABLE % ", ".join(usage.unreadable))
-        else:
-            unused.append(f)
+    unused = _unused(layout.bases, usage, report)
     gone = set()
     for f, reason in expired(unused, now, age,
                              opts.remove_unused_resized_minimum_age_seconds):
@@ -340,14 +332,26 @@ def invalidate(c: "cache.ImageCache", image_id: str) -> dict:
     layout = cache_layout.scan(c.base_dir)
     mine = [f for f in layout.bases if f.cid == cid]
     usage = c.scanner.scan() if mine else None
-    for f in mine:
+    for f in _unused(mine, usage, report) if mine else ():
+        cache_remove.remove_base(c, f, "invalidated", report)
+    return {"image_id": image_id, "marked_stale": marked,
+            "removed": report.removed, "kept": report.kept,
+            "bytes_freed": report.bytes_freed}
+
+
+def _unused(bases, usage, report):
+    """The bases no disk uses; the others are reported as kept.
+
+    When some disk directory could not be read, no base counts as unused:
+    a disk in it may be using any of them.
+    """
+    unused = []
+    for f in bases:
         users = usage.of(f.name.name)
         if users:
             report.keep(f, "in use by %d disk(s)" % len(users))
         elif usage.unreadable:
             report.keep(f, _UNREADABLE % ", ".join(usage.unreadable))
         else:
-            cache_remove.remove_base(c, f, "invalidated", report)
-    return {"image_id": image_id, "marked_stale": marked,
-            "removed": report.removed, "kept": report.kept,
-            "bytes_freed": report.bytes_freed}
+            unused.append(f)
+    return unused

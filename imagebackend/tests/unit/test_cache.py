@@ -302,3 +302,25 @@ def test_list_shows_generation_disks_and_staleness(tmp_path, qemu):
     rows = c.list()
     assert [(r["generation"], r["stale"], r["disks"]) for r in rows] == [
         (1, True, 0), (2, False, 0)]
+
+
+def test_unconverted_iso_base_survives_reinspection(tmp_path, qemu):
+    iso = bytearray(2 * MiB)
+    iso[0x8001:0x8006] = b"CD001"       # primary volume descriptor
+    iso[0x8000] = 1
+    iso[0x8050:0x8054] = (1024).to_bytes(4, "little")   # blocks
+    iso[0x8080:0x8082] = (2048).to_bytes(2, "little")   # block size
+    conf = fakes.conf(tmp_path)
+    source = fakes.FakeSource(conf, images={"cd": bytes(iso)},
+                              declared={"cd": "iso"})
+    c = cache.ImageCache(conf, source, qemu)
+    entry, _ = c.get("cd")
+    assert entry.record["source_format"] == "iso"
+    assert entry.format == "raw"
+    record = dict(entry.record)
+    record["inspection"] = dict(record["inspection"], version=0)
+    fileutils.write_json_atomic(entry.path + ".json", record)
+    again, hit = c.get("cd")
+    assert hit is True
+    assert again.record["inspection"]["format"] == "iso"
+    assert os.path.exists(entry.path)
