@@ -11,9 +11,12 @@ import ctypes.util
 import errno
 import json
 import logging
+import mmap
 import os
+import secrets
 import stat
 import tempfile
+import threading
 
 LOG = logging.getLogger(__name__)
 
@@ -24,6 +27,8 @@ _ZEROS = bytes(ZERO_BLOCK)
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _libc = None
+_DIRECT_IO: dict[str, bool] = {}
+_DIRECT_IO_LOCK = threading.Lock()
 
 
 def fsync_dir(path: str) -> None:
@@ -228,3 +233,59 @@ def new_file(path: str, mode: int = 0o644):
         remove_quietly(path)
         raise
     os.close(fd)
+
+
+def remove_regular(path: str) -> None:
+    """Remove a partial output, but never a device node or a directory."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            remove_quietly(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        LOG.warning("Could not remove partial file %s: %s", path, exc)
+
+
+def direct_io_supported(directory: str) -> bool:
+    """Whether files in ``directory`` can be written with ``O_DIRECT``.
+
+    Probed once per directory (by writing one aligned block to a temporary
+    file) and remembered for the life of the process.
+    """
+    directory = os.path.realpath(directory)
+    with _DIRECT_IO_LOCK:
+        if directory not in _DIRECT_IO:
+            answer = _probe_direct_io(directory)
+            if answer is None:
+                return False
+            _DIRECT_IO[directory] = answer
+        return _DIRECT_IO[directory]
+
+
+def _probe_direct_io(directory):
+    """Return True or False, or None when the directory cannot tell.
+
+    A directory that is missing or not writable cannot tell; that answer
+    is not remembered.
+    """
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    path = os.path.join(directory,
+                        ".direct-io-probe-%s" % secrets.token_hex(8))
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_DIRECT,
+                     0o600)
+    except OSError as exc:
+        LOG.debug("O_DIRECT probe in %s: %s", directory, exc)
+        return False if exc.errno == errno.EINVAL else None
+    buf = mmap.mmap(-1, mmap.PAGESIZE)  # page-aligned, as O_DIRECT needs
+    try:
+        os.write(fd, buf)
+        return True
+    except OSError as exc:
+        LOG.debug("O_DIRECT probe in %s: %s", directory, exc)
+        return False if exc.errno == errno.EINVAL else None
+    finally:
+        buf.close()
+        os.close(fd)
+        remove_quietly(path)

@@ -16,11 +16,8 @@ version probe, no ``info``.
 import errno
 import json
 import logging
-import mmap
 import os
 import re
-import secrets
-import stat
 import threading
 import typing
 
@@ -82,8 +79,6 @@ _DURABLE_CACHES = ("none", "directsync", "writethrough")
 _FMT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
 _VERSIONS: dict[str, tuple[int, int, int]] = {}
-_DIRECT_IO: dict[str, bool] = {}
-_DIRECT_IO_LOCK = threading.Lock()
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
@@ -203,7 +198,7 @@ class QemuImg:
                            "target, not %s" % target_fmt)
         if target_cache is None:
             directory = os.path.dirname(os.path.abspath(target))
-            target_cache = ("none" if direct_io_supported(directory)
+            target_cache = ("none" if fileutils.direct_io_supported(directory)
                             else "writeback")
         args = ["convert", "-f", source_fmt, "-O", target_fmt,
                 "-t", target_cache]
@@ -235,7 +230,7 @@ class QemuImg:
             if parser:
                 parser.finish()
         except BaseException:
-            _remove_file(target)
+            fileutils.remove_regular(target)
             raise
 
     def resize(self, path: str, fmt: str, size: int | str, *,
@@ -518,51 +513,6 @@ class QemuImg:
             raise _bad_output(operation, path, exc) from exc
 
 
-def direct_io_supported(directory: str) -> bool:
-    """Whether files in ``directory`` can be written with ``O_DIRECT``.
-
-    Probed once per directory (by writing one aligned block to a temporary
-    file) and remembered for the life of the process.
-    """
-    directory = os.path.realpath(directory)
-    with _DIRECT_IO_LOCK:
-        if directory not in _DIRECT_IO:
-            answer = _probe_direct_io(directory)
-            if answer is None:
-                return False
-            _DIRECT_IO[directory] = answer
-        return _DIRECT_IO[directory]
-
-
-def _probe_direct_io(directory):
-    """Return True or False, or None when the directory cannot tell.
-
-    A directory that is missing or not writable cannot tell; that answer
-    is not remembered.
-    """
-    if not hasattr(os, "O_DIRECT"):
-        return False
-    path = os.path.join(directory,
-                        ".direct-io-probe-%s" % secrets.token_hex(8))
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_DIRECT,
-                     0o600)
-    except OSError as exc:
-        LOG.debug("O_DIRECT probe in %s: %s", directory, exc)
-        return False if exc.errno == errno.EINVAL else None
-    buf = mmap.mmap(-1, mmap.PAGESIZE)  # page-aligned, as O_DIRECT needs
-    try:
-        os.write(fd, buf)
-        return True
-    except OSError as exc:
-        LOG.debug("O_DIRECT probe in %s: %s", directory, exc)
-        return False if exc.errno == errno.EINVAL else None
-    finally:
-        buf.close()
-        os.close(fd)
-        fileutils.remove_quietly(path)
-
-
 def _flush(path, data):
     """Make a new image's name durable, and with ``data`` its contents.
 
@@ -583,17 +533,6 @@ def _flush(path, data):
         raise exception.DiskOperationError(
             path=path, reason="could not flush the converted image to disk "
             "(%s)" % exc) from exc
-
-
-def _remove_file(path):
-    """Remove a partial output, but never a device node or a directory."""
-    try:
-        if stat.S_ISREG(os.lstat(path).st_mode):
-            fileutils.remove_quietly(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        LOG.warning("Could not remove partial image %s: %s", path, exc)
 
 
 def _format_options(operation, path, options):

@@ -1,4 +1,8 @@
+import errno
 import os
+from unittest import mock
+
+import pytest
 
 from imagebackend import fileutils
 
@@ -86,3 +90,48 @@ def test_write_json_atomic_round_trips(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     assert fileutils.read_json(str(tmp_path / "bad.json")) is None
     assert fileutils.read_json(str(tmp_path / "missing.json")) is None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_direct_io_answers():
+    fileutils._DIRECT_IO.clear()
+    yield
+    fileutils._DIRECT_IO.clear()
+
+
+def test_direct_io_is_probed_once_per_directory(tmp_path):
+    with mock.patch.object(fileutils, "_probe_direct_io",
+                           return_value=True) as probe:
+        assert fileutils.direct_io_supported(str(tmp_path))
+        assert fileutils.direct_io_supported(str(tmp_path) + "/")
+        assert fileutils.direct_io_supported(str(tmp_path / "."))
+    probe.assert_called_once_with(str(tmp_path))
+
+
+def test_an_undecided_probe_is_not_remembered(tmp_path):
+    with mock.patch.object(fileutils, "_probe_direct_io",
+                           side_effect=[None, True]) as probe:
+        assert not fileutils.direct_io_supported(str(tmp_path))
+        assert fileutils.direct_io_supported(str(tmp_path))
+    assert probe.call_count == 2
+
+
+def test_a_filesystem_refusing_o_direct_answers_false(tmp_path):
+    with mock.patch.object(os, "open", side_effect=OSError(errno.EINVAL,
+                                                           "Invalid")):
+        assert not fileutils.direct_io_supported(str(tmp_path))
+    assert fileutils._DIRECT_IO == {str(tmp_path): False}
+
+
+def test_a_failed_aligned_write_answers_false_and_leaves_no_file(tmp_path):
+    with mock.patch.object(os, "write", side_effect=OSError(errno.EINVAL,
+                                                            "Invalid")):
+        assert fileutils._probe_direct_io(str(tmp_path)) is False
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_directory_cannot_tell(tmp_path):
+    assert fileutils._probe_direct_io(str(tmp_path / "missing")) is None
+
+
+# --- resize, rebase, commit, amend -------------------------------------------

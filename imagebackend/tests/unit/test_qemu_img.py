@@ -12,6 +12,7 @@ from oslo_config import cfg
 import pytest
 
 from imagebackend import exception
+from imagebackend import fileutils
 from imagebackend import qemu_img
 from imagebackend import runner as runner_mod
 
@@ -50,10 +51,10 @@ def failed(code=1, stderr="qemu-img: boom\n"):
 @pytest.fixture(autouse=True)
 def _clean_module_caches():
     qemu_img._VERSIONS.clear()
-    qemu_img._DIRECT_IO.clear()
+    fileutils._DIRECT_IO.clear()
     yield
     qemu_img._VERSIONS.clear()
-    qemu_img._DIRECT_IO.clear()
+    fileutils._DIRECT_IO.clear()
 
 
 @pytest.fixture
@@ -172,7 +173,7 @@ def test_convert_uses_o_direct_where_the_directory_supports_it(
         qemu, runner, tmp_path, fsynced):
     target = str(tmp_path / "out.raw")
     runner.execute.side_effect = _writes_target(target)
-    with mock.patch.object(qemu_img, "direct_io_supported",
+    with mock.patch.object(fileutils, "direct_io_supported",
                            return_value=True) as probe:
         qemu.convert("/src.qcow2", "qcow2", target, "raw")
     probe.assert_called_once_with(str(tmp_path))
@@ -186,7 +187,7 @@ def test_convert_falls_back_to_writeback_and_fsyncs_file_and_directory(
         qemu, runner, tmp_path, fsynced):
     target = str(tmp_path / "out.raw")
     runner.execute.side_effect = _writes_target(target)
-    with mock.patch.object(qemu_img, "direct_io_supported",
+    with mock.patch.object(fileutils, "direct_io_supported",
                            return_value=False):
         qemu.convert("/src.qcow2", "qcow2", target, "raw")
     assert argv(runner)[argv(runner).index("-t") + 1] == "writeback"
@@ -312,43 +313,6 @@ def test_a_progress_callback_error_stops_and_cleans_up(qemu, runner,
 
 
 # --- the O_DIRECT probe ------------------------------------------------------
-
-def test_direct_io_is_probed_once_per_directory(tmp_path):
-    with mock.patch.object(qemu_img, "_probe_direct_io",
-                           return_value=True) as probe:
-        assert qemu_img.direct_io_supported(str(tmp_path))
-        assert qemu_img.direct_io_supported(str(tmp_path) + "/")
-        assert qemu_img.direct_io_supported(str(tmp_path / "."))
-    probe.assert_called_once_with(str(tmp_path))
-
-
-def test_an_undecided_probe_is_not_remembered(tmp_path):
-    with mock.patch.object(qemu_img, "_probe_direct_io",
-                           side_effect=[None, True]) as probe:
-        assert not qemu_img.direct_io_supported(str(tmp_path))
-        assert qemu_img.direct_io_supported(str(tmp_path))
-    assert probe.call_count == 2
-
-
-def test_a_filesystem_refusing_o_direct_answers_false(tmp_path):
-    with mock.patch.object(os, "open", side_effect=OSError(errno.EINVAL,
-                                                           "Invalid")):
-        assert not qemu_img.direct_io_supported(str(tmp_path))
-    assert qemu_img._DIRECT_IO == {str(tmp_path): False}
-
-
-def test_a_failed_aligned_write_answers_false_and_leaves_no_file(tmp_path):
-    with mock.patch.object(os, "write", side_effect=OSError(errno.EINVAL,
-                                                            "Invalid")):
-        assert qemu_img._probe_direct_io(str(tmp_path)) is False
-    assert os.listdir(tmp_path) == []
-
-
-def test_a_missing_directory_cannot_tell(tmp_path):
-    assert qemu_img._probe_direct_io(str(tmp_path / "missing")) is None
-
-
-# --- resize, rebase, commit, amend -------------------------------------------
 
 def test_resize_passes_bytes_and_flags(qemu, runner):
     qemu.resize("/i/disk", "raw", "1G", shrink=True, preallocation="falloc")
