@@ -293,12 +293,14 @@ class ImageCache:
         meta = self.source.get_meta(image_id)
         timings["lookup"] = time.monotonic() - start
         cache_fetch.precheck_size(meta, requested_size)
+        meta = cache_fetch.identify(self, meta)
         entry = self._find(image_id, meta.identity)
         if entry is not None:
             self.touch(entry)
             return entry, True
         self.ensure_dirs()
         with self.lock(cache_id(image_id)):
+            meta = cache_fetch.identify(self, meta)
             entry = self._find(image_id, meta.identity)
             if entry is not None:       # another request published it
                 self.touch(entry)

@@ -11,6 +11,8 @@ import functools
 import hashlib
 import logging
 import os
+import queue
+import threading
 import time
 import typing
 
@@ -25,13 +27,32 @@ if typing.TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
+#: chunks waiting to be hashed while the download goes on.
+_HASH_QUEUE = 2
+
 
 def same_identity(record: dict, identity: str | None) -> bool:
     """Whether a record describes the content the source now serves; an
     identity unknown on either side cannot tell, and counts as the same.
+    (A source that only defers computing it is asked for it before any
+    comparison: see :func:`identify`.)
     """
     recorded = record.get("identity")
     return identity is None or recorded is None or recorded == identity
+
+
+def identify(c: "cache.ImageCache", meta):
+    """``meta`` with its identity computed if the source deferred it and a
+    base of the image is cached: an unknown identity would count as the
+    same as the base's.  With nothing cached, the download computes it.
+    """
+    if not meta.identity_deferred:
+        return meta
+    found = cache_layout.generations(c.base_dir,
+                                     cache_layout.cache_id(meta.image_id))
+    if not any("base" in kinds for kinds in found.values()):
+        return meta
+    return c.source.resolve_identity(meta)
 
 
 def precheck_size(meta, requested_size: int | None) -> None:
@@ -94,13 +115,20 @@ def fetch(c: "cache.ImageCache", meta, stem: str,
         start = time.monotonic()
         digest, result, size = download(c, meta, part, requested_size,
                                         progress)
+        identity = meta.identity
+        if meta.identity_deferred:
+            identity = c.source.identify_download(meta, *digest)
         timings["fetch"] = time.monotonic() - start
         fmt = inspect.qemu_format(result)
         source_file = part
         base_digest = None
-        if fmt != "raw" and c.conf.imagebackend.force_raw_images:
+        if _converts(c, result):
             start = time.monotonic()
+            # Written through the page cache and fsynced once at the end
+            # (convert does that for this cache mode): the base is as
+            # durable as with O_DIRECT, and the conversion much faster.
             c.qemu.convert(part, fmt, converted, "raw",
+                           target_cache="writeback",
                            progress=_stage_progress(progress, "convert"))
             fileutils.remove_quietly(part)
             # The base's bytes are not the source's: record their own
@@ -116,7 +144,7 @@ def fetch(c: "cache.ImageCache", meta, stem: str,
             "image_id": meta.image_id,
             "generation": gen,
             "source": meta.source,
-            "identity": meta.identity,
+            "identity": identity,
             "source_format": result.format,
             "format": fmt,
             "converted": base_digest is not None,
@@ -154,10 +182,20 @@ def _supersede(c, image_id, current) -> None:
                          "superseded by generation %d" % current)
 
 
+def _converts(c, result) -> bool:
+    """Whether a download inspected as ``result`` is converted to raw
+    before it is published.
+    """
+    return (inspect.qemu_format(result) != "raw"
+            and c.conf.imagebackend.force_raw_images)
+
+
 def download(c: "cache.ImageCache", meta, part: str,
              requested_size: int | None, progress):
     """Stream the image into ``part``: inspected, hashed and written
-    sparsely in one pass, fsynced before returning.
+    sparsely in one pass, fsynced before returning when it is to be
+    published as it is (a part to be converted is only read back, and the
+    conversion makes its own output durable).
 
     :returns: ``((algo, hexdigest), inspection result, bytes)``.
     """
@@ -176,6 +214,7 @@ def download(c: "cache.ImageCache", meta, part: str,
     done = 0
     with fileutils.new_file(part) as fd:
         writer = fileutils.SparseWriter(fd)
+        hasher = _BackgroundHash(hasher)
         chunks = c.source.open(meta)
         try:
             for chunk in chunks:
@@ -190,6 +229,7 @@ def download(c: "cache.ImageCache", meta, part: str,
                 image_id=meta.image_id, source=meta.source,
                 reason="writing %s failed: %s" % (part, exc)) from exc
         finally:
+            hasher.close()
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
@@ -205,8 +245,48 @@ def download(c: "cache.ImageCache", meta, part: str,
                 algo=algo, expected=expected[1], actual=actual)
         result = inspector.finish()
         writer.finish()
-        os.fsync(fd)
+        if not _converts(c, result):
+            os.fsync(fd)
     return (algo, actual), result, done
+
+
+class _BackgroundHash:
+    """Feeds a hashlib object from a helper thread, so that hashing (which
+    releases the GIL) overlaps reading, inspecting and writing.  At most
+    ``_HASH_QUEUE`` chunks wait, which bounds the memory it holds.
+    """
+
+    def __init__(self, hasher) -> None:
+        self._hasher = hasher
+        self._queue: queue.Queue = queue.Queue(maxsize=_HASH_QUEUE)
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="imagebackend-hash")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._hasher.update(chunk)
+                except Exception as exc:
+                    # Keep draining, so that update() never blocks.
+                    self._error = exc
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        """Wait for every chunk given so far to be hashed (idempotent)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._hasher.hexdigest()
 
 
 def reinspect(c: "cache.ImageCache", meta, stem: str) -> dict:

@@ -34,6 +34,11 @@ class ImageMeta:
     :param identity: a string that changes whenever the image's content
         changes (a content hash, or a hash plus an update time); the cache
         compares it to tell a changed image from an unchanged one.
+    :param identity_deferred: True when ``identity`` is ``None`` only
+        because computing it is costly (it means reading the whole image):
+        the cache then asks :meth:`ImageSource.resolve_identity` for it
+        when it has a cached copy to compare with, and otherwise takes it
+        from the download (:meth:`ImageSource.identify_download`).
     """
 
     image_id: str
@@ -46,6 +51,7 @@ class ImageMeta:
     hash_value: str | None = None
     identity: str | None = None
     extra: dict = dataclasses.field(default_factory=dict)
+    identity_deferred: bool = False
 
     def expected_digest(self) -> tuple[str, str] | None:
         """The strongest (algorithm, hex digest) pair the source recorded.
@@ -107,6 +113,31 @@ class ImageSource(abc.ABC):
         :raises imagebackend.exception.ImageDownloadError: the transfer
             failed part-way.
         """
+
+    def resolve_identity(self, meta: ImageMeta) -> ImageMeta:
+        """Compute an identity that :meth:`get_meta` deferred.
+
+        Only called for a ``meta`` with ``identity_deferred`` set.
+
+        :returns: the image's metadata with ``identity`` set (and the
+            digest the download must match, when the source has one).
+        :raises imagebackend.exception.ImageBackendException: as
+            :meth:`get_meta`.
+        """
+        return meta
+
+    def identify_download(self, meta: ImageMeta, algo: str,
+                          hexdigest: str) -> str | None:
+        """The identity of the bytes just downloaded for a ``meta`` whose
+        identity was deferred, given their digest; a source may remember
+        it so that the next :meth:`get_meta` need not compute it.
+
+        :param algo: the :mod:`hashlib` algorithm of ``hexdigest``.
+        :returns: the identity, or ``None`` when the source cannot tell.
+        :raises imagebackend.exception.ImageDownloadError: the image
+            changed while it was downloaded.
+        """
+        return None
 
     def describe(self) -> str:
         """A one-line description of where images come from."""

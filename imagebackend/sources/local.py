@@ -8,7 +8,10 @@ computed once per version of the file and remembered in
 file's device, inode, size, mtime and ctime; a file modified less than
 ``_RACY_SECONDS`` before it was hashed is hashed again next time, since a
 second change within the filesystem's timestamp granularity would not
-show.  The pipeline verifies the download against the same hash.
+show.  The hash is computed while the image is downloaded, if it must be
+downloaded anyway; only a cached copy to compare with makes the cache ask
+for it beforehand (:meth:`LocalSource.resolve_identity`).  A remembered
+hash is verified against the download.
 """
 
 import errno
@@ -27,6 +30,8 @@ from imagebackend.sources import base
 LOG = logging.getLogger(__name__)
 
 _RACY_SECONDS = 2
+# What a hole in an image file reads as, shared by every read.
+_ZEROS = bytes(base.ImageSource.chunk_size)
 
 OPTIONS = [
     cfg.StrOpt("path",
@@ -134,49 +139,105 @@ class LocalSource(base.ImageSource):
         return _EXTENSION_FORMATS.get(ext)
 
     def get_meta(self, image_id: str) -> base.ImageMeta:
+        """Look an image up, with the identity remembered for this version
+        of its file; when none is, the identity is deferred (hashing the
+        file here would read it once more than the download does).
+        """
         fd = self._open_fd(image_id)
         try:
             st = os.fstat(fd)
-            digest = self._content_hash(image_id, fd, st)
         finally:
             os.close(fd)
+        return self._meta(image_id, st, self._remembered(image_id, st))
+
+    def resolve_identity(self, meta: base.ImageMeta) -> base.ImageMeta:
+        """The hash of the image file: remembered by now (another process
+        may just have downloaded it), or else computed (and remembered).
+        """
+        if not meta.identity_deferred:
+            return meta
+        fd = self._open_fd(meta.image_id)
+        try:
+            st = os.fstat(fd)
+            digest = self._remembered(meta.image_id, st)
+            if digest is not None:
+                return self._meta(meta.image_id, st, digest)
+            hasher = hashlib.sha256()
+            for chunk in _read_chunks(os.dup(fd), self.chunk_size):
+                hasher.update(chunk)
+            digest = hasher.hexdigest()
+            if _version(os.fstat(fd)) == _version(st):
+                self._remember(meta.image_id, st, digest)
+        finally:
+            os.close(fd)
+        return self._meta(meta.image_id, st, digest)
+
+    def identify_download(self, meta: base.ImageMeta, algo: str,
+                          hexdigest: str) -> str | None:
+        """The downloaded bytes' SHA-256 is the identity of the version of
+        the file :meth:`get_meta` saw, if that is still the file there.
+
+        :raises imagebackend.exception.ImageDownloadError: the file
+            changed (or was replaced) since it was looked up.
+        """
+        if meta.identity is not None:
+            return meta.identity
+        fd = self._open_fd(meta.image_id)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if algo != "sha256" or _version(st) != meta.extra.get("version"):
+            raise exception.ImageDownloadError(
+                image_id=meta.image_id, source=meta.source,
+                reason="%s changed while it was being read; try again once "
+                       "it is no longer being written" % os.path.join(
+                           self.directory, meta.image_id))
+        self._remember(meta.image_id, st, hexdigest)
+        return "sha256:%s" % hexdigest
+
+    def _meta(self, image_id, st, digest):
         return base.ImageMeta(
             image_id=image_id,
             source=self.describe(),
             disk_format=self.declared_format(image_id),
             size=st.st_size,
-            hash_algo="sha256",
+            hash_algo="sha256" if digest else None,
             hash_value=digest,
-            identity="sha256:%s" % digest,
+            identity="sha256:%s" % digest if digest else None,
+            identity_deferred=digest is None,
+            extra={"version": _version(st)},
         )
 
-    def _content_hash(self, image_id: str, fd: int,
-                      st: os.stat_result) -> str:
-        """The file's SHA-256, remembered per version of the file."""
+    def _memo_path(self, image_id):
         imagebackend = self.conf.imagebackend
-        memo = os.path.join(
+        return os.path.join(
             os.path.abspath(imagebackend.instances_path),
             imagebackend.base_dir_name,
             ".sources", "local",
             hashlib.sha1(image_id.encode("utf-8")).hexdigest() + ".json")
-        key = _version(st)
-        known = fileutils.read_json(memo) or {}
-        if known.get("key") == key and known.get("sha256"):
+
+    def _remembered(self, image_id, st):
+        known = fileutils.read_json(self._memo_path(image_id)) or {}
+        if known.get("key") == _version(st) and known.get("sha256"):
             return known["sha256"]
-        hasher = hashlib.sha256()
-        for chunk in _read_chunks(os.dup(fd), self.chunk_size):
-            hasher.update(chunk)
-        digest = hasher.hexdigest()
-        settled = time.time_ns() - st.st_mtime_ns > _RACY_SECONDS * 10 ** 9
-        if settled and _version(os.fstat(fd)) == key:
-            try:
-                os.makedirs(os.path.dirname(memo), exist_ok=True)
-                fileutils.write_json_atomic(
-                    memo, {"image_id": image_id, "key": key,
-                           "sha256": digest}, durable=False)
-            except OSError as exc:
-                LOG.debug("Cannot remember the hash of %s: %s", image_id, exc)
-        return digest
+        return None
+
+    def _remember(self, image_id, st, digest):
+        """Remember ``digest`` as the hash of the version ``st`` of the
+        file, unless it was modified so recently that a second change
+        could leave the same version (timestamp granularity).
+        """
+        if time.time_ns() - st.st_mtime_ns <= _RACY_SECONDS * 10 ** 9:
+            return
+        memo = self._memo_path(image_id)
+        try:
+            os.makedirs(os.path.dirname(memo), exist_ok=True)
+            fileutils.write_json_atomic(
+                memo, {"image_id": image_id, "key": _version(st),
+                       "sha256": digest}, durable=False)
+        except OSError as exc:
+            LOG.debug("Cannot remember the hash of %s: %s", image_id, exc)
 
     def open(self, meta: base.ImageMeta):
         fd = self._open_fd(meta.image_id)
@@ -190,12 +251,44 @@ def _version(st: os.stat_result) -> str:
 
 
 def _read_chunks(fd: int, chunk_size: int):
+    """Yield the bytes of the open file ``fd``, at most ``chunk_size`` at
+    a time, and close it.
+
+    Only data extents are read: a hole yields a shared chunk of zeros,
+    which costs no read and no copy.  Reading stops at the size the file
+    had when it was opened (or where it ends, if it shrinks).
+    """
     try:
         os.set_blocking(fd, True)
-        while True:
-            chunk = os.read(fd, chunk_size)
-            if not chunk:
-                return
-            yield chunk
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            data, hole = _next_extent(fd, pos, size)
+            while pos < data:
+                piece = _ZEROS[:min(chunk_size, data - pos)]
+                yield piece
+                pos += len(piece)
+            while pos < hole:
+                chunk = os.pread(fd, min(chunk_size, hole - pos), pos)
+                if not chunk:
+                    return
+                yield chunk
+                pos += len(chunk)
     finally:
         os.close(fd)
+
+
+def _next_extent(fd: int, pos: int, size: int) -> tuple[int, int]:
+    """Where the first data extent at or after ``pos`` starts and ends
+    (``(size, size)`` when only a hole is left).
+    """
+    try:
+        start = os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return size, size
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return pos, size        # holes cannot be found: read it all
+        raise
+    start = min(start, size)
+    return start, min(os.lseek(fd, start, os.SEEK_HOLE), size)

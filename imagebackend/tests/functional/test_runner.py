@@ -1,6 +1,7 @@
 """The runner with tiny real programs: streaming, cancelling, limits."""
 
 import resource
+import signal
 import sys
 import threading
 import time
@@ -94,3 +95,33 @@ def test_accepted_exit_codes_are_results():
     streamed = runner.Runner().stream(python("import sys; sys.exit(3)"),
                                       lambda text: None, ok_codes=(0, 3))
     assert streamed.exit_code == 3 and not streamed.cancelled
+
+
+@pytest.mark.parametrize("code", [
+    "import sys; print('half'); sys.exit('it broke')",
+    "import os, signal; os.kill(os.getpid(), signal.SIGTERM)",
+])
+def test_a_plain_command_fails_exactly_as_through_processutils(code):
+    with pytest.raises(processutils.ProcessExecutionError) as expected:
+        processutils.execute(*python(code))
+    with pytest.raises(processutils.ProcessExecutionError) as err:
+        runner.Runner().execute(python(code))
+    assert (err.value.exit_code, err.value.stdout, err.value.stderr,
+            err.value.cmd) == (expected.value.exit_code,
+                               expected.value.stdout, expected.value.stderr,
+                               expected.value.cmd)
+    assert err.value.exit_code != 0
+
+
+def test_a_plain_command_gets_default_sigpipe_and_no_stdin():
+    # Python ignores SIGPIPE; the programs it starts must not inherit that.
+    status = runner.Runner().execute(["grep", "SigIgn", "/proc/self/status"])
+    assert not int(status.stdout.split()[1], 16) & (1 << signal.SIGPIPE - 1)
+    result = runner.Runner().execute(python("import sys; "
+                                            "print(repr(sys.stdin.read()))"))
+    assert result == runner.ProcessResult(0, "''\n", "")
+
+
+def test_execute_of_a_missing_program_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        runner.Runner().execute([str(tmp_path / "nothing")])

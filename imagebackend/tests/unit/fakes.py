@@ -2,10 +2,15 @@
 
 import hashlib
 import threading
+from unittest import mock
 
 from imagebackend import exception
 from imagebackend import opts
+from imagebackend import qemu_img
 from imagebackend.sources import base
+from imagebackend.sources import local
+
+MiB = 1024 * 1024
 
 
 def qcow2_header(virtual_size: int) -> bytes:
@@ -18,6 +23,23 @@ def qcow2_header(virtual_size: int) -> bytes:
     header[96:100] = (4).to_bytes(4, "big")         # refcount_order
     header[100:104] = (104).to_bytes(4, "big")      # header_length
     return bytes(header)
+
+
+#: a small raw image with a run of zeros, and a qcow2 one (header only).
+RAW_IMAGE = b"bootloader" + bytes(2 * MiB) + b"rootfs" * 1000
+QCOW2_IMAGE = qcow2_header(8 * MiB) + bytes(256 * 1024)
+
+
+def _converter(source, source_fmt, target, target_fmt, **kwargs):
+    with open(target, "wb") as f:
+        f.truncate(8 * MiB)
+
+
+def qemu():
+    """An autospec QemuImg whose convert writes an 8 MiB raw target."""
+    q = mock.create_autospec(qemu_img.QemuImg, instance=True)
+    q.convert.side_effect = _converter
+    return q
 
 
 class FakeSource(base.ImageSource):
@@ -64,3 +86,12 @@ def conf(tmp_path, **overrides):
     for key, value in overrides.items():
         c.set_override(key, value, group="imagebackend")
     return c
+
+
+def local_source(tmp_path, c):
+    """A LocalSource over a new ``tmp_path/images`` directory."""
+    images = tmp_path / "images"
+    images.mkdir()
+    local.LocalSource.register_opts(c)
+    c.set_override("path", str(images), group="local_source")
+    return local.LocalSource(c)

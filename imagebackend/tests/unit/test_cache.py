@@ -3,31 +3,22 @@
 import concurrent.futures
 import dataclasses
 import os
-from unittest import mock
 
 import pytest
 
 from imagebackend import cache
 from imagebackend import exception
 from imagebackend import fileutils
-from imagebackend import qemu_img
 from imagebackend.tests.unit import fakes
 
-MiB = 1024 * 1024
-RAW = b"bootloader" + bytes(2 * MiB) + b"rootfs" * 1000
-QCOW2 = fakes.qcow2_header(8 * MiB) + bytes(256 * 1024)
-
-
-def _converter(source, source_fmt, target, target_fmt, **kwargs):
-    with open(target, "wb") as f:
-        f.truncate(8 * MiB)
+MiB = fakes.MiB
+RAW = fakes.RAW_IMAGE
+QCOW2 = fakes.QCOW2_IMAGE
 
 
 @pytest.fixture
-def qemu():
-    q = mock.create_autospec(qemu_img.QemuImg, instance=True)
-    q.convert.side_effect = _converter
-    return q
+def qemu(fake_qemu):
+    return fake_qemu
 
 
 def make_cache(tmp_path, qemu, **kwargs):
@@ -66,7 +57,7 @@ def test_qcow2_image_is_converted_with_its_detected_format(tmp_path, qemu):
     base = c.base_path(cache.cache_id("qcow2-img"))
     qemu.convert.assert_called_once_with(
         base + ".part", "qcow2", base + ".converted", "raw",
-        progress=None)
+        target_cache="writeback", progress=None)
     assert entry.format == "raw"
     assert entry.record["source_format"] == "qcow2"
     assert not os.path.exists(base + ".part")

@@ -87,3 +87,54 @@ def test_which_limit_a_failure_hit(code, stderr, expected):
 
 def test_no_limit_is_blamed_when_none_was_set():
     assert runner.Limits().exceeded(-signal.SIGKILL, "out of memory") is None
+
+
+@pytest.fixture
+def run():
+    with mock.patch.object(runner.subprocess, "run", autospec=True) as fake:
+        fake.return_value = runner.subprocess.CompletedProcess(
+            ["prog"], 0, b"out", b"err")
+        yield fake
+
+
+def test_a_plain_command_starts_without_a_preexec_fn(run):
+    result = runner.Runner().execute(["prog", "a b", 3])
+    assert run.call_args.args == (("prog", "a b", "3"),)
+    assert run.call_args.kwargs.get("preexec_fn") is None
+    assert run.call_args.kwargs["stdin"] == runner.subprocess.DEVNULL
+    assert result == runner.ProcessResult(0, "out", "err")
+
+
+def test_a_plain_command_failing_raises_like_processutils(run):
+    run.return_value = runner.subprocess.CompletedProcess(
+        ["prog"], 1, b"half", b"password=secret broke")
+    with pytest.raises(processutils.ProcessExecutionError) as err:
+        runner.Runner().execute(["prog", "--password", "secret"])
+    assert err.value.exit_code == 1
+    assert err.value.stdout == "half"
+    assert "broke" in err.value.stderr
+    assert "secret" not in err.value.stderr + err.value.cmd
+
+
+def test_a_plain_command_with_an_accepted_exit_code_is_a_result(run):
+    run.return_value = runner.subprocess.CompletedProcess(
+        ["prog"], 3, b"{}", b"leaks")
+    result = runner.Runner().execute(["prog"], ok_codes=(0, 3))
+    assert result == runner.ProcessResult(3, "{}", "leaks")
+
+
+def test_a_command_with_a_preexec_fn_goes_through_processutils(
+        run, execute):
+    limits = runner.Limits(cpu_time=5)
+    runner.Runner().execute(["prog"], preexec_fn=limits.apply)
+    assert not run.called
+    assert execute.call_args.kwargs["preexec_fn"] == limits.apply
+
+
+def test_an_injected_execute_runs_every_command(run):
+    custom = mock.create_autospec(processutils.execute,
+                                  return_value=("out", ""))
+    result = runner.Runner(custom).execute(["prog"])
+    assert not run.called
+    assert custom.call_args.args == ("prog",)
+    assert result.stdout == "out"

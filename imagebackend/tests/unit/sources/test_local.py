@@ -9,6 +9,7 @@ from unittest import mock
 
 import pytest
 
+from imagebackend import exception
 from imagebackend.sources import local
 from imagebackend.tests.unit import fakes
 
@@ -17,12 +18,7 @@ DATA = b"local image " * 10000
 
 @pytest.fixture
 def source(tmp_path):
-    conf = fakes.conf(tmp_path)
-    images = tmp_path / "images"
-    images.mkdir()
-    local.LocalSource.register_opts(conf)
-    conf.set_override("path", str(images), group="local_source")
-    src = local.LocalSource(conf)
+    src = fakes.local_source(tmp_path, fakes.conf(tmp_path))
     src.chunk_size = 4096
     return src
 
@@ -36,26 +32,37 @@ def put(source, name, data, age=3600):
     return path
 
 
-def test_identity_is_the_content_hash_and_the_download_is_checked(source):
+def test_identity_is_deferred_until_asked_for_then_checked(source):
     put(source, "img.raw", DATA)
-    meta = source.get_meta("img.raw")
+    with mock.patch.object(local, "_read_chunks",
+                           wraps=local._read_chunks) as reads:
+        meta = source.get_meta("img.raw")
+    assert reads.call_count == 0
+    assert (meta.identity, meta.identity_deferred) == (None, True)
+    assert meta.expected_digest() is None
+    assert meta.size == len(DATA)
+    resolved = source.resolve_identity(meta)
     digest = hashlib.sha256(DATA).hexdigest()
-    assert meta.identity == "sha256:" + digest
-    assert meta.expected_digest() == ("sha256", digest)
+    assert resolved.identity == "sha256:" + digest
+    assert not resolved.identity_deferred
+    assert resolved.expected_digest() == ("sha256", digest)
 
 
 def test_the_hash_is_computed_once_per_version_of_the_file(source):
     path = put(source, "img.raw", DATA)
     with mock.patch.object(local, "_read_chunks",
                            wraps=local._read_chunks) as reads:
-        first = source.get_meta("img.raw").identity
+        first = source.resolve_identity(source.get_meta("img.raw")).identity
         assert source.get_meta("img.raw").identity == first
         assert reads.call_count == 1
         os.utime(path)                      # touched: same bytes
-        assert source.get_meta("img.raw").identity == first
+        meta = source.get_meta("img.raw")
+        assert meta.identity_deferred
+        assert source.resolve_identity(meta).identity == first
         assert reads.call_count == 2
         put(source, "img.raw", DATA[::-1], age=7200)    # changed in place
-        changed = source.get_meta("img.raw").identity
+        changed = source.resolve_identity(
+            source.get_meta("img.raw")).identity
         assert changed == "sha256:" + hashlib.sha256(DATA[::-1]).hexdigest()
     memo = os.path.join(source.conf.imagebackend.instances_path, "_base",
                         ".sources", "local")
@@ -65,8 +72,90 @@ def test_the_hash_is_computed_once_per_version_of_the_file(source):
 
 def test_a_file_modified_just_now_is_hashed_again(source):
     put(source, "img.raw", DATA, age=0)
+    meta = source.resolve_identity(source.get_meta("img.raw"))
+    assert meta.identity is not None
+    again = source.get_meta("img.raw")
+    assert (again.identity, again.identity_deferred) == (None, True)
+
+
+def test_the_hash_of_a_download_is_remembered(source):
+    put(source, "img.raw", DATA)
+    meta = source.get_meta("img.raw")
+    digest = hashlib.sha256(DATA).hexdigest()
+    assert source.identify_download(meta, "sha256", digest) == (
+        "sha256:" + digest)
     with mock.patch.object(local, "_read_chunks",
                            wraps=local._read_chunks) as reads:
-        source.get_meta("img.raw")
-        source.get_meta("img.raw")
-    assert reads.call_count == 2
+        again = source.get_meta("img.raw")
+    assert reads.call_count == 0
+    assert again.identity == "sha256:" + digest
+    assert again.expected_digest() == ("sha256", digest)
+
+
+def test_a_file_changed_during_its_download_is_refused(source):
+    put(source, "img.raw", DATA)
+    meta = source.get_meta("img.raw")
+    put(source, "img.raw", DATA[::-1], age=7200)
+    with pytest.raises(exception.ImageDownloadError) as err:
+        source.identify_download(meta, "sha256",
+                                 hashlib.sha256(DATA).hexdigest())
+    assert "img.raw changed while it was being read" in str(err.value)
+    assert source.get_meta("img.raw").identity_deferred
+
+
+def sparse(source, name, pieces, size):
+    path = os.path.join(source.directory, name)
+    with open(path, "wb") as f:
+        for offset, data in pieces:
+            f.seek(offset)
+            f.write(data)
+        f.truncate(size)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("chunk_size", [4096, 5000, 1 << 20])
+def test_a_sparse_file_streams_the_same_bytes_without_reading_holes(
+        source, chunk_size):
+    MiB = 1 << 20
+    pieces = [(1, b"a" * 10), (MiB + 4095, b"b" * 8193),
+              (3 * MiB + 123, os.urandom(70000))]
+    expected = sparse(source, "img.raw", pieces, 7 * MiB + 11)
+    source.chunk_size = chunk_size
+    read = []
+
+    def counting(real):
+        def call(*args):
+            data = real(*args)
+            read.append(len(data))
+            return data
+        return call
+
+    with mock.patch.object(os, "pread", autospec=True,
+                           side_effect=counting(os.pread)), \
+            mock.patch.object(os, "read", autospec=True,
+                              side_effect=counting(os.read)):
+        chunks = list(source.open(source.get_meta("img.raw")))
+    assert b"".join(chunks) == expected
+    assert max(len(c) for c in chunks) <= chunk_size
+    assert sum(read) < MiB          # the 7 MiB of holes were not read
+
+
+def test_a_file_without_holes_streams_as_it_is(source):
+    data = os.urandom(3 * 4096 + 17)
+    put(source, "img.raw", data)
+    assert b"".join(source.open(source.get_meta("img.raw"))) == data
+    put(source, "empty.raw", b"")
+    assert list(source.open(source.get_meta("empty.raw"))) == []
+
+
+def test_a_hash_remembered_since_the_lookup_is_not_computed_again(source):
+    put(source, "img.raw", DATA)
+    early = source.get_meta("img.raw")      # another process downloads now
+    digest = hashlib.sha256(DATA).hexdigest()
+    source.identify_download(source.get_meta("img.raw"), "sha256", digest)
+    with mock.patch.object(local, "_read_chunks",
+                           wraps=local._read_chunks) as reads:
+        resolved = source.resolve_identity(early)
+    assert reads.call_count == 0
+    assert resolved.identity == "sha256:" + digest
