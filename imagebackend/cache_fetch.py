@@ -8,7 +8,6 @@ Everything here but :func:`prefetch` runs under the image's lock, taken by
 
 import concurrent.futures
 import functools
-import hashlib
 import logging
 import os
 import queue
@@ -18,6 +17,7 @@ import typing
 
 from imagebackend import cache_layout
 from imagebackend import cache_verify
+from imagebackend import digest as content_digest
 from imagebackend import exception
 from imagebackend import fileutils
 from imagebackend import inspect
@@ -200,9 +200,9 @@ def download(c: "cache.ImageCache", meta, part: str,
     :returns: ``((algo, hexdigest), inspection result, bytes)``.
     """
     expected = meta.expected_digest()
-    algo = expected[0] if expected else "sha256"
+    algo = expected[0] if expected else (meta.hash_algo or "sha256")
     try:
-        hasher = hashlib.new(algo)
+        hasher = content_digest.new(algo)
     except ValueError as exc:
         raise exception.ImageDownloadError(
             image_id=meta.image_id, source=meta.source,

@@ -16,7 +16,6 @@ the image again; a corrupt base in use is only marked stale (moving it would
 break the disks using it, which are reported).
 """
 
-import hashlib
 import logging
 import os
 import typing
@@ -24,6 +23,7 @@ import typing
 from imagebackend import cache_layout
 from imagebackend import cache_locks
 from imagebackend import cache_remove
+from imagebackend import digest
 from imagebackend import exception
 from imagebackend import inspect
 
@@ -32,91 +32,19 @@ if typing.TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
-SPARSE_SCHEME = "sparse-64k"
-BLOCK = 64 * 1024
-_CHUNK = 16 * BLOCK
-_ZEROS = bytes(_CHUNK)
-
-
-def _data_extents(fd: int, size: int):
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:         # ENXIO: only a hole remains
-            return
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, end
-        offset = end
-
-
-def _block_spans(fd: int, size: int) -> list[list[int]]:
-    """Data extents widened to whole blocks and merged."""
-    spans: list[list[int]] = []
-    for start, end in _data_extents(fd, size):
-        start = start // BLOCK * BLOCK
-        end = min(size, -(-end // BLOCK) * BLOCK)
-        if spans and start <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], end)
-        else:
-            spans.append([start, end])
-    return spans
+SPARSE_SCHEME = digest.SPARSE
 
 
 def digests(path: str, algos: typing.Sequence[str] = (),
             sparse: bool = True) -> dict:
-    """Hash file ``path`` in one pass, reading only its data extents.
-
-    :param algos: :mod:`hashlib` algorithms of the whole byte stream (holes
-        read as zeros).
-    :param sparse: also compute the ``sparse-64k`` digest.
-    :returns: ``{"full": {algo: hex}, "sparse": hex or None, "size": n}``.
-    :raises ValueError: an unknown algorithm.
-    :raises OSError: the file cannot be read.
+    """Hash file ``path`` (never through a symlink) in one pass, reading
+    only its data extents: see :func:`imagebackend.digest.file_digests`.
     """
-    full = [hashlib.new(a) for a in algos]
-    blocks = hashlib.sha256() if sparse else None
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        for start, end in _block_spans(fd, size):
-            _feed_zeros(full, start - pos)
-            offset = start
-            while offset < end:
-                data = os.pread(fd, min(_CHUNK, end - offset), offset)
-                if not data:
-                    break
-                for h in full:
-                    h.update(data)
-                if blocks is not None:
-                    _feed_blocks(blocks, memoryview(data), offset)
-                offset += len(data)
-            pos = offset
-        _feed_zeros(full, size - pos)
+        return digest.file_digests(fd, algos, sparse)
     finally:
         os.close(fd)
-    return {"full": {a: h.hexdigest() for a, h in zip(algos, full)},
-            "sparse": blocks.hexdigest() if blocks is not None else None,
-            "size": size}
-
-
-def _feed_zeros(hashers, count: int) -> None:
-    if not hashers:
-        return
-    while count > 0:
-        n = min(count, _CHUNK)
-        for h in hashers:
-            h.update(_ZEROS[:n])
-        count -= n
-
-
-def _feed_blocks(hasher, data: memoryview, offset: int) -> None:
-    for i in range(0, len(data), BLOCK):
-        block = data[i:i + BLOCK]
-        if block != _ZEROS[:len(block)]:
-            hasher.update((offset + i).to_bytes(8, "big"))
-            hasher.update(block)
 
 
 def sparse_digest(path: str) -> dict:

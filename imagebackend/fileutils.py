@@ -142,8 +142,10 @@ class SparseWriter:
         return self.offset
 
 
-def _data_extents(fd: int, size: int):
-    """Yield ``(offset, length)`` of the data regions of an open file."""
+def data_extents(fd: int, size: int):
+    """Yield ``(offset, length)`` of the data regions of an open file,
+    up to ``size``; where holes cannot be found, the rest is all data.
+    """
     offset = 0
     while offset < size:
         try:
@@ -151,8 +153,13 @@ def _data_extents(fd: int, size: int):
         except OSError as exc:
             if exc.errno == errno.ENXIO:    # only a hole remains
                 return
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield offset, size - offset
+                return
             raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
+        if start >= size:                   # data beyond what is wanted
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
         yield start, end - start
         offset = end
 
@@ -168,7 +175,7 @@ def sparse_copy(src: str, dst_fd: int) -> int:
     src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         size = os.fstat(src_fd).st_size
-        for start, length in _data_extents(src_fd, size):
+        for start, length in data_extents(src_fd, size):
             copied = 0
             while copied < length:
                 n = _copy_range(src_fd, dst_fd, start + copied,

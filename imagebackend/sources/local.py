@@ -2,8 +2,10 @@
 
 The directory is trusted, its files are not: an id must name a regular file
 directly inside the directory, never through ``..``, an absolute path or a
-symlink.  Each image's content identity is the SHA-256 of its bytes.  It is
-computed once per version of the file and remembered in
+symlink.  Each image's content identity is its length and ``sparse-64k``
+digest (:mod:`imagebackend.digest`: a SHA-256 of its non-zero blocks, so
+that holes are neither read nor hashed).  It is computed once per version
+of the file and remembered in
 ``<base_dir>/.sources/local/<sha1 of the image id>.json``, keyed by the
 file's device, inode, size, mtime and ctime; a file modified less than
 ``_RACY_SECONDS`` before it was hashed is hashed again next time, since a
@@ -23,6 +25,7 @@ import time
 
 from oslo_config import cfg
 
+from imagebackend import digest as content_digest
 from imagebackend import exception
 from imagebackend import fileutils
 from imagebackend.sources import base
@@ -30,6 +33,8 @@ from imagebackend.sources import base
 LOG = logging.getLogger(__name__)
 
 _RACY_SECONDS = 2
+# The memo's key for the digest (memos of other digests are not used).
+_MEMO_KEY = content_digest.SPARSE
 # What a hole in an image file reads as, shared by every read.
 _ZEROS = bytes(base.ImageSource.chunk_size)
 
@@ -162,10 +167,7 @@ class LocalSource(base.ImageSource):
             digest = self._remembered(meta.image_id, st)
             if digest is not None:
                 return self._meta(meta.image_id, st, digest)
-            hasher = hashlib.sha256()
-            for chunk in _read_chunks(os.dup(fd), self.chunk_size):
-                hasher.update(chunk)
-            digest = hasher.hexdigest()
+            digest = content_digest.file_digests(fd)["sparse"]
             if _version(os.fstat(fd)) == _version(st):
                 self._remember(meta.image_id, st, digest)
         finally:
@@ -187,14 +189,15 @@ class LocalSource(base.ImageSource):
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        if algo != "sha256" or _version(st) != meta.extra.get("version"):
+        if (algo != content_digest.SPARSE
+                or _version(st) != meta.extra.get("version")):
             raise exception.ImageDownloadError(
                 image_id=meta.image_id, source=meta.source,
                 reason="%s changed while it was being read; try again once "
                        "it is no longer being written" % os.path.join(
                            self.directory, meta.image_id))
         self._remember(meta.image_id, st, hexdigest)
-        return "sha256:%s" % hexdigest
+        return _identity(st, hexdigest)
 
     def _meta(self, image_id, st, digest):
         return base.ImageMeta(
@@ -202,9 +205,9 @@ class LocalSource(base.ImageSource):
             source=self.describe(),
             disk_format=self.declared_format(image_id),
             size=st.st_size,
-            hash_algo="sha256" if digest else None,
+            hash_algo=content_digest.SPARSE,
             hash_value=digest,
-            identity="sha256:%s" % digest if digest else None,
+            identity=_identity(st, digest) if digest else None,
             identity_deferred=digest is None,
             extra={"version": _version(st)},
         )
@@ -219,8 +222,8 @@ class LocalSource(base.ImageSource):
 
     def _remembered(self, image_id, st):
         known = fileutils.read_json(self._memo_path(image_id)) or {}
-        if known.get("key") == _version(st) and known.get("sha256"):
-            return known["sha256"]
+        if known.get("key") == _version(st) and known.get(_MEMO_KEY):
+            return known[_MEMO_KEY]
         return None
 
     def _remember(self, image_id, st, digest):
@@ -235,7 +238,7 @@ class LocalSource(base.ImageSource):
             os.makedirs(os.path.dirname(memo), exist_ok=True)
             fileutils.write_json_atomic(
                 memo, {"image_id": image_id, "key": _version(st),
-                       "sha256": digest}, durable=False)
+                       _MEMO_KEY: digest}, durable=False)
         except OSError as exc:
             LOG.debug("Cannot remember the hash of %s: %s", image_id, exc)
 
@@ -250,45 +253,40 @@ def _version(st: os.stat_result) -> str:
                                st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _identity(st: os.stat_result, hexdigest: str) -> str:
+    # The sparse digest does not cover trailing zeros: add the length.
+    return "%s:%d:%s" % (content_digest.SPARSE, st.st_size, hexdigest)
+
+
 def _read_chunks(fd: int, chunk_size: int):
     """Yield the bytes of the open file ``fd``, at most ``chunk_size`` at
     a time, and close it.
 
     Only data extents are read: a hole yields a shared chunk of zeros,
-    which costs no read and no copy.  Reading stops at the size the file
+    which costs no read and no copy (and which a sparse digest or writer
+    recognises with one comparison).  Reading stops at the size the file
     had when it was opened (or where it ends, if it shrinks).
     """
+    def zeros(count):
+        while count > 0:
+            piece = _ZEROS[:min(chunk_size, count)]
+            yield piece
+            count -= len(piece)
+
     try:
         os.set_blocking(fd, True)
         size = os.fstat(fd).st_size
         pos = 0
-        while pos < size:
-            data, hole = _next_extent(fd, pos, size)
-            while pos < data:
-                piece = _ZEROS[:min(chunk_size, data - pos)]
-                yield piece
-                pos += len(piece)
-            while pos < hole:
-                chunk = os.pread(fd, min(chunk_size, hole - pos), pos)
+        for start, length in fileutils.data_extents(fd, size):
+            yield from zeros(start - pos)
+            pos = start
+            while pos < start + length:
+                chunk = os.pread(fd, min(chunk_size, start + length - pos),
+                                 pos)
                 if not chunk:
                     return
                 yield chunk
                 pos += len(chunk)
+        yield from zeros(size - pos)
     finally:
         os.close(fd)
-
-
-def _next_extent(fd: int, pos: int, size: int) -> tuple[int, int]:
-    """Where the first data extent at or after ``pos`` starts and ends
-    (``(size, size)`` when only a hole is left).
-    """
-    try:
-        start = os.lseek(fd, pos, os.SEEK_DATA)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            return size, size
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return pos, size        # holes cannot be found: read it all
-        raise
-    start = min(start, size)
-    return start, min(os.lseek(fd, start, os.SEEK_HOLE), size)

@@ -97,9 +97,9 @@ def test_a_first_download_is_not_preceded_by_hashing(local_cache):
         entry, hit = c.get("img.raw")
     assert not resolve.called
     assert opened.call_count == 1           # the file was read once
-    digest = hashlib.sha256(RAW).hexdigest()
-    assert entry.record["identity"] == "sha256:" + digest
-    assert entry.record["checksum"] == {"algo": "sha256", "value": digest}
+    assert entry.record["identity"] == fakes.local_identity(RAW)
+    assert entry.record["checksum"] == {"algo": "sparse-64k",
+                                        "value": fakes.sparse_digest(RAW)}
 
 
 def test_the_hash_of_a_first_download_is_remembered(local_cache):
@@ -107,7 +107,7 @@ def test_the_hash_of_a_first_download_is_remembered(local_cache):
     put(source, RAW)
     c.get("img.raw")
     meta = source.get_meta("img.raw")
-    assert meta.identity == "sha256:" + hashlib.sha256(RAW).hexdigest()
+    assert meta.identity == fakes.local_identity(RAW)
     with mock.patch.object(local.LocalSource, "open",
                            autospec=True) as opened:
         entry, hit = c.get("img.raw")
@@ -128,7 +128,7 @@ def test_a_file_changed_after_a_cached_use_is_fetched_again(local_cache,
     with open(second.path, "rb") as f:
         assert f.read() == changed
     assert second.record["identity"] == (
-        "sha256:" + hashlib.sha256(changed).hexdigest())
+        fakes.local_identity(changed))
     third, hit = c.get("img.raw")
     assert (third.generation, hit) == (2, True)
 

@@ -135,3 +135,26 @@ def test_a_missing_directory_cannot_tell(tmp_path):
 
 
 # --- resize, rebase, commit, amend -------------------------------------------
+
+
+def test_data_extents_stop_at_the_size_asked_for(tmp_path):
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.truncate(1024 * 1024)
+        f.seek(512 * 1024)
+        f.write(b"x" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert list(fileutils.data_extents(fd, 1024 * 1024)) == [
+            (512 * 1024, 4096)]
+        assert list(fileutils.data_extents(fd, 512 * 1024 + 10)) == [
+            (512 * 1024, 10)]
+        assert list(fileutils.data_extents(fd, 4096)) == []
+    finally:
+        os.close(fd)
+
+
+def test_data_extents_without_hole_support_is_all_data():
+    error = OSError(errno.EINVAL, "SEEK_DATA not supported")
+    with mock.patch.object(os, "lseek", autospec=True, side_effect=error):
+        assert list(fileutils.data_extents(3, 100)) == [(0, 100)]

@@ -2,15 +2,14 @@
 of the file and remembered under the cache.
 """
 
-import hashlib
 import os
 import time
 from unittest import mock
 
 import pytest
 
+from imagebackend import digest as content_digest
 from imagebackend import exception
-from imagebackend.sources import local
 from imagebackend.tests.unit import fakes
 
 DATA = b"local image " * 10000
@@ -34,24 +33,24 @@ def put(source, name, data, age=3600):
 
 def test_identity_is_deferred_until_asked_for_then_checked(source):
     put(source, "img.raw", DATA)
-    with mock.patch.object(local, "_read_chunks",
-                           wraps=local._read_chunks) as reads:
+    with mock.patch.object(content_digest, "file_digests",
+                           wraps=content_digest.file_digests) as reads:
         meta = source.get_meta("img.raw")
     assert reads.call_count == 0
     assert (meta.identity, meta.identity_deferred) == (None, True)
     assert meta.expected_digest() is None
     assert meta.size == len(DATA)
     resolved = source.resolve_identity(meta)
-    digest = hashlib.sha256(DATA).hexdigest()
-    assert resolved.identity == "sha256:" + digest
+    digest = fakes.sparse_digest(DATA)
+    assert resolved.identity == fakes.local_identity(DATA)
     assert not resolved.identity_deferred
-    assert resolved.expected_digest() == ("sha256", digest)
+    assert resolved.expected_digest() == ("sparse-64k", digest)
 
 
 def test_the_hash_is_computed_once_per_version_of_the_file(source):
     path = put(source, "img.raw", DATA)
-    with mock.patch.object(local, "_read_chunks",
-                           wraps=local._read_chunks) as reads:
+    with mock.patch.object(content_digest, "file_digests",
+                           wraps=content_digest.file_digests) as reads:
         first = source.resolve_identity(source.get_meta("img.raw")).identity
         assert source.get_meta("img.raw").identity == first
         assert reads.call_count == 1
@@ -63,7 +62,7 @@ def test_the_hash_is_computed_once_per_version_of_the_file(source):
         put(source, "img.raw", DATA[::-1], age=7200)    # changed in place
         changed = source.resolve_identity(
             source.get_meta("img.raw")).identity
-        assert changed == "sha256:" + hashlib.sha256(DATA[::-1]).hexdigest()
+        assert changed == fakes.local_identity(DATA[::-1])
     memo = os.path.join(source.conf.imagebackend.instances_path, "_base",
                         ".sources", "local")
     assert len(os.listdir(memo)) == 1       # one record per image
@@ -81,15 +80,15 @@ def test_a_file_modified_just_now_is_hashed_again(source):
 def test_the_hash_of_a_download_is_remembered(source):
     put(source, "img.raw", DATA)
     meta = source.get_meta("img.raw")
-    digest = hashlib.sha256(DATA).hexdigest()
-    assert source.identify_download(meta, "sha256", digest) == (
-        "sha256:" + digest)
-    with mock.patch.object(local, "_read_chunks",
-                           wraps=local._read_chunks) as reads:
+    digest = fakes.sparse_digest(DATA)
+    assert source.identify_download(meta, "sparse-64k", digest) == (
+        fakes.local_identity(DATA))
+    with mock.patch.object(content_digest, "file_digests",
+                           wraps=content_digest.file_digests) as reads:
         again = source.get_meta("img.raw")
     assert reads.call_count == 0
-    assert again.identity == "sha256:" + digest
-    assert again.expected_digest() == ("sha256", digest)
+    assert again.identity == fakes.local_identity(DATA)
+    assert again.expected_digest() == ("sparse-64k", digest)
 
 
 def test_a_file_changed_during_its_download_is_refused(source):
@@ -97,8 +96,8 @@ def test_a_file_changed_during_its_download_is_refused(source):
     meta = source.get_meta("img.raw")
     put(source, "img.raw", DATA[::-1], age=7200)
     with pytest.raises(exception.ImageDownloadError) as err:
-        source.identify_download(meta, "sha256",
-                                 hashlib.sha256(DATA).hexdigest())
+        source.identify_download(meta, "sparse-64k",
+                                 fakes.sparse_digest(DATA))
     assert "img.raw changed while it was being read" in str(err.value)
     assert source.get_meta("img.raw").identity_deferred
 
@@ -152,10 +151,11 @@ def test_a_file_without_holes_streams_as_it_is(source):
 def test_a_hash_remembered_since_the_lookup_is_not_computed_again(source):
     put(source, "img.raw", DATA)
     early = source.get_meta("img.raw")      # another process downloads now
-    digest = hashlib.sha256(DATA).hexdigest()
-    source.identify_download(source.get_meta("img.raw"), "sha256", digest)
-    with mock.patch.object(local, "_read_chunks",
-                           wraps=local._read_chunks) as reads:
+    digest = fakes.sparse_digest(DATA)
+    source.identify_download(source.get_meta("img.raw"), "sparse-64k",
+                             digest)
+    with mock.patch.object(content_digest, "file_digests",
+                           wraps=content_digest.file_digests) as reads:
         resolved = source.resolve_identity(early)
     assert reads.call_count == 0
-    assert resolved.identity == "sha256:" + digest
+    assert resolved.identity == fakes.local_identity(DATA)

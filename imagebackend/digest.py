@@ -1,0 +1,146 @@
+"""Digests of image content, including one that skips zeros.
+
+``sparse-64k`` is a SHA-256 over a file's non-zero 64 KiB blocks (aligned
+to the file), each prefixed with its offset as 8 big-endian bytes; the
+last block may be shorter.  Zero blocks and holes contribute nothing, so
+the digest depends only on the content (not on which zeros are holes),
+and a reader that knows where the holes are never reads or hashes them.
+It names content only together with a length: a file and the same file
+grown with zeros have the same digest.
+
+:func:`new` makes a hasher for any :mod:`hashlib` algorithm or
+``sparse-64k``, with ``update`` and ``hexdigest``.
+"""
+
+import hashlib
+import os
+
+from imagebackend import fileutils
+
+SPARSE = "sparse-64k"
+BLOCK = fileutils.ZERO_BLOCK
+_ZEROS = bytes(BLOCK)
+# Reads of a file's data extents, at most this much at a time.
+_READ = 4 * 1024 * 1024
+
+
+class SparseDigest:
+    """A streaming ``sparse-64k`` digest: feed it the whole content with
+    :meth:`update` (any chunking), or skip known zeros with :meth:`zeros`.
+    """
+
+    name = SPARSE
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._base = 0                  # offset of _pending's first byte
+        self._pending = bytearray()     # a block not yet complete
+
+    def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if self._pending:
+            take = min(BLOCK - len(self._pending), len(view))
+            self._pending += view[:take]
+            view = view[take:]
+            if len(self._pending) < BLOCK:
+                return
+            self._block(self._pending, self._base)
+            self._base += BLOCK
+            self._pending = bytearray()
+        whole = len(view) - len(view) % BLOCK
+        # A chunk of zeros (a hole read by the source) is skipped whole;
+        # bytes.startswith compares with memcmp.
+        if whole and not _is_zeros(view[:whole]):
+            for i in range(0, whole, BLOCK):
+                self._block(view[i:i + BLOCK], self._base + i)
+        self._base += whole
+        self._pending = bytearray(view[whole:])
+
+    def zeros(self, count: int) -> None:
+        """Account for ``count`` zero bytes without reading them."""
+        if self._pending:
+            take = min(BLOCK - len(self._pending), count)
+            self.update(_ZEROS[:take])
+            count -= take
+            if self._pending:       # still short of a whole block
+                return
+        whole = count - count % BLOCK
+        self._base += whole
+        self._pending = bytearray(count - whole)
+
+    def _block(self, block, offset: int) -> None:
+        if not _ZEROS.startswith(block):
+            self._hash.update(offset.to_bytes(8, "big"))
+            self._hash.update(block)
+
+    def hexdigest(self) -> str:
+        final = self._hash.copy()
+        if self._pending and not _ZEROS.startswith(self._pending):
+            final.update(self._base.to_bytes(8, "big"))
+            final.update(self._pending)
+        return final.hexdigest()
+
+
+def _is_zeros(view: memoryview) -> bool:
+    for i in range(0, len(view), len(_BIG_ZEROS)):
+        if not _BIG_ZEROS.startswith(view[i:i + len(_BIG_ZEROS)]):
+            return False
+    return True
+
+
+_BIG_ZEROS = bytes(_READ)
+
+
+def new(algo: str):
+    """A hasher for ``algo``: ``sparse-64k`` or a :mod:`hashlib` name.
+
+    :raises ValueError: an unknown algorithm.
+    """
+    if algo == SPARSE:
+        return SparseDigest()
+    return hashlib.new(algo)
+
+
+def file_digests(fd: int, algos=(), sparse: bool = True) -> dict:
+    """Hash the open file ``fd`` in one pass, reading only its data.
+
+    :param algos: algorithms for :func:`new`, over the whole byte stream
+        (holes read as zeros).
+    :param sparse: also compute the ``sparse-64k`` digest.
+    :returns: ``{"full": {algo: hex}, "sparse": hex or None, "size": n}``.
+    :raises ValueError: an unknown algorithm.
+    :raises OSError: the file cannot be read.
+    """
+    full = {algo: new(algo) for algo in algos}
+    hashers = list(full.values())
+    blocks = SparseDigest() if sparse else None
+    if blocks is not None:
+        hashers.append(blocks)
+    size = os.fstat(fd).st_size
+    pos = 0
+    for start, length in fileutils.data_extents(fd, size):
+        _zeros(hashers, start - pos)
+        pos = start
+        while pos < start + length:
+            data = os.pread(fd, min(_READ, start + length - pos), pos)
+            if not data:            # the file shrank under us
+                break
+            for h in hashers:
+                h.update(data)
+            pos += len(data)
+    _zeros(hashers, size - pos)
+    return {"full": {a: h.hexdigest() for a, h in full.items()},
+            "sparse": blocks.hexdigest() if blocks is not None else None,
+            "size": size}
+
+
+def _zeros(hashers, count: int) -> None:
+    for h in hashers:
+        if isinstance(h, SparseDigest):
+            h.zeros(count)
+            continue
+        left = count
+        while left > 0:
+            n = min(left, _READ)
+            h.update(_BIG_ZEROS[:n])
+            left -= n
