@@ -214,6 +214,8 @@ class DiskOperations:
     # -- changing the chain --------------------------------------------------
 
     def rebase(self, path: str, new_backing: str, *, unsafe: bool = False,
+               progress: ProgressCallback | None = None,
+               cancel: threading.Event | None = None,
                fmt: str | None = None) -> qemu_img.ImageInfo:
         """Make ``new_backing`` the backing file of qcow2 disk ``path``.
 
@@ -225,7 +227,13 @@ class DiskOperations:
             exist).  Without it, qemu-img keeps the guest-visible content
             by copying into the disk whatever differs between the old and
             the new backing file, so both must be readable.
+        :param progress: called as ``progress("rebase", done, total)``
+            with bytes of the virtual size, while data is compared and
+            copied.
+        :param cancel: set it from another thread to stop; the disk then
+            keeps its old backing file and its content.
         :returns: the disk's :meth:`info` afterwards.
+        :raises exception.OperationCancelled: ``cancel`` was set.
         :raises exception.UnsupportedDiskOperation: a raw disk.
         :raises exception.InvalidDiskRequest: the new backing file is the
             disk itself or has the disk in its own chain.
@@ -254,8 +262,10 @@ class DiskOperations:
                 "would be in its own backing chain" % new_backing)
         # A safe rebase reads the old chain; an unsafe one must work when
         # the old backing file is gone.
-        self._chain(path, fmt, follow=not unsafe)
-        self.qemu.rebase(path, fmt, new_backing, backing_fmt, unsafe=unsafe)
+        size = self._chain(path, fmt, follow=not unsafe).virtual_size
+        self.qemu.rebase(path, fmt, new_backing, backing_fmt, unsafe=unsafe,
+                         progress=_in_bytes(progress, "rebase", size),
+                         cancel=cancel)
         LOG.info("Rebased disk %s onto %s (%s)%s", path, new_backing,
                  backing_fmt, " without copying data" if unsafe else "")
         return self._chain(path, fmt)
@@ -308,7 +318,7 @@ class DiskOperations:
             name, secrets.token_hex(4)))
         try:
             self.qemu.convert(path, fmt, tmp, output_fmt, compress=compress,
-                              progress=_in_bytes(progress, size),
+                              progress=_in_bytes(progress, "extract", size),
                               cancel=cancel)
             result = self.qemu.info(tmp, output_fmt)
             _publish(tmp, output)
@@ -380,13 +390,13 @@ class DiskOperations:
                                      force_share=force_share)
 
 
-def _in_bytes(progress, size):
+def _in_bytes(progress, stage, size):
     """A qemu-img percentage callback that calls ``progress`` in bytes."""
     if progress is None:
         return None
 
     def report(percent):
-        progress("extract", int(size * percent / 100), size)
+        progress(stage, int(size * percent / 100), size)
     return report
 
 

@@ -213,22 +213,11 @@ class QemuImg:
             args.append("-W")
         if options:
             args += ["-o", _format_options("convert", source, options)]
-        parser = qemu_img_types.ProgressParser(progress) if progress else None
-        if parser:
-            args.append("-p")
-        args += [source, target]
         try:
-            if parser or cancel is not None:
-                result = self._run("convert", source, args, cancel=cancel,
-                                   on_output=parser.feed if parser else None)
-                if result.cancelled:
-                    raise exception.OperationCancelled(
-                        operation="Conversion", path=source)
-            else:
-                self._run("convert", source, args)
-            _flush(target, target_cache not in _DURABLE_CACHES)
-            if parser:
-                parser.finish()
+            self._run_long("convert", "Conversion", source,
+                           args + [source, target], progress, cancel,
+                           finish=lambda: _flush(
+                               target, target_cache not in _DURABLE_CACHES))
         except BaseException:
             fileutils.remove_regular(target)
             raise
@@ -254,13 +243,22 @@ class QemuImg:
         self._run("resize", path, args)
 
     def rebase(self, path: str, fmt: str, backing_file: str | None,
-               backing_fmt: str | None, unsafe: bool = False) -> None:
+               backing_fmt: str | None, unsafe: bool = False, *,
+               progress: typing.Callable[[float], None] | None = None,
+               cancel: threading.Event | None = None) -> None:
         """Make ``backing_file`` the backing file of ``path``.
+
+        A cancelled rebase leaves ``path`` on its old backing file (qemu-img
+        rewrites the reference last); clusters it had already copied into
+        ``path`` hold what the guest saw there, so its content is intact.
 
         :param backing_file: the new backing file; ``None`` removes it
             (with ``unsafe=False`` its data is copied in first).
         :param unsafe: only rewrite the reference, copying no data (for a
             backing file that moved or was renamed).
+        :param progress: called with the percentage done (0.0 to 100.0).
+        :param cancel: set it from another thread to stop the rebase.
+        :raises exception.OperationCancelled: ``cancel`` was set.
         :raises exception.QemuImgError: qemu-img failed.
         """
         _check_fmt("rebase", path, fmt)
@@ -271,18 +269,24 @@ class QemuImg:
         if backing_file:
             _check_fmt("rebase", path, backing_fmt, "backing_fmt")
             args += ["-F", backing_fmt]
-        args.append(path)
-        self._run("rebase", path, args)
+        self._run_long("rebase", "Rebase", path, args + [path], progress,
+                       cancel)
 
     def commit(self, path: str, fmt: str, *, base: str | None = None,
-               drop: bool = False) -> None:
+               drop: bool = False,
+               progress: typing.Callable[[float], None] | None = None,
+               cancel: threading.Event | None = None) -> None:
         """Write the changes held in overlay ``path`` into its backing file.
 
         The changes go into ``base`` instead when it is given (an image
-        further down the chain).
+        further down the chain).  A cancelled commit leaves ``path`` as it
+        was, and the backing file with part of the changes written.
 
         :param drop: leave the overlay as it is instead of emptying it
             (``-d``).
+        :param progress: called with the percentage done (0.0 to 100.0).
+        :param cancel: set it from another thread to stop the commit.
+        :raises exception.OperationCancelled: ``cancel`` was set.
         :raises exception.QemuImgError: qemu-img failed.
         """
         _check_fmt("commit", path, fmt)
@@ -291,7 +295,8 @@ class QemuImg:
             args += ["-b", base]
         if drop:
             args.append("-d")
-        self._run("commit", path, args + [path])
+        self._run_long("commit", "Commit", path, args + [path], progress,
+                       cancel)
 
     def amend(self, path: str, fmt: str, options: dict) -> None:
         """Change format options of an existing image (``-o``)."""
@@ -460,6 +465,28 @@ class QemuImg:
         return CreateOption.parse_help(out)
 
     # --- running -----------------------------------------------------------
+
+    def _run_long(self, operation, what, path, args, progress, cancel,
+                  finish=None) -> None:
+        """Run a command that takes ``-p``: with ``progress``, its output
+        is parsed into percentages; with ``cancel``, it can be stopped.
+        ``finish`` runs after the command succeeded and before the last
+        progress report (100.0).
+        """
+        parser = qemu_img_types.ProgressParser(progress) if progress else None
+        if parser:
+            args = args[:1] + ["-p"] + args[1:]
+        if parser or cancel is not None:
+            result = self._run(operation, path, args, cancel=cancel,
+                               on_output=parser.feed if parser else None)
+            if result.cancelled:
+                raise exception.OperationCancelled(operation=what, path=path)
+        else:
+            self._run(operation, path, args)
+        if finish is not None:
+            finish()
+        if parser:
+            parser.finish()
 
     def _run(self, operation, path, args, *, ok_codes=(0,), limits=None,
              on_output=None, cancel=None) -> runner.ProcessResult:

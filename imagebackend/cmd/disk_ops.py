@@ -72,8 +72,8 @@ def add_commands(commands, size_type) -> None:
                     "recording its absolute path and its format (read from "
                     "its header). The guest sees the same content "
                     "afterwards: whatever differs between the old and the "
-                    "new backing file is copied into the disk." +
-                    _NOT_RUNNING)
+                    "new backing file is copied into the disk, with a "
+                    "progress bar on a terminal." + _NOT_RUNNING)
     _disk_arguments(rebase)
     rebase.add_argument("new_backing", metavar="NEW_BACKING")
     rebase.add_argument("--unsafe", action="store_true",
@@ -186,8 +186,13 @@ def change_snapshot(args, conf) -> dict:
 
 
 def rebase_disk(args, conf) -> dict:
-    info = make_ops(conf).rebase(args.path, args.new_backing,
-                                 unsafe=args.unsafe, fmt=args.input_format)
+    bar = output.ProgressBar(args)
+    try:
+        info = make_ops(conf).rebase(args.path, args.new_backing,
+                                     unsafe=args.unsafe, progress=bar,
+                                     fmt=args.input_format)
+    finally:
+        bar.close()
     return info_row(info, _json(args))
 
 

@@ -248,16 +248,54 @@ def test_unsafe_rebase_repairs_a_moved_backing_file(qemu, tmp_path):
     assert identical(disk, "qcow2", moved, "raw")
 
 
-def test_commit_writes_the_overlay_into_its_base(qemu, tmp_path):
+@pytest.mark.parametrize("size", [4 * MiB, 32 * MiB])
+def test_commit_writes_the_overlay_into_its_base(qemu, tmp_path, size):
     base = str(tmp_path / "base.qcow2")
-    qemu.create(base, "qcow2", 4 * MiB)
+    qemu.create(base, "qcow2", size)
     disk = str(tmp_path / "disk.qcow2")
     qemu.create(disk, "qcow2", None, backing_file=base, backing_fmt="qcow2")
-    data = write_raw(str(tmp_path / "data.raw"), 4 * MiB)
+    data = write_raw(str(tmp_path / "data.raw"), size)
     overwrite(disk, "qcow2", data)
     assert not identical(base, "qcow2", data, "raw")
-    qemu.commit(disk, "qcow2")
+    seen = []
+    qemu.commit(disk, "qcow2", progress=seen.append)
+    assert seen[-1] == 100.0 and seen == sorted(seen)
     assert identical(base, "qcow2", data, "raw")
+
+
+def test_safe_rebase_reports_progress_and_keeps_the_content(
+        qemu, tmp_path):
+    base = write_raw(str(tmp_path / "base.raw"), 32 * MiB)
+    disk = str(tmp_path / "disk.qcow2")
+    qemu.create(disk, "qcow2", None, backing_file=base, backing_fmt="raw")
+    empty = str(tmp_path / "empty.raw")
+    with open(empty, "wb") as f:
+        f.truncate(32 * MiB)
+    seen = []
+    qemu.rebase(disk, "qcow2", empty, "raw", progress=seen.append)
+    assert seen[-1] == 100.0 and seen == sorted(seen)
+    assert qemu.info(disk, "qcow2").backing_file == empty
+    assert identical(disk, "qcow2", base, "raw")
+
+
+def test_a_cancelled_rebase_keeps_the_old_backing_file(qemu, tmp_path):
+    # Big enough that copying it into the disk outlasts the runner's poll.
+    base = str(tmp_path / "base.raw")
+    with open(base, "wb") as f:
+        for _ in range(256):
+            f.write(os.urandom(MiB))
+    disk = str(tmp_path / "disk.qcow2")
+    qemu.create(disk, "qcow2", None, backing_file=base, backing_fmt="raw")
+    empty = str(tmp_path / "empty.raw")
+    with open(empty, "wb") as f:
+        f.truncate(256 * MiB)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(exception.OperationCancelled) as err:
+        qemu.rebase(disk, "qcow2", empty, "raw", cancel=cancel)
+    assert disk in str(err.value)
+    assert qemu.info(disk, "qcow2").backing_file == base
+    assert identical(disk, "qcow2", base, "raw")
 
 
 def test_amend_changes_a_format_option(qemu, tmp_path):

@@ -303,14 +303,15 @@ def test_rebase_records_an_absolute_path_and_the_detected_format(
     monkeypatch.chdir(disks.dir)
     disks.ops.rebase("top.qcow2", "new.qcow2")
     disks.qemu.rebase.assert_called_once_with(top, "qcow2", new, "qcow2",
-                                              unsafe=False)
+                                              unsafe=False, progress=None,
+                                              cancel=None)
 
 
 def test_unsafe_rebase_works_when_the_old_backing_file_is_gone(disks):
     top = disks.qcow2("top.qcow2", backing="gone.raw", backing_fmt="raw")
     new = disks.raw("moved.raw")
 
-    def rebase(path, fmt, backing, backing_fmt, unsafe):
+    def rebase(path, fmt, backing, backing_fmt, unsafe, **kwargs):
         disks.infos[path] = image("qcow2", backing=backing,
                                   backing_fmt=backing_fmt)
     disks.qemu.rebase.side_effect = rebase
@@ -319,7 +320,8 @@ def test_unsafe_rebase_works_when_the_old_backing_file_is_gone(disks):
     disks.qemu.rebase.assert_not_called()
     info = disks.ops.rebase(top, new, unsafe=True)
     disks.qemu.rebase.assert_called_once_with(top, "qcow2", new, "raw",
-                                              unsafe=True)
+                                              unsafe=True, progress=None,
+                                              cancel=None)
     assert [(i.filename, i.format) for i in info.chain] == [
         (top, "qcow2"), (new, "raw")]
 
