@@ -20,7 +20,7 @@ Processes: an audit hook counts every process the library starts during
 the timed creates (``procs``), and one untimed create per scenario runs
 qemu-img through a wrapper that logs every qemu-img run, at any depth.
 
-    tox -e bench                            # default sizes, ~10 minutes
+    tox -e bench                            # default sizes, ~6 minutes
     tox -e bench -- --quick --repeat 1      # a smoke run
     tox -e bench -- --scenario warm-qcow2 --json results.json
 """
