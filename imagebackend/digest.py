@@ -19,9 +19,10 @@ from imagebackend import fileutils
 
 SPARSE = "sparse-64k"
 BLOCK = fileutils.ZERO_BLOCK
-_ZEROS = bytes(BLOCK)
-# Reads of a file's data extents, at most this much at a time.
+# Reads of a file's data extents, at most this much at a time; zeros fed
+# to a full hash come from one shared buffer of that size.
 _READ = 4 * 1024 * 1024
+_ZEROS = bytes(_READ)
 
 
 class SparseDigest:
@@ -48,9 +49,8 @@ class SparseDigest:
             self._base += BLOCK
             self._pending = bytearray()
         whole = len(view) - len(view) % BLOCK
-        # A chunk of zeros (a hole read by the source) is skipped whole;
-        # bytes.startswith compares with memcmp.
-        if whole and not _is_zeros(view[:whole]):
+        # A chunk of zeros (a hole read by the source) is skipped whole.
+        if whole and not fileutils.all_zeros(view[:whole]):
             for i in range(0, whole, BLOCK):
                 self._block(view[i:i + BLOCK], self._base + i)
         self._base += whole
@@ -69,26 +69,16 @@ class SparseDigest:
         self._pending = bytearray(count - whole)
 
     def _block(self, block, offset: int) -> None:
-        if not _ZEROS.startswith(block):
+        if not fileutils.all_zeros(block):
             self._hash.update(offset.to_bytes(8, "big"))
             self._hash.update(block)
 
     def hexdigest(self) -> str:
         final = self._hash.copy()
-        if self._pending and not _ZEROS.startswith(self._pending):
+        if self._pending and not fileutils.all_zeros(self._pending):
             final.update(self._base.to_bytes(8, "big"))
             final.update(self._pending)
         return final.hexdigest()
-
-
-def _is_zeros(view: memoryview) -> bool:
-    for i in range(0, len(view), len(_BIG_ZEROS)):
-        if not _BIG_ZEROS.startswith(view[i:i + len(_BIG_ZEROS)]):
-            return False
-    return True
-
-
-_BIG_ZEROS = bytes(_READ)
 
 
 def new(algo: str):
@@ -117,18 +107,12 @@ def file_digests(fd: int, algos=(), sparse: bool = True) -> dict:
     if blocks is not None:
         hashers.append(blocks)
     size = os.fstat(fd).st_size
-    pos = 0
-    for start, length in fileutils.data_extents(fd, size):
-        _zeros(hashers, start - pos)
-        pos = start
-        while pos < start + length:
-            data = os.pread(fd, min(_READ, start + length - pos), pos)
-            if not data:            # the file shrank under us
-                break
-            for h in hashers:
-                h.update(data)
-            pos += len(data)
-    _zeros(hashers, size - pos)
+    for length, data in fileutils.read_regions(fd, size, _READ):
+        if data is None:
+            _zeros(hashers, length)
+            continue
+        for h in hashers:
+            h.update(data)
     return {"full": {a: h.hexdigest() for a, h in full.items()},
             "sparse": blocks.hexdigest() if blocks is not None else None,
             "size": size}
@@ -142,5 +126,5 @@ def _zeros(hashers, count: int) -> None:
         left = count
         while left > 0:
             n = min(left, _READ)
-            h.update(_BIG_ZEROS[:n])
+            h.update(_ZEROS[:n])
             left -= n

@@ -120,9 +120,7 @@ class SparseWriter:
         pos = 0
         while pos < length:
             end = min(pos + ZERO_BLOCK - (origin + pos) % ZERO_BLOCK, length)
-            # bytes.startswith compares with memcmp; comparing memoryviews
-            # with == goes byte by byte and costs ~100 times more.
-            if _ZEROS.startswith(view[pos:end]):
+            if all_zeros(view[pos:end]):
                 if start < pos:
                     self._write_at(view[start:pos], origin + start)
                 start = end
@@ -162,6 +160,41 @@ def data_extents(fd: int, size: int):
         end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
         yield start, end - start
         offset = end
+
+
+def read_regions(fd: int, size: int, chunk_size: int):
+    """Walk the open file ``fd`` up to ``size``, reading only its data.
+
+    Yields ``(length, data)``: ``data`` is at most ``chunk_size`` bytes
+    read from the file, or ``None`` for a hole of ``length`` zero bytes.
+    A read that finds the end of the file (it shrank under the reader)
+    ends the walk, so the caller sees fewer than ``size`` bytes.
+    """
+    pos = 0
+    for start, length in data_extents(fd, size):
+        if start > pos:
+            yield start - pos, None
+        pos = start
+        while pos < start + length:
+            chunk = os.pread(fd, min(chunk_size, start + length - pos), pos)
+            if not chunk:
+                return
+            yield len(chunk), chunk
+            pos += len(chunk)
+    if size > pos:
+        yield size - pos, None
+
+
+def all_zeros(data) -> bool:
+    """Whether ``data`` (bytes or a byte memoryview) holds only zeros;
+    compared a block at a time with memcmp (``bytes.startswith``), as
+    comparing memoryviews with ``==`` goes byte by byte.
+    """
+    view = memoryview(data).cast("B")
+    for i in range(0, len(view), ZERO_BLOCK):
+        if not _ZEROS.startswith(view[i:i + ZERO_BLOCK]):
+            return False
+    return True
 
 
 def sparse_copy(src: str, dst_fd: int) -> int:

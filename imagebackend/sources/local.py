@@ -267,26 +267,16 @@ def _read_chunks(fd: int, chunk_size: int):
     recognises with one comparison).  Reading stops at the size the file
     had when it was opened (or where it ends, if it shrinks).
     """
-    def zeros(count):
-        while count > 0:
-            piece = _ZEROS[:min(chunk_size, count)]
-            yield piece
-            count -= len(piece)
-
     try:
         os.set_blocking(fd, True)
         size = os.fstat(fd).st_size
-        pos = 0
-        for start, length in fileutils.data_extents(fd, size):
-            yield from zeros(start - pos)
-            pos = start
-            while pos < start + length:
-                chunk = os.pread(fd, min(chunk_size, start + length - pos),
-                                 pos)
-                if not chunk:
-                    return
-                yield chunk
-                pos += len(chunk)
-        yield from zeros(size - pos)
+        for length, data in fileutils.read_regions(fd, size, chunk_size):
+            if data is not None:
+                yield data
+                continue
+            while length > 0:
+                piece = _ZEROS[:min(chunk_size, length)]
+                yield piece
+                length -= len(piece)
     finally:
         os.close(fd)

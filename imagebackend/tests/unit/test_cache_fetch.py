@@ -149,6 +149,26 @@ def hash_threads():
             if t.name == "imagebackend-hash"]
 
 
+def test_a_file_rewritten_during_its_download_is_refused(local_cache):
+    c, source = local_cache
+    put(source, RAW)
+    real_open = local.LocalSource.open
+
+    def open_then_touch(self, meta):
+        chunks = real_open(self, meta)
+        put(source, RAW, age=60)          # same bytes, another version
+        return chunks
+
+    with mock.patch.object(local.LocalSource, "open", autospec=True,
+                           side_effect=open_then_touch):
+        with pytest.raises(exception.ImageDownloadError) as err:
+            c.get("img.raw")
+    assert "img.raw changed while it was being read" in str(err.value)
+    assert "try again" in str(err.value)
+    assert [n for n in os.listdir(c.base_dir)
+            if n.startswith(cache.cache_id("img.raw"))] == []
+
+
 def test_the_background_hash_is_the_hash_of_every_chunk_in_order():
     chunks = [os.urandom(n) for n in (1, 4096, 70000, 0, 5)] * 20
     hasher = cache_fetch._BackgroundHash(hashlib.sha256())

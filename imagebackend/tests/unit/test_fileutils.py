@@ -134,16 +134,21 @@ def test_a_missing_directory_cannot_tell(tmp_path):
     assert fileutils._probe_direct_io(str(tmp_path / "missing")) is None
 
 
-# --- resize, rebase, commit, amend -------------------------------------------
+# --- data regions ------------------------------------------------------------
 
-
-def test_data_extents_stop_at_the_size_asked_for(tmp_path):
+def open_half_sparse(tmp_path, data):
+    """A 1 MiB file, holes but for ``data`` at 512 KiB, opened for reading.
+    """
     path = tmp_path / "f"
     with open(path, "wb") as f:
         f.truncate(1024 * 1024)
         f.seek(512 * 1024)
-        f.write(b"x" * 4096)
-    fd = os.open(path, os.O_RDONLY)
+        f.write(data)
+    return os.open(path, os.O_RDONLY)
+
+
+def test_data_extents_stop_at_the_size_asked_for(tmp_path):
+    fd = open_half_sparse(tmp_path, b"x" * 4096)
     try:
         assert list(fileutils.data_extents(fd, 1024 * 1024)) == [
             (512 * 1024, 4096)]
@@ -158,3 +163,36 @@ def test_data_extents_without_hole_support_is_all_data():
     error = OSError(errno.EINVAL, "SEEK_DATA not supported")
     with mock.patch.object(os, "lseek", autospec=True, side_effect=error):
         assert list(fileutils.data_extents(3, 100)) == [(0, 100)]
+
+
+def test_read_regions_reads_data_and_reports_holes(tmp_path):
+    fd = open_half_sparse(tmp_path, b"x" * 8192)
+    try:
+        regions = list(fileutils.read_regions(fd, 1024 * 1024, 4096))
+    finally:
+        os.close(fd)
+    assert regions == [(512 * 1024, None), (4096, b"x" * 4096),
+                       (4096, b"x" * 4096), (512 * 1024 - 8192, None)]
+
+
+def test_read_regions_stops_when_a_read_finds_the_end(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"y" * 10000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # The file shrinks after its extents were found.
+        with mock.patch.object(fileutils, "data_extents", autospec=True,
+                               return_value=[(0, 20000)]):
+            regions = list(fileutils.read_regions(fd, 30000, 4096))
+    finally:
+        os.close(fd)
+    assert b"".join(data for _, data in regions) == b"y" * 10000
+    assert all(data is not None for _, data in regions)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"", True), (bytes(200000), True), (bytes(199999) + b"\x01", False),
+    (b"\x01" + bytes(10), False), (memoryview(bytes(70000)), True),
+])
+def test_all_zeros(data, expected):
+    assert fileutils.all_zeros(data) is expected
