@@ -7,6 +7,7 @@ Everything here but :func:`prefetch` runs under the image's lock, taken by
 """
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
@@ -27,8 +28,8 @@ if typing.TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
-#: chunks waiting to be hashed while the download goes on.
-_HASH_QUEUE = 2
+#: chunks waiting to be hashed, or written, while the download goes on.
+_QUEUE = 2
 
 
 def same_identity(record: dict, identity: str | None) -> bool:
@@ -124,16 +125,25 @@ def fetch(c: "cache.ImageCache", meta, stem: str,
         base_digest = None
         if _converts(c, result):
             start = time.monotonic()
-            # Written through the page cache and fsynced once at the end
-            # (convert does that for this cache mode): the base is as
+            # Written through the page cache, sent to disk while qemu-img
+            # writes it, and fsynced once at the end: the base is as
             # durable as with O_DIRECT, and the conversion much faster.
             c.qemu.convert(part, fmt, converted, "raw",
-                           target_cache="writeback",
+                           target_cache="unsafe", durable=False,
                            progress=_stage_progress(progress, "convert"))
             fileutils.remove_quietly(part)
             # The base's bytes are not the source's: record their own
-            # digest so that 'cache verify' can check them.
-            base_digest = cache_verify.sparse_digest(converted)
+            # digest so that 'cache verify' can check them.  It reads the
+            # page cache while the last of the data goes to disk.
+            try:
+                with fileutils.Writeback(path=converted):
+                    base_digest = cache_verify.sparse_digest(converted)
+                fileutils.fsync_path(converted)
+            except OSError as exc:
+                raise exception.DiskOperationError(
+                    path=converted, reason="could not read back or flush "
+                    "the conversion of image %s (%s)"
+                    % (meta.image_id, exc)) from exc
             timings["convert"] = time.monotonic() - start
             source_file, fmt = converted, "raw"
         virtual_size = result.virtual_size
@@ -190,6 +200,18 @@ def _converts(c, result) -> bool:
             and c.conf.imagebackend.force_raw_images)
 
 
+def _published_as_is(c, meta) -> bool:
+    """Whether an image will, by its declared format, be published as it
+    is downloaded (the inspection decides in the end).
+    """
+    if not c.conf.imagebackend.force_raw_images:
+        return True
+    try:
+        return inspect.qemu_format(meta.disk_format or "raw") == "raw"
+    except ValueError:
+        return True
+
+
 def download(c: "cache.ImageCache", meta, part: str,
              requested_size: int | None, progress):
     """Stream the image into ``part``: inspected, hashed and written
@@ -214,22 +236,34 @@ def download(c: "cache.ImageCache", meta, part: str,
     done = 0
     with fileutils.new_file(part) as fd:
         writer = fileutils.SparseWriter(fd)
-        hasher = _BackgroundHash(hasher)
         chunks = c.source.open(meta)
+        # The bytes are received and inspected here, hashed in one thread
+        # and written in another.
+        hashing = _Stage(hasher.update, "hash")
+        writing = _Stage(writer.write, "write")
+        # A part to be published as it is goes to disk while it streams,
+        # so that the fsync at the end has little left to write.
+        writeback = (fileutils.Writeback(fd=fd) if _published_as_is(c, meta)
+                     else contextlib.nullcontext())
         try:
-            for chunk in chunks:
-                inspector.feed(chunk)
-                hasher.update(chunk)
-                writer.write(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress("fetch", done, meta.size)
+            with writeback:
+                try:
+                    for chunk in chunks:
+                        inspector.feed(chunk)
+                        hashing.put(chunk)
+                        writing.put(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress("fetch", done, meta.size)
+                except BaseException:
+                    _close_all(hashing, writing, quiet=True)
+                    raise
+                _close_all(hashing, writing)
         except OSError as exc:
             raise exception.ImageDownloadError(
                 image_id=meta.image_id, source=meta.source,
                 reason="writing %s failed: %s" % (part, exc)) from exc
         finally:
-            hasher.close()
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
@@ -250,43 +284,60 @@ def download(c: "cache.ImageCache", meta, part: str,
     return (algo, actual), result, done
 
 
-class _BackgroundHash:
-    """Feeds a hashlib object from a helper thread, so that hashing (which
-    releases the GIL) overlaps reading, inspecting and writing.  At most
-    ``_HASH_QUEUE`` chunks wait, which bounds the memory it holds.
+class _Stage:
+    """Calls ``func`` on each chunk given to :meth:`put`, in order, from a
+    helper thread, so that its work overlaps the caller's (hashing and
+    writing both release the GIL).  At most ``_QUEUE`` chunks wait, which
+    bounds the memory it holds.  After an error ``func`` is not called
+    again, and :meth:`put` and :meth:`close` raise it.
     """
 
-    def __init__(self, hasher) -> None:
-        self._hasher = hasher
-        self._queue: queue.Queue = queue.Queue(maxsize=_HASH_QUEUE)
-        self._error: Exception | None = None
+    def __init__(self, func, name: str) -> None:
+        self._func = func
+        self._queue: queue.Queue = queue.Queue(maxsize=_QUEUE)
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name="imagebackend-hash")
+                                        name="imagebackend-" + name)
         self._thread.start()
 
     def _run(self) -> None:
         while (chunk := self._queue.get()) is not None:
             if self._error is None:
                 try:
-                    self._hasher.update(chunk)
+                    self._func(chunk)
                 except Exception as exc:
-                    # Keep draining, so that update() never blocks.
+                    # Keep draining, so that put() never blocks.
                     self._error = exc
 
-    def update(self, chunk: bytes) -> None:
+    def put(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
         self._queue.put(chunk)
 
     def close(self) -> None:
-        """Wait for every chunk given so far to be hashed (idempotent)."""
+        """Wait for every chunk given so far to be done (idempotent).
+
+        :raises Exception: what ``func`` raised, if it failed.
+        """
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-
-    def hexdigest(self) -> str:
-        self.close()
         if self._error is not None:
             raise self._error
-        return self._hasher.hexdigest()
+
+
+def _close_all(*stages, quiet: bool = False) -> None:
+    """Close every stage, even after one failed; raise the first error
+    unless ``quiet`` (another error is on its way).
+    """
+    error = None
+    for stage in stages:
+        try:
+            stage.close()
+        except Exception as exc:
+            error = error or exc
+    if error is not None and not quiet:
+        raise error
 
 
 def reinspect(c: "cache.ImageCache", meta, stem: str) -> dict:

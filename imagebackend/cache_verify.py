@@ -4,11 +4,13 @@ Each base's record keeps the checksum of the bytes the source served
 (``checksum``: algorithm and value).  A base renamed straight from the
 download holds exactly those bytes and is re-hashed with that algorithm.
 A converted base holds other bytes, so its record also keeps
-``base_checksum``: a SHA-256 over the base file's non-zero 64 KiB blocks,
-each prefixed with its offset (scheme ``sparse-64k``).  Holes and zero
-blocks are skipped, so the digest is cheap for sparse files and the same
-for a raw base and any sized base grown from it, which is how raw sized
-bases are verified.  Non-raw bases also go through ``qemu-img check``.
+``base_checksum``: a hash over the base file's non-zero 64 KiB blocks,
+each prefixed with its offset (scheme ``sparse-64k-xxh3``, or
+``sparse-64k`` in records of earlier releases: see
+:mod:`imagebackend.digest`).  Holes and zero blocks are skipped, so the
+digest is cheap for sparse files and the same for a raw base and any sized
+base grown from it, which is how raw sized bases are verified.  Non-raw
+bases also go through ``qemu-img check``.
 
 With ``repair``, a corrupt base nothing uses is moved aside (renamed to
 ``<name>.corrupt``) and its generation marked stale, so the next use fetches
@@ -32,25 +34,33 @@ if typing.TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
-SPARSE_SCHEME = digest.SPARSE
+_HASH_OF_SCHEME = {digest.SPARSE: "xxh3_128", digest.SPARSE_SHA256: "sha256"}
 
 
 def digests(path: str, algos: typing.Sequence[str] = (),
-            sparse: bool = True) -> dict:
+            sparse: bool = True, scheme: str = digest.SPARSE) -> dict:
     """Hash file ``path`` (never through a symlink) in one pass, reading
     only its data extents: see :func:`imagebackend.digest.file_digests`.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        return digest.file_digests(fd, algos, sparse)
+        return digest.file_digests(fd, algos, sparse, scheme)
     finally:
         os.close(fd)
 
 
 def sparse_digest(path: str) -> dict:
     """The ``base_checksum`` record of file ``path``."""
-    return {"algo": "sha256", "scheme": SPARSE_SCHEME,
+    return {"algo": _HASH_OF_SCHEME[digest.SPARSE], "scheme": digest.SPARSE,
             "value": digests(path)["sparse"]}
+
+
+def _recorded_sparse(record: dict) -> tuple[str, str] | None:
+    """``(scheme, value)`` of a record's ``base_checksum``, if any."""
+    checksum = record.get("base_checksum") or {}
+    if checksum.get("value") is None:
+        return None
+    return checksum.get("scheme") or digest.SPARSE_SHA256, checksum["value"]
 
 
 def _converted(record: dict) -> bool:
@@ -67,8 +77,8 @@ def check_base(c: "cache.ImageCache", f: cache_layout.CachedFile
                ) -> tuple[str, str, str | None]:
     """Verify original base ``f``.
 
-    :returns: ``(status, detail, sparse digest or None)``; status is
-        ``ok``, ``corrupt`` or ``unverified``.
+    :returns: ``(status, detail, (scheme, sparse digest) or None)``;
+        status is ``ok``, ``corrupt`` or ``unverified``.
     """
     record = f.record
     fmt = record.get("format")
@@ -78,11 +88,13 @@ def check_base(c: "cache.ImageCache", f: cache_layout.CachedFile
     converted = _converted(record)
     algos = [] if converted or not checksum.get("value") else [
         checksum.get("algo") or "sha256"]
+    recorded = _recorded_sparse(record) if not algos else None
+    scheme = recorded[0] if recorded else digest.SPARSE
     try:
-        found = digests(f.path, algos, sparse=fmt == "raw")
+        found = digests(f.path, algos, sparse=fmt == "raw", scheme=scheme)
     except ValueError:
         return ("unverified", "its record names an unknown hash algorithm "
-                "%r" % algos[0], None)
+                "%r" % (algos[0] if algos else scheme), None)
     problems = []
     status = "ok"
     if algos:
@@ -90,15 +102,13 @@ def check_base(c: "cache.ImageCache", f: cache_layout.CachedFile
         if actual != checksum["value"].lower():
             problems.append("its %s is %s, the image's is %s"
                             % (algos[0], actual, checksum["value"]))
-    else:
-        expected = (record.get("base_checksum") or {}).get("value")
-        if expected is None:
-            status = "unverified"
-            problems.append("no digest of the converted base is recorded; "
-                            "invalidate the image to fetch it again")
-        elif found["sparse"] != expected:
-            problems.append("its content digest is %s, the record says %s"
-                            % (found["sparse"], expected))
+    elif recorded is None:
+        status = "unverified"
+        problems.append("no digest of the converted base is recorded; "
+                        "invalidate the image to fetch it again")
+    elif found["sparse"] != recorded[1]:
+        problems.append("its content digest is %s, the record says %s"
+                        % (found["sparse"], recorded[1]))
     if fmt == "raw" and record.get("virtual_size") not in (None,
                                                            found["size"]):
         problems.append("it is %d bytes long, the record says %d"
@@ -106,22 +116,30 @@ def check_base(c: "cache.ImageCache", f: cache_layout.CachedFile
     problems += _qemu_check(c, f.path, fmt)
     if problems and status == "ok":
         status = "corrupt"
-    return (status, "; ".join(problems),
-            found["sparse"] if status == "ok" else None)
+    sparse = None
+    if status == "ok" and found["sparse"] is not None:
+        sparse = (scheme, found["sparse"])
+    return status, "; ".join(problems), sparse
 
 
 def check_sized(c: "cache.ImageCache", f: cache_layout.CachedFile,
-                expected: str | None) -> tuple[str, str]:
-    """Verify sized base ``f`` against its original's sparse digest."""
+                expected: tuple[str, str] | None) -> tuple[str, str]:
+    """Verify sized base ``f`` against its original's sparse digest,
+    ``(scheme, value)``.
+    """
     fmt = f.record.get("format") or "raw"
     if fmt != "raw":
         problems = _qemu_check(c, f.path, fmt)
         return ("corrupt" if problems else "ok"), "; ".join(problems)
     if expected is None:
         return "unverified", "its original base could not be verified"
-    found = digests(f.path)
+    try:
+        found = digests(f.path, scheme=expected[0])
+    except ValueError:
+        return ("unverified", "its original's record names an unknown "
+                "digest scheme %r" % expected[0])
     problems = []
-    if found["sparse"] != expected:
+    if found["sparse"] != expected[1]:
         problems.append("its content differs from its original base's")
     if found["size"] != f.name.size:
         problems.append("it is %d bytes long, its name says %d"
@@ -164,8 +182,8 @@ def verify(c: "cache.ImageCache", image_ids: list[str] | None = None, *,
         else:
             # A raw sized base has its original's sparse digest: the one
             # just verified, or else the one recorded for a converted base.
-            expected = sparse.get(f.name.stem) or (
-                f.record.get("base_checksum") or {}).get("value")
+            expected = (sparse.get(f.name.stem)
+                        or _recorded_sparse(f.record))
             status, detail = check_sized(c, f, expected)
         if status == "corrupt":
             LOG.warning("Cached %s %s is corrupt: %s", f.kind, f.path,

@@ -40,6 +40,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_path(path: str) -> None:
+    """Make the data and size of file ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def ensure_dir(path: str, mode: int = 0o755) -> None:
     """Create ``path`` (and parents) if missing; refuse a symlink."""
     os.makedirs(path, mode=mode, exist_ok=True)
@@ -197,29 +206,36 @@ def all_zeros(data) -> bool:
     return True
 
 
-def sparse_copy(src: str, dst_fd: int) -> int:
+def sparse_copy(src: str, dst_fd: int, writeback: bool = True) -> int:
     """Copy file ``src`` into the open, empty file ``dst_fd``, keeping holes.
 
     Only the data extents are copied, with ``os.copy_file_range`` (a
     reflink or in-kernel copy where the filesystem offers one).
 
+    :param writeback: send the copy to disk while it is made
+        (:class:`Writeback`), for a caller that fsyncs it afterwards.
     :returns: the number of bytes in the copy (the source's length).
     """
     src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         size = os.fstat(src_fd).st_size
-        for start, length in data_extents(src_fd, size):
-            copied = 0
-            while copied < length:
-                n = _copy_range(src_fd, dst_fd, start + copied,
-                                length - copied)
-                if n == 0:      # the source shrank under us
-                    break
-                copied += n
+        with (Writeback(fd=dst_fd) if writeback
+              else contextlib.nullcontext()):
+            _copy_extents(src_fd, dst_fd, size)
         os.ftruncate(dst_fd, size)
         return size
     finally:
         os.close(src_fd)
+
+
+def _copy_extents(src_fd: int, dst_fd: int, size: int) -> None:
+    for start, length in data_extents(src_fd, size):
+        copied = 0
+        while copied < length:
+            n = _copy_range(src_fd, dst_fd, start + copied, length - copied)
+            if n == 0:      # the source shrank under us
+                break
+            copied += n
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
@@ -329,3 +345,74 @@ def _probe_direct_io(directory):
         buf.close()
         os.close(fd)
         remove_quietly(path)
+
+
+class Writeback:
+    """Push a file's data to disk while it is still being written, so that
+    the fsync that makes it durable at the end waits only for the last
+    pages instead of all of them.
+
+    A helper thread calls ``fdatasync`` on the file again and again until
+    the ``with`` block ends; each call writes what accumulated during the
+    one before, so the disk works alongside the writer.  The file is given
+    as an open descriptor (``fd``), or as a path another process will
+    create (``path``: opened read-only once it appears).  The caller still
+    fsyncs at the end: leaving the block makes nothing durable by itself.
+    A write error found by a background flush is raised when the block
+    ends, as the final fsync might not report it again; a file that cannot
+    be flushed this way (``EINVAL``) is just left alone.
+
+    :param interval: seconds between the end of one flush and the next.
+    """
+
+    def __init__(self, fd: int | None = None, path: str | None = None,
+                 interval: float = 0.02) -> None:
+        if (fd is None) == (path is None):
+            raise ValueError("give either fd or path")
+        self._fd = fd
+        self._path = path
+        self._interval = interval
+        self._stop = threading.Event()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="imagebackend-writeback")
+
+    def __enter__(self) -> "Writeback":
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        fd, own = self._fd, False
+        try:
+            while not self._stop.is_set():
+                if fd is None:
+                    fd = self._open()
+                    own = fd is not None
+                if fd is not None:
+                    os.fdatasync(fd)
+                self._stop.wait(self._interval)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EROFS):
+                self._error = exc
+        finally:
+            if own:
+                os.close(fd)
+
+    def _open(self) -> int | None:
+        try:
+            # Non-blocking, so that a FIFO in the way cannot hang the thread.
+            return os.open(self._path,
+                           os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            LOG.debug("Cannot flush %s while it is written: %s", self._path,
+                      exc)
+            self._stop.set()
+            return None

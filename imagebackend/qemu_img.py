@@ -13,6 +13,7 @@ of the pipeline -- creating an overlay -- starts exactly one process: no
 version probe, no ``info``.
 """
 
+import contextlib
 import errno
 import json
 import logging
@@ -163,13 +164,17 @@ class QemuImg:
                 parallel: int | None = None, out_of_order: bool = False,
                 rate_limit: int | None = None, options: dict | None = None,
                 progress: typing.Callable[[float], None] | None = None,
-                cancel: threading.Event | None = None) -> None:
+                cancel: threading.Event | None = None,
+                durable: bool = True) -> None:
         """Convert ``source`` into a new image ``target``.
 
         The target is durable when this returns: it is written with
         ``O_DIRECT`` (cache mode ``none``) where its directory supports
         that, and otherwise with ``writeback`` followed by an fsync of the
-        file and its directory.  On any failure or cancellation the target
+        file and its directory.  Written through the page cache, its data
+        is sent to disk during the conversion (see
+        :class:`imagebackend.fileutils.Writeback`), so the fsync at the end
+        has little left to do.  On any failure or cancellation the target
         file is removed.
 
         :param target_cache: a qemu cache mode for the target; ``None``
@@ -184,6 +189,10 @@ class QemuImg:
         :param progress: called with the percentage done (0.0 to 100.0);
             the last call is 100.0 when the conversion succeeded.
         :param cancel: set it from another thread to stop the conversion.
+        :param durable: ``False`` leaves the final fsync of the target and
+            its directory to the caller, who may overlap it with other
+            work (pair it with a ``target_cache`` that does not flush,
+            such as ``unsafe``).
         :raises exception.OperationCancelled: ``cancel`` was set.
         :raises exception.QemuImgInvalidRequest: a bad combination of
             arguments; nothing was run.
@@ -213,11 +222,14 @@ class QemuImg:
             args.append("-W")
         if options:
             args += ["-o", _format_options("convert", source, options)]
+        through_page_cache = target_cache not in _DURABLE_CACHES
         try:
-            self._run_long("convert", "Conversion", source,
-                           args + [source, target], progress, cancel,
-                           finish=lambda: _flush(
-                               target, target_cache not in _DURABLE_CACHES))
+            with _written_back(target, through_page_cache):
+                self._run_long(
+                    "convert", "Conversion", source, args + [source, target],
+                    progress, cancel,
+                    finish=(lambda: _flush(target, through_page_cache))
+                    if durable else None)
         except BaseException:
             fileutils.remove_regular(target)
             raise
@@ -538,6 +550,23 @@ class QemuImg:
             return parse(json.loads(result.stdout), *args)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise _bad_output(operation, path, exc) from exc
+
+
+@contextlib.contextmanager
+def _written_back(path, through_page_cache):
+    """Through the page cache, send a new image's data to disk while it
+    is being converted, not all of it in the flush at the end.
+    """
+    if not through_page_cache:
+        yield
+        return
+    try:
+        with fileutils.Writeback(path=path):
+            yield
+    except OSError as exc:
+        raise exception.DiskOperationError(
+            path=path, reason="could not write the converted image to disk "
+            "(%s)" % exc) from exc
 
 
 def _flush(path, data):

@@ -2,10 +2,10 @@
 
 The directory is trusted, its files are not: an id must name a regular file
 directly inside the directory, never through ``..``, an absolute path or a
-symlink.  Each image's content identity is its length and ``sparse-64k``
-digest (:mod:`imagebackend.digest`: a SHA-256 of its non-zero blocks, so
-that holes are neither read nor hashed).  It is computed once per version
-of the file and remembered in
+symlink.  Each image's content identity is its length and
+``sparse-64k-xxh3`` digest (:mod:`imagebackend.digest`: an XXH3-128 of
+its non-zero blocks, so that holes are neither read nor hashed).  It is
+computed once per version of the file and remembered in
 ``<base_dir>/.sources/local/<sha1 of the image id>.json``, keyed by the
 file's device, inode, size, mtime and ctime; a file modified less than
 ``_RACY_SECONDS`` before it was hashed is hashed again next time, since a
@@ -176,8 +176,9 @@ class LocalSource(base.ImageSource):
 
     def identify_download(self, meta: base.ImageMeta, algo: str,
                           hexdigest: str) -> str | None:
-        """The downloaded bytes' SHA-256 is the identity of the version of
-        the file :meth:`get_meta` saw, if that is still the file there.
+        """The downloaded bytes' sparse digest is the identity of the
+        version of the file :meth:`get_meta` saw, if that is still the file
+        there.
 
         :raises imagebackend.exception.ImageDownloadError: the file
             changed (or was replaced) since it was looked up.

@@ -104,7 +104,8 @@ class BackendContract:
         with open(self.qcow2_image, "rb") as f:
             source_bytes = f.read()
         assert record["checksum"] == {
-            "algo": "sparse-64k", "value": fakes.sparse_digest(source_bytes)}
+            "algo": "sparse-64k-xxh3",
+            "value": fakes.sparse_digest(source_bytes)}
         assert record["inspection"]["format"] == "qcow2"
         # No scratch file is left behind.
         assert not [n for n in self.dep.base_listing()

@@ -57,7 +57,7 @@ def test_qcow2_image_is_converted_with_its_detected_format(tmp_path, qemu):
     base = c.base_path(cache.cache_id("qcow2-img"))
     qemu.convert.assert_called_once_with(
         base + ".part", "qcow2", base + ".converted", "raw",
-        target_cache="writeback", progress=None)
+        target_cache="unsafe", durable=False, progress=None)
     assert entry.format == "raw"
     assert entry.record["source_format"] == "qcow2"
     assert not os.path.exists(base + ".part")

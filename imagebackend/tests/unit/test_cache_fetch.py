@@ -1,5 +1,6 @@
 """The cache's miss path: what is made durable, and when."""
 
+import errno
 import hashlib
 import os
 import threading
@@ -11,6 +12,7 @@ import pytest
 from imagebackend import cache
 from imagebackend import cache_fetch
 from imagebackend import exception
+from imagebackend import fileutils
 from imagebackend.sources import local
 from imagebackend.tests.unit import fakes
 
@@ -52,14 +54,39 @@ def test_a_raw_download_is_fsynced_before_it_is_published(tmp_path, qemu,
     assert "_base" in synced[synced.index(cid + ".part"):]
 
 
+@pytest.mark.parametrize("declared,force_raw,streamed", [
+    ("raw", True, True), (None, True, True), ("raw", False, True),
+    ("qcow2", True, False), ("qcow2", False, True)])
+def test_a_part_to_be_published_goes_to_disk_while_it_streams(
+        tmp_path, qemu, declared, force_raw, streamed):
+    """Only what will be published as it is downloaded is written back
+    during the download (a part to be converted is only read back).
+    """
+    conf = fakes.conf(tmp_path, force_raw_images=force_raw)
+    data = QCOW2 if declared == "qcow2" else RAW
+    source = fakes.FakeSource(conf, images={"img": data},
+                              declared={"img": declared})
+    c = cache.ImageCache(conf, source, qemu)
+    with mock.patch.object(fileutils, "Writeback",
+                           wraps=fileutils.Writeback) as writeback:
+        c.get("img")
+    on_part = [call for call in writeback.call_args_list
+               if "fd" in call.kwargs]
+    assert bool(on_part) == streamed
+
+
 def test_a_download_to_be_converted_is_not_fsynced(tmp_path, qemu, synced):
     c = make_cache(tmp_path, qemu)
     entry, _ = c.get("qcow2-img")
     cid = cache.cache_id("qcow2-img")
     assert cid + ".part" not in synced
-    assert "_base" in synced            # the rename is still durable
+    # The conversion is fsynced before the rename that publishes it, and
+    # the rename is durable.
+    assert synced.index(cid + ".converted") < synced.index("_base")
+    # qemu-img does not flush (the cache does, overlapping the digest).
     qemu.convert.assert_called_once()
-    assert qemu.convert.call_args.kwargs["target_cache"] == "writeback"
+    assert qemu.convert.call_args.kwargs["target_cache"] == "unsafe"
+    assert qemu.convert.call_args.kwargs["durable"] is False
 
 
 def test_an_unconverted_non_raw_download_is_fsynced(tmp_path, qemu, synced):
@@ -98,7 +125,7 @@ def test_a_first_download_is_not_preceded_by_hashing(local_cache):
     assert not resolve.called
     assert opened.call_count == 1           # the file was read once
     assert entry.record["identity"] == fakes.local_identity(RAW)
-    assert entry.record["checksum"] == {"algo": "sparse-64k",
+    assert entry.record["checksum"] == {"algo": "sparse-64k-xxh3",
                                         "value": fakes.sparse_digest(RAW)}
 
 
@@ -145,8 +172,10 @@ def test_an_unchanged_file_without_a_remembered_hash_is_a_hit(local_cache):
 # -- hashing beside the download ----------------------------------------------
 
 def hash_threads():
+    """The download's helper threads still running."""
     return [t for t in threading.enumerate()
-            if t.name == "imagebackend-hash"]
+            if t.name in ("imagebackend-hash", "imagebackend-write",
+                          "imagebackend-writeback")]
 
 
 def test_a_file_rewritten_during_its_download_is_refused(local_cache):
@@ -169,53 +198,78 @@ def test_a_file_rewritten_during_its_download_is_refused(local_cache):
             if n.startswith(cache.cache_id("img.raw"))] == []
 
 
-def test_the_background_hash_is_the_hash_of_every_chunk_in_order():
+def test_a_stage_sees_every_chunk_in_order():
     chunks = [os.urandom(n) for n in (1, 4096, 70000, 0, 5)] * 20
-    hasher = cache_fetch._BackgroundHash(hashlib.sha256())
+    hasher = hashlib.sha256()
+    stage = cache_fetch._Stage(hasher.update, "hash")
     for chunk in chunks:
-        hasher.update(chunk)
+        stage.put(chunk)
+    stage.close()
     assert hasher.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
     assert hash_threads() == []
 
 
-def test_at_most_two_chunks_wait_to_be_hashed():
+def test_at_most_two_chunks_wait_for_a_stage():
     release = threading.Event()
     started = threading.Event()
 
-    class Slow:
-        def update(self, chunk):
-            started.set()
-            release.wait(10)
+    def slow(chunk):
+        started.set()
+        release.wait(10)
 
-    hasher = cache_fetch._BackgroundHash(Slow())
+    stage = cache_fetch._Stage(slow, "hash")
     fed = []
 
     def feed():
         for i in range(10):
-            hasher.update(b"x")
+            stage.put(b"x")
             fed.append(i)
 
     feeder = threading.Thread(target=feed)
     feeder.start()
     assert started.wait(10)
     time.sleep(0.2)
-    assert len(fed) == 1 + cache_fetch._HASH_QUEUE    # one being hashed
+    assert len(fed) == 1 + cache_fetch._QUEUE       # one being worked on
     release.set()
     feeder.join(10)
-    hasher.close()
+    stage.close()
     assert len(fed) == 10
 
 
-def test_a_failing_hash_is_raised_and_never_blocks_the_download():
-    class Broken:
-        def update(self, chunk):
-            raise ValueError("bad chunk")
+def test_a_failing_stage_stops_the_download_and_never_blocks_it():
+    calls = []
 
-    hasher = cache_fetch._BackgroundHash(Broken())
-    for _ in range(10):
-        hasher.update(b"x")
+    def broken(chunk):
+        calls.append(chunk)
+        raise ValueError("bad chunk")
+
+    stage = cache_fetch._Stage(broken, "write")
     with pytest.raises(ValueError):
-        hasher.hexdigest()
+        for _ in range(100):
+            stage.put(b"x")
+    with pytest.raises(ValueError):
+        stage.close()
+    assert len(calls) == 1
+    assert hash_threads() == []
+
+
+def test_a_failed_write_is_a_download_error_naming_the_part(tmp_path, qemu):
+    c = make_cache(tmp_path, qemu)
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if offset > 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    with mock.patch.object(os, "pwrite", side_effect=pwrite):
+        with pytest.raises(exception.ImageDownloadError) as info:
+            c.get("raw-img")
+    assert ".part" in str(info.value)
+    assert "No space left" in str(info.value)
+    assert os.listdir(c.base_dir) == [] or not [
+        n for n in os.listdir(c.base_dir) if not n.startswith(".")]
+    assert hash_threads() == []
 
 
 def test_a_refused_download_leaves_no_hash_thread(tmp_path, qemu):

@@ -2,7 +2,10 @@
 
 import hashlib
 
+from imagebackend import cache
 from imagebackend import cache_verify
+from imagebackend import fileutils
+from imagebackend.tests.unit import fakes
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -52,3 +55,33 @@ def test_a_flipped_byte_changes_both_digests(tmp_path):
         assert after["full"] != before["full"]
         assert after["sparse"] != before["sparse"]
         before = after
+
+
+def test_records_of_the_sha256_scheme_are_still_verified(tmp_path):
+    """A converted base recorded by an earlier release (``sparse-64k``,
+    over SHA-256) and a raw sized base of it verify against that digest,
+    and a flipped byte in either is found.
+    """
+    c = cache.ImageCache(
+        fakes.conf(tmp_path), fakes.FakeSource(
+            fakes.conf(tmp_path), images={"img": fakes.QCOW2_IMAGE}),
+        fakes.qemu())
+    entry, _ = c.get("img")
+    assert entry.record["base_checksum"]["scheme"] == "sparse-64k-xxh3"
+    with open(entry.path, "rb") as f:
+        content = f.read()
+    record = dict(entry.record, base_checksum={
+        "algo": "sha256", "scheme": "sparse-64k",
+        "value": fakes.sparse_digest(content, "sparse-64k")})
+    fileutils.write_json_atomic(entry.path + ".json", record)
+    sized = c.sized_path(cache.cache_id("img"), len(content) + MiB)
+    write(sized, len(content) + MiB, {0: content})
+    assert [r["status"] for r in cache_verify.verify(c)] == ["ok", "ok"]
+
+    for path in (sized, entry.path):
+        with open(path, "r+b") as f:
+            f.seek(3)
+            f.write(b"\xff" if content[3:4] != b"\xff" else b"\x00")
+        rows = {r["kind"]: r for r in cache_verify.verify(c)}
+        assert rows["sized" if path == sized else "base"][
+            "status"] == "corrupt", rows

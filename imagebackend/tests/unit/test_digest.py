@@ -1,4 +1,4 @@
-"""The sparse-64k digest: content only, any chunking, holes unread."""
+"""The sparse digests: content only, any chunking, holes unread."""
 
 import hashlib
 import os
@@ -71,8 +71,19 @@ def test_content_changes_change_the_digest_and_holes_do_not():
     assert feed(bytes(data), [BLOCK]) != before
 
 
+def test_the_sha256_scheme_of_earlier_records_follows_its_definition():
+    data = content()
+    h = digest.new("sparse-64k")
+    h.update(data[:BLOCK + 3])
+    h.zeros(0)
+    h.update(data[BLOCK + 3:])
+    assert h.hexdigest() == fakes.sparse_digest(data, "sparse-64k")
+    assert h.hexdigest() != fakes.sparse_digest(data)
+    assert len(h.hexdigest()) == 64 and len(fakes.sparse_digest(data)) == 32
+
+
 def test_new_knows_hashlib_and_sparse():
-    assert isinstance(digest.new("sparse-64k"), digest.SparseDigest)
+    assert isinstance(digest.new("sparse-64k-xxh3"), digest.SparseDigest)
     h = digest.new("sha512")
     h.update(b"abc")
     assert h.hexdigest() == hashlib.sha512(b"abc").hexdigest()
@@ -90,10 +101,10 @@ def test_file_digests_read_only_data_and_match_full_hashes(tmp_path):
             block = data[offset:offset + BLOCK]
             if block.count(0) != len(block):
                 os.pwrite(fd, block, offset)
-        found = digest.file_digests(fd, ["sha256", "sparse-64k"])
+        found = digest.file_digests(fd, ["sha256", "sparse-64k-xxh3"])
     finally:
         os.close(fd)
     assert found["size"] == len(data)
     assert found["full"]["sha256"] == hashlib.sha256(data).hexdigest()
     assert found["sparse"] == fakes.sparse_digest(data)
-    assert found["full"]["sparse-64k"] == found["sparse"]
+    assert found["full"]["sparse-64k-xxh3"] == found["sparse"]

@@ -1,5 +1,6 @@
 import errno
 import os
+import time
 from unittest import mock
 
 import pytest
@@ -196,3 +197,98 @@ def test_read_regions_stops_when_a_read_finds_the_end(tmp_path):
 ])
 def test_all_zeros(data, expected):
     assert fileutils.all_zeros(data) is expected
+
+
+def _flushed_paths(calls):
+    """A fake fdatasync recording the path of each descriptor it gets."""
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        calls.append(os.readlink("/proc/self/fd/%d" % fd))
+        real(fd)
+    return fdatasync
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_writeback_flushes_a_descriptor_while_it_is_written(tmp_path):
+    path = str(tmp_path / "f")
+    calls = []
+    with mock.patch.object(os, "fdatasync", side_effect=_flushed_paths(
+            calls)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        try:
+            with fileutils.Writeback(fd=fd, interval=0.001):
+                os.write(fd, b"x" * 4096)
+                _wait_for(lambda: len(calls) >= 2)
+        finally:
+            os.close(fd)
+        count = len(calls)
+        time.sleep(0.05)
+    assert set(calls) == {path}
+    assert len(calls) == count          # the thread stopped with the block
+
+
+def test_writeback_opens_a_path_once_another_process_creates_it(tmp_path):
+    path = str(tmp_path / "later")
+    calls = []
+    with mock.patch.object(os, "fdatasync", side_effect=_flushed_paths(
+            calls)):
+        with fileutils.Writeback(path=path, interval=0.001):
+            time.sleep(0.02)
+            assert calls == []
+            with open(path, "wb") as f:
+                f.write(b"data")
+            _wait_for(lambda: calls)
+    assert set(calls) == {path}
+
+
+@pytest.mark.parametrize("code,raised", [(errno.EIO, True),
+                                         (errno.ENOSPC, True),
+                                         (errno.EINVAL, False)])
+def test_writeback_raises_a_write_error_when_the_block_ends(tmp_path, code,
+                                                            raised):
+    fd = os.open(str(tmp_path / "f"), os.O_WRONLY | os.O_CREAT)
+    failed = []
+
+    def fdatasync(fd):
+        failed.append(fd)
+        raise OSError(code, os.strerror(code))
+    try:
+        with mock.patch.object(os, "fdatasync", side_effect=fdatasync):
+            writeback = fileutils.Writeback(fd=fd, interval=0.001)
+            if raised:
+                with pytest.raises(OSError) as info:
+                    with writeback:
+                        _wait_for(lambda: failed)
+                assert info.value.errno == code
+            else:
+                with writeback:
+                    _wait_for(lambda: failed)
+            assert len(failed) == 1     # no flush after the first error
+    finally:
+        os.close(fd)
+
+
+def test_writeback_does_not_hide_the_error_that_ended_the_block(tmp_path):
+    fd = os.open(str(tmp_path / "f"), os.O_WRONLY | os.O_CREAT)
+    try:
+        with mock.patch.object(os, "fdatasync",
+                               side_effect=OSError(errno.EIO, "I/O error")):
+            with pytest.raises(KeyError):
+                with fileutils.Writeback(fd=fd, interval=0.001) as wb:
+                    _wait_for(lambda: wb._error is not None)
+                    raise KeyError("the writer's own error")
+    finally:
+        os.close(fd)
+
+
+def test_writeback_wants_exactly_one_of_fd_and_path():
+    for kwargs in ({}, {"fd": 3, "path": "/x"}):
+        with pytest.raises(ValueError):
+            fileutils.Writeback(**kwargs)

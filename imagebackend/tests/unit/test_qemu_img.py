@@ -210,6 +210,31 @@ def test_convert_with_an_explicit_unsafe_cache_still_fsyncs(
     assert target in fsynced
 
 
+def test_convert_not_durable_leaves_the_fsync_to_the_caller(
+        qemu, runner, tmp_path, fsynced):
+    target = str(tmp_path / "out.raw")
+    runner.execute.side_effect = _writes_target(target)
+    qemu.convert("/s", "raw", target, "raw", target_cache="unsafe",
+                 durable=False)
+    assert fsynced == []
+    assert os.path.exists(target)
+
+
+@pytest.mark.parametrize("cache,written_back", [
+    ("writeback", True), ("unsafe", True), ("none", False)])
+def test_convert_through_the_page_cache_writes_back_while_it_runs(
+        qemu, runner, tmp_path, cache, written_back):
+    target = str(tmp_path / "out.raw")
+    runner.execute.side_effect = _writes_target(target)
+    with mock.patch.object(fileutils, "Writeback",
+                           wraps=fileutils.Writeback) as writeback:
+        qemu.convert("/s", "raw", target, "raw", target_cache=cache)
+    if written_back:
+        writeback.assert_called_once_with(path=target)
+    else:
+        writeback.assert_not_called()
+
+
 def test_convert_passes_every_tuning_flag(qemu, runner, tmp_path):
     target = str(tmp_path / "out.qcow2")
     qemu.convert("/s.raw", "raw", target, "qcow2", target_cache="none",

@@ -44,7 +44,7 @@ def test_identity_is_deferred_until_asked_for_then_checked(source):
     digest = fakes.sparse_digest(DATA)
     assert resolved.identity == fakes.local_identity(DATA)
     assert not resolved.identity_deferred
-    assert resolved.expected_digest() == ("sparse-64k", digest)
+    assert resolved.expected_digest() == ("sparse-64k-xxh3", digest)
 
 
 def test_the_hash_is_computed_once_per_version_of_the_file(source):
@@ -81,14 +81,14 @@ def test_the_hash_of_a_download_is_remembered(source):
     put(source, "img.raw", DATA)
     meta = source.get_meta("img.raw")
     digest = fakes.sparse_digest(DATA)
-    assert source.identify_download(meta, "sparse-64k", digest) == (
+    assert source.identify_download(meta, "sparse-64k-xxh3", digest) == (
         fakes.local_identity(DATA))
     with mock.patch.object(content_digest, "file_digests",
                            wraps=content_digest.file_digests) as reads:
         again = source.get_meta("img.raw")
     assert reads.call_count == 0
     assert again.identity == fakes.local_identity(DATA)
-    assert again.expected_digest() == ("sparse-64k", digest)
+    assert again.expected_digest() == ("sparse-64k-xxh3", digest)
 
 
 def test_a_file_changed_during_its_download_is_refused(source):
@@ -96,7 +96,7 @@ def test_a_file_changed_during_its_download_is_refused(source):
     meta = source.get_meta("img.raw")
     put(source, "img.raw", DATA[::-1], age=7200)
     with pytest.raises(exception.ImageDownloadError) as err:
-        source.identify_download(meta, "sparse-64k",
+        source.identify_download(meta, "sparse-64k-xxh3",
                                  fakes.sparse_digest(DATA))
     assert "img.raw changed while it was being read" in str(err.value)
     assert source.get_meta("img.raw").identity_deferred
@@ -152,8 +152,8 @@ def test_a_hash_remembered_since_the_lookup_is_not_computed_again(source):
     put(source, "img.raw", DATA)
     early = source.get_meta("img.raw")      # another process downloads now
     digest = fakes.sparse_digest(DATA)
-    source.identify_download(source.get_meta("img.raw"), "sparse-64k",
-                             digest)
+    source.identify_download(source.get_meta("img.raw"),
+                             "sparse-64k-xxh3", digest)
     with mock.patch.object(content_digest, "file_digests",
                            wraps=content_digest.file_digests) as reads:
         resolved = source.resolve_identity(early)
