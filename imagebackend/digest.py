@@ -38,9 +38,9 @@ SPARSE_SHA256 = "sparse-64k"
 _SCHEMES = {SPARSE: xxhash.xxh3_128, SPARSE_SHA256: hashlib.sha256}
 BLOCK = fileutils.ZERO_BLOCK
 # Reads of a file's data extents, at most this much at a time; zeros fed
-# to a full hash come from one shared buffer of that size.
+# to a hash come from the shared buffer that stands for holes.
 _READ = 4 * 1024 * 1024
-_ZEROS = bytes(_READ)
+_ZEROS = memoryview(fileutils.HOLE)
 
 
 class SparseDigest:

@@ -35,8 +35,6 @@ LOG = logging.getLogger(__name__)
 _RACY_SECONDS = 2
 # The memo's key for the digest (memos of other digests are not used).
 _MEMO_KEY = content_digest.SPARSE
-# What a hole in an image file reads as, shared by every read.
-_ZEROS = bytes(base.ImageSource.chunk_size)
 
 OPTIONS = [
     cfg.StrOpt("path",
@@ -259,14 +257,18 @@ def _identity(st: os.stat_result, hexdigest: str) -> str:
     return "%s:%d:%s" % (content_digest.SPARSE, st.st_size, hexdigest)
 
 
+_HOLE = memoryview(fileutils.HOLE)
+
+
 def _read_chunks(fd: int, chunk_size: int):
     """Yield the bytes of the open file ``fd``, at most ``chunk_size`` at
     a time, and close it.
 
-    Only data extents are read: a hole yields a shared chunk of zeros,
-    which costs no read and no copy (and which a sparse digest or writer
-    recognises with one comparison).  Reading stops at the size the file
-    had when it was opened (or where it ends, if it shrinks).
+    Only data extents are read: a hole yields views of
+    :data:`imagebackend.fileutils.HOLE`, which cost no read and no copy,
+    and which a sparse digest or writer knows for zeros without looking.
+    Reading stops at the size the file had when it was opened (or where it
+    ends, if it shrinks).
     """
     try:
         os.set_blocking(fd, True)
@@ -276,7 +278,7 @@ def _read_chunks(fd: int, chunk_size: int):
                 yield data
                 continue
             while length > 0:
-                piece = _ZEROS[:min(chunk_size, length)]
+                piece = _HOLE[:min(chunk_size, length)]
                 yield piece
                 length -= len(piece)
     finally:

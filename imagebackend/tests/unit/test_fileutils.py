@@ -292,3 +292,16 @@ def test_writeback_wants_exactly_one_of_fd_and_path():
     for kwargs in ({}, {"fd": 3, "path": "/x"}):
         with pytest.raises(ValueError):
             fileutils.Writeback(**kwargs)
+
+
+def test_all_zeros_knows_views_of_the_hole_buffer_without_looking():
+    view = memoryview(fileutils.HOLE)[100:300000]
+    copy = bytes(view)
+    # With a comparison block that is not zeros, only the shortcut can
+    # answer True.
+    ones = b"\x01" * fileutils.ZERO_BLOCK
+    with mock.patch.object(fileutils, "_ZEROS", ones):
+        assert fileutils.all_zeros(view)
+        assert fileutils.all_zeros(view[7:])
+        assert not fileutils.all_zeros(copy)
+    assert fileutils.all_zeros(copy)

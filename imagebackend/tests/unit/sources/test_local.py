@@ -10,6 +10,7 @@ import pytest
 
 from imagebackend import digest as content_digest
 from imagebackend import exception
+from imagebackend import fileutils
 from imagebackend.tests.unit import fakes
 
 DATA = b"local image " * 10000
@@ -138,6 +139,11 @@ def test_a_sparse_file_streams_the_same_bytes_without_reading_holes(
     assert b"".join(chunks) == expected
     assert max(len(c) for c in chunks) <= chunk_size
     assert sum(read) < MiB          # the 7 MiB of holes were not read
+    # Holes come as views of the shared zeros, which cost no copy and
+    # which the digest and the writer know for zeros without looking.
+    holes = [c for c in chunks if isinstance(c, memoryview)]
+    assert sum(len(c) for c in holes) > 6 * MiB
+    assert all(c.obj is fileutils.HOLE for c in holes)
 
 
 def test_a_file_without_holes_streams_as_it_is(source):
