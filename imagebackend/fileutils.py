@@ -354,29 +354,35 @@ def _probe_direct_io(directory):
 
 
 class Writeback:
-    """Push a file's data to disk while it is still being written, so that
-    the fsync that makes it durable at the end waits only for the last
+    """Push a new file's data to disk while it is still being written, so
+    that the fsync that makes it durable at the end waits only for the last
     pages instead of all of them.
 
-    A helper thread calls ``fdatasync`` on the file again and again until
-    the ``with`` block ends; each call writes what accumulated during the
-    one before, so the disk works alongside the writer.  The file is given
-    as an open descriptor (``fd``), or as a path another process will
+    A helper thread watches the file's allocated size and calls
+    ``fdatasync`` each time it has grown by ``batch`` bytes, until the
+    ``with`` block ends; each call writes what accumulated since the one
+    before, so the disk works alongside the writer.  Counting bytes rather
+    than time bounds how often a slow stream makes the filesystem commit
+    its journal (which other files' writes may wait behind).  The file is
+    given as an open descriptor (``fd``), or as a path another process will
     create (``path``: opened read-only once it appears).  The caller still
     fsyncs at the end: leaving the block makes nothing durable by itself.
     A write error found by a background flush is raised when the block
     ends, as the final fsync might not report it again; a file that cannot
     be flushed this way (``EINVAL``) is just left alone.
 
-    :param interval: seconds between the end of one flush and the next.
+    :param batch: bytes of new data between two flushes.
+    :param interval: seconds between two looks at the file's size.
     """
 
-    def __init__(self, fd: int | None = None, path: str | None = None,
-                 interval: float = 0.02) -> None:
+    def __init__(self, fd: int | None = None, path: str | None = None, *,
+                 batch: int = 16 * 1024 * 1024,
+                 interval: float = 0.01) -> None:
         if (fd is None) == (path is None):
             raise ValueError("give either fd or path")
         self._fd = fd
         self._path = path
+        self._batch = batch
         self._interval = interval
         self._stop = threading.Event()
         self._error: OSError | None = None
@@ -395,13 +401,17 @@ class Writeback:
 
     def _run(self) -> None:
         fd, own = self._fd, False
+        flushed = 0
         try:
             while not self._stop.is_set():
                 if fd is None:
                     fd = self._open()
                     own = fd is not None
                 if fd is not None:
-                    os.fdatasync(fd)
+                    allocated = os.fstat(fd).st_blocks * 512
+                    if allocated - flushed >= self._batch:
+                        os.fdatasync(fd)
+                        flushed = allocated
                 self._stop.wait(self._interval)
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.EROFS):

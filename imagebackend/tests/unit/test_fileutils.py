@@ -223,7 +223,7 @@ def test_writeback_flushes_a_descriptor_while_it_is_written(tmp_path):
             calls)):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT)
         try:
-            with fileutils.Writeback(fd=fd, interval=0.001):
+            with fileutils.Writeback(fd=fd, batch=0, interval=0.001):
                 os.write(fd, b"x" * 4096)
                 _wait_for(lambda: len(calls) >= 2)
         finally:
@@ -234,12 +234,37 @@ def test_writeback_flushes_a_descriptor_while_it_is_written(tmp_path):
     assert len(calls) == count          # the thread stopped with the block
 
 
+def test_writeback_flushes_once_per_batch_of_new_data(tmp_path):
+    path = str(tmp_path / "f")
+    calls = []
+    block = os.urandom(64 * 1024)
+    with mock.patch.object(os, "fdatasync", side_effect=_flushed_paths(
+            calls)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        try:
+            with fileutils.Writeback(fd=fd, batch=len(block) * 4,
+                                     interval=0.001):
+                time.sleep(0.05)
+                assert calls == []              # nothing new: no flush
+                for i in range(3):
+                    os.write(fd, block)
+                time.sleep(0.05)
+                assert calls == []              # not a whole batch yet
+                for i in range(5):
+                    os.write(fd, block)
+                _wait_for(lambda: calls)
+                time.sleep(0.05)
+                assert len(calls) <= 2          # 8 blocks: two batches
+        finally:
+            os.close(fd)
+
+
 def test_writeback_opens_a_path_once_another_process_creates_it(tmp_path):
     path = str(tmp_path / "later")
     calls = []
     with mock.patch.object(os, "fdatasync", side_effect=_flushed_paths(
             calls)):
-        with fileutils.Writeback(path=path, interval=0.001):
+        with fileutils.Writeback(path=path, batch=0, interval=0.001):
             time.sleep(0.02)
             assert calls == []
             with open(path, "wb") as f:
@@ -261,7 +286,7 @@ def test_writeback_raises_a_write_error_when_the_block_ends(tmp_path, code,
         raise OSError(code, os.strerror(code))
     try:
         with mock.patch.object(os, "fdatasync", side_effect=fdatasync):
-            writeback = fileutils.Writeback(fd=fd, interval=0.001)
+            writeback = fileutils.Writeback(fd=fd, batch=0, interval=0.001)
             if raised:
                 with pytest.raises(OSError) as info:
                     with writeback:
@@ -281,7 +306,8 @@ def test_writeback_does_not_hide_the_error_that_ended_the_block(tmp_path):
         with mock.patch.object(os, "fdatasync",
                                side_effect=OSError(errno.EIO, "I/O error")):
             with pytest.raises(KeyError):
-                with fileutils.Writeback(fd=fd, interval=0.001) as wb:
+                with fileutils.Writeback(fd=fd, batch=0,
+                                         interval=0.001) as wb:
                     _wait_for(lambda: wb._error is not None)
                     raise KeyError("the writer's own error")
     finally:
