@@ -249,6 +249,7 @@ def download(c: "cache.ImageCache", meta, part: str,
             with writeback:
                 try:
                     for chunk in chunks:
+                        chunk = _frozen(chunk)
                         inspector.feed(chunk)
                         hashing.put(chunk)
                         writing.put(chunk)
@@ -324,6 +325,20 @@ class _Stage:
             self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+def _frozen(chunk):
+    """``chunk``, or a copy of it if it could change: the stages may still
+    be reading it while the source produces the next one (a source ought
+    to yield ``bytes``, but one that refills a buffer must not corrupt a
+    base).
+    """
+    if type(chunk) is bytes:
+        return chunk
+    view = memoryview(chunk)
+    if type(view.obj) is bytes:
+        return view
+    return bytes(view)
 
 
 def _close_all(*stages, quiet: bool = False) -> None:

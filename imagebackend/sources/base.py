@@ -106,9 +106,13 @@ class ImageSource(abc.ABC):
     def open(self, meta: ImageMeta) -> typing.Iterator[bytes]:
         """Stream an image's bytes, in chunks of at most a few MiB.
 
-        The iterator must not hold the whole image in memory.  It may be
-        closed early (``close()``), which must release any connection or
-        file handle.
+        Chunks should be ``bytes``, or views of ``bytes`` (such as the
+        shared zeros of :data:`imagebackend.fileutils.HOLE`): the cache
+        hands them to helper threads as they are, and copies a chunk of
+        any other buffer first, in case the source refills it.  The
+        iterator must not hold the whole image in memory.
+        It may be closed early (``close()``), which must release any
+        connection or file handle.
 
         :raises imagebackend.exception.ImageDownloadError: the transfer
             failed part-way.

@@ -253,6 +253,27 @@ def test_a_failing_stage_stops_the_download_and_never_blocks_it():
     assert hash_threads() == []
 
 
+def test_a_source_refilling_one_buffer_still_caches_its_bytes(
+        tmp_path, qemu):
+    class Refilling(fakes.FakeSource):
+        def open(self, meta):
+            buf = bytearray(4096)
+            data = self.images[meta.image_id]
+            for i in range(0, len(data), len(buf)):
+                piece = data[i:i + len(buf)]
+                buf[:len(piece)] = piece
+                yield memoryview(buf)[:len(piece)]
+
+    conf = fakes.conf(tmp_path)
+    data = bytes(range(256)) * 4096 + b"tail"
+    c = cache.ImageCache(conf, Refilling(conf, images={"img": data}), qemu)
+    entry, _ = c.get("img")
+    with open(entry.path, "rb") as f:
+        assert f.read() == data
+    assert entry.record["checksum"]["value"] == hashlib.sha512(
+        data).hexdigest()
+
+
 def test_a_failed_write_is_a_download_error_naming_the_part(tmp_path, qemu):
     c = make_cache(tmp_path, qemu)
     real = os.pwrite
