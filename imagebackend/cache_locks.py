@@ -38,6 +38,14 @@ class Busy(Exception):
     """A lock asked for without waiting is held by someone else."""
 
 
+#: the longest pause between two tries of a held lock: a waiter starts at
+#: most this late after the holder is done.  Every process creating a
+#: disk of an image being downloaded waits on its lock; polling (rather
+#: than blocking in the kernel) keeps green threads running, and a try is
+#: one system call.
+_POLL_MAX = 0.02
+
+
 def lock_file(lock_dir: str, name: str) -> str:
     """The path of the exclusive lock ``name``."""
     return os.path.join(lock_dir, LOCK_PREFIX + name)
@@ -81,7 +89,8 @@ def exclusive(lock_dir: str, name: str, *,
 def _acquire_external(lock_dir, name, blocking):
     while True:
         ext = lockutils.external_lock(name, LOCK_PREFIX, lock_dir)
-        if not ext.acquire(blocking=blocking, delay=0.01):
+        if not ext.acquire(blocking=blocking, delay=0.005,
+                           max_delay=_POLL_MAX):
             raise Busy(name)
         if _same_file(ext.lockfile.fileno(), ext.path):
             return ext
@@ -115,7 +124,7 @@ def flocked(path: str, *, shared: bool = False,
             # Poll rather than block in the kernel, so that green threads
             # (eventlet) of the same process keep running meanwhile.
             time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            delay = min(delay * 2, _POLL_MAX)
             continue
         if _same_file(fd, path):
             break
