@@ -286,10 +286,25 @@ def row(name, what, floor_is, target, lib, spawned, floors, **extra):
     for key, runs in floors.items():
         key = key.replace(" ", "_")
         result[key + "_s"] = summary(runs)
-        result["ratio" if key == "floor" else "ratio_" + key] = (
+        suffix = "" if key == "floor" else "_" + key
+        result["ratio" + suffix] = (
             result["library_s"]["median"] / result[key + "_s"]["median"])
+        result["best_ratio" + suffix] = (
+            result["library_s"]["min"] / result[key + "_s"]["min"])
     result.update(extra)
     return result
+
+
+def within(result, limit):
+    """Whether the library is within ``limit`` times the floor, both by
+    the ratio of the medians and by the ratio of the best runs.
+
+    On a machine whose disk or memory stalls now and then, a few slow
+    runs of the floor can pull its median up and make a slow library look
+    fast (or the reverse); the best runs see through that.  Asking both
+    keeps a row from being met by noise.
+    """
+    return result["ratio"] <= limit and result["best_ratio"] <= limit
 
 
 # -- worker processes --------------------------------------------------------

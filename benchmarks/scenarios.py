@@ -42,7 +42,8 @@ def _warm(bench, backend_name, name):
         "qemu-img create -f qcow2 -o backing_file=BASE,backing_fmt=raw",
         "<= 1.5x floor, <= 1 process", lib, spawned, floors,
         qemu_img_runs=qemu_runs)
-    result["met"] = result["ratio"] <= 1.5 and result["processes"] <= 1
+    result["met"] = (harness.within(result, 1.5)
+                     and result["processes"] <= 1)
     return result
 
 
@@ -75,7 +76,7 @@ def _cold(bench, image_id, name, what, floor_is, floor, limit):
         lambda: bench.clear(base=True), [bench.image(image_id)])
     result = harness.row(name, what, floor_is, "<= %sx floor" % limit, lib,
                          spawned, floors, qemu_img_runs=qemu_runs)
-    result["met"] = result["ratio"] <= limit
+    result["met"] = harness.within(result, limit)
     return result
 
 
@@ -148,7 +149,7 @@ def raw_backend(bench):
         "cp --sparse=always BASE DISK", "<= 1.1x floor, allocated <= base",
         lib, spawned, floors, qemu_img_runs=qemu_runs,
         allocated_bytes=allocated)
-    result["met"] = (result["ratio"] <= 1.1
+    result["met"] = (harness.within(result, 1.1)
                      and allocated["disk"] <= allocated["base"])
     return result
 
@@ -184,7 +185,7 @@ def _concurrent(bench, name, what, floor_is, target, library_jobs,
         cache_misses=max(r["cache_misses"] for r in checks),
         qemu_img_peak_rss_mib=max(r["qemu_img_peak_rss"] for r in lib) / MiB)
     result["spawned"] = sorted(set(result["spawned"]))
-    result["met"] = (result["ratio"] <= limit
+    result["met"] = (harness.within(result, limit)
                      and result["downloads"] == len(images)
                      and result["conversions"] == len(images))
     return result
@@ -298,7 +299,7 @@ def glance_download(bench):
     result["throughput_mib_s"] = size / result["library_s"]["median"] / MiB
     result["floor_throughput_mib_s"] = (
         size / result["floor_s"]["median"] / MiB)
-    result["met"] = result["ratio"] <= 1 / 0.8
+    result["met"] = harness.within(result, 1 / 0.8)
     return result
 
 
