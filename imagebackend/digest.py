@@ -12,8 +12,8 @@ It is what the cache records to notice change and corruption in bytes
 that no image service vouches for: a local image's content and a
 converted base.  XXH3 is not a cryptographic hash, and does not need to
 be there: whoever could craft a collision can already write the image
-directory or ``_base`` itself.  It hashes about 10 GiB/s where SHA-256
-manages 1.3 (with the CPU's SHA instructions), and a cold disk creation
+directory or ``_base`` itself.  It hashes about 9 GiB/s where SHA-256
+manages 1.2 (with the CPU's SHA instructions), and a cold disk creation
 hashes every byte once or twice.  Bytes from Glance are still checked
 against the hash Glance records, whatever its algorithm.
 
