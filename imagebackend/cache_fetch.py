@@ -142,8 +142,9 @@ def fetch(c: "cache.ImageCache", meta, stem: str,
             except OSError as exc:
                 raise exception.DiskOperationError(
                     path=converted, reason="could not read back or flush "
-                    "the conversion of image %s (%s)"
-                    % (meta.image_id, exc)) from exc
+                    "the conversion of image %s (%s); check the filesystem "
+                    "of %s (free space, I/O errors) and retry"
+                    % (meta.image_id, exc, c.base_dir)) from exc
             timings["convert"] = time.monotonic() - start
             source_file, fmt = converted, "raw"
         virtual_size = result.virtual_size
@@ -192,22 +193,20 @@ def _supersede(c, image_id, current) -> None:
                          "superseded by generation %d" % current)
 
 
-def _converts(c, result) -> bool:
-    """Whether a download inspected as ``result`` is converted to raw
-    before it is published.
+def _converts(c, result_or_format) -> bool:
+    """Whether a download inspected as ``result_or_format`` (or of that
+    format) is converted to raw before it is published.
     """
-    return (inspect.qemu_format(result) != "raw"
-            and c.conf.imagebackend.force_raw_images)
+    return (c.conf.imagebackend.force_raw_images
+            and inspect.qemu_format(result_or_format) != "raw")
 
 
 def _published_as_is(c, meta) -> bool:
     """Whether an image will, by its declared format, be published as it
     is downloaded (the inspection decides in the end).
     """
-    if not c.conf.imagebackend.force_raw_images:
-        return True
     try:
-        return inspect.qemu_format(meta.disk_format or "raw") == "raw"
+        return not _converts(c, meta.disk_format or "raw")
     except ValueError:
         return True
 

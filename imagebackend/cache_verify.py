@@ -34,7 +34,8 @@ if typing.TYPE_CHECKING:
 
 LOG = logging.getLogger(__name__)
 
-_HASH_OF_SCHEME = {digest.SPARSE: "xxh3_128", digest.SPARSE_SHA256: "sha256"}
+# The hash under the sparse scheme base_checksum records are written with.
+_SPARSE_HASH = "xxh3_128"
 
 
 def digests(path: str, algos: typing.Sequence[str] = (),
@@ -51,7 +52,7 @@ def digests(path: str, algos: typing.Sequence[str] = (),
 
 def sparse_digest(path: str) -> dict:
     """The ``base_checksum`` record of file ``path``."""
-    return {"algo": _HASH_OF_SCHEME[digest.SPARSE], "scheme": digest.SPARSE,
+    return {"algo": _SPARSE_HASH, "scheme": digest.SPARSE,
             "value": digests(path)["sparse"]}
 
 

@@ -37,10 +37,8 @@ SPARSE = "sparse-64k-xxh3"
 SPARSE_SHA256 = "sparse-64k"
 _SCHEMES = {SPARSE: xxhash.xxh3_128, SPARSE_SHA256: hashlib.sha256}
 BLOCK = fileutils.ZERO_BLOCK
-# Reads of a file's data extents, at most this much at a time; zeros fed
-# to a hash come from the shared buffer that stands for holes.
+# Reads of a file's data extents, at most this much at a time.
 _READ = 4 * 1024 * 1024
-_ZEROS = memoryview(fileutils.HOLE)
 
 
 class SparseDigest:
@@ -79,7 +77,7 @@ class SparseDigest:
         """Account for ``count`` zero bytes without reading them."""
         if self._pending:
             take = min(BLOCK - len(self._pending), count)
-            self.update(_ZEROS[:take])
+            self.update(memoryview(fileutils.HOLE)[:take])
             count -= take
             if self._pending:       # still short of a whole block
                 return
@@ -145,8 +143,5 @@ def _zeros(hashers, count: int) -> None:
         if isinstance(h, SparseDigest):
             h.zeros(count)
             continue
-        left = count
-        while left > 0:
-            n = min(left, _READ)
-            h.update(_ZEROS[:n])
-            left -= n
+        for piece in fileutils.zero_chunks(count):
+            h.update(piece)

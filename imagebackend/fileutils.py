@@ -198,6 +198,17 @@ def read_regions(fd: int, size: int, chunk_size: int):
         yield size - pos, None
 
 
+def zero_chunks(length: int, chunk_size: int = len(HOLE)):
+    """Yield ``length`` zero bytes as views of :data:`HOLE`, at most
+    ``chunk_size`` (and never more than ``HOLE``) at a time.
+    """
+    hole = memoryview(HOLE)
+    while length > 0:
+        piece = hole[:min(chunk_size, length)]
+        yield piece
+        length -= len(piece)
+
+
 def all_zeros(data) -> bool:
     """Whether ``data`` (bytes or a byte memoryview) holds only zeros;
     compared a block at a time with memcmp (``bytes.startswith``), as

@@ -136,7 +136,8 @@ class ImageSource(abc.ABC):
         identity was deferred, given their digest; a source may remember
         it so that the next :meth:`get_meta` need not compute it.
 
-        :param algo: the :mod:`hashlib` algorithm of ``hexdigest``.
+        :param algo: the algorithm of ``hexdigest``, as
+            :func:`imagebackend.digest.new` names it.
         :returns: the identity, or ``None`` when the source cannot tell.
         :raises imagebackend.exception.ImageDownloadError: the image
             changed while it was downloaded.

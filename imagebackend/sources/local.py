@@ -257,9 +257,6 @@ def _identity(st: os.stat_result, hexdigest: str) -> str:
     return "%s:%d:%s" % (content_digest.SPARSE, st.st_size, hexdigest)
 
 
-_HOLE = memoryview(fileutils.HOLE)
-
-
 def _read_chunks(fd: int, chunk_size: int):
     """Yield the bytes of the open file ``fd``, at most ``chunk_size`` at
     a time, and close it.
@@ -276,10 +273,7 @@ def _read_chunks(fd: int, chunk_size: int):
         for length, data in fileutils.read_regions(fd, size, chunk_size):
             if data is not None:
                 yield data
-                continue
-            while length > 0:
-                piece = _HOLE[:min(chunk_size, length)]
-                yield piece
-                length -= len(piece)
+            else:
+                yield from fileutils.zero_chunks(length, chunk_size)
     finally:
         os.close(fd)

@@ -11,6 +11,7 @@ import pytest
 
 from imagebackend import cache
 from imagebackend import cache_fetch
+from imagebackend import cache_verify
 from imagebackend import exception
 from imagebackend import fileutils
 from imagebackend.sources import local
@@ -272,6 +273,19 @@ def test_a_source_refilling_one_buffer_still_caches_its_bytes(
         assert f.read() == data
     assert entry.record["checksum"]["value"] == hashlib.sha512(
         data).hexdigest()
+
+
+def test_a_conversion_that_cannot_be_read_back_leaves_nothing(tmp_path,
+                                                              qemu):
+    c = make_cache(tmp_path, qemu)
+    with mock.patch.object(cache_verify, "sparse_digest", autospec=True,
+                           side_effect=OSError(errno.EIO, "I/O error")):
+        with pytest.raises(exception.DiskOperationError) as info:
+            c.get("qcow2-img")
+    message = str(info.value)
+    assert "qcow2-img" in message and "I/O error" in message
+    assert "retry" in message
+    assert [n for n in os.listdir(c.base_dir) if not n.startswith(".")] == []
 
 
 def test_a_failed_write_is_a_download_error_naming_the_part(tmp_path, qemu):
