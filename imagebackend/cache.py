@@ -9,30 +9,51 @@ Layout (``cache_id = sha1(image_id)``; a *stem* names one generation)::
                                  before the base is renamed into place)
     _base/<stem>_<size>          a sized base for the cached-base backend:
                                  the base grown to <size> bytes (decimal)
+    _base/<stem>_<size>.json     the sized base's own record ("kind":
+                                 "sized", its digest), so it stays
+                                 verifiable after its original is pruned
     _base/<stem>.part            scratch: the download in progress
     _base/<stem>.converted       scratch: the conversion in progress
     _base/<stem>_<size>.part     scratch: a sized base being built
     _base/<name>.corrupt         moved aside by ``cache verify --repair``
-    _base/<name>.refused         moved aside: refused on re-inspection
+    _base/<name>.refused         moved aside by earlier releases
     _base/.disks/<cache_id>/     the disks the library made from the image
+    _base/.generations/<cache_id>/<N>
+                                 one empty file per generation number ever
+                                 claimed; never pruned
+    _base/.sources/              small facts image sources remember
     locks/                       inter-process lock files (beside _base)
 
 Generations: every use compares the source's current identity of the image
 (a content hash, or a hash plus an update time) with the record of the
 newest usable generation.  When they differ, the image is fetched again
-and published under the next free generation number, and the older
-generations are marked stale in their records.  A published base is never
-modified, and never removed while a disk uses it, so existing overlays go
-on reading exactly the bytes they were made from.  A stale base is never
-used for a new disk; ``cache prune`` removes it once nothing uses it.  A
-generation number is reused only after every file of that generation has
-gone (the cache then holds nothing an old disk could still name).
+and published under a new generation number, and the older generations
+are marked stale in their records.  A published base is never modified,
+and never removed while a disk uses it, so existing overlays go on reading
+exactly the bytes they were made from.  A stale base is never used for a
+new disk; ``cache prune`` removes it once nothing uses it.  A generation
+number is never used twice: it is claimed (an exclusive create of
+``.generations/<cache_id>/<N>``, fsynced) before anything of it is
+written, and the claims are never removed, so a disk left naming a pruned
+generation can never find other bytes under that name.
+
+Trust comes from records: a base is used only while its record is valid
+(readable without following a symlink, the fields and types the cache
+writes, a checksum to verify it against).  A base whose record is
+missing or invalid is never re-recorded from its own bytes: it is marked
+stale and the image fetched again as a new generation; ``cache verify``
+reports it unverifiable.  A raw base is never inspected again (its bytes
+are guest data and may look like any format); a non-raw base recorded
+under an older inspection policy is inspected again with its recorded
+format, and one the policy now refuses is marked stale, never moved.
 
 Only the holder of an entry's lock writes its scratch files, so anything
 else the cache finds there is left over from a crash and may be removed.
 The last-used time of a base is the modification time of its metadata
 record, refreshed with ``utime`` on every use (a use never rewrites it);
-that of a sized base is its own modification time.
+that of a sized base is its own modification time.  No symlink is followed
+in ``_base``: records, ``.disks``, ``.sources`` and ``.generations`` are
+opened with ``O_NOFOLLOW`` or checked with ``lstat`` and refused.
 """
 
 import contextlib
@@ -54,7 +75,6 @@ from imagebackend import cache_usage
 from imagebackend import cache_verify
 from imagebackend import exception
 from imagebackend import fileutils
-from imagebackend import inspect
 from imagebackend import qemu_img
 from imagebackend.sources import base as source_base
 
@@ -73,9 +93,10 @@ OPTIONS = [
     cfg.StrOpt("base_dir_name",
                default="_base",
                help="Name of the base-image cache directory inside "
-                    "instances_path. Several compute hosts may share it "
-                    "over a filesystem with working POSIX locks. Default: "
-                    "_base."),
+                    "instances_path: a plain name (no '/', not '.' or "
+                    "'..'), checked before anything is created. Several "
+                    "compute hosts may share it over a filesystem with "
+                    "working POSIX locks. Default: _base."),
     cfg.BoolOpt("force_raw_images",
                 default=True,
                 help="Convert every non-raw image to raw when it is "
@@ -153,6 +174,7 @@ class ImageCache:
         self.source = source
         self.qemu = qemu or qemu_img.QemuImg(conf)
         opts = conf.imagebackend
+        check_base_dir_name(opts.base_dir_name)
         self.instances_path = os.path.abspath(opts.instances_path)
         self.base_dir = os.path.join(self.instances_path, opts.base_dir_name)
         self.lock_dir = os.path.abspath(
@@ -180,6 +202,7 @@ class ImageCache:
         try:
             fileutils.ensure_dir(self.base_dir)
             fileutils.ensure_dir(self.lock_dir)
+            cache_layout.check_private_dirs(self.base_dir)
         except OSError as exc:
             raise exception.CacheError(
                 path=self.base_dir,
@@ -253,20 +276,22 @@ class ImageCache:
         path = self.base_path(stem)
         if not self.check_regular(path):
             return None
-        record = fileutils.read_json(path + ".json")
-        if (not record or record.get("image_id") != image_id
+        # Only a valid record is trusted: one that is missing, a symlink
+        # or of the wrong shape never makes a base usable.
+        record = cache_layout.read_record(path + ".json")
+        if (not cache_layout.valid_record(record)
+                or record["image_id"] != image_id
                 or record.get("stale")
                 or not cache_fetch.same_identity(record, identity)):
             return None
-        inspection = record.get("inspection") or {}
-        if inspection.get("version", 0) < inspect.INSPECTION_VERSION:
+        if cache_fetch.needs_reinspection(record):
             return None
         return self._entry(image_id, stem, record)
 
     def touch(self, entry: CacheEntry) -> None:
         """Record a use of ``entry`` (the record's mtime is last-used)."""
         try:
-            os.utime(entry.path + ".json")
+            os.utime(entry.path + ".json", follow_symlinks=False)
         except FileNotFoundError:
             pass
 
@@ -430,6 +455,20 @@ class ImageCache:
         layout = cache_layout.scan(self.base_dir)
         usage = self.scanner.scan() if layout.bases else None
         return cache_layout.rows(layout, usage.of if usage else None)
+
+
+def check_base_dir_name(name) -> None:
+    """Refuse an ``[imagebackend] base_dir_name`` that is not a plain
+    directory name: the cache must sit directly inside instances_path.
+
+    :raises imagebackend.exception.ConfigurationError: it is not.
+    """
+    if (not isinstance(name, str) or name in ("", ".", "..")
+            or "/" in name or "\0" in name):
+        raise exception.ConfigurationError(
+            reason="[imagebackend] base_dir_name = %r is not a plain "
+                   "directory name; give a name without '/' that is not "
+                   "'.' or '..', such as the default '_base'" % (name,))
 
 
 def _utime_quietly(path: str) -> None:

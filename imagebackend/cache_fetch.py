@@ -75,9 +75,26 @@ def precheck_size(meta, requested_size: int | None) -> None:
                    "bytes" % (known, requested_size, known))
 
 
+def needs_reinspection(record: dict) -> bool:
+    """Whether a valid base record predates the current inspection
+    policy and names a format that is inspected.  A raw base never is:
+    its bytes are an image's guest data (any header in them is data), and
+    qemu-img only ever reads it as raw.
+    """
+    if record.get("format") == "raw":
+        return False
+    inspection = record.get("inspection") or {}
+    return inspection.get("version", 0) < inspect.INSPECTION_VERSION
+
+
 def choose_stem(c: "cache.ImageCache", meta) -> tuple[str, bool]:
-    """A base of the image to re-inspect (its record is missing or from an
-    older inspection policy), or the name of the next generation to fetch.
+    """A base of the image to re-inspect (its valid record is from an
+    older inspection policy and its format is not raw), or the name of a
+    new generation to fetch, claimed durably so it is never used again.
+
+    A base whose record is missing or not valid is never trusted again:
+    it is marked stale here (no new disk uses it, prune removes it once
+    nothing uses it) and a new generation is fetched.
 
     :returns: ``(stem, reinspect)``.
     """
@@ -88,17 +105,32 @@ def choose_stem(c: "cache.ImageCache", meta) -> tuple[str, bool]:
         if "base" not in found[gen] or not c.check_regular(
                 c.base_path(stem)):
             continue
-        record = fileutils.read_json(c.base_path(stem) + ".json")
-        if record is None or (
-                record.get("image_id") == meta.image_id
+        record_path = c.base_path(stem) + ".json"
+        record = cache_layout.read_record(record_path)
+        if not cache_layout.valid_record(record):
+            if not (record or {}).get("stale"):
+                cache_layout.write_stale_record(
+                    record_path, meta.image_id, gen,
+                    "its record was missing or not valid; the image is "
+                    "fetched again")
+            continue
+        if (record["image_id"] == meta.image_id
                 and not record.get("stale")
-                and same_identity(record, meta.identity)):
+                and same_identity(record, meta.identity)
+                and needs_reinspection(record)):
             return stem, True
-    # A generation is taken while its base or any sized base of it is
-    # left: a disk may still name it.
-    taken = [gen for gen, kinds in found.items()
-             if kinds & {"base", "sized"}]
-    return cache_layout.stem(cid, max(taken, default=0) + 1), False
+    # Above every generation that may ever have been published (scratch
+    # alone never was), every one a registered disk names, and every one
+    # ever claimed.
+    floor = max((gen for gen, kinds in found.items()
+                 if kinds - {"scratch"}), default=0)
+    for record in c.scanner.registry.records(cid):
+        name = cache_layout.parse(os.path.basename(
+            str(record.get("base") or "")))
+        if name is not None and name.cid == cid:
+            floor = max(floor, name.generation)
+    gen = cache_layout.claim_generation(c.base_dir, cid, floor + 1)
+    return cache_layout.stem(cid, gen), False
 
 
 def fetch(c: "cache.ImageCache", meta, stem: str,
@@ -355,39 +387,49 @@ def _close_all(*stages, quiet: bool = False) -> None:
 
 
 def reinspect(c: "cache.ImageCache", meta, stem: str) -> dict:
-    """Inspect base ``stem`` again before trusting it (its record is
-    missing or predates the current inspection policy).
+    """Inspect non-raw base ``stem`` again, as the format its record
+    names, before trusting it under the current inspection policy.
 
-    :returns: its new metadata record.
-    :raises imagebackend.exception.UnsafeImage: the policy refuses it; it
-        is renamed to ``<stem>.refused`` so the next use fetches afresh.
+    Nothing is moved: a base the policy now refuses may be in use by
+    disks, which must go on reading it.  It is marked stale instead (no
+    new disk uses it; ``cache prune`` removes it once nothing does).
+
+    :returns: its updated metadata record.
+    :raises imagebackend.exception.UnsafeImage: the policy refuses it.
     """
     base = c.base_path(stem)
-    record = fileutils.read_json(base + ".json") or {}
-    fmt = _declared_base_format(record)
-    if fmt is None and c.conf.imagebackend.force_raw_images:
-        fmt = "raw"
-    LOG.info("Re-inspecting cached base %s of image %s", base,
-             meta.image_id)
+    record = cache_layout.read_record(base + ".json")
+    if not cache_layout.valid_record(record):
+        raise exception.CacheError(
+            path=base, reason="its record changed while it was being "
+                              "re-inspected; retry")
+    if not needs_reinspection(record):
+        return record
+    LOG.info("Re-inspecting cached base %s of image %s as %s", base,
+             meta.image_id, record["format"])
     try:
-        result = inspect.inspect_file(base, meta.image_id, c.conf,
-                                      declared_format=fmt)
-    except exception.UnsafeImage:
-        os.rename(base, base + ".refused")
+        result = inspect.inspect_file(
+            base, meta.image_id, c.conf,
+            declared_format=_declared_base_format(record))
+        if inspect.qemu_format(result) != record["format"]:
+            raise exception.FormatMismatch(
+                image_id=meta.image_id,
+                reason="cached base %s is recorded as %s but inspects as "
+                       "%s" % (base, record["format"], result.format))
+    except exception.UnsafeImage as exc:
+        c.mark_stale(stem, "refused on re-inspection: %s" % exc.message)
+        users = c.scanner.users_of(
+            cache_layout.cache_id(meta.image_id), stem)
+        LOG.warning("Cached base %s of image %s is refused by the current "
+                    "inspection policy; marked stale, left in place for "
+                    "the disks using it (%s)", base, meta.image_id,
+                    ", ".join(users) or "none known")
         raise
-    record.update({
-        "image_id": meta.image_id,
-        "generation": cache_layout.parse(stem).generation,
-        "source": record.get("source", meta.source),
-        "identity": record.get("identity", meta.identity),
-        "format": inspect.qemu_format(result),
-        "virtual_size": result.virtual_size,
-        "inspection": result.to_dict(),
-    })
-    record.setdefault("created_at",
-                      cache_layout.isotime(os.stat(base).st_mtime))
-    fileutils.write_json_atomic(base + ".json", record)
-    return record
+    inspection = dict(result.to_dict(), version=inspect.INSPECTION_VERSION)
+    changes = {"virtual_size": result.virtual_size,
+               "inspection": inspection}
+    return cache_layout.update_record(base + ".json", changes) or dict(
+        record, **changes)
 
 
 def _declared_base_format(record: dict) -> str | None:

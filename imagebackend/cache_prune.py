@@ -6,7 +6,8 @@ in this order:
 1. scratch files (``.part``, ``.converted``) whose lock nobody holds --
    left over from a crash -- and temporary record files older than an hour;
 2. bases nothing uses that are stale (superseded by a newer generation,
-   invalidated, or found corrupt), whatever their age;
+   invalidated, found corrupt, or without a valid record), whatever their
+   age;
 3. bases nothing uses whose last use is older than
    ``remove_unused_original_minimum_age_seconds`` (sized bases:
    ``remove_unused_resized_minimum_age_seconds``), and files moved aside
@@ -14,14 +15,18 @@ in this order:
 4. while the cache is larger than ``max_size`` or its filesystem has less
    than ``min_free_space`` free, more unused bases, least recently used
    first;
-5. records whose base is gone, registry records of deleted disks, and lock
-   files of images no longer cached.
+5. records whose base is gone (a sized base's own record goes with it),
+   registry records of deleted disks, and lock files of images no longer
+   cached.  The claims of generation numbers (``.generations``) are never
+   removed, so a number is never used twice.
 
 A base used by any disk (see :mod:`imagebackend.cache_usage`) is never
-removed.  Every removal happens under the image's fetch lock and its use
-lock, both taken without waiting (a busy image is skipped until the next
-run), after checking again that no disk was made from the base and that it
-was not used since the scan -- so pruning never races ``create_image``.
+removed; what a guest writes in its disk never counts as a use, so it can
+neither pin a base nor stop pruning.  Every removal happens under the
+image's fetch lock and its use lock, both taken without waiting (a busy
+image is skipped until the next run), after checking again that no disk
+was made from the base and that it was not used since the scan -- so
+pruning never races ``create_image``.
 """
 
 import dataclasses
@@ -140,8 +145,7 @@ def expired(files: list, now: float, original_age: int,
     chosen = []
     for f in lru(files):
         if f.stale:
-            chosen.append((f, "stale (%s)" % f.record.get("stale_reason",
-                                                          "marked")))
+            chosen.append((f, "stale (%s)" % f.stale_reason))
             continue
         limit = original_age if f.kind == "base" else resized_age
         age = now - f.last_used
@@ -270,13 +274,24 @@ def _collect(c, layout, report) -> None:
                 cache_remove.drop_record_if_alone(c, cid, stem)
         except cache_locks.Busy:
             pass
+    for sized in layout.sized_records:
+        cache_remove.drop_sized_record_if_alone(c, sized)
     registry = c.scanner.registry
     chains = cache_usage.Chains(c.base_dir)
+    raw = c.scanner.raw_disks()
+
+    def bases_of(path, st):
+        # A disk recorded as raw is never parsed; its record stays while
+        # the disk exists, so the walk never parses it either.
+        if (st.st_dev, st.st_ino) in raw:
+            return {"(a raw disk)"}
+        return chains.bases_of(path, st)
+
     for cid in registry.cids():
         try:
             with cache_remove.exclusive_image(c, cid):
                 report.registry_records_removed += registry.collect(
-                    cid, chains.bases_of)
+                    cid, bases_of)
         except cache_locks.Busy:
             pass
     remaining = cache_layout.scan(c.base_dir).cids()
@@ -321,12 +336,14 @@ def invalidate(c: "cache.ImageCache", image_id: str) -> dict:
                                                           cid).items()):
             stem = cache_layout.stem(cid, gen)
             path = c.base_path(stem) + ".json"
-            if "record" not in kinds and "base" in kinds:
-                # A base without a record would be re-inspected and
-                # trusted again: give it a record that says stale.
-                fileutils.write_json_atomic(path, {"image_id": image_id,
-                                                   "generation": gen})
-            if c.mark_stale(stem, "invalidated"):
+            if "base" in kinds and not cache_layout.valid_record(
+                    cache_layout.read_record(path)):
+                # Never trusted again whatever happens to the record:
+                # give it one that says stale.
+                cache_layout.write_stale_record(path, image_id, gen,
+                                                "invalidated")
+                marked.append(c.base_path(stem))
+            elif c.mark_stale(stem, "invalidated"):
                 marked.append(c.base_path(stem))
     report = PruneReport()
     layout = cache_layout.scan(c.base_dir)

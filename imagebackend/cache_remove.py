@@ -57,6 +57,9 @@ def remove_base(c: "cache.ImageCache", f: cache_layout.CachedFile,
                 report.keep(f, why_not)
                 return False
             os.unlink(f.path)
+            if f.kind == "sized":
+                # Its own record describes these bytes only.
+                fileutils.remove_quietly(f.path + ".json")
             drop_record_if_alone(c, f.cid, f.name.stem)
             fileutils.fsync_dir(c.base_dir)
     except cache_locks.Busy:
@@ -81,7 +84,7 @@ def _still_removable(c, f) -> str | None:
         used_since = st.st_mtime != f.st.st_mtime
     else:
         try:
-            mtime = os.stat(f.path + ".json").st_mtime
+            mtime = os.lstat(f.path + ".json").st_mtime
         except FileNotFoundError:
             mtime = None
         used_since = mtime != f.record_mtime
@@ -101,6 +104,22 @@ def drop_record_if_alone(c, cid, stem) -> None:
     kinds = cache_layout.generations(c.base_dir, cid).get(gen, set())
     if not kinds & {"base", "sized"}:
         fileutils.remove_quietly(c.base_path(stem) + ".json")
+
+
+def drop_sized_record_if_alone(c, sized_name: str) -> None:
+    """Remove the own record of sized base ``sized_name`` if the sized
+    base is gone, unless it is being built (its lock or the image's are
+    held).
+    """
+    name = cache_layout.parse(sized_name)
+    path = c.base_path(sized_name)
+    try:
+        with exclusive_image(c, name.cid), \
+                c.lock(sized_name, blocking=False):
+            if not os.path.lexists(path):
+                fileutils.remove_quietly(path + ".json")
+    except cache_locks.Busy:
+        pass
 
 
 def remove_file(c, path, kind, reason, size, lock_name, report) -> None:

@@ -12,10 +12,22 @@ digest is cheap for sparse files and the same for a raw base and any sized
 base grown from it, which is how raw sized bases are verified.  Non-raw
 bases also go through ``qemu-img check``.
 
-With ``repair``, a corrupt base nothing uses is moved aside (renamed to
-``<name>.corrupt``) and its generation marked stale, so the next use fetches
-the image again; a corrupt base in use is only marked stale (moving it would
-break the disks using it, which are reported).
+A sized base has a record of its own (``<stem>_<size>.json``, kind
+``sized``) with the sparse digest of its bytes, so it stays verifiable
+after its original is pruned; without it, it is checked against its
+original's digest while that is known, and is otherwise unverifiable.
+
+A base without a valid record (missing, not JSON, a symlink, fields of the
+wrong type, no checksum) is ``unverified``: it is never used again (see
+:mod:`imagebackend.cache`).  ``cache verify`` exits non-zero for it as for
+a corrupt one.
+
+With ``repair``, under the image's fetch lock and use lock: a corrupt base
+nothing uses is moved aside (renamed to ``<name>.corrupt``) and its
+generation marked stale, so the next use fetches the image again; a
+corrupt base in use is only marked stale (moving it would break the disks
+using it, which are reported).  An unverifiable base is marked stale and
+never moved.
 """
 
 import logging
@@ -82,9 +94,12 @@ def check_base(c: "cache.ImageCache", f: cache_layout.CachedFile
         status is ``ok``, ``corrupt`` or ``unverified``.
     """
     record = f.record
-    fmt = record.get("format")
-    if not record or not fmt:
-        return "unverified", "it has no metadata record", None
+    if not f.trusted:
+        return ("unverified", "it has no valid metadata record (missing, "
+                "unreadable, a symlink or of the wrong shape), so nothing "
+                "can vouch for its bytes; it is never used again, and "
+                "'cache prune' removes it once no disk uses it", None)
+    fmt = record["format"]
     checksum = record.get("checksum") or {}
     converted = _converted(record)
     algos = [] if converted or not checksum.get("value") else [
@@ -125,26 +140,31 @@ def check_base(c: "cache.ImageCache", f: cache_layout.CachedFile
 
 def check_sized(c: "cache.ImageCache", f: cache_layout.CachedFile,
                 expected: tuple[str, str] | None) -> tuple[str, str]:
-    """Verify sized base ``f`` against its original's sparse digest,
-    ``(scheme, value)``.
+    """Verify sized base ``f`` against the digest in its own record, or
+    else its original's sparse digest ``expected`` (``(scheme, value)``).
     """
-    fmt = f.record.get("format") or "raw"
-    if fmt != "raw":
-        problems = _qemu_check(c, f.path, fmt)
-        return ("corrupt" if problems else "ok"), "; ".join(problems)
-    if expected is None:
-        return "unverified", "its original base could not be verified"
+    own = f.own_record
+    fmt = (own or f.record).get("format") or "raw"
+    if own is not None:
+        expected = (own["digest"]["scheme"], own["digest"]["value"])
+    elif fmt != "raw" or expected is None:
+        return ("unverified", "it has no valid record of its own, and its "
+                "original base's digest is not known; invalidate the image "
+                "to make it again")
     try:
         found = digests(f.path, scheme=expected[0])
     except ValueError:
-        return ("unverified", "its original's record names an unknown "
-                "digest scheme %r" % expected[0])
+        return ("unverified", "its record names an unknown digest scheme "
+                "%r" % expected[0])
     problems = []
     if found["sparse"] != expected[1]:
-        problems.append("its content differs from its original base's")
-    if found["size"] != f.name.size:
+        problems.append("its content differs from what its %s records"
+                        % ("own record" if own is not None
+                           else "original base's record"))
+    if fmt == "raw" and found["size"] != f.name.size:
         problems.append("it is %d bytes long, its name says %d"
                         % (found["size"], f.name.size))
+    problems += _qemu_check(c, f.path, fmt)
     return ("corrupt" if problems else "ok"), "; ".join(problems)
 
 
@@ -184,7 +204,8 @@ def verify(c: "cache.ImageCache", image_ids: list[str] | None = None, *,
             # A raw sized base has its original's sparse digest: the one
             # just verified, or else the one recorded for a converted base.
             expected = (sparse.get(f.name.stem)
-                        or _recorded_sparse(f.record))
+                        or (_recorded_sparse(f.record) if f.trusted
+                            else None))
             status, detail = check_sized(c, f, expected)
         if status == "corrupt":
             LOG.warning("Cached %s %s is corrupt: %s", f.kind, f.path,
@@ -209,9 +230,33 @@ def verify(c: "cache.ImageCache", image_ids: list[str] | None = None, *,
                 users = ["an unknown disk (cannot read %s)"
                          % ", ".join(usage.unreadable)]
             row["action"] = _repair(c, row["_file"], users)
+    if repair:
+        for row in rows:
+            if row["status"] == "unverified" and row.get("_file"):
+                row["action"] = _mark_unverifiable(c, row["_file"])
     for row in rows:
         row.pop("_file", None)
     return rows
+
+
+def _mark_unverifiable(c, f) -> str | None:
+    """Mark the generation of an unverifiable file stale, under the
+    image's locks; nothing is moved.
+    """
+    if f.stale:
+        return None
+    try:
+        with cache_remove.exclusive_image(c, f.cid):
+            record_path = c.base_path(f.name.stem) + ".json"
+            if f.trusted:
+                c.mark_stale(f.name.stem, "unverifiable")
+            else:
+                cache_layout.write_stale_record(
+                    record_path, f.image_id or "", f.generation,
+                    "unverifiable: no valid record")
+    except cache_locks.Busy:
+        return "busy (a disk is being made from it); run again"
+    return "marked stale, left in place; new disks use a fresh copy"
 
 
 def _repair(c, f, users) -> str:

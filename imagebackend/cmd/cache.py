@@ -56,12 +56,14 @@ def add_commands(groups) -> None:
         "verify", help="Check cached bases against their records.",
         description="Re-hash bases (all, or those of the given images) "
                     "against their metadata records and run 'qemu-img "
-                    "check' on non-raw ones. Exits 1 if any is corrupt.")
+                    "check' on non-raw ones. Exits 1 if any is corrupt or "
+                    "cannot be verified (no valid record).")
     verify.add_argument("image_ids", metavar="IMAGE_ID", nargs="*")
     verify.add_argument("--repair", action="store_true",
                         help="Move corrupt bases no disk uses aside and "
-                             "mark corrupt ones stale, so the next use "
-                             "fetches the image again.")
+                             "mark corrupt and unverifiable ones stale, "
+                             "so the next use fetches the image again; a "
+                             "base a disk uses is never moved.")
     output.add_format_argument(verify)
     verify.set_defaults(func=verify_cache, columns=VERIFY_COLUMNS)
 
@@ -145,7 +147,7 @@ def invalidate_image(args, conf):
 def verify_cache(args, conf) -> list[dict]:
     rows = make_cache(conf).verify(args.image_ids or None,
                                    repair=args.repair)
-    if any(row["status"] == "corrupt" for row in rows):
+    if any(row["status"] in ("corrupt", "unverified") for row in rows):
         args.exit_status = 1
     return rows
 

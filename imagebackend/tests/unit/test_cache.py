@@ -2,11 +2,13 @@
 
 import concurrent.futures
 import dataclasses
+import json
 import os
 
 import pytest
 
 from imagebackend import cache
+from imagebackend import cache_layout
 from imagebackend import exception
 from imagebackend import fileutils
 from imagebackend.tests.unit import fakes
@@ -29,8 +31,12 @@ def make_cache(tmp_path, qemu, **kwargs):
 
 
 def base_files(c):
-    return sorted(os.listdir(c.base_dir)) if os.path.isdir(c.base_dir) \
-        else []
+    """The files of ``_base`` but the cache's hidden bookkeeping (the
+    generation claims, which are kept for good).
+    """
+    if not os.path.isdir(c.base_dir):
+        return []
+    return sorted(n for n in os.listdir(c.base_dir) if not n.startswith("."))
 
 
 def test_cache_id_is_sha1_of_the_image_id():
@@ -141,15 +147,46 @@ def test_concurrent_gets_download_once(tmp_path, qemu):
     assert qemu.convert.call_count == 1
 
 
-def test_base_without_record_is_reinspected(tmp_path, qemu):
+@pytest.mark.parametrize("damage", [
+    "missing", "not json", "symlink", "wrong types", "no checksum"])
+def test_base_without_a_valid_record_is_never_trusted_again(
+        tmp_path, qemu, damage):
+    """Whatever happened to its record, a base is not re-recorded from its
+    own bytes and stamped current: it is marked stale and the image is
+    fetched again as a new generation.
+    """
     c, source = make_cache(tmp_path, qemu)
     entry, _ = c.get("raw-img")
-    os.unlink(entry.path + ".json")
+    record_path = entry.path + ".json"
+    good = fileutils.read_json(record_path)
+    os.unlink(record_path)
+    if damage == "not json":
+        with open(record_path, "w") as f:
+            f.write('{"image_id": "raw-img", "format": "ra')
+    elif damage == "symlink":
+        decoy = tmp_path / "decoy.json"
+        decoy.write_text(json.dumps(good))
+        os.symlink(decoy, record_path)
+    elif damage == "wrong types":
+        fileutils.write_json_atomic(record_path, dict(
+            good, virtual_size=str(good["virtual_size"])))
+    elif damage == "no checksum":
+        fileutils.write_json_atomic(record_path, {
+            key: value for key, value in good.items()
+            if key != "checksum"})
+    assert c.lookup("raw-img") is None
     again, hit = c.get("raw-img")
-    assert hit is True
-    assert again.format == "raw"
-    assert os.path.exists(entry.path + ".json")
-    assert source.opened == 1
+    assert (again.generation, hit) == (2, False)
+    assert source.opened == 2
+    assert read(again.path) == RAW
+    old = cache_layout.read_record(record_path)
+    assert old["stale"] is True and "checksum" not in old
+    assert os.path.exists(entry.path)      # a disk may still use it
+    if damage == "symlink":
+        assert json.loads(decoy.read_text()) == good     # not followed
+    rows = {r["generation"]: r for r in c.verify()}
+    assert rows[1]["status"] == "unverified"
+    assert rows[2]["status"] == "ok"
 
 
 def test_list_reports_bases(tmp_path, qemu):
@@ -226,7 +263,7 @@ def test_a_source_without_identity_keeps_using_its_base(tmp_path, qemu):
     assert (entry.generation, hit) == (1, True)
 
 
-def test_a_generation_name_is_reused_only_when_nothing_of_it_is_left(
+def test_a_generation_number_is_never_reused_even_when_all_is_pruned(
         tmp_path, qemu):
     c, source = make_cache(tmp_path, qemu)
     first, _ = c.get("raw-img")
@@ -236,12 +273,32 @@ def test_a_generation_name_is_reused_only_when_nothing_of_it_is_left(
     os.unlink(first.path)
     source.images["raw-img"] = b"other" + RAW[5:]
     entry, _ = c.get("raw-img")
-    assert entry.generation == 2        # the sized base still names gen 1
-    os.unlink(sized)
-    os.unlink(entry.path)
+    assert entry.generation == 2
+    # Every file of both generations goes (as prune would remove them).
+    for name in base_files(c):
+        os.unlink(os.path.join(c.base_dir, name))
     source.images["raw-img"] = RAW
     entry, _ = c.get("raw-img")
-    assert entry.generation == 1
+    assert entry.generation == 3
+    assert base_files(c) == [entry.cache_id, entry.cache_id + ".json"]
+
+
+def test_generation_claims_are_durable_and_never_followed(tmp_path, qemu):
+    c, source = make_cache(tmp_path, qemu)
+    c.get("raw-img")
+    cid = cache.cache_id("raw-img")
+    claims = os.path.join(c.base_dir, ".generations", cid)
+    assert os.listdir(claims) == ["1"]
+    assert cache_layout.claim_generation(c.base_dir, cid, 1) == 2
+    assert sorted(os.listdir(claims)) == ["1", "2"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.rename(claims, str(elsewhere / cid))
+    os.symlink(elsewhere / cid, claims)
+    with pytest.raises(exception.UnsafeCachePath) as err:
+        cache_layout.claim_generation(c.base_dir, cid, 1)
+    assert claims in str(err.value)
+    assert sorted(os.listdir(elsewhere / cid)) == ["1", "2"]
 
 
 def test_invalidate_marks_stale_and_removes_what_nothing_uses(tmp_path,
@@ -253,7 +310,7 @@ def test_invalidate_marks_stale_and_removes_what_nothing_uses(tmp_path,
     assert [r["file"] for r in result["removed"]] == [first.path]
     assert c.lookup("raw-img") is None
     entry, hit = c.get("raw-img")
-    assert (entry.generation, hit) == (1, False)
+    assert (entry.generation, hit) == (2, False)
     assert source.opened == 2
 
 

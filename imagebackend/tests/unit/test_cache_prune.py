@@ -36,6 +36,10 @@ class F:
     def name(self):
         return types.SimpleNamespace(name=self.label)
 
+    @property
+    def stale_reason(self):
+        return self.record.get("stale_reason", "marked")
+
 
 def labels(chosen):
     return [f.label for f, _ in chosen]

@@ -91,16 +91,23 @@ def test_disks_are_found_by_walking_the_instances(tmp_path):
                            CID + "_1048576": [c]}
 
 
-def test_chains_through_intermediate_overlays_and_json_specs(tmp_path):
+def test_only_backing_names_leading_into_base_are_uses(tmp_path):
     t = Tree(tmp_path)
+    # A chain through a file outside the searched directories is not a
+    # use: only the walk (or the registry) finds a disk.
     snap = overlay(os.path.join(t.root, "snapshots", "snap"), t.base())
-    top = overlay(os.path.join(t.instances, "vm1", "disk"), snap)
+    overlay(os.path.join(t.instances, "vm1", "disk"), snap)
     spec = overlay(os.path.join(t.instances, "vm2", "disk"),
                    'json:{"file": {"driver": "file", "filename": "%s"}}'
                    % t.base(CID + "-2"))
+    # The name of a base spelled through another directory is not one.
+    overlay(os.path.join(t.instances, "vm3", "disk"),
+            os.path.join(t.root, "elsewhere", CID))
+    overlay(os.path.join(t.instances, "vm4", "disk"),
+            "nbd://127.0.0.1/_base/" + CID)
     usage = t.scanner().scan()
-    assert usage.of(CID) == [top]
-    assert usage.of(CID + "-2") == [spec]
+    assert usage.users == {CID + "-2": [spec]}
+    assert usage.unreadable == []
 
 
 def test_loops_end_and_symlinked_directories_are_not_followed(tmp_path):
