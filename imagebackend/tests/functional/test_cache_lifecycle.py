@@ -352,13 +352,16 @@ def test_verify_detects_a_flipped_byte_and_repair_moves_it_aside(dep):
 
     again = create(dep, "r.raw", "vm-r", "qcow2")
     assert again.cache_hit is False
+    # A new generation: the name of the one moved aside is never reused.
+    assert again.backing_file == base(dep, "r.raw", 2)
     assert same(raw, "raw", again.path)
     fresh = create(dep, "q.qcow2", "vm-q2", "cached-base")
     assert fresh.cache_hit is False
     assert fresh.backing_file == base(dep, "q.qcow2", 2) + "_%d" % DISK
     assert same(qcow2, "qcow2", fresh.path)
     code, rows = _verify(dep, "r.raw")
-    assert code == 0 and list(rows) == [os.path.basename(r_base)]
+    assert code == 0
+    assert list(rows) == [os.path.basename(base(dep, "r.raw", 2))]
 
 
 def test_invalidate_makes_the_next_create_fetch_again(dep):
@@ -384,7 +387,9 @@ def test_invalidate_makes_the_next_create_fetch_again(dep):
     assert same(qcow2, "qcow2", old.path)
     h = create(dep, "h.raw", "vm-h")
     assert h.cache_hit is False
-    assert h.backing_file == base(dep, "h.raw")
+    # Generation numbers are never reused, even once nothing of one is
+    # left.
+    assert h.backing_file == base(dep, "h.raw", 2)
     assert same(raw, "raw", h.path)
 
 
