@@ -243,8 +243,8 @@ def _mark_unverifiable(c, f) -> str | None:
     """Mark the generation of an unverifiable file stale, under the
     image's locks; nothing is moved.
     """
-    if f.stale:
-        return None
+    if f.record.get("stale"):
+        return None     # already never used again
     try:
         with cache_remove.exclusive_image(c, f.cid):
             record_path = c.base_path(f.name.stem) + ".json"

@@ -4,6 +4,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+from unittest import mock
 
 import pytest
 
@@ -11,6 +12,7 @@ from imagebackend import cache
 from imagebackend import cache_layout
 from imagebackend import exception
 from imagebackend import fileutils
+from imagebackend import inspect
 from imagebackend.tests.unit import fakes
 
 MiB = fakes.MiB
@@ -372,3 +374,103 @@ def test_unconverted_iso_base_survives_reinspection(tmp_path, qemu):
     assert hit is True
     assert again.record["inspection"]["format"] == "iso"
     assert os.path.exists(entry.path)
+
+
+# -- inspection-version bumps ---------------------------------------------
+
+def _guest_header_converter(source, source_fmt, target, target_fmt,
+                            **kwargs):
+    # The guest's data starts with a qcow2 header naming a host file.
+    header = bytearray(fakes.qcow2_header(MiB))
+    name = b"/etc/shadow"
+    header[8:16] = (512).to_bytes(8, "big")
+    header[16:20] = len(name).to_bytes(4, "big")
+    with open(target, "wb") as f:
+        f.write(bytes(header) + name)
+        f.truncate(8 * MiB)
+
+
+def test_a_raw_base_is_never_reinspected_after_a_policy_bump(
+        tmp_path, qemu, monkeypatch):
+    qemu.convert.side_effect = _guest_header_converter
+    c, source = make_cache(tmp_path, qemu)
+    entry, _ = c.get("qcow2-img")
+    assert entry.format == "raw"
+    assert read(entry.path).startswith(b"QFI\xfb")
+    before = read(entry.path + ".json")
+    monkeypatch.setattr(inspect, "INSPECTION_VERSION",
+                        inspect.INSPECTION_VERSION + 1)
+    with mock.patch.object(inspect, "inspect_file",
+                           autospec=True) as inspect_file:
+        again, hit = c.get("qcow2-img")
+    inspect_file.assert_not_called()
+    assert (again.path, hit) == (entry.path, True)
+    assert read(entry.path + ".json") == before
+    assert base_files(c) == [entry.cache_id, entry.cache_id + ".json"]
+    assert source.opened == 1
+
+
+def test_a_non_raw_base_is_reinspected_as_its_recorded_format(
+        tmp_path, qemu, monkeypatch):
+    c, source = make_cache(tmp_path, qemu)
+    c.conf.set_override("force_raw_images", False, group="imagebackend")
+    entry, _ = c.get("qcow2-img")
+    assert entry.format == "qcow2"
+    monkeypatch.setattr(inspect, "INSPECTION_VERSION",
+                        inspect.INSPECTION_VERSION + 1)
+    real = inspect.inspect_file
+    with mock.patch.object(inspect, "inspect_file", autospec=True,
+                           side_effect=real) as inspect_file:
+        again, hit = c.get("qcow2-img")
+        assert inspect_file.call_args.kwargs["declared_format"] == "qcow2"
+        assert (again.path, hit) == (entry.path, True)
+        assert again.record["inspection"]["version"] == (
+            inspect.INSPECTION_VERSION)
+        c.get("qcow2-img")
+        assert inspect_file.call_count == 1     # recorded as current
+    assert again.record["checksum"] == entry.record["checksum"]
+
+
+def test_a_refused_base_is_marked_stale_and_left_for_its_disks(
+        tmp_path, qemu, monkeypatch):
+    c, source = make_cache(tmp_path, qemu)
+    c.conf.set_override("force_raw_images", False, group="imagebackend")
+    entry, _ = c.get("qcow2-img")
+    monkeypatch.setattr(inspect, "INSPECTION_VERSION",
+                        inspect.INSPECTION_VERSION + 1)
+    refusal = exception.UnsupportedFeature(image_id="qcow2-img",
+                                           reason="new rule")
+    with mock.patch.object(inspect, "inspect_file", autospec=True,
+                           side_effect=refusal):
+        with pytest.raises(exception.UnsupportedFeature):
+            c.get("qcow2-img")
+    assert base_files(c) == [entry.cache_id, entry.cache_id + ".json"]
+    record = cache_layout.read_record(entry.path + ".json")
+    assert record["stale"] is True
+    assert "new rule" in record["stale_reason"]
+    assert c.lookup("qcow2-img") is None
+
+
+# -- configuration --------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../../x", "a/b", "/abs",
+                                  "a\0b"])
+def test_base_dir_name_must_be_a_plain_name(tmp_path, qemu, name):
+    conf = fakes.conf(tmp_path, base_dir_name=name)
+    with pytest.raises(exception.ConfigurationError) as err:
+        cache.ImageCache(conf, None, qemu)
+    assert "[imagebackend] base_dir_name = %r" % name in str(err.value)
+    assert not os.path.exists(tmp_path / "instances")
+
+
+@pytest.mark.parametrize("private", [".disks", ".sources", ".generations"])
+def test_a_symlinked_private_directory_is_refused(tmp_path, qemu, private):
+    c, source = make_cache(tmp_path, qemu)
+    os.makedirs(c.base_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, os.path.join(c.base_dir, private))
+    with pytest.raises(exception.UnsafeCachePath) as err:
+        c.get("raw-img")
+    assert os.path.join(c.base_dir, private) in str(err.value)
+    assert os.listdir(elsewhere) == []

@@ -3,10 +3,12 @@ directory walks, backing chains and the registry of created disks.
 """
 
 import os
+from unittest import mock
 
 import pytest
 
 from imagebackend import cache_usage
+from imagebackend import fileutils
 from imagebackend.tests.unit import fakes
 
 MiB = 1024 * 1024
@@ -164,3 +166,123 @@ def test_collect_removes_only_this_hosts_records_of_unused_disks(tmp_path):
     assert registry.collect(CID, chains.bases_of) == 2
     left = sorted(r["disk"] for r in registry.records(CID))
     assert left == sorted([live, "/other/disk"])
+
+
+def record(t, disk_path, **fields):
+    """Write a registry record of ``disk_path`` as the registry lays it
+    out (``fields`` may override ``disk`` with a wrong type).
+    """
+    disk = disk_path
+    scanner = t.scanner()
+    path = scanner.registry._path(CID, disk)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = {"disk": disk, "base": t.base(), "image_id": "img",
+            "host": scanner.registry.host, "created_at": 0}
+    data.update(fields)
+    fileutils.write_json_atomic(path, data)
+    return path
+
+
+def test_a_disk_recorded_raw_is_never_parsed_and_uses_nothing(tmp_path):
+    t = Tree(tmp_path)
+    raw = overlay(os.path.join(t.instances, "vm1", "disk"), t.base())
+    record(t, raw, format="raw")
+    with mock.patch.object(cache_usage, "read_backing_file",
+                           autospec=True) as read:
+        usage = t.scanner().scan()
+        assert t.scanner().users_of(CID, CID) == []
+    read.assert_not_called()
+    assert usage.users == {}
+    # Recorded qcow2 (or by an earlier release, without a format): used.
+    record(t, raw, format="qcow2")
+    assert t.scanner().scan().users == {CID: [raw]}
+    record(t, raw)
+    assert t.scanner().scan().users == {CID: [raw]}
+
+
+def test_a_create_in_progress_uses_its_base_through_its_temp_file(
+        tmp_path):
+    t = Tree(tmp_path)
+    disk = os.path.join(t.root, "elsewhere", "disk")
+    tmp = overlay(disk + ".tmp-1234", "not-read")
+    record(t, disk, format="qcow2", tmp=tmp, base=t.base(CID + "-2"))
+    usage = t.scanner().scan()
+    assert usage.users == {CID + "-2": [tmp]}
+    assert t.scanner().users_of(CID, CID + "-2") == [tmp]
+    os.unlink(tmp)
+    assert t.scanner().scan().users == {}
+    # A raw create in progress uses nothing.
+    overlay(tmp, "not-read")
+    record(t, disk, format="raw", tmp=tmp)
+    assert t.scanner().scan().users == {}
+
+
+@pytest.mark.parametrize("fields", [
+    {"disk": 7}, {"format": ["qcow2"]}, {"tmp": 3, "disk": "/gone"},
+    {"base": {"x": 1}, "disk": "/gone", "host": "other"}])
+def test_records_of_the_wrong_shape_count_as_nothing(tmp_path, fields):
+    t = Tree(tmp_path)
+    record(t, "/some/disk", **fields)
+    usage = t.scanner().scan()
+    assert (usage.users, usage.unreadable) == ({}, [])
+
+
+def test_an_unreadable_registered_disk_uses_its_recorded_base(tmp_path):
+    t = Tree(tmp_path)
+    disk = overlay(os.path.join(t.root, "elsewhere", "disk"), t.base())
+    record(t, disk, format="qcow2")
+    with mock.patch.object(cache_usage, "read_backing_file", autospec=True,
+                           side_effect=PermissionError(13, "denied")):
+        usage = t.scanner().scan()
+    assert usage.users == {CID: [disk]}
+    assert usage.unreadable == []
+
+
+@pytest.mark.parametrize("name", [
+    "/dev/zero", "fifo", "link", "/proc/self/mem", "/", "../vm2/disk",
+    "nbd://localhost:10809/" + CID])
+def test_planted_backing_names_are_no_use_and_never_unreadable(
+        tmp_path, name):
+    t = Tree(tmp_path)
+    fifo = os.path.join(t.root, "fifo")
+    os.mkfifo(fifo)
+    real = os.path.join(t.root, "real")
+    overlay(real, t.base())
+    os.symlink(real, os.path.join(t.root, "link"))
+    overlay(os.path.join(t.instances, "vm2", "disk"), "/dev/zero")
+    planted = {"fifo": fifo, "link": os.path.join(t.root, "link")}
+    name = planted.get(name, name)
+    overlay(os.path.join(t.instances, "vm1", "disk"), name)
+    usage = t.scanner().scan()
+    assert (usage.users, usage.unreadable) == ({}, [])
+
+
+def test_the_header_of_a_special_file_is_never_read(tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    # Open for writing too, so a blocking open would not block: the
+    # point is that nothing is read from it.
+    keep = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        os.write(keep, fakes.qcow2_header(MiB))
+        assert cache_usage.read_backing_file(fifo) is None
+    finally:
+        os.close(keep)
+    path = overlay(str(tmp_path / "disk"), "b")
+    other = os.lstat(fifo)
+    assert cache_usage.read_backing_file(path, other) is None
+    assert cache_usage.read_backing_file(path, os.lstat(path)) == "b"
+
+
+def test_a_symlinked_registry_directory_is_refused_not_followed(tmp_path):
+    t = Tree(tmp_path)
+    elsewhere = os.path.join(t.root, "elsewhere")
+    disk = overlay(os.path.join(t.root, "vm", "disk"), t.base())
+    record(t, disk)
+    os.rename(os.path.join(t.base_dir, ".disks"), elsewhere)
+    os.symlink(elsewhere, os.path.join(t.base_dir, ".disks"))
+    usage = t.scanner().scan()
+    assert usage.users == {}
+    # Nothing may be removed while the registry cannot be trusted.
+    assert usage.unreadable == [os.path.join(t.base_dir, ".disks")]
+    assert t.scanner().users_of(CID, CID) != []

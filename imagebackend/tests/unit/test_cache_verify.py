@@ -1,8 +1,12 @@
 """Digests of cached bases: whole-stream and sparse."""
 
 import hashlib
+import os
+
+import pytest
 
 from imagebackend import cache
+from imagebackend import cache_layout
 from imagebackend import cache_verify
 from imagebackend import fileutils
 from imagebackend.tests.unit import fakes
@@ -85,3 +89,89 @@ def test_records_of_the_sha256_scheme_are_still_verified(tmp_path):
         rows = {r["kind"]: r for r in cache_verify.verify(c)}
         assert rows["sized" if path == sized else "base"][
             "status"] == "corrupt", rows
+
+
+def sized_record(c, sized, image_id, stem, size, /, **changes):
+    record = {"kind": "sized", "image_id": image_id, "base": stem,
+              "size": size, "format": "raw",
+              "digest": {"scheme": "sparse-64k-xxh3",
+                         "value": cache_verify.digests(sized)["sparse"]},
+              "created_at": "2026-01-01T00:00:00+00:00"}
+    record.update(changes)
+    fileutils.write_json_atomic(sized + ".json", record)
+
+
+def raw_cache(tmp_path):
+    conf = fakes.conf(tmp_path)
+    return cache.ImageCache(conf, fakes.FakeSource(
+        conf, images={"img": fakes.RAW_IMAGE}), fakes.qemu())
+
+
+def test_a_sized_base_verifies_against_its_own_record(tmp_path):
+    c = raw_cache(tmp_path)
+    entry, _ = c.get("img")
+    size = len(fakes.RAW_IMAGE) + MiB
+    sized = c.sized_path(entry.cache_id, size)
+    write(sized, size, {0: fakes.RAW_IMAGE})
+    # An unconverted raw base records only the download's hash: once it
+    # is gone, only the sized base's own record can vouch for it.
+    os.unlink(entry.path)
+    rows = cache_verify.verify(c)
+    assert [(r["kind"], r["status"]) for r in rows] == [
+        ("sized", "unverified")]
+    sized_record(c, sized, "img", entry.cache_id, size)
+    assert [r["status"] for r in cache_verify.verify(c)] == ["ok"]
+    assert [(r["kind"], r["image_id"]) for r in c.list()] == [
+        ("sized", "img")]
+    with open(sized, "r+b") as f:
+        f.seek(len(fakes.RAW_IMAGE) + 10)
+        f.write(b"\x01")
+    assert [r["status"] for r in cache_verify.verify(c)] == ["corrupt"]
+
+
+@pytest.mark.parametrize("changes", [
+    {"kind": "base"}, {"size": 5}, {"base": "f" * 40}, {"digest": "x"},
+    {"image_id": None}])
+def test_a_sized_record_that_does_not_describe_its_base_is_ignored(
+        tmp_path, changes):
+    c = raw_cache(tmp_path)
+    entry, _ = c.get("img")
+    size = len(fakes.RAW_IMAGE) + MiB
+    sized = c.sized_path(entry.cache_id, size)
+    write(sized, size, {0: fakes.RAW_IMAGE})
+    sized_record(c, sized, "img", entry.cache_id, size, **changes)
+    os.unlink(entry.path)
+    assert [r["status"] for r in cache_verify.verify(c)] == ["unverified"]
+
+
+def test_prune_removes_a_sized_base_with_its_record(tmp_path):
+    c = raw_cache(tmp_path)
+    c.conf.set_override("remove_unused_resized_minimum_age_seconds", 0,
+                        group="image_cache")
+    entry, _ = c.get("img")
+    size = len(fakes.RAW_IMAGE) + MiB
+    sized = c.sized_path(entry.cache_id, size)
+    write(sized, size, {0: fakes.RAW_IMAGE})
+    sized_record(c, sized, "img", entry.cache_id, size)
+    assert [r["file"] for r in c.prune().removed] == [sized]
+    assert not os.path.exists(sized + ".json")
+    assert os.path.exists(entry.path + ".json")
+    # A record left alone (a crash after the base went) goes too.
+    fileutils.write_json_atomic(sized + ".json", {"kind": "sized"})
+    c.prune()
+    assert not os.path.exists(sized + ".json")
+
+
+def test_repair_marks_an_unverifiable_base_stale_and_never_moves_it(
+        tmp_path):
+    c = raw_cache(tmp_path)
+    entry, _ = c.get("img")
+    os.unlink(entry.path + ".json")
+    rows = cache_verify.verify(c, repair=True)
+    assert [(r["status"], r["action"]) for r in rows] == [
+        ("unverified", "marked stale, left in place; new disks use a "
+                       "fresh copy")]
+    assert os.path.exists(entry.path)
+    assert cache_layout.read_record(entry.path + ".json")["stale"] is True
+    assert [r["action"] for r in cache_verify.verify(c, repair=True)] == [
+        None]
