@@ -100,12 +100,27 @@ def write_json_atomic(path: str, data: dict, *, durable: bool = True) -> None:
 
 
 def read_json(path: str) -> dict | None:
-    """Read a JSON record; ``None`` if it is missing or unreadable."""
+    """Read a JSON record; ``None`` if it is missing or unreadable.
+
+    Records live where only the library writes, so a symlink or anything
+    but a regular file there is ignored, never followed or opened in a
+    way that could block (a FIFO).
+    """
     try:
-        with open(path, "rb") as f:
-            data = json.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        LOG.warning("Ignoring unreadable metadata record %s: %s", path, exc)
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                LOG.warning("Ignoring metadata record %s: not a regular "
+                            "file", path)
+                return None
+            data = json.load(f)
     except (OSError, ValueError) as exc:
         LOG.warning("Ignoring unreadable metadata record %s: %s", path, exc)
         return None

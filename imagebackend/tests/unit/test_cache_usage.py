@@ -286,3 +286,16 @@ def test_a_symlinked_registry_directory_is_refused_not_followed(tmp_path):
     # Nothing may be removed while the registry cannot be trusted.
     assert usage.unreadable == [os.path.join(t.base_dir, ".disks")]
     assert t.scanner().users_of(CID, CID) != []
+
+
+def test_registry_records_are_never_followed_or_blocked_on(tmp_path):
+    t = Tree(tmp_path)
+    disk = overlay(os.path.join(t.root, "vm", "disk"), t.base())
+    path = record(t, disk)
+    os.rename(path, os.path.join(t.root, "moved.json"))
+    os.symlink(os.path.join(t.root, "moved.json"), path)
+    fifo = os.path.join(os.path.dirname(path), "f" * 40 + ".json")
+    os.mkfifo(fifo)
+    usage = t.scanner().scan()      # would block on the FIFO if opened
+    assert usage.users == {}
+    assert t.scanner().users_of(CID, CID) == []
