@@ -109,10 +109,17 @@ def choose_stem(c: "cache.ImageCache", meta) -> tuple[str, bool]:
         record = cache_layout.read_record(record_path)
         if not cache_layout.valid_record(record):
             if not (record or {}).get("stale"):
-                cache_layout.write_stale_record(
-                    record_path, meta.image_id, gen,
-                    "its record was missing or not valid; the image is "
-                    "fetched again")
+                try:
+                    cache_layout.write_stale_record(
+                        record_path, meta.image_id, gen,
+                        "its record was missing or not valid; the image "
+                        "is fetched again")
+                except OSError as exc:
+                    raise exception.CacheError(
+                        path=record_path,
+                        reason="cannot mark the base %s, which has no "
+                               "valid record, stale (%s); remove what is "
+                               "at this path by hand" % (stem, exc)) from exc
             continue
         if (record["image_id"] == meta.image_id
                 and not record.get("stale")
@@ -129,7 +136,14 @@ def choose_stem(c: "cache.ImageCache", meta) -> tuple[str, bool]:
             str(record.get("base") or "")))
         if name is not None and name.cid == cid:
             floor = max(floor, name.generation)
-    gen = cache_layout.claim_generation(c.base_dir, cid, floor + 1)
+    try:
+        gen = cache_layout.claim_generation(c.base_dir, cid, floor + 1)
+    except OSError as exc:
+        raise exception.CacheError(
+            path=os.path.join(c.base_dir, cache_layout.GENERATIONS_DIR),
+            reason="cannot claim a generation number for image %s (%s); "
+                   "check the free space and permissions of the cache "
+                   "directory" % (meta.image_id, exc)) from exc
     return cache_layout.stem(cid, gen), False
 
 

@@ -474,3 +474,28 @@ def test_a_symlinked_private_directory_is_refused(tmp_path, qemu, private):
         c.get("raw-img")
     assert os.path.join(c.base_dir, private) in str(err.value)
     assert os.listdir(elsewhere) == []
+
+
+def test_a_failed_generation_claim_is_a_cache_error(tmp_path, qemu):
+    c, source = make_cache(tmp_path, qemu)
+    c.ensure_dirs()
+    # A file where the claims directory belongs.
+    (tmp_path / "instances" / "_base" / ".generations").write_text("x")
+    c._dirs_ready = True
+    with pytest.raises(exception.UnsafeCachePath) as err:
+        c.get("raw-img")
+    assert ".generations" in str(err.value)
+    assert base_files(c) == []
+    os.unlink(tmp_path / "instances" / "_base" / ".generations")
+    real_mkdir = os.mkdir
+
+    def full(path, mode=0o777, *, dir_fd=None):
+        if dir_fd is not None:      # the claims directory, not the locks
+            raise OSError(28, "No space left")
+        return real_mkdir(path, mode)
+    with mock.patch.object(os, "mkdir", autospec=True, side_effect=full):
+        with pytest.raises(exception.CacheError) as err:
+            c.get("raw-img")
+    assert "No space left" in str(err.value)
+    assert base_files(c) == []
+    assert source.opened == 0
