@@ -12,7 +12,9 @@ from imagebackend import cache
 from imagebackend import cache_layout
 from imagebackend import cache_prune
 from imagebackend import cache_remove
+from imagebackend import cache_usage
 from imagebackend import exception
+from imagebackend import fileutils
 from imagebackend import qemu_img
 from imagebackend.tests.unit import fakes
 from imagebackend.tests.unit import test_cache_usage
@@ -200,3 +202,27 @@ def test_nothing_is_removed_while_a_disk_directory_is_missing(c, tmp_path):
     assert c2.invalidate("img")["removed"] == []
     os.mkdir(tmp_path / "unmounted")
     assert [r["file"] for r in c2.prune().removed] == [entry.path]
+
+
+def test_the_record_of_an_existing_raw_disk_is_kept_and_never_parsed(c):
+    entry, _ = c.get("img")
+    cid = cache.cache_id("img")
+    disk = os.path.join(c.instances_path, "vm", "disk")
+    os.makedirs(os.path.dirname(disk))
+    with open(disk, "wb") as f:
+        f.write(b"\0" * MiB)        # a raw disk: no header at all
+    registry = c.scanner.registry
+    path = registry._path(cid, disk)
+    os.makedirs(os.path.dirname(path))
+    fileutils.write_json_atomic(path, {
+        "disk": disk, "base": entry.path, "image_id": "img",
+        "format": "raw", "host": registry.host, "created_at": 0})
+    with mock.patch.object(cache_usage, "read_backing_file",
+                           autospec=True) as read:
+        report = c.prune()
+    read.assert_not_called()
+    assert report.registry_records_removed == 0
+    assert os.path.exists(path)
+    os.unlink(disk)
+    assert c.prune().registry_records_removed == 1
+    assert not os.path.exists(path)
