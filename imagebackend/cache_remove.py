@@ -10,6 +10,7 @@ used since, and that no disk made since the scan uses it.
 import contextlib
 import logging
 import os
+import stat
 import typing
 
 from imagebackend import cache_layout
@@ -83,10 +84,13 @@ def _still_removable(c, f) -> str | None:
     if f.kind == "sized":
         used_since = st.st_mtime != f.st.st_mtime
     else:
+        # As the scan saw it: only a regular file is a record.
         try:
-            mtime = os.lstat(f.path + ".json").st_mtime
+            st_record = os.lstat(f.path + ".json")
         except FileNotFoundError:
-            mtime = None
+            st_record = None
+        mtime = (st_record.st_mtime if st_record is not None
+                 and stat.S_ISREG(st_record.st_mode) else None)
         used_since = mtime != f.record_mtime
     if used_since:
         return "used since the scan"

@@ -226,3 +226,21 @@ def test_the_record_of_an_existing_raw_disk_is_kept_and_never_parsed(c):
     os.unlink(disk)
     assert c.prune().registry_records_removed == 1
     assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("damage", ["missing", "symlink", "not json"])
+def test_a_base_without_a_valid_record_goes_once_nothing_uses_it(
+        c, tmp_path, damage):
+    entry, _ = c.get("img")
+    record = entry.path + ".json"
+    os.unlink(record)
+    if damage == "symlink":
+        (tmp_path / "decoy.json").write_text("{}")
+        os.symlink(tmp_path / "decoy.json", record)
+    elif damage == "not json":
+        with open(record, "w") as f:
+            f.write("{")
+    report = c.prune()      # whatever its age
+    assert [(r["file"], r["reason"]) for r in report.removed] == [
+        (entry.path, "stale (it has no valid record)")]
+    assert (tmp_path / "decoy.json").exists() == (damage == "symlink")
