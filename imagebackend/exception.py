@@ -7,9 +7,40 @@ caller may catch either (``except ValueError`` catches
 they are wrapped in one of these with the original chained as ``__cause__``.
 
 Each class carries a message template, ``msg_fmt``, filled from the keyword
-arguments given to the constructor; the arguments stay available as
-attributes (``exc.image_id``) and in ``exc.kwargs``.
+arguments given to the constructor; the arguments stay available, exactly
+as given, as attributes (``exc.image_id``) and in ``exc.kwargs``.  The
+message shows each text argument through
+:func:`imagebackend.textutils.printable` (escaped, on one line, bounded), so
+an image id, a server's error body or a file name can never forge a line
+of output or rewrite a terminal.
 """
+
+import os
+
+from imagebackend import textutils
+
+
+class _Shown(str):
+    """An argument made printable; ``%r`` quotes it without escaping it a
+    second time.
+    """
+
+    def __repr__(self) -> str:
+        return textutils.quote(self)
+
+
+def _shown(value):
+    """``value`` as it may appear in a message: text escaped and bounded,
+    other values (numbers, None, lists: their repr escapes) as they are.
+    """
+    if isinstance(value, ImageBackendException):
+        return _Shown(value.message)    # escaped already
+    if isinstance(value, (str, bytes, bytearray)):
+        return _Shown(textutils.printable(value, textutils.MESSAGE_LIMIT))
+    if isinstance(value, (BaseException, os.PathLike)):
+        text = os.fspath(value) if isinstance(value, os.PathLike) else value
+        return _Shown(textutils.printable(text, textutils.MESSAGE_LIMIT))
+    return value
 
 
 class ImageBackendException(Exception):
@@ -22,12 +53,15 @@ class ImageBackendException(Exception):
         for key, value in kwargs.items():
             setattr(self, key, value)
         if message is None:
+            shown = {key: _shown(value) for key, value in kwargs.items()}
             try:
-                message = self.msg_fmt % kwargs
+                message = self.msg_fmt % shown
             except (KeyError, TypeError, ValueError):
                 # A template that cannot be filled must not hide the error
                 # it describes: fall back to the raw template and the args.
-                message = "%s (%s)" % (self.msg_fmt, kwargs)
+                message = "%s (%s)" % (self.msg_fmt, shown)
+        else:
+            message = textutils.printable(message, textutils.MESSAGE_LIMIT)
         self.message = message
         super().__init__(message)
 
@@ -234,3 +268,20 @@ class SnapshotNotFound(DiskOperationError, LookupError):
     msg_fmt = ("Disk %(path)s has no snapshot %(name)r (its snapshots: "
                "%(names)s); list them with 'imagebackend disk snapshot "
                "list'.")
+
+
+class ConfigValueError(ConfigurationError):
+    """An option whose value cannot be read: a ``$reference`` to no option,
+    or a value of the wrong type.
+    """
+
+    msg_fmt = ("Invalid configuration: option [%(group)s] %(option)s%(where)s"
+               ": %(reason)s; correct it%(fix_where)s.")
+
+    def __init__(self, message=None, **kwargs):
+        files = kwargs.get("files") or []
+        kwargs.setdefault("where", " (set in %s)" % ", ".join(files)
+                          if files else " (not from a config file)")
+        kwargs.setdefault("fix_where", " there" if files else
+                          " by setting it in a config file")
+        super().__init__(message, **kwargs)
