@@ -126,6 +126,8 @@ def _main(argv) -> int:
     except (BrokenPipeError, KeyboardInterrupt):
         raise
     except exception.ImageBackendException as exc:
+        if isinstance(exc.__cause__, cfg.Error):
+            exc = _config_error(conf, exc)
         return _fail(args, exc)
     except cfg.Error as exc:
         # An option read part-way through the command (those of the image
