@@ -24,6 +24,8 @@ import sys
 
 import pytest
 
+from imagebackend.backends import base as backends_base
+from imagebackend import exception
 from imagebackend.tests.functional import env as fenv
 
 FORGED = "evil\nimagebackend: error: forged\x1b[2J\x1b]0;pwned\x07"
@@ -71,7 +73,7 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-# -- a reader that goes away ----------------------------------------------
+# -- a reader that goes away ------------------------------------------------
 
 @pytest.mark.parametrize("argv", [
     ["cache", "list"],
@@ -139,7 +141,7 @@ def test_a_bad_config_value_names_the_option_and_the_file(dep, section,
     assert state(dep) == before
 
 
-# -- image ids ----------------------------------------------------------------
+# -- image ids --------------------------------------------------------------
 
 @pytest.mark.parametrize("image_id, shown", [
     (b"guest.qcow2\n", "'guest.qcow2\\n'"),
@@ -174,9 +176,6 @@ def test_an_unusable_image_id_is_one_line_and_changes_nothing(
 
 
 def test_a_non_utf8_id_through_the_python_api_changes_nothing(dep):
-    from imagebackend.backends import base as backends_base
-    from imagebackend import exception
-
     backend = backends_base.load(dep.conf())
     before = state(dep)
     with pytest.raises(exception.InvalidImageId) as err:
@@ -185,14 +184,14 @@ def test_a_non_utf8_id_through_the_python_api_changes_nothing(dep):
     assert state(dep) == before
 
 
-# -- text output --------------------------------------------------------------
+# -- text output ------------------------------------------------------------
 
 def forge_record(dep, image_id):
     """Rewrite the record of the cached base so that it names
     ``image_id``: what another host or version sharing ``_base`` could
     have written, or an image service's id shown as it came.
     """
-    records = [p for p in glob.glob(os.path.join(dep.base_dir, "*.json"))]
+    records = glob.glob(os.path.join(dep.base_dir, "*.json"))
     assert len(records) == 1
     with open(records[0]) as f:
         record = json.load(f)
@@ -254,7 +253,7 @@ def test_log_lines_cannot_be_forged_by_a_path(dep):
     assert any("vm\\nERROR forged: line" in line for line in lines)
 
 
-# -- sizes ---------------------------------------------------------------------
+# -- sizes ------------------------------------------------------------------
 
 def test_a_size_that_is_not_whole_sectors_is_refused(dep):
     target = os.path.join(dep.instances, "vm1", "disk")

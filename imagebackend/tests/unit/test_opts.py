@@ -1,7 +1,6 @@
 import os
 
 from keystoneauth1 import loading as ks_loading
-from oslo_config import cfg
 from oslo_config import generator
 import pytest
 

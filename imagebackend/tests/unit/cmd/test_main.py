@@ -36,8 +36,8 @@ def config(tmp_path):
     (["disk", "create", "img", "/t", "--size", "100"], 512, None),
     (["disk", "resize", "/t", "1025"], 1536, 1024),
 ])
-def test_a_size_that_is_not_whole_sectors_is_refused(argv, up, down,
-                                                      capsys):
+def test_a_size_that_is_not_whole_sectors_is_refused(
+        argv, up, down, capsys):
     with pytest.raises(SystemExit) as exit_:
         main.main(argv)
     assert exit_.value.code == 2
