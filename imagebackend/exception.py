@@ -20,26 +20,28 @@ import os
 from imagebackend import textutils
 
 
-class _Shown(str):
+class _Shown(textutils.Escaped):
     """An argument made printable; ``%r`` quotes it without escaping it a
     second time.
     """
+
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return textutils.quote(self)
 
 
 def _shown(value):
-    """``value`` as it may appear in a message: text escaped and bounded,
-    other values (numbers, None, lists: their repr escapes) as they are.
+    """``value`` as it may appear in a message: text escaped and bounded
+    (a library error's message is escaped already), other values
+    (numbers, None, lists: their repr escapes) as they are.
     """
     if isinstance(value, ImageBackendException):
-        return _Shown(value.message)    # escaped already
-    if isinstance(value, (str, bytes, bytearray)):
+        value = value.message
+    elif isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, (str, bytes, bytearray, BaseException)):
         return _Shown(textutils.printable(value, textutils.MESSAGE_LIMIT))
-    if isinstance(value, (BaseException, os.PathLike)):
-        text = os.fspath(value) if isinstance(value, os.PathLike) else value
-        return _Shown(textutils.printable(text, textutils.MESSAGE_LIMIT))
     return value
 
 
@@ -60,6 +62,8 @@ class ImageBackendException(Exception):
                 # A template that cannot be filled must not hide the error
                 # it describes: fall back to the raw template and the args.
                 message = "%s (%s)" % (self.msg_fmt, shown)
+            # Our template, with every argument escaped.
+            message = textutils.Escaped(message)
         else:
             message = textutils.printable(message, textutils.MESSAGE_LIMIT)
         self.message = message

@@ -25,6 +25,7 @@ result is unambiguous, and the length is bounded.  Machine-readable output
 
 import copy
 import logging
+import re
 import unicodedata
 
 #: characters kept of one table cell.
@@ -41,6 +42,20 @@ _NAMED = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # names) to lone surrogates U+DC80..U+DCFF ("surrogateescape"): show the
 # byte the user gave.
 _ESCAPED_BYTE_FIRST, _ESCAPED_BYTE_LAST = 0xDC80, 0xDCFF
+
+
+# One character of the original text, in the escaped text.
+_ESCAPED_UNIT = re.compile(
+    r"\\(?:x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|.)|[^\\]", re.DOTALL)
+
+
+class Escaped(str):
+    """Text that :func:`printable` made.  Given to :func:`printable`
+    again (an error message put whole into a table cell) it is only
+    bounded, not escaped a second time.
+    """
+
+    __slots__ = ()
 
 
 def _escape(char: str) -> str:
@@ -73,11 +88,14 @@ def printable(value, limit: int | None = CELL_LIMIT) -> str:
     :param limit: the most characters of the escaped text kept; the rest
         is replaced by ``... (N more characters)``, N counting characters
         of ``value``.  ``None`` keeps everything.
-    :returns: the text with ``\\`` doubled, newline, carriage return and
-        tab as ``\\n``, ``\\r``, ``\\t``, other escaped characters as
-        ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``, and undecodable bytes as
-        ``\\xNN``.
+    :returns: an :class:`Escaped` text: ``\\`` doubled, newline,
+        carriage return and tab as ``\\n``, ``\\r``, ``\\t``, other
+        escaped characters as ``\\xNN``, ``\\uNNNN`` or
+        ``\\UNNNNNNNN``, and undecodable bytes as ``\\xNN``.  An
+        :class:`Escaped` ``value`` is only bounded.
     """
+    if isinstance(value, Escaped):
+        return _bound(value, limit)
     if isinstance(value, (bytes, bytearray)):
         text = bytes(value).decode("utf-8", "surrogateescape")
     elif isinstance(value, str):
@@ -86,18 +104,36 @@ def printable(value, limit: int | None = CELL_LIMIT) -> str:
         text = str(value)
     if (text.isprintable() and "\\" not in text
             and (limit is None or len(text) <= limit)):
-        return text     # the common case, without a loop in Python
+        return Escaped(text)    # the common case, without a loop in Python
     pieces = []
     used = 0
     for index, char in enumerate(text):
         if char == "\\" or is_unsafe_char(char):
             char = _escape(char)
         if limit is not None and used + len(char) > limit:
-            pieces.append("... (%d more characters)" % (len(text) - index))
+            pieces.append(_more(len(text) - index))
             break
         pieces.append(char)
         used += len(char)
-    return "".join(pieces)
+    return Escaped("".join(pieces))
+
+
+def _bound(text: Escaped, limit: int | None) -> Escaped:
+    """Escaped ``text`` cut to ``limit``, never inside an escape."""
+    if limit is None or len(text) <= limit:
+        return text
+    units = _ESCAPED_UNIT.findall(text)
+    used = 0
+    for index, unit in enumerate(units):
+        if used + len(unit) > limit:
+            return Escaped("".join(units[:index])
+                           + _more(len(units) - index))
+        used += len(unit)
+    return text
+
+
+def _more(count: int) -> str:
+    return "... (%d more characters)" % count
 
 
 def quote(text: str) -> str:

@@ -106,3 +106,19 @@ def test_log_formatter_bounds_a_huge_message():
                                "body: %s", ("b" * 10000,), None)
     text = formatter.format(record)
     assert len(text) < 150 and text.endswith("more characters)")
+
+
+def test_escaped_text_is_not_escaped_twice():
+    once = textutils.printable("a\nb\\c\udcff")
+    assert isinstance(once, textutils.Escaped)
+    assert textutils.printable(once) == once == "a\\nb\\\\c\\xff"
+    # Text that merely looks escaped is not trusted to be.
+    assert textutils.printable("a\\nb") == "a\\\\nb"
+
+
+def test_bounding_escaped_text_never_cuts_an_escape():
+    once = textutils.printable("ab" + "\x1b" * 10, limit=None)
+    assert textutils.printable(once, limit=7) == (
+        "ab\\x1b... (9 more characters)")
+    assert textutils.printable(once, limit=5) == (
+        "ab... (10 more characters)")

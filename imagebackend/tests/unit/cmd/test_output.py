@@ -3,6 +3,7 @@ import io
 import json
 
 from imagebackend.cmd import output
+from imagebackend import exception
 
 
 class TTY(io.StringIO):
@@ -89,3 +90,11 @@ def test_json_keeps_the_text_exact():
     stream = io.StringIO()
     output.emit({"reason": "a\nb"}, args("json"), stream)
     assert json.loads(stream.getvalue()) == {"reason": "a\nb"}
+
+
+def test_an_error_message_in_a_cell_is_not_escaped_twice():
+    error = exception.ImageNotFound(image_id="a\nb\\c", source="s")
+    stream = io.StringIO()
+    output.emit([{"image_id": "x", "error": error.message}], args(), stream)
+    assert stream.getvalue().splitlines()[1] == (
+        "x         Image a\\nb\\\\c was not found in s.")
