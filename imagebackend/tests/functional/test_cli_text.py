@@ -175,13 +175,21 @@ def test_an_unusable_image_id_is_one_line_and_changes_nothing(
     assert not os.path.exists(os.path.dirname(target))
 
 
-def test_a_non_utf8_id_through_the_python_api_changes_nothing(dep):
+@pytest.mark.parametrize("image_id", ["guest\udcff.qcow2", "guest.qcow2\n"])
+def test_an_unusable_id_through_the_python_api_changes_nothing(dep,
+                                                               image_id):
     backend = backends_base.load(dep.conf())
+    target = os.path.join(dep.instances, "api-vm", "disk")
     before = state(dep)
     with pytest.raises(exception.InvalidImageId) as err:
-        backend.source.get_meta("guest\udcff.qcow2")
-    assert "'guest\\xff.qcow2'" in str(err.value)
+        backend.create_image(image_id, target, fenv.GiB)
+    shown = "'guest\\xff.qcow2'" if "\udcff" in image_id else (
+        "'guest.qcow2\\n'")
+    assert str(err.value).startswith("Invalid image id %s: " % shown)
+    with pytest.raises(exception.InvalidImageId):
+        backend.source.get_meta(image_id)
     assert state(dep) == before
+    assert not os.path.exists(os.path.dirname(target))
 
 
 # -- text output ------------------------------------------------------------
