@@ -52,6 +52,7 @@ class ImageBackendException(Exception):
 
     def __init__(self, message: str | None = None, **kwargs) -> None:
         self.kwargs = kwargs
+        self._given_message = message
         for key, value in kwargs.items():
             setattr(self, key, value)
         if message is None:
@@ -68,6 +69,19 @@ class ImageBackendException(Exception):
             message = textutils.printable(message, textutils.MESSAGE_LIMIT)
         self.message = message
         super().__init__(message)
+
+    @property
+    def exact_message(self) -> str:
+        """The message with the arguments exactly as given (not escaped,
+        not bounded): for machine-readable output such as JSON, never for
+        a terminal or a log.
+        """
+        if self._given_message is not None:
+            return self._given_message
+        try:
+            return self.msg_fmt % self.kwargs
+        except (KeyError, TypeError, ValueError):
+            return self.message
 
 
 # --- configuration --------------------------------------------------------

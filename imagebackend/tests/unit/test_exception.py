@@ -85,3 +85,12 @@ def test_numbers_and_lists_keep_their_formatting():
     exc = exception.BackendNotFound(name="x\n", choices=["raw", "qcow2"])
     assert str(exc).startswith("Unknown image backend 'x\\n'; ")
     assert "['raw', 'qcow2']" in str(exc)
+
+
+def test_the_exact_message_is_there_for_machine_readable_output():
+    exc = exception.ImageNotFound(image_id="a\nb", source="s")
+    assert exc.exact_message == "Image a\nb was not found in s."
+    assert exc.message == "Image a\\nb was not found in s."
+    explicit = exception.ImageBackendException("given\nmessage")
+    assert explicit.exact_message == "given\nmessage"
+    assert explicit.message == "given\\nmessage"
