@@ -7,9 +7,42 @@ caller may catch either (``except ValueError`` catches
 they are wrapped in one of these with the original chained as ``__cause__``.
 
 Each class carries a message template, ``msg_fmt``, filled from the keyword
-arguments given to the constructor; the arguments stay available as
-attributes (``exc.image_id``) and in ``exc.kwargs``.
+arguments given to the constructor; the arguments stay available, exactly
+as given, as attributes (``exc.image_id``) and in ``exc.kwargs``.  The
+message shows each text argument through
+:func:`imagebackend.textutils.printable` (escaped, on one line, bounded), so
+an image id, a server's error body or a file name can never forge a line
+of output or rewrite a terminal.
 """
+
+import os
+
+from imagebackend import textutils
+
+
+class _Shown(textutils.Escaped):
+    """An argument made printable; ``%r`` quotes it without escaping it a
+    second time.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return textutils.quote(self)
+
+
+def _shown(value):
+    """``value`` as it may appear in a message: text escaped and bounded
+    (a library error's message is escaped already), other values
+    (numbers, None, lists: their repr escapes) as they are.
+    """
+    if isinstance(value, ImageBackendException):
+        value = value.message
+    elif isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, (str, bytes, bytearray, BaseException)):
+        return _Shown(textutils.printable(value, textutils.MESSAGE_LIMIT))
+    return value
 
 
 class ImageBackendException(Exception):
@@ -19,17 +52,36 @@ class ImageBackendException(Exception):
 
     def __init__(self, message: str | None = None, **kwargs) -> None:
         self.kwargs = kwargs
+        self._given_message = message
         for key, value in kwargs.items():
             setattr(self, key, value)
         if message is None:
+            shown = {key: _shown(value) for key, value in kwargs.items()}
             try:
-                message = self.msg_fmt % kwargs
+                message = self.msg_fmt % shown
             except (KeyError, TypeError, ValueError):
                 # A template that cannot be filled must not hide the error
                 # it describes: fall back to the raw template and the args.
-                message = "%s (%s)" % (self.msg_fmt, kwargs)
+                message = "%s (%s)" % (self.msg_fmt, shown)
+            # Our template, with every argument escaped.
+            message = textutils.Escaped(message)
+        else:
+            message = textutils.printable(message, textutils.MESSAGE_LIMIT)
         self.message = message
         super().__init__(message)
+
+    @property
+    def exact_message(self) -> str:
+        """The message with the arguments exactly as given (not escaped,
+        not bounded): for machine-readable output such as JSON, never for
+        a terminal or a log.
+        """
+        if self._given_message is not None:
+            return self._given_message
+        try:
+            return self.msg_fmt % self.kwargs
+        except (KeyError, TypeError, ValueError):
+            return self.message
 
 
 # --- configuration --------------------------------------------------------
@@ -234,3 +286,20 @@ class SnapshotNotFound(DiskOperationError, LookupError):
     msg_fmt = ("Disk %(path)s has no snapshot %(name)r (its snapshots: "
                "%(names)s); list them with 'imagebackend disk snapshot "
                "list'.")
+
+
+class ConfigValueError(ConfigurationError):
+    """An option whose value cannot be read: a ``$reference`` to no option,
+    or a value of the wrong type.
+    """
+
+    msg_fmt = ("Invalid configuration: option [%(group)s] %(option)s%(where)s"
+               ": %(reason)s; correct it%(fix_where)s.")
+
+    def __init__(self, message=None, **kwargs):
+        files = kwargs.get("files") or []
+        kwargs.setdefault("where", " (set in %s)" % ", ".join(files)
+                          if files else " (not from a config file)")
+        kwargs.setdefault("fix_where", " there" if files else
+                          " by setting it in a config file")
+        super().__init__(message, **kwargs)

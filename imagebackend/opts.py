@@ -10,6 +10,7 @@ from oslo_config import cfg
 
 from imagebackend.backends import base as backends_base
 from imagebackend import cache
+from imagebackend import config_check
 from imagebackend import exception
 from imagebackend import inspect
 from imagebackend import plugins
@@ -40,14 +41,34 @@ def new_conf(argv: list[str] | None = None,
              ) -> cfg.ConfigOpts:
     """A new ConfigOpts with every option registered and ``argv`` parsed.
 
+    Every option is read once here, so that a value that cannot be used (a
+    ``$reference`` to no option, a value of the wrong type) is reported
+    now, naming the option and the file, rather than part-way through
+    some later operation.
+
     :param argv: command-line style arguments such as
         ``["--config-file", "/etc/imagebackend/imagebackend.conf"]``.
+    :raises imagebackend.exception.ConfigValueError: an option's value
+        cannot be read.
+    :raises oslo_config.cfg.Error: a config file is missing or cannot be
+        parsed (oslo.config's message names it).
     """
     conf = cfg.ConfigOpts()
     register_opts(conf)
     conf(argv or [], project="imagebackend",
          default_config_files=default_config_files or [])
+    check_conf(conf)
     return conf
+
+
+def check_conf(conf: cfg.ConfigOpts) -> None:
+    """Read every option registered on ``conf`` (for a caller that builds
+    its own ConfigOpts: call it once the files are parsed).
+
+    :raises imagebackend.exception.ConfigValueError: the first option
+        whose value cannot be read, naming it and the file that set it.
+    """
+    config_check.check_conf(conf)
 
 
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:

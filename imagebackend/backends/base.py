@@ -144,12 +144,18 @@ class ImageBackend(abc.ABC):
         :param progress: called as ``progress(stage, done, total)`` during
             long steps (``fetch``, ``convert``).
         :returns: a :class:`Disk` describing the result.
+        :raises imagebackend.exception.InvalidImageId: the source refuses
+            the id (not UTF-8 text, control characters...); nothing is
+            written.
         :raises imagebackend.exception.InvalidImageSize: ``size`` is smaller
             than the image; nothing is written.
         :raises imagebackend.exception.ImageBackendException: any failure;
             the target does not exist afterwards and ``_base`` holds no
             partial file under a final name.
         """
+        # First: an id no image can have must change nothing (not even a
+        # lock file or the target's directory).
+        self.source.check_id(image_id)
         target = os.path.abspath(target)
         if not isinstance(size, int) or size <= 0:
             raise exception.InvalidImageSize(

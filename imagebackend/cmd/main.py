@@ -3,23 +3,66 @@
 Each command module adds its subcommands with ``add_commands(subparsers)``;
 a command is a function ``run(args, conf)`` returning data that
 :mod:`imagebackend.cmd.output` prints as text or, with ``-f json``, as JSON.
+
+Whatever goes wrong ends in one line on stderr (``imagebackend: error:
+...``) and a non-zero exit status; ``--debug`` adds the traceback.  Text
+that others chose (image ids, server messages, file names) is escaped
+wherever it is shown: in results, error messages and log lines.
 """
 
 import argparse
 import logging
+import os
+import signal
 import sys
+
+from oslo_config import cfg
 
 from imagebackend.cmd import cache as cache_cmd
 from imagebackend.cmd import disk as disk_cmd
 from imagebackend.cmd import output
+from imagebackend import config_check
 from imagebackend import exception
 from imagebackend import opts
+from imagebackend.sources import base as source_base
+from imagebackend import textutils
 
 COMMAND_MODULES = (disk_cmd, cache_cmd)
 
+#: the exit status when the reader of the output went away (``... | head
+#: -1``): that of a process killed by SIGPIPE, as a shell reports it.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+#: the exit status after Ctrl-C, as a shell reports SIGINT.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+#: disks are made of sectors of this many bytes.
+SECTOR_SIZE = 512
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its error messages (which quote the arguments they
+    refuse, some of them raw) shown escaped, on one line.
+    """
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, "%s: error: %s\n" % (
+            self.prog, textutils.printable(message,
+                                           textutils.MESSAGE_LIMIT)))
+
+
+class _LogFormatter(textutils.EscapingFormatter):
+    """Log messages escaped; in --debug tracebacks too, line by line, so
+    an exception's message cannot send escape sequences to the terminal.
+    """
+
+    def formatException(self, ei):
+        return "\n".join(textutils.printable(line, None) for line in
+                         super().formatException(ei).split("\n"))
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="imagebackend",
         description="Turn images into instance disks through a shared, "
                     "verified base-image cache.")
@@ -43,39 +86,122 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (``imagebackend cache list | head -1``):
+        # nothing more can be said, and Python must not complain at exit
+        # about the output it can no longer flush.
+        _discard_output()
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        # Every step removed its own scratch on the way out.
+        print("imagebackend: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_size(parser, args)
     # The error itself is printed as the command's one-line result, so by
     # default only errors are logged; -v shows each step.
     level = (logging.DEBUG if args.debug else
              logging.INFO if args.verbose else logging.ERROR)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
     conf_argv = []
     for path in args.config_file:
         conf_argv += ["--config-file", path]
     for path in args.config_dir:
         conf_argv += ["--config-dir", path]
+    conf = None
     try:
+        for image_id in _image_ids(args):
+            source_base.check_image_id(image_id)
         conf = opts.new_conf(conf_argv)
         result = args.func(args, conf)
+        output.emit(result, args)
+    except (BrokenPipeError, KeyboardInterrupt):
+        raise
     except exception.ImageBackendException as exc:
+        if isinstance(exc.__cause__, cfg.Error):
+            exc = _config_error(conf, exc)
         return _fail(args, exc)
+    except cfg.Error as exc:
+        # An option read part-way through the command (those of the image
+        # source are registered only when it is built): say which.
+        return _fail(args, _config_error(conf, exc))
     except Exception as exc:   # noqa: B902 -- report, do not dump
         # oslo.config reports bad files with its own exceptions; anything
         # else unexpected is a bug, shown in full with --debug.
         return _fail(args, exc)
-    output.emit(result, args)
     # A command may report a failure it printed (verify found corruption).
     return getattr(args, "exit_status", 0)
 
 
+def _image_ids(args) -> list:
+    """The image ids a command was given."""
+    ids = list(getattr(args, "image_ids", None) or [])
+    if getattr(args, "image_id", None) is not None:
+        ids.insert(0, args.image_id)
+    return ids
+
+
+def _check_size(parser, args) -> None:
+    """Refuse a disk size that is not a whole number of sectors: qemu-img
+    would round it up (or refuse it, to resize), so the disk would not
+    have the size asked for and reported.
+    """
+    size = getattr(args, "size", None)
+    if not isinstance(size, int) or size % SECTOR_SIZE == 0:
+        return
+    up = (size // SECTOR_SIZE + 1) * SECTOR_SIZE
+    down = size // SECTOR_SIZE * SECTOR_SIZE
+    parser.error("size %d bytes is not a multiple of %d (disks are made of "
+                 "%d-byte sectors); give %d%s" % (
+                     size, SECTOR_SIZE, SECTOR_SIZE, up,
+                     " or %d" % down if down else ""))
+
+
+def _config_error(conf, exc):
+    """The option behind oslo.config error ``exc``, when one can be found
+    (as a :class:`imagebackend.exception.ConfigValueError`); else ``exc``.
+    """
+    if conf is not None:
+        try:
+            config_check.check_conf(conf)
+        except exception.ConfigValueError as found:
+            return found
+    return exc
+
+
 def _fail(args, exc) -> int:
     if args.debug:
-        logging.getLogger(__name__).exception("Command failed")
-    message = getattr(exc, "message", None) or str(exc) or repr(exc)
+        logging.getLogger(__name__).error("Command failed", exc_info=exc)
+    if isinstance(exc, exception.ImageBackendException):
+        message = exc.message       # escaped when it was made
+    else:
+        message = textutils.printable(str(exc) or repr(exc),
+                                      textutils.MESSAGE_LIMIT)
     print("imagebackend: error: %s" % message, file=sys.stderr)
     return 1
+
+
+def _discard_output() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not
+    raise again into a closed pipe.
+    """
+    try:
+        fileno = sys.stdout.fileno()
+    except (OSError, ValueError):
+        return      # not a file (a test's StringIO): nothing to flush
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fileno)
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,18 @@
 """Printing command results: readable text by default, JSON with -f json,
 and a progress bar on a terminal for long steps.
+
+Text output shows every value through
+:func:`imagebackend.textutils.printable`: image ids, file names and
+messages that a tenant or an image service chose are escaped and bounded,
+so one row is always one line.  JSON output keeps every value exact (JSON
+escapes control characters itself).
 """
 
 import json
 import sys
 import time
+
+from imagebackend import textutils
 
 
 def add_format_argument(parser) -> None:
@@ -28,17 +36,22 @@ def emit(result, args, stream=None) -> None:
         for key, value in result.items():
             stream.write("%-*s  %s\n" % (width, key, _text(value)))
     else:
-        stream.write("%s\n" % result)
+        stream.write("%s\n" % _text(result))
+    stream.flush()
 
 
 def _text(value) -> str:
+    """One value as text for a table cell or a listing: escaped and
+    bounded; containers as comma-separated items.
+    """
     if isinstance(value, dict):
-        return ", ".join("%s=%s" % (k, _text(v)) for k, v in value.items())
+        return ", ".join("%s=%s" % (_text(k), _text(v))
+                         for k, v in value.items())
     if isinstance(value, (list, tuple)):
         return ", ".join(_text(v) for v in value) or "-"
     if isinstance(value, float):
         return "%.3f" % value
-    return "-" if value is None else str(value)
+    return "-" if value is None else textutils.printable(value)
 
 
 def _table(rows, columns, stream) -> None:

@@ -14,6 +14,49 @@ import typing
 
 from oslo_config import cfg
 
+from imagebackend import exception
+from imagebackend import textutils
+
+#: the longest image id accepted, in characters.
+MAX_IMAGE_ID_LENGTH = 255
+
+_ALLOWED_IDS = ("an image id is 1 to %d characters of UTF-8 text without "
+                "control characters (such as a newline or an escape), line "
+                "separators or invisible format characters"
+                % MAX_IMAGE_ID_LENGTH)
+
+
+def check_image_id(image_id) -> str:
+    """Refuse an image id no source may serve, before anything is done
+    with it: one that is not text, is empty or too long, is not valid
+    UTF-8 (bytes that are not text arrive as lone surrogates, which cannot
+    be encoded to name a cache file), or holds a character that would
+    forge a line or rewrite a terminal where the id is shown.
+
+    Sources add their own rules (:meth:`ImageSource.check_id`).
+
+    :returns: ``image_id``.
+    :raises imagebackend.exception.InvalidImageId: it is refused; the
+        message shows the id escaped and says what is allowed.
+    """
+    if not isinstance(image_id, str):
+        raise exception.InvalidImageId(
+            image_id=image_id,
+            reason="it is of type %s, not str; %s" % (
+                type(image_id).__name__, _ALLOWED_IDS))
+    problem = None
+    if not image_id or len(image_id) > MAX_IMAGE_ID_LENGTH:
+        problem = "it has %d characters" % len(image_id)
+    elif any(0xD800 <= ord(c) <= 0xDFFF for c in image_id):
+        problem = "it is not valid UTF-8"
+    elif any(textutils.is_unsafe_char(c) for c in image_id):
+        problem = "it contains control or invisible characters"
+    if problem:
+        raise exception.InvalidImageId(image_id=image_id,
+                                       reason="%s; %s" % (problem,
+                                                          _ALLOWED_IDS))
+    return image_id
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageMeta:
@@ -86,6 +129,15 @@ class ImageSource(abc.ABC):
 
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
+
+    def check_id(self, image_id: str) -> None:
+        """Refuse an image id this source must not look up, before
+        anything is done with it.  Subclasses that add rules call this
+        first.
+
+        :raises imagebackend.exception.InvalidImageId: it is refused.
+        """
+        check_image_id(image_id)
 
     @classmethod
     def register_opts(cls, conf: cfg.ConfigOpts) -> None:

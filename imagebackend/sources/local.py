@@ -25,6 +25,7 @@ import time
 
 from oslo_config import cfg
 
+from imagebackend import config_check
 from imagebackend import digest as content_digest
 from imagebackend import exception
 from imagebackend import fileutils
@@ -74,26 +75,32 @@ class LocalSource(base.ImageSource):
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         super().__init__(conf)
         self.register_opts(conf)
+        config_check.check_options(conf, "local_source", OPTIONS)
         self.directory = os.path.abspath(conf.local_source.path)
 
     def describe(self) -> str:
         return "local:%s" % self.directory
 
-    def _validate_id(self, image_id: str) -> None:
-        if not image_id or image_id in (".", ".."):
-            raise exception.InvalidImageId(image_id=image_id,
-                                           reason="empty or a directory")
-        if "/" in image_id or "\0" in image_id:
+    def check_id(self, image_id: str) -> None:
+        """Refuse what :func:`imagebackend.sources.base.check_image_id`
+        refuses, and anything but the plain name of a file directly inside
+        the directory.
+
+        :raises imagebackend.exception.InvalidImageId: it is refused.
+        """
+        super().check_id(image_id)
+        if image_id in (".", "..") or "/" in image_id:
             raise exception.InvalidImageId(
                 image_id=image_id,
-                reason="a local image id is a plain file name inside %s; "
-                       "it may not contain '/'" % self.directory)
+                reason="a local image id is the plain name of a file "
+                       "inside %s; it may not contain '/' or be '.' or "
+                       "'..'" % self.directory)
 
     def _open_fd(self, image_id: str) -> int:
         """Open the image without following a symlink, relative to the
         directory (so a renamed-in symlink or '..' cannot escape it).
         """
-        self._validate_id(image_id)
+        self.check_id(image_id)
         try:
             dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:

@@ -29,3 +29,68 @@ def test_unsafe_image_names_its_rule():
     assert exc.rule == "backing-file"
     assert "(backing-file)" in str(exc)
     assert "evil" in str(exc)
+
+
+def test_text_arguments_are_escaped_in_the_message_and_exact_as_given():
+    image_id = "evil\nimagebackend: error: \x1b[2Jforged"
+    exc = exception.ImageNotFound(image_id=image_id, source="glance")
+    assert "\n" not in str(exc) and "\x1b" not in str(exc)
+    assert str(exc) == ("Image evil\\nimagebackend: error: \\x1b[2Jforged "
+                        "was not found in glance.")
+    assert exc.image_id == image_id
+    assert exc.kwargs["image_id"] == image_id
+
+
+def test_a_server_error_body_is_escaped_and_bounded():
+    body = "<html>\r\n" + "x" * 5_000_000 + "\x9b31m"
+    exc = exception.ImageSourceError(image_id="abc", reason=body)
+    assert len(exc.message) < 1200
+    assert "\r" not in exc.message and "\n" not in exc.message
+    assert "<html>\\r\\n" in exc.message
+    assert exc.message.endswith("more characters)")
+    assert exc.reason is body
+
+
+def test_repr_templates_quote_without_escaping_twice():
+    exc = exception.InvalidImageId(image_id="a\nb\\c", reason="no")
+    assert str(exc) == "Invalid image id 'a\\nb\\\\c': no"
+    exc = exception.InvalidSize(value="1\x1bQ", reason="bad suffix")
+    assert str(exc).startswith("Invalid size '1\\x1bQ': bad suffix.")
+
+
+def test_undecodable_bytes_in_an_argument_show_as_bytes():
+    exc = exception.InvalidImageId(image_id="\udcff\udcfe", reason="no")
+    assert str(exc) == "Invalid image id '\\xff\\xfe': no"
+    str(exc).encode("utf-8")        # printable anywhere, no surrogates
+
+
+def test_a_wrapped_library_error_is_not_escaped_twice():
+    inner = exception.ImageNotFound(image_id="a\nb", source="s")
+    outer = exception.ImageSourceError(image_id="x", reason=inner)
+    assert "a\\nb" in str(outer) and "a\\\\nb" not in str(outer)
+
+
+def test_other_exceptions_and_explicit_messages_are_escaped():
+    outer = exception.CacheError(path="/c", reason=OSError("bad\nthing"))
+    assert str(outer) == "Image cache /c: bad\\nthing"
+    assert str(exception.CacheError("explicit\nmessage")) == (
+        "explicit\\nmessage")
+
+
+def test_numbers_and_lists_keep_their_formatting():
+    exc = exception.QemuImgError(operation="info", path="/d", exit_code=1,
+                                 stderr="line1\nline2")
+    assert str(exc) == ("qemu-img info failed on /d (exit code 1): "
+                        "line1\\nline2")
+    exc = exception.BackendNotFound(name="x\n", choices=["raw", "qcow2"])
+    assert str(exc).startswith("Unknown image backend 'x\\n'; ")
+    assert "['raw', 'qcow2']" in str(exc)
+
+
+def test_the_exact_message_is_there_for_machine_readable_output():
+    exc = exception.ImageNotFound(image_id="a\nb", source="s")
+    assert exc.exact_message == "Image a\nb was not found in s."
+    assert exc.message == "Image a\\nb was not found in s."
+    explicit = exception.ImageBackendException("given\nmessage")
+    assert explicit.exact_message == "given\nmessage"
+    assert explicit.message == "given\\nmessage"

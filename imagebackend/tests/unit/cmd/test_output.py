@@ -3,6 +3,7 @@ import io
 import json
 
 from imagebackend.cmd import output
+from imagebackend import exception
 
 
 class TTY(io.StringIO):
@@ -49,3 +50,51 @@ def test_emit_json_and_table():
     lines = stream.getvalue().splitlines()
     assert lines[0].split() == ["image_id", "size"]
     assert lines[2].split() == ["bbb", "-"]
+
+
+EVIL = "evil\nimage_id  kind\x1b[2J\u202e\udcff" + "x" * 300
+
+
+def test_text_table_shows_others_text_escaped_one_line_per_row():
+    stream = io.StringIO()
+    rows = [{"image_id": EVIL, "file": "/b/1"}, {"image_id": "ok",
+                                                 "file": "/b/2"}]
+    output.emit(rows, args(), stream)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3
+    assert lines[1].startswith(
+        "evil\\nimage_id  kind\\x1b[2J\\u202e\\xff" + "x" * 10)
+    assert "... (" in lines[1] and "more characters)" in lines[1]
+    assert len(lines[1]) < 300
+    assert lines[2].split() == ["ok", "/b/2"]
+    assert stream.getvalue().isascii()
+
+
+def test_text_listing_escapes_values_lists_and_dicts():
+    stream = io.StringIO()
+    output.emit({"path": "/d\n", "chain": ["a\rb", "c"],
+                 "timings": {"fe\x1btch": 0.5}}, args(), stream)
+    lines = stream.getvalue().splitlines()
+    assert lines == ["path     /d\\n", "chain    a\\rb, c",
+                     "timings  fe\\x1btch=0.500"]
+    stream = io.StringIO()
+    output.emit("new-id\n\x1b[1m", args(), stream)
+    assert stream.getvalue() == "new-id\\n\\x1b[1m\n"
+
+
+def test_json_keeps_the_text_exact():
+    stream = io.StringIO()
+    rows = [{"image_id": EVIL, "file": "/b/1"}]
+    output.emit(rows, args("json"), stream)
+    assert json.loads(stream.getvalue()) == rows
+    stream = io.StringIO()
+    output.emit({"reason": "a\nb"}, args("json"), stream)
+    assert json.loads(stream.getvalue()) == {"reason": "a\nb"}
+
+
+def test_an_error_message_in_a_cell_is_not_escaped_twice():
+    error = exception.ImageNotFound(image_id="a\nb\\c", source="s")
+    stream = io.StringIO()
+    output.emit([{"image_id": "x", "error": error.message}], args(), stream)
+    assert stream.getvalue().splitlines()[1] == (
+        "x         Image a\\nb\\\\c was not found in s.")

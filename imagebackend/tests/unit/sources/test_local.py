@@ -2,6 +2,7 @@
 of the file and remembered under the cache.
 """
 
+import dataclasses
 import os
 import time
 from unittest import mock
@@ -11,6 +12,8 @@ import pytest
 from imagebackend import digest as content_digest
 from imagebackend import exception
 from imagebackend import fileutils
+from imagebackend import opts
+from imagebackend.sources import local
 from imagebackend.tests.unit import fakes
 
 DATA = b"local image " * 10000
@@ -165,3 +168,69 @@ def test_a_hash_remembered_since_the_lookup_is_not_computed_again(source):
         resolved = source.resolve_identity(early)
     assert reads.call_count == 0
     assert resolved.identity == fakes.local_identity(DATA)
+
+
+@pytest.mark.parametrize("image_id", [
+    "img.raw\n",                # an id followed by a newline
+    "img\x1b[31m.raw",
+    "img\x85.raw",              # C1
+    "img\u202e.raw",            # a bidi override
+    "img\udcff.raw",            # bytes that are not UTF-8
+    "",
+    "x" * 256,
+])
+def test_an_unusable_id_is_refused_before_anything_is_done(source, image_id):
+    put(source, "img.raw", DATA)
+    memo_dir = os.path.dirname(source._memo_path("img.raw"))
+    with pytest.raises(exception.InvalidImageId) as err:
+        source.get_meta(image_id)
+    message = str(err.value)
+    assert "an image id is 1 to 255 characters of UTF-8 text" in message
+    assert message.isprintable()
+    message.encode("utf-8")     # no surrogate left to fail on
+    assert err.value.image_id == image_id
+    for call in (source.open, source.resolve_identity):
+        meta = source.get_meta("img.raw")
+        with pytest.raises(exception.InvalidImageId):
+            call(dataclasses.replace(meta, image_id=image_id,
+                                     identity_deferred=True))
+    assert not os.path.exists(memo_dir)
+
+
+def test_the_refused_id_is_shown_escaped(source):
+    with pytest.raises(exception.InvalidImageId) as err:
+        source.get_meta("img.raw\nimagebackend: error: forged")
+    assert str(err.value).startswith(
+        "Invalid image id 'img.raw\\nimagebackend: error: forged': it "
+        "contains control or invisible characters; ")
+    with pytest.raises(exception.InvalidImageId) as err:
+        source.get_meta("\udcffimg")
+    assert str(err.value).startswith(
+        "Invalid image id '\\xffimg': it is not valid UTF-8; ")
+
+
+@pytest.mark.parametrize("image_id", [b"img.raw", None, 7])
+def test_an_id_that_is_not_a_str_is_refused(source, image_id):
+    put(source, "img.raw", DATA)
+    with pytest.raises(exception.InvalidImageId) as err:
+        source.get_meta(image_id)
+    assert "not str" in str(err.value)
+
+
+@pytest.mark.parametrize("image_id", ["..", ".", "sub/img.raw", "/etc/x"])
+def test_a_path_is_not_a_local_id(source, image_id):
+    with pytest.raises(exception.InvalidImageId) as err:
+        source.get_meta(image_id)
+    assert "plain name of a file" in str(err.value)
+
+
+def test_a_substitution_error_in_its_options_names_option_and_file(
+        tmp_path):
+    path = tmp_path / "ib.conf"
+    path.write_text("[local_source]\npath = $nope/images\n")
+    conf = opts.new_conf(["--config-file", str(path)])
+    with pytest.raises(exception.ConfigValueError) as err:
+        local.LocalSource(conf)
+    message = str(err.value)
+    assert "[local_source] path" in message and str(path) in message
+    assert "$nope" in message
