@@ -234,3 +234,13 @@ class SnapshotNotFound(DiskOperationError, LookupError):
     msg_fmt = ("Disk %(path)s has no snapshot %(name)r (its snapshots: "
                "%(names)s); list them with 'imagebackend disk snapshot "
                "list'.")
+
+
+class DiskFormatUnknown(DiskOperationError, ValueError):
+    msg_fmt = ("Disk %(path)s: %(reason)s; give its format explicitly with "
+               "%(flag)s qcow2 or %(flag)s raw.")
+
+
+class CachePathRefused(DiskOperationError, PermissionError):
+    msg_fmt = ("Refusing to write %(path)s: it is in %(where)s, where only "
+               "the cache writes; choose a path outside it.")
