@@ -25,6 +25,7 @@ from oslo_config import cfg
 
 from imagebackend import cache
 from imagebackend import disk_chain
+from imagebackend import disk_trust
 from imagebackend import exception
 from imagebackend import fileutils
 from imagebackend import qemu_img
@@ -79,9 +80,9 @@ class DiskOperations:
         self.qemu = qemu or qemu_img.QemuImg(conf)
 
     @property
-    def paths(self) -> disk_chain.CachePaths:
+    def paths(self) -> disk_trust.CachePaths:
         """The cache's directories, as the configuration sets them now."""
-        return disk_chain.cache_paths(self.conf)
+        return disk_trust.cache_paths(self.conf)
 
     # -- reading -------------------------------------------------------------
 
@@ -292,16 +293,16 @@ class DiskOperations:
                 path=path, reason="the new backing file %s does not exist"
                 % new_backing)
         try:
-            backing_fmt = disk_chain.known_format(
+            backing_fmt = disk_trust.known_format(
                 self.paths, new_backing, backing_fmt,
                 flag="--backing-format",
-                formats=disk_chain.BACKING_FORMATS)
+                formats=disk_trust.BACKING_FORMATS)
         except exception.UnsupportedDiskOperation as exc:
             raise exception.InvalidDiskRequest(
                 path=path, reason="the new backing file %s is a %s image, "
                 "which cannot back a disk; use one of %s" % (
                     new_backing, exc.kwargs["fmt"],
-                    ", ".join(disk_chain.BACKING_FORMATS))) from exc
+                    ", ".join(disk_trust.BACKING_FORMATS))) from exc
         own = disk_chain.file_id(path)
         if disk_chain.file_id(new_backing) == own:
             raise self._own_chain(path, new_backing)
@@ -377,7 +378,7 @@ class DiskOperations:
                 path=path, reason="compression needs qcow2 output, not %s"
                 % output_fmt)
         output = os.path.abspath(output)
-        disk_chain.refuse_cache_write(self.paths, output)
+        disk_trust.refuse_cache_write(self.paths, output)
         path, fmt = self._open(path, fmt, "extract")
         if os.path.lexists(output):
             raise exception.TargetExists(path=output)
@@ -448,9 +449,9 @@ class DiskOperations:
         _check_disk_file(path)
         paths = self.paths
         if write:
-            disk_chain.refuse_cache_write(paths, path)
+            disk_trust.refuse_cache_write(paths, path)
         try:
-            fmt = disk_chain.known_format(paths, path, fmt,
+            fmt = disk_trust.known_format(paths, path, fmt,
                                           flag="--input-format")
         except exception.UnsupportedDiskOperation as exc:
             raise exception.UnsupportedDiskOperation(

@@ -4,8 +4,8 @@ operations on existing instance disks (registered by
 """
 
 from imagebackend.cmd import output
-from imagebackend import disk_chain
 from imagebackend import disk_ops
+from imagebackend import disk_trust
 from imagebackend import qemu_img
 from imagebackend import sources
 
@@ -84,7 +84,7 @@ def add_commands(commands, size_type) -> None:
     _disk_arguments(rebase)
     rebase.add_argument("new_backing", metavar="NEW_BACKING")
     rebase.add_argument("--backing-format", dest="backing_format",
-                        choices=disk_chain.BACKING_FORMATS,
+                        choices=disk_trust.BACKING_FORMATS,
                         help="NEW_BACKING's format. Needed unless "
                              "NEW_BACKING is a base in the image cache "
                              "(its record's format is used) or a disk the "
@@ -153,7 +153,7 @@ def add_extract_command(commands):
 
 def _disk_arguments(parser) -> None:
     parser.add_argument("path", metavar="PATH", help="The instance disk.")
-    parser.add_argument("--input-format", choices=disk_chain.DISK_FORMATS,
+    parser.add_argument("--input-format", choices=disk_trust.DISK_FORMATS,
                         help="The disk's format. Needed unless PATH is a "
                              "base in the image cache (its record's format "
                              "is used) or a disk the library made (its "

@@ -21,6 +21,7 @@ import os
 import pytest
 
 from imagebackend import disk_chain
+from imagebackend import disk_trust
 from imagebackend import exception
 from imagebackend.tests.unit import fakes
 
@@ -34,7 +35,7 @@ def paths(tmp_path):
     (instances / "_base").mkdir(parents=True)
     (instances / "locks").mkdir()
     (instances / "vm").mkdir()
-    return disk_chain.cache_paths(fakes.conf(tmp_path))
+    return disk_trust.cache_paths(fakes.conf(tmp_path))
 
 
 def write(path, data=b"data"):
@@ -69,7 +70,7 @@ def base(paths, name=CID, fmt="raw", record=True):
 
 
 def known(paths, path, given=None):
-    return disk_chain.known_format(paths, path, given, flag="--input-format")
+    return disk_trust.known_format(paths, path, given, flag="--input-format")
 
 
 # --- the cache's directories -------------------------------------------------
@@ -77,13 +78,13 @@ def known(paths, path, given=None):
 def test_cache_paths_are_those_of_the_cache(tmp_path):
     conf = fakes.conf(tmp_path, base_dir_name="cache")
     conf.set_override("disk_dirs", ["/srv/disks"], group="image_cache")
-    paths = disk_chain.cache_paths(conf)
+    paths = disk_trust.cache_paths(conf)
     instances = str(tmp_path / "instances")
-    assert paths == disk_chain.CachePaths(
+    assert paths == disk_trust.CachePaths(
         instances, os.path.join(instances, "cache"),
         os.path.join(instances, "locks"), ("/srv/disks",))
     conf.set_override("lock_path", "/run/ib-locks", group="oslo_concurrency")
-    assert disk_chain.cache_paths(conf).lock_dir == "/run/ib-locks"
+    assert disk_trust.cache_paths(conf).lock_dir == "/run/ib-locks"
 
 
 # --- the registry ------------------------------------------------------------
@@ -222,7 +223,7 @@ def test_backing_files_may_be_in_the_instances_tree_and_disk_dirs(
         check(paths, top, elsewhere)
     assert "outside the directories" in str(err.value)
     assert "disk_dirs" in str(err.value)
-    listed = disk_chain.CachePaths(paths.instances_path, paths.base_dir,
+    listed = disk_trust.CachePaths(paths.instances_path, paths.base_dir,
                                    paths.lock_dir, (str(tmp_path / "extra"),))
     check(listed, top, elsewhere)
 
@@ -284,6 +285,6 @@ def test_writes_into_the_cache_or_the_locks_are_refused(paths, tmp_path):
                  os.path.join(paths.lock_dir, "new"),
                  str(tmp_path / "cache-link" / "new")):
         with pytest.raises(exception.CachePathRefused):
-            disk_chain.refuse_cache_write(paths, path)
-    disk_chain.refuse_cache_write(paths, disk(paths))
-    disk_chain.refuse_cache_write(paths, str(tmp_path / "new"))
+            disk_trust.refuse_cache_write(paths, path)
+    disk_trust.refuse_cache_write(paths, disk(paths))
+    disk_trust.refuse_cache_write(paths, str(tmp_path / "new"))
