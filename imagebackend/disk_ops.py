@@ -325,9 +325,10 @@ class DiskOperations:
                  backing_fmt, " without copying data" if unsafe else "")
 
         def undo():
-            # Both backing files show the guest the same content now (a
-            # safe rebase copied the differences in), so recording the
-            # old one back changes nothing the guest sees.
+            # Record the old reference exactly as it was.  After a safe
+            # rebase both backing files show the guest the same content
+            # (the differences were copied in), so this changes nothing
+            # the guest sees.
             self.qemu.rebase(path, fmt, before.backing_file,
                              before.backing_format, unsafe=True)
         return self._recheck(path, fmt, "rebase", undo=undo)
@@ -472,11 +473,16 @@ class DiskOperations:
 
     def _recheck(self, path, fmt, operation, undo=None):
         """Read and check the chain of ``path`` again after ``operation``
-        changed it; on refusal run ``undo`` (if any) and say so.
+        changed it, then have qemu-img open the whole chain with the
+        recorded formats and confirm it opens the images checked; on
+        refusal run ``undo`` (if any) and say so.
         """
         try:
-            return self._chain(path, fmt)
-        except exception.DiskOperationError as exc:
+            info = self._chain(path, fmt)
+            self._confirm(path, fmt, info)
+            return info
+        except (exception.DiskOperationError,
+                exception.QemuImgError) as exc:
             if undo is None:
                 outcome = "the change was kept; fix the chain as this says"
             else:
@@ -490,6 +496,27 @@ class DiskOperations:
                 path=path, reason="after %s its backing chain is refused "
                 "(%s); %s" % (operation, exc.kwargs.get("reason", exc),
                               outcome)) from exc
+
+    def _confirm(self, path, fmt, info):
+        """Refuse unless ``qemu-img info --backing-chain`` of ``path``
+        lists the images of the checked ``info.chain``, with their formats.
+        """
+        opened = self.qemu.info(path, fmt, backing_chain=True,
+                                force_share=False).chain
+        expected = [(disk_chain.file_id(i.filename), i.format)
+                    for i in info.chain]
+        found = [(disk_chain.file_id(
+            os.path.join(os.path.dirname(path), i.filename)), i.format)
+            for i in opened]
+        if found != expected:
+            raise exception.DiskOperationError(
+                path=path, reason="qemu-img opens the chain %s, not the "
+                "chain checked (%s); inspect it with 'qemu-img info -U "
+                "--backing-chain -f %s %s'" % (
+                    " -> ".join("%s (%s)" % (i.filename, i.format)
+                                for i in opened),
+                    " -> ".join("%s (%s)" % (i.filename, i.format)
+                                for i in info.chain), fmt, path))
 
 
 def _check_disk_file(path):

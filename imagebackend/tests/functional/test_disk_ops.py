@@ -186,8 +186,16 @@ def test_safe_rebase_keeps_what_the_guest_sees(dep):
 
 def test_resize_grows_and_refuses_to_shrink_unless_told(dep):
     disk = make_disk(dep)
+    dep.reset_qemu_log()
     grown = dep.cli_json("disk", "resize", disk.path, "128M")
     assert grown["virtual_size"] == 128 * MiB
+    # The chain was checked again afterwards, link by link and then as
+    # qemu-img opens it, always with explicit formats.
+    calls = dep.qemu_calls()
+    assert calls[-1] == "info -f qcow2 --output=json --backing-chain %s" % (
+        disk.path)
+    assert [c.split()[:3] for c in calls if c.startswith("info")][-3:-1] == [
+        ["info", "-f", "qcow2"], ["info", "-f", "raw"]]
     line = one_line_error(dep.cli("disk", "resize", disk.path, "96M",
                                   check=False))
     assert "--shrink" in line and disk.path in line

@@ -56,8 +56,18 @@ class Disks:
         self.qemu.snapshot_create.side_effect = self._snapshot_create
         self.ops = disk_ops.DiskOperations(self.conf, qemu=self.qemu)
 
-    def _info(self, path, fmt, **kwargs):
-        return copy.deepcopy(self.infos[path])
+    def _info(self, path, fmt, backing_chain=False, **kwargs):
+        chain = []
+        while True:
+            info = copy.deepcopy(self.infos[path])
+            info.filename, info.format = path, fmt
+            chain.append(info)
+            if not (backing_chain and info.backing_file):
+                break
+            path = os.path.join(os.path.dirname(path), info.backing_file)
+            fmt = info.backing_format
+        chain[0].chain = chain
+        return chain[0]
 
     def qcow2(self, name, registered=True, **kwargs):
         return self._add(name, fakes.qcow2_header(8 * MiB),
@@ -676,3 +686,28 @@ def test_rebase_takes_the_new_backing_format_from_the_cache(disks):
     assert "records it as raw" in str(err.value)
     disks.ops.rebase(top, unknown, unsafe=True, backing_fmt="raw")
     assert disks.qemu.rebase.call_count == 2
+
+
+def test_qemu_must_open_the_chain_that_was_checked(disks):
+    top = disks.qcow2("top.qcow2", backing="old.raw", backing_fmt="raw")
+    disks.raw("old.raw")
+    other = disks.raw("other.raw")
+    new = disks.raw("new.raw")
+    checked = disks._info
+
+    def info(path, fmt, backing_chain=False, **kwargs):
+        found = checked(path, fmt, backing_chain=backing_chain)
+        if backing_chain:
+            # qemu-img resolved the backing file differently.
+            found.chain[1].filename = other
+        return found
+    disks.qemu.info.side_effect = info
+    with pytest.raises(exception.DiskOperationError) as err:
+        disks.ops.rebase(top, new, unsafe=True)
+    message = str(err.value)
+    assert "qemu-img opens the chain" in message and other in message
+    assert "the change was undone" in message
+    assert disks.qemu.rebase.call_args_list[-1] == mock.call(
+        top, "qcow2", "old.raw", "raw", unsafe=True)
+    assert [c.kwargs.get("backing_chain") for c in
+            disks.qemu.info.call_args_list].count(True) == 1

@@ -165,7 +165,16 @@ def test_rebase_passes_the_backing_format(qemu, disk, tmp_path, capsys):
     base = str(tmp_path / "base")
     with open(base, "wb") as f:
         f.write(b"raw data")
-    qemu.info.return_value = qemu_img.ImageInfo(disk, "qcow2", GiB)
+
+    def info(path, fmt, backing_chain=False, **kwargs):
+        # The disk as qemu-img reads it after the rebase.
+        found = [qemu_img.ImageInfo(disk, "qcow2", GiB, backing_file=base,
+                                    backing_format="raw"),
+                 qemu_img.ImageInfo(base, "raw", 8)]
+        found = found[1:] if path == base else found
+        found[0].chain = found if backing_chain else []
+        return found[0]
+    qemu.info.side_effect = info
     assert main.main(["disk", "rebase", disk, base, "--unsafe",
                       "--input-format", "qcow2", "--backing-format",
                       "raw"]) == 0
