@@ -3,12 +3,12 @@ extract and resize.
 
 :class:`DiskOperations` works on the qcow2 and raw files the backends
 make.  Before any qemu-img command touches a disk, its format and backing
-chain are established as :mod:`imagebackend.disk_chain` describes: the
-format comes from the caller or the cache's records, never from a header a
-guest may have written, and every backing file is checked before qemu-img
-opens it.  After an operation that changes a disk the chain is read and
-checked again.  Nothing is ever written inside ``_base`` or the lock
-directory.
+chain are established as :mod:`imagebackend.disk_trust` and
+:mod:`imagebackend.disk_chain` describe: the format comes from the caller
+or the cache's records, never from a header a guest may have written, and
+every backing file is checked before qemu-img opens it.  After an
+operation that changes a disk the chain is read and checked again.
+Nothing is ever written inside ``_base`` or the lock directory.
 """
 
 import dataclasses
@@ -61,7 +61,10 @@ class DiskOperations:
     A backing file must lie under ``[imagebackend] instances_path``, under
     a directory of ``[image_cache] disk_dirs``, directly in the disk's own
     directory, or be a recorded base in ``_base`` (see
-    :mod:`imagebackend.disk_chain`).  Errors name the disk and the fix;
+    :mod:`imagebackend.disk_chain`); every link is checked before qemu-img
+    opens it.  After a change the chain is checked again, and
+    ``qemu-img info --backing-chain`` must open exactly the files checked;
+    a refused rebase is undone.  Errors name the disk and the fix;
     whatever can be checked beforehand is checked before qemu-img changes
     anything.
 
