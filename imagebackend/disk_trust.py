@@ -291,14 +291,14 @@ def _registry_records(paths, disk):
     if disks_fd is None:
         return
     try:
-        for cid in sorted(os.listdir(disks_fd)):
-            cid_fd = _open_dir(cid, disks_fd) if _CID_RE.match(cid) else None
-            if cid_fd is None:
-                continue
-            try:
-                record = _read_record(cid_fd, key + ".json")
-            finally:
-                os.close(cid_fd)
+        with os.scandir(disks_fd) as entries:
+            # A directory entry that is a symlink is skipped, never
+            # followed; the record itself is opened with O_NOFOLLOW.
+            cids = sorted(entry.name for entry in entries
+                          if _CID_RE.match(entry.name)
+                          and entry.is_dir(follow_symlinks=False))
+        for cid in cids:
+            record = _read_record(disks_fd, "%s/%s.json" % (cid, key))
             if record is not None and record.get("disk") == disk:
                 yield record
     finally:
