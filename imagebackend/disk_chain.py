@@ -1,15 +1,3 @@
-# Licensed under the Apache License, Version 2.0 (the "License"); you may
-# not use this file except in compliance with the License. You may obtain
-# a copy of the License at
-#
-#      http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
-# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
-# License for the specific language governing permissions and limitations
-# under the License.
-
 """An instance disk's backing chain, read without letting qemu-img guess
 anything or open a file before it is checked.
 
@@ -42,6 +30,10 @@ from imagebackend import disk_trust
 from imagebackend import exception
 from imagebackend import qemu_img
 
+#: Kept here for callers of earlier releases; see
+#: :mod:`imagebackend.disk_trust`.
+DISK_FORMATS = disk_trust.DISK_FORMATS
+BACKING_FORMATS = disk_trust.BACKING_FORMATS
 #: The deepest chain followed; deeper is a loop or a crafted image.
 MAX_CHAIN = 16
 # qemu takes "name:..." before any "/" as a protocol (nbd:, json:, ...).
