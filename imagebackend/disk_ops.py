@@ -3,9 +3,12 @@ extract and resize.
 
 :class:`DiskOperations` works on the qcow2 and raw files the backends
 make.  Before any qemu-img command touches a disk, its format and backing
-chain are read as :mod:`imagebackend.disk_chain` describes, so qemu-img
-never guesses a format; a caller that knows the disk's format should give
-it (``fmt``).
+chain are established as :mod:`imagebackend.disk_trust` and
+:mod:`imagebackend.disk_chain` describe: the format comes from the caller
+or the cache's records, never from a header a guest may have written, and
+every backing file is checked before qemu-img opens it.  After an
+operation that changes a disk the chain is read and checked again.
+Nothing is ever written inside ``_base`` or the lock directory.
 """
 
 import dataclasses
@@ -14,12 +17,15 @@ import logging
 import os
 import re
 import secrets
+import stat
 import threading
 import typing
 
 from oslo_config import cfg
 
+from imagebackend import cache
 from imagebackend import disk_chain
+from imagebackend import disk_trust
 from imagebackend import exception
 from imagebackend import fileutils
 from imagebackend import qemu_img
@@ -38,27 +44,50 @@ class DiskOperations:
     """Inspect and change existing instance disks through qemu-img.
 
     Every method takes the disk's path and, as ``fmt``, its format
-    (``qcow2`` or ``raw``) when the caller knows it; ``None`` reads it
-    from the disk's header (:mod:`imagebackend.disk_chain` says why a
-    known format is better).  Errors name the disk and the fix; whatever
-    can be checked beforehand is checked before qemu-img changes anything.
+    (``qcow2`` or ``raw``) when the caller knows it.  Without ``fmt`` the
+    format is the one the image cache records: a base or sized base in
+    ``_base`` has its record's format, a disk the library made has its
+    registry entry's; any other disk is refused with
+    :class:`~imagebackend.exception.DiskFormatUnknown` (a guest can write
+    any header into a raw disk, so a header never decides).
 
-    :param conf: a ConfigOpts with the ``[qemu_img]`` options (they are
-        registered on it); ``None`` uses the defaults.
+    Methods that change a disk (``check`` with ``repair``, the snapshot
+    changes, ``rebase``, ``resize``) and ``extract``'s output refuse
+    paths inside ``_base`` and the lock directory, judged by the real
+    path, so a symlink (or a hard link) into them is refused too; only the
+    cache writes there.  Reading a base in ``_base`` (``info``, ``check``
+    without repair, ``snapshot_list``, ``extract``'s input) is allowed.
+
+    A backing file must lie under ``[imagebackend] instances_path``, under
+    a directory of ``[image_cache] disk_dirs``, directly in the disk's own
+    directory, or be a recorded base in ``_base`` (see
+    :mod:`imagebackend.disk_chain`); every link is checked before qemu-img
+    opens it.  After a change the chain is checked again, and
+    ``qemu-img info --backing-chain`` must open exactly the files checked;
+    a refused rebase is undone.  Errors name the disk and the fix;
+    whatever can be checked beforehand is checked before qemu-img changes
+    anything.
+
+    :param conf: a ConfigOpts with the library's options (the ones used
+        here are registered on it); ``None`` uses the defaults.
     :param qemu: the qemu-img runner; ``None`` makes one from ``conf``.
     """
 
     def __init__(self, conf: cfg.ConfigOpts | None = None,
                  qemu: qemu_img.QemuImg | None = None) -> None:
+        if conf is None:
+            conf = cfg.ConfigOpts()
+        conf.register_opts(cache.OPTIONS, group="imagebackend")
+        cache.register_opts(conf)
+        self.conf = conf
         self.qemu = qemu or qemu_img.QemuImg(conf)
 
-    # -- reading -------------------------------------------------------------
+    @property
+    def paths(self) -> disk_trust.CachePaths:
+        """The cache's directories, as the configuration sets them now."""
+        return disk_trust.cache_paths(self.conf)
 
-    def detect_format(self, path: str) -> str:
-        """The format of disk ``path``, from its header; see
-        :func:`imagebackend.disk_chain.detect_format`.
-        """
-        return disk_chain.detect_format(os.path.abspath(path))
+    # -- reading -------------------------------------------------------------
 
     def info(self, path: str, *, fmt: str | None = None
              ) -> qemu_img.ImageInfo:
@@ -68,6 +97,8 @@ class DiskOperations:
         :returns: a :class:`imagebackend.qemu_img.ImageInfo` whose
             ``chain`` is the whole backing chain, this disk first, each
             image with the format it is opened with.
+        :raises exception.DiskFormatUnknown: no ``fmt`` and no record of
+            the disk's format.
         :raises exception.DiskOperationError: the disk or its chain is
             unusable (the message says why and how to fix it).
         :raises exception.QemuImgError: qemu-img failed.
@@ -82,20 +113,24 @@ class DiskOperations:
 
         :param repair: ``None`` (only check), ``"leaks"`` (free leaked
             clusters: safe) or ``"all"`` (also fix corruptions, which may
-            lose the data of the clusters concerned).
+            lose the data of the clusters concerned).  A base in ``_base``
+            is only checked, never repaired.
         :returns: a :class:`imagebackend.qemu_img.CheckResult`; for a raw
             disk its ``supported`` is False.  Corruptions and leaks are
             results, not exceptions.
         :raises exception.InvalidDiskRequest: a bad ``repair`` value.
+        :raises exception.CachePathRefused: ``repair`` of a file in
+            ``_base`` or the lock directory.
         """
         if repair not in (None, "leaks", "all"):
             raise exception.InvalidDiskRequest(
                 path=path, reason="repair must be 'leaks' or 'all', not %r"
                 % (repair,))
-        path, fmt = self._open(path, fmt, "check")
+        path, fmt = self._open(path, fmt, "check", write=bool(repair))
         self._chain(path, fmt)
         result = self.qemu.check(path, fmt, repair)
         if repair:
+            self._recheck(path, fmt, "check --repair")
             LOG.info("Checked disk %s with repair=%s: %d leak(s) and %d "
                      "corruption(s) fixed, %d and %d remain", path, repair,
                      result.leaks_fixed, result.corruptions_fixed,
@@ -125,7 +160,8 @@ class DiskOperations:
             snapshot of that name, or the name is empty or all digits
             (qemu-img would take it for a snapshot id).
         """
-        path, fmt = self._open(path, fmt, "snapshot create", qcow2=True)
+        path, fmt = self._open(path, fmt, "snapshot create", qcow2=True,
+                               write=True)
         if not name or _DIGITS_RE.match(name):
             raise exception.InvalidDiskRequest(
                 path=path, reason="%r cannot name a snapshot: give a name "
@@ -139,7 +175,8 @@ class DiskOperations:
         self.qemu.snapshot_create(path, fmt, name)
         LOG.info("Created snapshot %s of disk %s", name, path)
         old = {snap.id for snap in before}
-        new = [snap for snap in self.qemu.snapshot_list(path, fmt)
+        after = self._recheck(path, fmt, "snapshot create")
+        new = [snap for snap in after.snapshots
                if snap.name == name and snap.id not in old]
         if len(new) != 1:
             raise exception.DiskOperationError(
@@ -157,10 +194,12 @@ class DiskOperations:
         :returns: the snapshot applied.
         :raises exception.SnapshotNotFound: no such snapshot.
         """
-        path, fmt = self._open(path, fmt, "snapshot apply", qcow2=True)
+        path, fmt = self._open(path, fmt, "snapshot apply", qcow2=True,
+                               write=True)
         snap, ref = self._find_snapshot(path, fmt, name, by_id=True)
         self.qemu.snapshot_apply(path, fmt, ref)
         LOG.info("Reverted disk %s to snapshot %s", path, snap.name)
+        self._recheck(path, fmt, "snapshot apply")
         return snap
 
     def snapshot_delete(self, path: str, name: str, *,
@@ -171,11 +210,13 @@ class DiskOperations:
         :returns: the snapshot deleted.
         :raises exception.SnapshotNotFound: no such snapshot.
         """
-        path, fmt = self._open(path, fmt, "snapshot delete", qcow2=True)
+        path, fmt = self._open(path, fmt, "snapshot delete", qcow2=True,
+                               write=True)
         # qemu-img deletes by name only.
         snap, ref = self._find_snapshot(path, fmt, name, by_id=False)
         self.qemu.snapshot_delete(path, fmt, ref)
         LOG.info("Deleted snapshot %s of disk %s", snap.name, path)
+        self._recheck(path, fmt, "snapshot delete")
         return snap
 
     def _find_snapshot(self, path, fmt, name, by_id):
@@ -216,11 +257,16 @@ class DiskOperations:
     def rebase(self, path: str, new_backing: str, *, unsafe: bool = False,
                progress: ProgressCallback | None = None,
                cancel: threading.Event | None = None,
-               fmt: str | None = None) -> qemu_img.ImageInfo:
+               fmt: str | None = None,
+               backing_fmt: str | None = None) -> qemu_img.ImageInfo:
         """Make ``new_backing`` the backing file of qcow2 disk ``path``.
 
-        The new backing file's format is read from its header and recorded
-        explicitly; its path is recorded absolute.
+        The new backing file's path is recorded absolute, with its format:
+        ``backing_fmt``, or else the one the cache records for it (a base
+        in ``_base``, a disk the library made).  Its own backing chain is
+        read and checked, as a part of this disk's chain, before anything
+        changes; the disk's chain is checked again afterwards, and if that
+        fails the old backing file is recorded back.
 
         :param unsafe: only rewrite the reference, copying no data: for a
             backing file that moved or was renamed (the old one need not
@@ -232,43 +278,69 @@ class DiskOperations:
             copied.
         :param cancel: set it from another thread to stop; the disk then
             keeps its old backing file and its content.
+        :param backing_fmt: the new backing file's format.
         :returns: the disk's :meth:`info` afterwards.
         :raises exception.OperationCancelled: ``cancel`` was set.
         :raises exception.UnsupportedDiskOperation: a raw disk.
+        :raises exception.DiskFormatUnknown: no ``backing_fmt`` and no
+            record of the new backing file's format.
         :raises exception.InvalidDiskRequest: the new backing file is the
             disk itself or has the disk in its own chain.
+        :raises exception.DiskOperationError: the new backing file, or a
+            file in its chain, may not back a disk.
         """
-        path, fmt = self._open(path, fmt, "rebase", qcow2=True)
+        path, fmt = self._open(path, fmt, "rebase", qcow2=True, write=True)
         new_backing = os.path.abspath(new_backing)
-        try:
-            backing_fmt = disk_chain.header_format(new_backing)
-        except exception.DiskNotFound as exc:
+        if not os.path.lexists(new_backing):
             raise exception.DiskOperationError(
                 path=path, reason="the new backing file %s does not exist"
-                % new_backing) from exc
-        if backing_fmt not in disk_chain.BACKING_FORMATS:
+                % new_backing)
+        try:
+            backing_fmt = disk_trust.known_format(
+                self.paths, new_backing, backing_fmt,
+                flag="--backing-format",
+                formats=disk_trust.BACKING_FORMATS)
+        except exception.UnsupportedDiskOperation as exc:
             raise exception.InvalidDiskRequest(
                 path=path, reason="the new backing file %s is a %s image, "
                 "which cannot back a disk; use one of %s" % (
-                    new_backing, backing_fmt,
-                    ", ".join(disk_chain.BACKING_FORMATS)))
+                    new_backing, exc.kwargs["fmt"],
+                    ", ".join(disk_trust.BACKING_FORMATS))) from exc
         own = disk_chain.file_id(path)
-        if disk_chain.file_id(new_backing) == own or (
-                backing_fmt == "qcow2" and own in {
-                    disk_chain.file_id(image.filename)
-                    for image in self._chain(new_backing, "qcow2").chain}):
-            raise exception.InvalidDiskRequest(
-                path=path, reason="%s cannot be its backing file: the disk "
-                "would be in its own backing chain" % new_backing)
+        if disk_chain.file_id(new_backing) == own:
+            raise self._own_chain(path, new_backing)
+        # Check the new backing file as this disk's backing file, and its
+        # chain as part of this disk's, before anything changes.
+        disk_chain.check_backing(self.paths, path, path, new_backing,
+                                 backing_fmt)
+        new_chain = self._chain(new_backing, backing_fmt, top=path)
+        if own in {disk_chain.file_id(image.filename)
+                   for image in new_chain.chain}:
+            raise self._own_chain(path, new_backing)
         # A safe rebase reads the old chain; an unsafe one must work when
         # the old backing file is gone.
-        size = self._chain(path, fmt, follow=not unsafe).virtual_size
+        before = self._chain(path, fmt, follow=not unsafe)
         self.qemu.rebase(path, fmt, new_backing, backing_fmt, unsafe=unsafe,
-                         progress=_in_bytes(progress, "rebase", size),
+                         progress=_in_bytes(progress, "rebase",
+                                            before.virtual_size),
                          cancel=cancel)
         LOG.info("Rebased disk %s onto %s (%s)%s", path, new_backing,
                  backing_fmt, " without copying data" if unsafe else "")
-        return self._chain(path, fmt)
+
+        def undo():
+            # Record the old reference exactly as it was.  After a safe
+            # rebase both backing files show the guest the same content
+            # (the differences were copied in), so this changes nothing
+            # the guest sees.
+            self.qemu.rebase(path, fmt, before.backing_file,
+                             before.backing_format, unsafe=True)
+        return self._recheck(path, fmt, "rebase", undo=undo)
+
+    @staticmethod
+    def _own_chain(path, new_backing):
+        return exception.InvalidDiskRequest(
+            path=path, reason="%s cannot be its backing file: the disk "
+            "would be in its own backing chain" % new_backing)
 
     def extract(self, path: str, output: str, output_fmt: str = "qcow2", *,
                 compress: bool = False,
@@ -284,6 +356,8 @@ class DiskOperations:
         then given its name; on any failure or cancellation nothing is left
         behind.
 
+        :param output: a new file, outside ``_base`` and the lock
+            directory.
         :param output_fmt: ``qcow2`` or ``raw``.
         :param compress: compress the data (qcow2 only): smaller, slower to
             write, and slower for a guest to read until rewritten.
@@ -293,6 +367,8 @@ class DiskOperations:
         :returns: the :class:`imagebackend.qemu_img.ImageInfo` of
             ``output``.
         :raises exception.TargetExists: ``output`` exists; nothing was run.
+        :raises exception.CachePathRefused: ``output`` is in ``_base`` or
+            the lock directory; nothing was run.
         :raises exception.InvalidDiskRequest: a bad format or compression
             request; nothing was run.
         :raises exception.OperationCancelled: ``cancel`` was set.
@@ -305,8 +381,9 @@ class DiskOperations:
             raise exception.InvalidDiskRequest(
                 path=path, reason="compression needs qcow2 output, not %s"
                 % output_fmt)
-        path, fmt = self._open(path, fmt, "extract")
         output = os.path.abspath(output)
+        disk_trust.refuse_cache_write(self.paths, output)
+        path, fmt = self._open(path, fmt, "extract")
         if os.path.lexists(output):
             raise exception.TargetExists(path=output)
         directory, name = os.path.split(output)
@@ -346,7 +423,7 @@ class DiskOperations:
             sizes must be a multiple of 512 bytes).
         """
         size = qemu_img.parse_size(size)
-        path, fmt = self._open(path, fmt, "resize")
+        path, fmt = self._open(path, fmt, "resize", write=True)
         current = self._chain(path, fmt)
         if size == current.virtual_size:
             LOG.info("Disk %s already has %d bytes", path, size)
@@ -362,21 +439,28 @@ class DiskOperations:
                          shrink=size < current.virtual_size)
         LOG.info("Resized disk %s from %d to %d bytes", path,
                  current.virtual_size, size)
-        return self._chain(path, fmt)
+        return self._recheck(path, fmt, "resize")
 
     # -- internals -----------------------------------------------------------
 
-    def _open(self, path, fmt, operation, qcow2=False):
-        """The absolute path and the format of an existing disk."""
+    def _open(self, path, fmt, operation, qcow2=False, write=False):
+        """The absolute path and the format of an existing disk.
+
+        :param write: the operation changes the disk, so it must not be in
+            ``_base`` or the lock directory.
+        """
         path = os.path.abspath(path)
-        if fmt is None:
-            fmt = self.detect_format(path)
-        else:
-            disk_chain.header_format(path)     # exists, and is a file
-            if fmt not in disk_chain.DISK_FORMATS:
-                raise exception.UnsupportedDiskOperation(
-                    path=path, operation=operation, fmt=fmt,
-                    hint="; instance disks are qcow2 or raw")
+        _check_disk_file(path)
+        paths = self.paths
+        if write:
+            disk_trust.refuse_cache_write(paths, path)
+        try:
+            fmt = disk_trust.known_format(paths, path, fmt,
+                                          flag="--input-format")
+        except exception.UnsupportedDiskOperation as exc:
+            raise exception.UnsupportedDiskOperation(
+                path=path, operation=operation, fmt=exc.kwargs["fmt"],
+                hint="; instance disks are qcow2 or raw") from exc
         if qcow2 and fmt != "qcow2":
             raise exception.UnsupportedDiskOperation(
                 path=path, operation=operation, fmt=fmt,
@@ -385,9 +469,72 @@ class DiskOperations:
                      "extract', or use the qcow2 or cached-base backend)")
         return path, fmt
 
-    def _chain(self, path, fmt, follow=True, force_share=False):
-        return disk_chain.read_chain(self.qemu, path, fmt, follow=follow,
+    def _chain(self, path, fmt, follow=True, force_share=False, top=None):
+        return disk_chain.read_chain(self.qemu, path, fmt, paths=self.paths,
+                                     top=top, follow=follow,
                                      force_share=force_share)
+
+    def _recheck(self, path, fmt, operation, undo=None):
+        """Read and check the chain of ``path`` again after ``operation``
+        changed it, then have qemu-img open the whole chain with the
+        recorded formats and confirm it opens the images checked; on
+        refusal run ``undo`` (if any) and say so.
+        """
+        try:
+            info = self._chain(path, fmt)
+            self._confirm(path, fmt, info)
+            return info
+        except (exception.DiskOperationError,
+                exception.QemuImgError) as exc:
+            if undo is None:
+                outcome = "the change was kept; fix the chain as this says"
+            else:
+                try:
+                    undo()
+                    outcome = "the change was undone"
+                except exception.ImageBackendException as undo_exc:
+                    outcome = ("undoing it failed too (%s); fix the chain "
+                               "as this says" % undo_exc)
+            raise exception.DiskOperationError(
+                path=path, reason="after %s its backing chain is refused "
+                "(%s); %s" % (operation, exc.kwargs.get("reason", exc),
+                              outcome)) from exc
+
+    def _confirm(self, path, fmt, info):
+        """Refuse unless ``qemu-img info --backing-chain`` of ``path``
+        lists the images of the checked ``info.chain``, with their formats.
+        """
+        opened = self.qemu.info(path, fmt, backing_chain=True,
+                                force_share=False).chain
+        expected = [(disk_chain.file_id(i.filename), i.format)
+                    for i in info.chain]
+        found = [(disk_chain.file_id(
+            os.path.join(os.path.dirname(path), i.filename)), i.format)
+            for i in opened]
+        if found != expected:
+            raise exception.DiskOperationError(
+                path=path, reason="qemu-img opens the chain %s, not the "
+                "chain checked (%s); inspect it with 'qemu-img info -U "
+                "--backing-chain -f %s %s'" % (
+                    " -> ".join("%s (%s)" % (i.filename, i.format)
+                                for i in opened),
+                    " -> ".join("%s (%s)" % (i.filename, i.format)
+                                for i in info.chain), fmt, path))
+
+
+def _check_disk_file(path):
+    """Refuse a ``path`` that does not exist or is not a disk file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise exception.DiskNotFound(path=path) from exc
+    except OSError as exc:
+        raise exception.DiskOperationError(
+            path=path, reason="cannot open it: %s" % exc.strerror) from exc
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise exception.DiskOperationError(
+            path=path, reason="it is not a disk image (not a regular file "
+            "or a block device)")
 
 
 def _in_bytes(progress, stage, size):

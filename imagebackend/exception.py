@@ -303,3 +303,13 @@ class ConfigValueError(ConfigurationError):
         kwargs.setdefault("fix_where", " there" if files else
                           " by setting it in a config file")
         super().__init__(message, **kwargs)
+
+
+class DiskFormatUnknown(DiskOperationError, ValueError):
+    msg_fmt = ("Disk %(path)s: %(reason)s; give its format explicitly with "
+               "%(flag)s qcow2 or %(flag)s raw.")
+
+
+class CachePathRefused(DiskOperationError, PermissionError):
+    msg_fmt = ("Refusing to write %(path)s: it is in %(where)s, where only "
+               "the cache writes; choose a path outside it.")

@@ -5,6 +5,7 @@ operations on existing instance disks (registered by
 
 from imagebackend.cmd import output
 from imagebackend import disk_ops
+from imagebackend import disk_trust
 from imagebackend import qemu_img
 from imagebackend import sources
 
@@ -19,6 +20,8 @@ _SNAPSHOT_ACTIONS = (
 )
 _NOT_RUNNING = (" The disk must not be in use by a running guest (qemu-img "
                 "refuses a disk another process has open for writing).")
+_WRITES = (" A disk in the image cache or the lock directory (by its real "
+           "path) is never changed.")
 
 
 def add_commands(commands, size_type) -> None:
@@ -46,14 +49,15 @@ def add_commands(commands, size_type) -> None:
                        help="'leaks' frees leaked clusters (only wasted "
                             "space; safe); 'all' also repairs corruptions, "
                             "which can lose the data of the clusters "
-                            "concerned.")
+                            "concerned. Refused for a file in the image "
+                            "cache or the lock directory.")
     check.set_defaults(func=check_disk)
 
     snapshot = commands.add_parser(
         "snapshot", help="Create, apply, delete and list internal "
                          "snapshots of a qcow2 disk.",
         description="Internal snapshots are kept inside a qcow2 disk; raw "
-                    "disks have none." + _NOT_RUNNING)
+                    "disks have none." + _NOT_RUNNING + _WRITES)
     actions = snapshot.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     listing = actions.add_parser("list", help="List the snapshots.")
@@ -69,13 +73,24 @@ def add_commands(commands, size_type) -> None:
     rebase = commands.add_parser(
         "rebase", help="Give a qcow2 disk another backing file.",
         description="Make NEW_BACKING the backing file of qcow2 disk PATH, "
-                    "recording its absolute path and its format (read from "
-                    "its header). The guest sees the same content "
-                    "afterwards: whatever differs between the old and the "
-                    "new backing file is copied into the disk, with a "
-                    "progress bar on a terminal." + _NOT_RUNNING)
+                    "recording its absolute path and its format "
+                    "(--backing-format, or else the format the image cache "
+                    "records for it). NEW_BACKING and its own chain are "
+                    "checked first, and the disk's chain again afterwards. "
+                    "The guest sees the same content afterwards: whatever "
+                    "differs between the old and the new backing file is "
+                    "copied into the disk, with a progress bar on a "
+                    "terminal." + _NOT_RUNNING + _WRITES)
     _disk_arguments(rebase)
     rebase.add_argument("new_backing", metavar="NEW_BACKING")
+    rebase.add_argument("--backing-format", dest="backing_format",
+                        choices=disk_trust.BACKING_FORMATS,
+                        help="NEW_BACKING's format. Needed unless "
+                             "NEW_BACKING is a base in the image cache "
+                             "(its record's format is used) or a disk the "
+                             "library made (its registry entry's); never "
+                             "read from NEW_BACKING's header, which a guest "
+                             "may have written.")
     rebase.add_argument("--unsafe", action="store_true",
                         help="Only rewrite the reference, copying no data: "
                              "for a backing file that was moved or renamed "
@@ -90,7 +105,7 @@ def add_commands(commands, size_type) -> None:
         description="Set the virtual size of disk PATH. Only growing is "
                     "allowed unless --shrink is given; the guest's "
                     "partitions and filesystems are not changed." +
-                    _NOT_RUNNING)
+                    _NOT_RUNNING + _WRITES)
     _disk_arguments(resize)
     resize.add_argument("size", metavar="SIZE", type=size_type,
                         help="The new virtual size: bytes, or a number "
@@ -112,8 +127,9 @@ def add_extract_command(commands):
                     "backing chain flattened -- to a new image OUTPUT with "
                     "no backing file, suitable for upload to an image "
                     "service. Internal snapshots are not copied. OUTPUT "
-                    "must not exist; it appears only once complete and "
-                    "flushed to disk. A progress bar is drawn on a "
+                    "must not exist and may not be in the image cache or "
+                    "the lock directory; it appears only once complete "
+                    "and flushed to disk. A progress bar is drawn on a "
                     "terminal.")
     _disk_arguments(extract)
     extract.add_argument("output", metavar="OUTPUT",
@@ -137,11 +153,13 @@ def add_extract_command(commands):
 
 def _disk_arguments(parser) -> None:
     parser.add_argument("path", metavar="PATH", help="The instance disk.")
-    parser.add_argument("--input-format", choices=("qcow2", "raw"),
-                        help="The disk's format. By default it is read "
-                             "from the disk's header; give it for a raw "
-                             "disk, whose guest may have written any "
-                             "header into it.")
+    parser.add_argument("--input-format", choices=disk_trust.DISK_FORMATS,
+                        help="The disk's format. Needed unless PATH is a "
+                             "base in the image cache (its record's format "
+                             "is used) or a disk the library made (its "
+                             "registry entry's); never read from the "
+                             "disk's header, which a guest may have "
+                             "written.")
     output.add_format_argument(parser)
 
 
@@ -190,7 +208,8 @@ def rebase_disk(args, conf) -> dict:
     try:
         info = make_ops(conf).rebase(args.path, args.new_backing,
                                      unsafe=args.unsafe, progress=bar,
-                                     fmt=args.input_format)
+                                     fmt=args.input_format,
+                                     backing_fmt=args.backing_format)
     finally:
         bar.close()
     return info_row(info, _json(args))

@@ -4,6 +4,8 @@ changed, and no partial output left behind."""
 
 import copy
 import datetime
+import hashlib
+import json
 import os
 from unittest import mock
 
@@ -34,36 +36,77 @@ def image(fmt, size=8 * MiB, backing=None, backing_fmt=None, snapshots=(),
 
 
 class Disks:
-    """Files in a directory and what the mocked ``qemu-img info`` says
-    about each of them.
+    """Files in an instance directory and what the mocked ``qemu-img
+    info`` says about each of them.  Disks are recorded in the cache's
+    registry, as the library records the disks it makes, unless made with
+    ``registered=False``.
     """
 
     def __init__(self, tmp_path):
-        self.dir = tmp_path
+        self.conf = fakes.conf(tmp_path)
+        self.instances = tmp_path / "instances"
+        self.base_dir = self.instances / "_base"
+        self.dir = self.instances / "vm"
+        self.dir.mkdir(parents=True)
         self.infos = {}
         self.qemu = mock.create_autospec(qemu_img.QemuImg, instance=True)
         self.qemu.info.side_effect = self._info
         self.qemu.snapshot_list.side_effect = (
             lambda path, fmt: self._info(path, fmt).snapshots)
         self.qemu.snapshot_create.side_effect = self._snapshot_create
-        self.ops = disk_ops.DiskOperations(qemu=self.qemu)
+        self.ops = disk_ops.DiskOperations(self.conf, qemu=self.qemu)
 
-    def _info(self, path, fmt, **kwargs):
-        return copy.deepcopy(self.infos[path])
+    def _info(self, path, fmt, backing_chain=False, **kwargs):
+        chain = []
+        while True:
+            info = copy.deepcopy(self.infos[path])
+            info.filename, info.format = path, fmt
+            chain.append(info)
+            if not (backing_chain and info.backing_file):
+                break
+            path = os.path.join(os.path.dirname(path), info.backing_file)
+            fmt = info.backing_format
+        chain[0].chain = chain
+        return chain[0]
 
-    def qcow2(self, name, **kwargs):
+    def qcow2(self, name, registered=True, **kwargs):
         return self._add(name, fakes.qcow2_header(8 * MiB),
-                         image("qcow2", **kwargs))
+                         image("qcow2", **kwargs), registered)
 
-    def raw(self, name, data=b"guest data", **kwargs):
-        return self._add(name, data, image("raw", **kwargs))
+    def raw(self, name, data=b"guest data", registered=True, **kwargs):
+        return self._add(name, data, image("raw", **kwargs), registered)
 
-    def _add(self, name, data, info):
+    def base(self, name="a" * 40, fmt="raw", data=b"base data",
+             record=True, **kwargs):
+        """A base in ``_base`` with its record."""
+        self.base_dir.mkdir(exist_ok=True)
+        path = self._add(self.base_dir / name, data, image(fmt, **kwargs),
+                         registered=False)
+        if record:
+            stem = name.split("_")[0]
+            write_json(self.base_dir / (stem + ".json"),
+                       {"image_id": "img", "format": fmt})
+        return path
+
+    def _add(self, name, data, info, registered):
         path = str(self.dir / name)
         with open(path, "wb") as f:
             f.write(data)
         self.infos[path] = info
+        if registered:
+            self.register(path, info.format)
         return path
+
+    def register(self, path, fmt=None, cid="c" * 40, **extra):
+        """Record ``path`` in the registry as the library does."""
+        record = dict({"disk": path, "base": "b", "image_id": "img"},
+                      **extra)
+        if fmt is not None:
+            record["format"] = fmt
+        key = hashlib.sha1(path.encode()).hexdigest()
+        directory = self.base_dir / ".disks" / cid
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / (key + ".json"), record)
 
     def _snapshot_create(self, path, fmt, name):
         snapshots = self.infos[path].snapshots
@@ -73,6 +116,11 @@ class Disks:
         return [c.args[:2] for c in self.qemu.info.call_args_list]
 
 
+def write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
 @pytest.fixture
 def disks(tmp_path):
     return Disks(tmp_path)
@@ -80,27 +128,37 @@ def disks(tmp_path):
 
 # --- formats -----------------------------------------------------------------
 
-def test_format_is_read_from_the_header(disks):
-    assert disks.ops.detect_format(disks.qcow2("a.qcow2")) == "qcow2"
-    assert disks.ops.detect_format(disks.raw("b.img")) == "raw"
-    assert disks.ops.detect_format(disks.raw("empty", b"")) == "raw"
-    disks.qemu.info.assert_not_called()
+def test_a_disk_the_library_made_has_its_registry_format(disks):
+    # Records of today's overlays carry no format: they are qcow2.
+    top = disks.qcow2("top.qcow2", registered=False)
+    disks.register(top)
+    assert disks.ops.info(top).format == "qcow2"
+    raw = disks.raw("disk.raw", data=fakes.qcow2_header(MiB))
+    assert disks.ops.info(raw).format == "raw"
+    assert disks.info_calls() == [(top, "qcow2"), (raw, "raw")]
 
 
-@pytest.mark.parametrize("header", [b"KDMV" + bytes(60), b"conectix",
-                                    b"QED\x00", b"vhdxfile"])
-def test_other_image_formats_are_not_instance_disks(disks, header):
-    path = disks.raw("odd", header + bytes(512))
-    with pytest.raises(exception.UnsupportedDiskOperation) as err:
-        disks.ops.info(path)
-    assert path in str(err.value)
-    assert "--input-format raw" in str(err.value)
-    disks.qemu.info.assert_not_called()
+@pytest.mark.parametrize("header", [fakes.qcow2_header(MiB),
+                                    b"KDMV" + bytes(60), b"conectix",
+                                    b"QED\x00", b"vhdxfile", b"guest data"])
+def test_no_header_ever_chooses_a_format(disks, header):
+    path = disks.raw("odd", header + bytes(512), registered=False)
+    for call in (disks.ops.info, disks.ops.check, disks.ops.snapshot_list,
+                 lambda p: disks.ops.resize(p, 16 * MiB),
+                 lambda p: disks.ops.extract(p, str(disks.dir / "out"))):
+        with pytest.raises(exception.DiskFormatUnknown) as err:
+            call(path)
+        assert isinstance(err.value, ValueError)
+        assert path in str(err.value)
+        assert "--input-format qcow2 or --input-format raw" in str(err.value)
+    assert disks.qemu.method_calls == []
+    assert disks.ops.info(path, fmt="raw").format == "raw"
 
 
 def test_a_given_format_wins_over_the_header(disks):
     # A raw disk whose guest wrote a qcow2 header naming a host file.
-    path = disks.qcow2("raw-disk", backing="/etc/shadow", backing_fmt="raw")
+    path = disks.qcow2("raw-disk", backing="/etc/shadow", backing_fmt="raw",
+                       registered=False)
     disks.infos[path] = image("raw")
     info = disks.ops.info(path, fmt="raw")
     assert (info.format, info.backing_file) == ("raw", None)
@@ -295,7 +353,7 @@ def test_an_unknown_snapshot_lists_the_known_ones(disks):
 
 # --- rebase ------------------------------------------------------------------
 
-def test_rebase_records_an_absolute_path_and_the_detected_format(
+def test_rebase_records_an_absolute_path_and_the_recorded_format(
         disks, monkeypatch):
     top = disks.qcow2("top.qcow2", backing="old.raw", backing_fmt="raw")
     disks.raw("old.raw")
@@ -472,3 +530,184 @@ def test_backends_offer_disk_operations_with_their_runner(tmp_path):
     assert backend.disk_ops.info(path, fmt="qcow2").virtual_size == MiB
     qemu.info.assert_called_once_with(path, "qcow2", force_share=True)
     assert backend.disk_ops is backend.disk_ops
+
+
+# --- the cache's records, and nothing written into the cache -----------------
+
+def test_a_base_is_read_with_its_record_format(disks):
+    base = disks.base(fmt="qcow2")
+    assert disks.ops.info(base).format == "qcow2"
+    disks.qemu.check.return_value = qemu_img.CheckResult(
+        filename=base, format="qcow2")
+    disks.ops.check(base)
+    disks.qemu.check.assert_called_once_with(base, "qcow2", None)
+    with pytest.raises(exception.InvalidDiskRequest) as err:
+        disks.ops.info(base, fmt="raw")
+    assert "records it as qcow2" in str(err.value)
+
+
+def test_a_base_without_a_valid_record_needs_its_format(disks):
+    base = disks.base(record=False, data=fakes.qcow2_header(MiB))
+    with pytest.raises(exception.DiskFormatUnknown) as err:
+        disks.ops.info(base)
+    assert "no valid record" in str(err.value)
+    assert disks.ops.info(base, fmt="raw").format == "raw"
+
+
+def test_a_sized_base_has_its_base_format(disks):
+    disks.base("a" * 40, fmt="raw")
+    sized = disks.base("a" * 40 + "_%d" % (16 * MiB), fmt="raw",
+                       record=False)
+    assert disks.ops.info(sized).format == "raw"
+
+
+@pytest.mark.parametrize("change", [
+    lambda ops, p, d: ops.resize(p, 16 * MiB),
+    lambda ops, p, d: ops.snapshot_create(p, "s1"),
+    lambda ops, p, d: ops.snapshot_apply(p, "s1"),
+    lambda ops, p, d: ops.snapshot_delete(p, "s1"),
+    lambda ops, p, d: ops.check(p, "leaks"),
+    lambda ops, p, d: ops.rebase(p, d, unsafe=True),
+])
+def test_a_base_is_never_changed(disks, tmp_path, change):
+    base = disks.base(fmt="qcow2", snapshots=[snap("1", "s1")])
+    other = disks.qcow2("other.qcow2")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "cache").symlink_to(disks.base_dir)
+    (outside / "one-base").symlink_to(base)
+    for path in (base, str(outside / "cache" / os.path.basename(base)),
+                 str(outside / "one-base")):
+        with pytest.raises(exception.CachePathRefused) as err:
+            change(disks.ops, path, other)
+        assert isinstance(err.value, PermissionError)
+        assert "Refusing to write %s" % path in str(err.value)
+        assert str(disks.base_dir) in str(err.value)
+    assert disks.qemu.method_calls == []
+
+
+def test_a_hard_link_to_a_base_is_never_changed(disks):
+    base = disks.base(fmt="qcow2")
+    link = str(disks.dir / "link")
+    os.link(base, link)
+    with pytest.raises(exception.CachePathRefused) as err:
+        disks.ops.resize(link, 16 * MiB, fmt="qcow2")
+    assert "hard link to %s" % base in str(err.value)
+    disks.qemu.resize.assert_not_called()
+
+
+def test_extract_never_writes_into_the_cache_or_the_locks(disks, tmp_path):
+    top = disks.qcow2("top.qcow2")
+    locks = disks.instances / "locks"
+    (disks.base_dir / ".disks").mkdir(parents=True, exist_ok=True)
+    locks.mkdir()
+    (tmp_path / "into-locks").symlink_to(locks)
+    for out in (disks.base_dir / ("f" * 40), disks.base_dir / ".disks" / "x",
+                locks / "x", tmp_path / "into-locks" / "x"):
+        with pytest.raises(exception.CachePathRefused) as err:
+            disks.ops.extract(top, str(out))
+        assert str(out) in str(err.value)
+    disks.qemu.convert.assert_not_called()
+
+
+def test_the_lock_directory_follows_oslo_concurrency(disks, tmp_path):
+    locks = tmp_path / "elsewhere-locks"
+    locks.mkdir()
+    disks.conf.set_override("lock_path", str(locks),
+                            group="oslo_concurrency")
+    top = disks.qcow2("top.qcow2")
+    with pytest.raises(exception.CachePathRefused) as err:
+        disks.ops.extract(top, str(locks / "x"))
+    assert "the lock directory %s" % locks in str(err.value)
+
+
+# --- chains are checked again after a change ---------------------------------
+
+def test_a_rebase_refused_afterwards_is_undone(disks, tmp_path):
+    top = disks.qcow2("top.qcow2", backing="old.raw", backing_fmt="raw")
+    disks.raw("old.raw")
+    new = disks.raw("new.raw")
+    outside = str(tmp_path / "host-file")
+    with open(outside, "wb") as f:
+        f.write(b"host")
+
+    def rebase(path, fmt, backing, backing_fmt, unsafe, **kwargs):
+        # As if the disk had been changed under us to name a host file.
+        disks.infos[path] = image("qcow2", backing=outside,
+                                  backing_fmt="raw")
+    disks.qemu.rebase.side_effect = rebase
+    with pytest.raises(exception.DiskOperationError) as err:
+        disks.ops.rebase(top, new)
+    message = str(err.value)
+    assert "after rebase" in message and outside in message
+    assert "the change was undone" in message
+    assert disks.qemu.rebase.call_args_list == [
+        mock.call(top, "qcow2", new, "raw", unsafe=False, progress=None,
+                  cancel=None),
+        mock.call(top, "qcow2", "old.raw", "raw", unsafe=True)]
+
+
+def test_a_resize_is_checked_afterwards(disks, tmp_path):
+    top = disks.qcow2("top.qcow2")
+
+    def resize(path, fmt, size, shrink):
+        disks.infos[path] = image("qcow2", backing="/etc/shadow",
+                                  backing_fmt="raw")
+    disks.qemu.resize.side_effect = resize
+    with pytest.raises(exception.DiskOperationError) as err:
+        disks.ops.resize(top, 16 * MiB)
+    assert "after resize" in str(err.value)
+    assert "/etc/shadow" in str(err.value)
+
+
+def test_rebase_checks_the_new_backing_chain_first(disks, tmp_path):
+    top = disks.qcow2("top.qcow2")
+    new = disks.qcow2("new.qcow2", backing="/etc/shadow", backing_fmt="raw")
+    with pytest.raises(exception.DiskOperationError) as err:
+        disks.ops.rebase(top, new, unsafe=True)
+    assert "/etc/shadow" in str(err.value)
+    assert "outside the directories" in str(err.value)
+    disks.qemu.rebase.assert_not_called()
+
+
+def test_rebase_takes_the_new_backing_format_from_the_cache(disks):
+    top = disks.qcow2("top.qcow2")
+    base = disks.base(fmt="raw", data=fakes.qcow2_header(MiB))
+    disks.ops.rebase(top, base, unsafe=True)
+    disks.qemu.rebase.assert_called_once_with(top, "qcow2", base, "raw",
+                                              unsafe=True, progress=None,
+                                              cancel=None)
+    unknown = disks.raw("unknown", registered=False)
+    with pytest.raises(exception.DiskFormatUnknown) as err:
+        disks.ops.rebase(top, unknown, unsafe=True)
+    assert "--backing-format" in str(err.value)
+    with pytest.raises(exception.InvalidDiskRequest) as err:
+        disks.ops.rebase(top, base, unsafe=True, backing_fmt="qcow2")
+    assert "records it as raw" in str(err.value)
+    disks.ops.rebase(top, unknown, unsafe=True, backing_fmt="raw")
+    assert disks.qemu.rebase.call_count == 2
+
+
+def test_qemu_must_open_the_chain_that_was_checked(disks):
+    top = disks.qcow2("top.qcow2", backing="old.raw", backing_fmt="raw")
+    disks.raw("old.raw")
+    other = disks.raw("other.raw")
+    new = disks.raw("new.raw")
+    checked = disks._info
+
+    def info(path, fmt, backing_chain=False, **kwargs):
+        found = checked(path, fmt, backing_chain=backing_chain)
+        if backing_chain:
+            # qemu-img resolved the backing file differently.
+            found.chain[1].filename = other
+        return found
+    disks.qemu.info.side_effect = info
+    with pytest.raises(exception.DiskOperationError) as err:
+        disks.ops.rebase(top, new, unsafe=True)
+    message = str(err.value)
+    assert "qemu-img opens the chain" in message and other in message
+    assert "the change was undone" in message
+    assert disks.qemu.rebase.call_args_list[-1] == mock.call(
+        top, "qcow2", "old.raw", "raw", unsafe=True)
+    assert [c.kwargs.get("backing_chain") for c in
+            disks.qemu.info.call_args_list].count(True) == 1

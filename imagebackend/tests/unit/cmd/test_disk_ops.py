@@ -84,8 +84,13 @@ def test_extract_and_rebase_options(capsys):
         "raw", True, "raw")
     parse_error(capsys, "disk", "extract", "d", "o", "-O", "vmdk")
     args = parse("disk", "rebase", "d", "b", "--unsafe")
-    assert (args.new_backing, args.unsafe) == ("b", True)
+    assert (args.new_backing, args.unsafe, args.backing_format) == (
+        "b", True, None)
     assert not parse("disk", "rebase", "d", "b").unsafe
+    assert parse("disk", "rebase", "d", "b", "--backing-format",
+                 "raw").backing_format == "raw"
+    parse_error(capsys, "disk", "rebase", "d", "b", "--backing-format",
+                "qed")
     parse_error(capsys, "disk", "info", "d", "--input-format", "vmdk")
 
 
@@ -116,7 +121,8 @@ def test_check_exits_like_qemu_img_check(qemu, disk, capsys, counts,
                                          status):
     qemu.info.return_value = qemu_img.ImageInfo(disk, "qcow2", GiB)
     qemu.check.return_value = check_result(disk, **counts)
-    assert main.main(["disk", "check", disk, "-f", "json"]) == status
+    assert main.main(["disk", "check", disk, "--input-format", "qcow2",
+                      "-f", "json"]) == status
     out = json.loads(capsys.readouterr().out)
     assert out["path"] == disk
     assert out["leaks"] == counts.get("leaks", 0)
@@ -132,12 +138,13 @@ def test_info_prints_the_chain_as_json_and_text(qemu, disk, tmp_path,
         qemu_img.ImageInfo(disk, "qcow2", GiB, backing_file=base,
                            backing_format="raw"),
         qemu_img.ImageInfo(base, "raw", 8)] * 2
-    assert main.main(["disk", "info", disk, "-f", "json"]) == 0
+    assert main.main(["disk", "info", disk, "--input-format", "qcow2", "-f",
+                      "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["backing_file"] == base
     assert out["backing_chain"] == [{"path": base, "format": "raw",
                                      "virtual_size": 8}]
-    assert main.main(["disk", "info", disk]) == 0
+    assert main.main(["disk", "info", disk, "--input-format", "qcow2"]) == 0
     assert "%s (raw)" % base in capsys.readouterr().out
 
 
@@ -151,4 +158,34 @@ def test_a_refused_operation_is_one_line_and_exit_1(qemu, tmp_path, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("imagebackend: error: Disk %s" % raw)
+    assert qemu.method_calls == []
+
+
+def test_rebase_passes_the_backing_format(qemu, disk, tmp_path, capsys):
+    base = str(tmp_path / "base")
+    with open(base, "wb") as f:
+        f.write(b"raw data")
+
+    def info(path, fmt, backing_chain=False, **kwargs):
+        # The disk as qemu-img reads it after the rebase.
+        found = [qemu_img.ImageInfo(disk, "qcow2", GiB, backing_file=base,
+                                    backing_format="raw"),
+                 qemu_img.ImageInfo(base, "raw", 8)]
+        found = found[1:] if path == base else found
+        found[0].chain = found if backing_chain else []
+        return found[0]
+    qemu.info.side_effect = info
+    assert main.main(["disk", "rebase", disk, base, "--unsafe",
+                      "--input-format", "qcow2", "--backing-format",
+                      "raw"]) == 0
+    qemu.rebase.assert_called_once_with(disk, "qcow2", base, "raw",
+                                        unsafe=True, progress=mock.ANY,
+                                        cancel=None)
+
+
+def test_an_unknown_format_names_the_flag(qemu, disk, capsys):
+    assert main.main(["disk", "info", disk]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("imagebackend: error: Disk %s" % disk)
+    assert "--input-format" in err and len(err.strip().splitlines()) == 1
     assert qemu.method_calls == []
