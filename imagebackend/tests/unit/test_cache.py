@@ -459,7 +459,7 @@ def test_base_dir_name_must_be_a_plain_name(tmp_path, qemu, name):
     conf = fakes.conf(tmp_path, base_dir_name=name)
     with pytest.raises(exception.ConfigurationError) as err:
         cache.ImageCache(conf, None, qemu)
-    assert "[imagebackend] base_dir_name = %r" % name in str(err.value)
+    assert "[imagebackend] base_dir_name = %r" % name in err.value.exact_message
     assert not os.path.exists(tmp_path / "instances")
 
 
