@@ -13,18 +13,34 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import stat
 
 from imagebackend import fileutils
 
 LOG = logging.getLogger(__name__)
 
+#: hex digits of the token that makes a scratch name unique per attempt.
+SCRATCH_TOKEN_HEX = 12
 NAME_RE = re.compile(
     r"^(?P<cid>[0-9a-f]{40})"
     r"(?:-(?P<gen>[2-9]|[1-9][0-9]+))?"
     r"(?:_(?P<size>[1-9][0-9]*))?"
-    r"(?P<suffix>\.part|\.converted|\.json|\.corrupt|\.refused)?$")
+    r"(?P<suffix>(?P<scratch>\.part|\.converted)(?:-[0-9a-f]{%d})?"
+    r"|\.json|\.corrupt|\.refused)?$" % SCRATCH_TOKEN_HEX)
+#: the kinds of scratch file: ``<name>.part-<token>`` (a download, or a
+#: sized base being built) and ``<name>.converted-<token>`` (a conversion).
+#: Names without the token are the scratch of earlier releases.
 SCRATCH_SUFFIXES = (".part", ".converted")
+#: scratch nobody has modified for this long (seconds) is left over from a
+#: crash; only ``cache prune`` removes it, and only then.  Every attempt
+#: writes its own scratch (its name is unique), and nothing a fetch does
+#: leaves its scratch unmodified for long: a download writes continuously,
+#: and the longest step that only reads one (a conversion) is bounded by
+#: ``[qemu_img] convert_cpu_time_limit``.  The age, not a lock, is what
+#: keeps one host from removing the scratch of a fetch running on another
+#: host that locks elsewhere.
+SCRATCH_MINIMUM_AGE = 6 * 3600
 ASIDE_SUFFIXES = (".corrupt", ".refused")
 #: hidden directory in ``_base`` where the library records the disks it
 #: created (see :mod:`imagebackend.cache_usage`).
@@ -57,6 +73,11 @@ class Name:
     @property
     def stem(self) -> str:
         return stem(self.cid, self.generation)
+
+    @property
+    def is_scratch(self) -> bool:
+        """Whether this names scratch (a fetch's or a build's)."""
+        return self.suffix.startswith(SCRATCH_SUFFIXES)
 
     @property
     def base_name(self) -> str:
@@ -173,7 +194,7 @@ def scan(base_dir: str) -> Layout:
             if name.size is None:
                 record = fileutils.read_json(entry.path) or {}
                 layout.records[name.stem] = (record, st.st_mtime)
-        elif name.suffix in SCRATCH_SUFFIXES:
+        elif name.is_scratch:
             layout.scratch.append((name, entry.path))
         elif name.suffix in ASIDE_SUFFIXES:
             layout.aside.append((name, entry.path, st))
@@ -214,7 +235,7 @@ def generations(base_dir: str, cid: str) -> dict[int, set[str]]:
         kinds = found.setdefault(name.generation, set())
         if name.suffix == ".json":
             kinds.add("record")
-        elif name.suffix in SCRATCH_SUFFIXES:
+        elif name.is_scratch:
             kinds.add("scratch")
         elif name.suffix in ASIDE_SUFFIXES:
             kinds.add("aside")
@@ -258,6 +279,18 @@ def mark_stale(record_path: str, reason: str) -> bool:
              record_path[:-len(".json")], reason)
     update_record(record_path, {"stale": True, "stale_reason": reason})
     return True
+
+
+def scratch_name(final: str, kind: str = ".part") -> str:
+    """A new scratch path for ``final`` (a path in ``_base``), unique to
+    this attempt: ``<final><kind>-<12 hex digits>``.
+
+    :param kind: one of :data:`SCRATCH_SUFFIXES`.
+    """
+    if kind not in SCRATCH_SUFFIXES:
+        raise ValueError("not a kind of scratch: %r" % (kind,))
+    return "%s%s-%s" % (final, kind,
+                        secrets.token_hex(SCRATCH_TOKEN_HEX // 2))
 
 
 def isotime(ts: float) -> str:
