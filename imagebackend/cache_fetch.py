@@ -211,8 +211,19 @@ def fetch(c: "cache.ImageCache", meta, stem: str,
 
 
 def _open_scratch(path: str) -> int:
-    """Open this attempt's own scratch file to check and publish it."""
-    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """Open this attempt's own scratch file to check and publish it.
+
+    :raises imagebackend.exception.DiskOperationError: it is gone (only a
+        prune that took it for a crash's leftover removes another's).
+    """
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise exception.DiskOperationError(
+            path=path, reason="this fetch's scratch file cannot be opened "
+            "(%s); something other than the cache changed it (a prune "
+            "with a much shorter scratch age?); retry"
+            % (exc.strerror or exc)) from exc
 
 
 def _check(c, meta, path, fmt) -> None:

@@ -37,10 +37,11 @@ SCRATCH_SUFFIXES = (".part", ".converted")
 #: writes its own scratch (its name is unique), and nothing a fetch does
 #: leaves its scratch unmodified for long: a download writes continuously,
 #: and the longest step that only reads one (a conversion) is bounded by
-#: ``[qemu_img] convert_cpu_time_limit``.  The age, not a lock, is what
+#: ``[qemu_img] convert_cpu_seconds_per_gib`` (30 s per GiB: under 9 hours
+#: for the largest image allowed by default).  The age, not a lock, is what
 #: keeps one host from removing the scratch of a fetch running on another
 #: host that locks elsewhere.
-SCRATCH_MINIMUM_AGE = 6 * 3600
+SCRATCH_MINIMUM_AGE = 86400
 ASIDE_SUFFIXES = (".corrupt", ".refused")
 #: hidden directory in ``_base`` where the library records the disks it
 #: created (see :mod:`imagebackend.cache_usage`).
