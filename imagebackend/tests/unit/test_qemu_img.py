@@ -686,3 +686,57 @@ def test_options_are_listed_for_the_sample_config():
                      "convert_cpu_seconds_per_gib"}
     for opt in qemu_img.OPTIONS:
         assert opt.help.endswith(".") and str(opt.default) in opt.help
+
+
+# --- conversion limits -------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize("virtual_size,cpu", [
+    (MiB, 60),                      # the floor
+    (10 * 1024 * MiB, 300),         # 30 s per GiB
+    (10 * 1024 * MiB + 1, 330),     # a started GiB counts
+])
+def test_a_limited_conversion_runs_under_cpu_space_and_size_limits(
+        qemu, runner, tmp_path, virtual_size, cpu):
+    qemu.convert("/i/s", "qcow2", str(tmp_path / "t"), "raw", limits=True,
+                 max_output_size=virtual_size)
+    preexec_fn = runner.execute.call_args.kwargs["preexec_fn"]
+    with in_child() as (setrlimit, _setpgid):
+        preexec_fn()
+    limit = virtual_size + qemu_img.CONVERT_OUTPUT_SLACK
+    assert setrlimit.call_args_list == [
+        mock.call(resource.RLIMIT_AS, (4096 << 20, 4096 << 20)),
+        mock.call(resource.RLIMIT_CPU, (cpu, cpu)),
+        mock.call(resource.RLIMIT_FSIZE, (limit, limit))]
+
+
+@pytest.mark.parametrize("code,stderr,error,option", [
+    (-9, "", exception.QemuImgLimitExceeded, "convert_cpu_seconds_per_gib"),
+    (-6, "", exception.QemuImgLimitExceeded, "convert_address_space_limit"),
+    (-25, "", exception.QemuImgOutputTooLarge, None),
+])
+def test_a_conversion_over_a_limit_says_which(qemu, runner, tmp_path, code,
+                                              stderr, error, option):
+    runner.execute.side_effect = failed(code, stderr)
+    target = tmp_path / "t"
+    with pytest.raises(error) as err:
+        qemu.convert("/i/s", "qcow2", str(target), "raw", limits=True,
+                     max_output_size=MiB)
+    assert type(err.value) is error
+    if option:
+        assert "[qemu_img] %s" % option in str(err.value)
+    assert not target.exists()
+
+
+def test_a_check_runs_under_the_info_limits(qemu, runner):
+    runner.execute.return_value = ok(json.dumps(
+        {"filename": "/i/x", "format": "qcow2", "check-errors": 0}))
+    qemu.check("/i/x", "qcow2")
+    preexec_fn = runner.execute.call_args.kwargs["preexec_fn"]
+    with in_child() as (setrlimit, _setpgid):
+        preexec_fn()
+    assert setrlimit.call_args_list == [
+        mock.call(resource.RLIMIT_AS, (1024 << 20, 1024 << 20)),
+        mock.call(resource.RLIMIT_CPU, (30, 30))]
