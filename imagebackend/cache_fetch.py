@@ -244,6 +244,12 @@ def _check(c, meta, path, fmt) -> None:
                    "limit; the image is likely malicious or corrupt; raise "
                    "[qemu_img] %s only if you trust it"
                    % (fmt, exc.limit, exc.option)) from exc
+    except exception.QemuImgNotFound:
+        raise
+    except exception.QemuImgError as exc:
+        raise exception.CorruptImageRefused(
+            image_id=meta.image_id, fmt=fmt,
+            detail="errors it could not get past (%s)" % exc.stderr) from exc
     if result.supported and (result.corruptions or result.check_errors):
         raise exception.CorruptImageRefused(
             image_id=meta.image_id, fmt=fmt,
