@@ -3,7 +3,9 @@ converting and publishing it (or re-inspecting a base whose record is
 missing), and prefetching.
 
 Everything here but :func:`prefetch` runs under the image's lock, taken by
-:meth:`imagebackend.cache.ImageCache.get`.
+:meth:`imagebackend.cache.ImageCache.get`; the lock only saves duplicate
+work, since a fetch writes and removes only scratch of its own and
+publishes without replacing anything (see :func:`fetch`).
 """
 
 import concurrent.futures
