@@ -104,14 +104,17 @@ OPTIONS = [
     cfg.IntOpt("lock_wait_timeout",
                default=600, min=0,
                help="Longest wait, in seconds, for one of the cache's "
-                    "locks: an image being downloaded and converted by "
-                    "another request, a sized base being built, or a base "
-                    "being pruned. A waiter logs a warning every 30 "
-                    "seconds naming the holder (host, pid and command, "
+                    "locks without progress from its holder: an image "
+                    "being downloaded and converted by another request "
+                    "(the wait goes on while the holder's scratch file in "
+                    "the cache keeps changing), a sized base being built, "
+                    "or a base being pruned. A waiter logs a warning every "
+                    "30 seconds naming the holder (host, pid and command, "
                     "recorded in the lock file), and when the time is up "
                     "the request fails with an error naming the image and "
-                    "the holder. Raise it if downloads of your largest "
-                    "images take longer. 0 waits without limit (not "
+                    "the holder. Raise it if a sound holder can go that "
+                    "long without writing (a very slow image service). "
+                    "0 waits without limit (not "
                     "recommended: a stuck process then blocks every "
                     "request for its image). Default: 600."),
 ]
@@ -258,7 +261,9 @@ class ImageCache:
     def lock(self, name: str, *, blocking: bool = True,
              what: str | None = None):
         """Hold the inter-process (and inter-thread) lock ``name``,
-        waiting at most ``[imagebackend] lock_wait_timeout`` seconds.
+        waiting at most ``[imagebackend] lock_wait_timeout`` seconds
+        without progress from the holder (its scratch files in ``_base``
+        growing).
 
         :param what: what it protects, for messages ("image X").
         :raises imagebackend.cache_locks.Busy: ``blocking`` is False and
@@ -272,8 +277,32 @@ class ImageCache:
         with cache_locks.exclusive(
                 self.lock_dir, name, blocking=blocking,
                 timeout=self.conf.imagebackend.lock_wait_timeout,
-                what=what):
+                what=what,
+                activity=lambda: self._scratch_activity(name)):
             yield
+
+    def _scratch_activity(self, name: str) -> float | None:
+        """When scratch of ``name`` (a stem or a sized base name) was
+        last modified, or None: the progress of whoever holds its lock.
+        """
+        latest = None
+        try:
+            entries = os.scandir(self.base_dir)
+        except OSError:
+            return None
+        with entries:
+            for entry in entries:
+                if not entry.name.startswith(name):
+                    continue
+                parsed = cache_layout.parse(entry.name)
+                if parsed is None or not parsed.is_scratch:
+                    continue
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                latest = mtime if latest is None else max(latest, mtime)
+        return latest
 
     @contextlib.contextmanager
     def use(self, image_id: str, *, exclusive: bool = False,

@@ -167,17 +167,20 @@ class _Wait:
     """Logs while a lock is waited for, and says when to give up."""
 
     def __init__(self, path: str, what: str | None,
-                 timeout: float | None) -> None:
+                 timeout: float | None,
+                 activity: typing.Callable[[], float | None] | None = None
+                 ) -> None:
         self.path = path
         self.what = what or os.path.basename(path)
         self.timeout = timeout or None
-        self.start = time.monotonic()
+        self.activity = activity
+        self.start = self.since = time.monotonic()
         self.next_log = self.start + LOG_FIRST
 
     def remaining(self) -> float | None:
         if self.timeout is None:
             return None
-        return max(0.0, self.start + self.timeout - time.monotonic())
+        return max(0.0, self.since + self.timeout - time.monotonic())
 
     def check(self, who: typing.Callable[[], str]) -> None:
         """Log if it is time to; raise if the wait is over.
@@ -186,7 +189,14 @@ class _Wait:
         """
         now = time.monotonic()
         waited = now - self.start
-        if self.timeout is not None and waited >= self.timeout:
+        if self.timeout is not None and now - self.since >= self.timeout:
+            # A holder that is still writing is slow, not stuck: the
+            # timeout counts from its last sign of progress.
+            last = self.activity() if self.activity else None
+            idle = time.time() - last if last is not None else None
+            if idle is not None and idle < self.timeout:
+                self.since = now - max(0.0, idle)
+                return
             raise exception.LockWaitTimeout(
                 path=os.path.dirname(self.path), what=self.what,
                 waited=waited, holder=who(), timeout=self.timeout)
@@ -202,20 +212,26 @@ def _in_process():
 
 @contextlib.contextmanager
 def exclusive(lock_dir: str, name: str, *, blocking: bool = True,
-              timeout: float | None = None,
-              what: str | None = None) -> typing.Iterator[None]:
+              timeout: float | None = None, what: str | None = None,
+              activity: typing.Callable[[], float | None] | None = None
+              ) -> typing.Iterator[None]:
     """Hold the exclusive lock ``name`` (threads and processes).
 
     :param blocking: False to raise :class:`Busy` instead of waiting.
-    :param timeout: seconds to wait at most (None or 0: no limit).
+    :param timeout: seconds to wait at most (None or 0: no limit) without
+        progress from the holder.
     :param what: what the lock protects, for messages ("image X").
+    :param activity: returns when the holder last made progress (a
+        ``time.time()`` value, such as the modification time of the file
+        it writes) or None; while that is within ``timeout``, the wait
+        goes on.
     :raises Busy: ``blocking`` is False and the lock is held.
     :raises imagebackend.exception.LockWaitTimeout: ``timeout`` passed.
     :raises imagebackend.exception.LockFileError: the lock file cannot be
         created.
     """
     path = lock_file(lock_dir, name)
-    wait = _Wait(path, what, timeout)
+    wait = _Wait(path, what, timeout, activity)
     # The in-process semaphore first: POSIX record locks belong to the
     # process, so without it two threads would both "hold" the file lock.
     # It is named after the file, so caches locking in different

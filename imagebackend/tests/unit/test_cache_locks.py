@@ -221,3 +221,44 @@ def test_an_entry_not_refreshed_for_a_day_is_ignored(tmp_path):
     later = time.time() + cache_locks.LOCK_DIR_ENTRY_AGE + 60
     with mock.patch.object(time, "time", return_value=later):
         cache_locks.check_shared(base, new, record=True)
+
+
+def test_a_holder_making_progress_is_waited_for_past_the_timeout(tmp_path):
+    lock_dir = str(tmp_path)
+    progress = {"last": time.time()}
+    release = threading.Event()
+
+    def hold():
+        with cache_locks.exclusive(lock_dir, "img"):
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.1)
+    try:
+        def keep_writing():
+            for _ in range(8):          # ~0.8 s of progress
+                progress["last"] = time.time()
+                time.sleep(0.1)
+            release.set()
+
+        writer = threading.Thread(target=keep_writing)
+        writer.start()
+        start = time.monotonic()
+        with cache_locks.exclusive(lock_dir, "img", timeout=0.3,
+                                   activity=lambda: progress["last"]):
+            waited = time.monotonic() - start
+        writer.join(10)
+    finally:
+        release.set()
+        holder.join(10)
+    assert waited >= 0.6                # past the timeout, not refused
+
+
+def test_a_holder_without_progress_is_timed_out(tmp_path):
+    lock_dir = str(tmp_path)
+    last = time.time() - 60
+    with cache_locks.exclusive(lock_dir, "img"):
+        err = in_thread(lambda: _timed_out(lambda: cache_locks.exclusive(
+            lock_dir, "img", timeout=0.3, activity=lambda: last)))
+    assert isinstance(err, exception.LockWaitTimeout)
