@@ -40,12 +40,14 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 import typing
 import uuid
 
 from oslo_concurrency import lockutils
 
+from imagebackend import cache_publish
 from imagebackend import exception
 from imagebackend import fileutils
 
@@ -349,30 +351,27 @@ def remove_lock_file(lock_dir: str, file_name: str) -> bool:
 
 def _lock_dir_id(lock_dir: str, create: bool) -> str | None:
     """The identity of ``lock_dir``: a UUID in a file in it, made once
-    (with ``create``; otherwise None until then).
+    (with ``create``; otherwise None until then).  The file appears
+    complete or not at all, so every reader sees one identity.
     """
     path = os.path.join(lock_dir, LOCK_DIR_ID)
-    for _ in range(20):
-        try:
-            with open(path, "rb") as f:
-                found = f.read(64).decode("ascii", "replace").strip()
-            if found:
-                return found
-        except FileNotFoundError:
-            if not create:
-                return None
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                         | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except FileExistsError:
-            time.sleep(0.05)    # another process is writing it
-            continue
-        try:
-            os.write(fd, (str(uuid.uuid4()) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    raise OSError(errno.EAGAIN, "its identity cannot be read", path)
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        if not create:
+            return None
+    fd, tmp = tempfile.mkstemp(dir=lock_dir, prefix=".", suffix=".tmp")
+    try:
+        os.write(fd, (str(uuid.uuid4()) + "\n").encode())
+        os.fchmod(fd, 0o644)
+        os.fsync(fd)
+        cache_publish.publish_fd(fd, tmp, path)
+    finally:
+        os.close(fd)
+        fileutils.remove_quietly(tmp)
+    with open(path, "rb") as f:
+        return f.read(64).decode("ascii", "replace").strip()
 
 
 def check_shared(base_dir: str, lock_dir: str, *,
