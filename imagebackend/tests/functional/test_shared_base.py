@@ -68,15 +68,16 @@ def _fetch_in_child(config_file, lock_path, image_id, size, barrier, queue,
     queue.put(("ok", entry.path, sized))
 
 
-def race(dep, image_id, size, detect_split=False):
+def race(dep, image_id, size, detect_split=False, config_files=None):
     """Two processes with different lock directories fetch ``image_id``
     into one ``_base`` at the same instant.
     """
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(2)
     queue = ctx.Queue()
+    config_files = config_files or [dep.config_file] * 2
     procs = [ctx.Process(target=_fetch_in_child, args=(
-        dep.config_file, os.path.join(dep.root, "locks-%d" % i), image_id,
+        config_files[i], os.path.join(dep.root, "locks-%d" % i), image_id,
         size, barrier, queue, detect_split)) for i in range(2)]
     for p in procs:
         p.start()
@@ -118,6 +119,40 @@ def test_two_lock_directories_never_publish_a_corrupt_base(dep, name):
                     or cache_layout.parse(n).is_scratch], names
         # Start again from an empty cache.
         for n in names:
+            os.unlink(os.path.join(dep.base_dir, n))
+
+
+def test_different_bytes_published_at_once_get_their_own_generations(
+        dep):
+    """Two hosts see different content for one image id (it changed
+    between their requests) and publish at the same instant: neither
+    replaces the other, and each base holds its own bytes.
+    """
+    other_images = os.path.join(dep.root, "other-images")
+    os.mkdir(other_images)
+    mine = fenv.make_raw(os.path.join(dep.images, "img.raw"), SIZE, seed=1)
+    theirs = fenv.make_raw(os.path.join(other_images, "img.raw"), SIZE,
+                           seed=9)
+    other_config = os.path.join(dep.root, "other.conf")
+    with open(dep.config_file) as f:
+        text = f.read().replace("path = %s\n" % dep.images,
+                                "path = %s\n" % other_images)
+    assert other_images in text
+    with open(other_config, "w") as f:
+        f.write(text)
+    for round_ in range(6):
+        results = race(dep, "img.raw", 2 * SIZE,
+                       config_files=[dep.config_file, other_config])
+        assert [r[0] for r in results] == ["ok", "ok"], results
+        bases = sorted(r[1] for r in results)
+        assert bases[0] != bases[1]             # two generations
+        contents = sorted((fenv.images_identical(mine, "raw", b, "raw"),
+                           fenv.images_identical(theirs, "raw", b, "raw"))
+                          for b in bases)
+        assert contents == [(False, True), (True, False)], round_
+        rows = cache.ImageCache(dep.conf()).verify()
+        assert {r["status"] for r in rows} == {"ok"}, rows
+        for n in dep.base_listing():
             os.unlink(os.path.join(dep.base_dir, n))
 
 
