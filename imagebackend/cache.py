@@ -10,11 +10,12 @@ Layout (``cache_id = sha1(image_id)``; a *stem* names one generation)::
     _base/<stem>_<size>          a sized base for the cached-base backend:
                                  the base grown to <size> bytes (decimal)
     _base/<stem>_<size>.json     the sized base's own record ("kind":
-                                 "sized", its digest), so it stays
+                                 "sized", its digest), written before the
+                                 sized base is published, so it stays
                                  verifiable after its original is pruned
-    _base/<stem>.part            scratch: the download in progress
-    _base/<stem>.converted       scratch: the conversion in progress
-    _base/<stem>_<size>.part     scratch: a sized base being built
+    _base/<stem>.part-<hex>      scratch: a download in progress
+    _base/<stem>.converted-<hex> scratch: a conversion in progress
+    _base/<stem>_<size>.part-<hex>  scratch: a sized base being built
     _base/<name>.corrupt         moved aside by ``cache verify --repair``
     _base/<name>.refused         moved aside by earlier releases
     _base/.disks/<cache_id>/     the disks the library made from the image
@@ -22,6 +23,7 @@ Layout (``cache_id = sha1(image_id)``; a *stem* names one generation)::
                                  one empty file per generation number ever
                                  claimed; never pruned
     _base/.sources/              small facts image sources remember
+    _base/.lock-dirs/            which lock directories use this _base
     locks/                       inter-process lock files (beside _base)
 
 Generations: every use compares the source's current identity of the image
@@ -47,8 +49,15 @@ are guest data and may look like any format); a non-raw base recorded
 under an older inspection policy is inspected again with its recorded
 format, and one the policy now refuses is marked stale, never moved.
 
-Only the holder of an entry's lock writes its scratch files, so anything
-else the cache finds there is left over from a crash and may be removed.
+Correctness never depends on the locks, which only save duplicate work
+(two hosts may share ``_base`` while locking in different directories):
+every attempt writes scratch files of its own (``<hex>`` is random), only
+ever removes its own, and publishes a base, a sized base or a record with a
+no-replace link of a file whose size and digest it just checked (see
+:mod:`imagebackend.cache_publish`); a name taken meanwhile is adopted if it
+holds the same bytes, and never replaced.  Scratch nobody has modified for
+:data:`imagebackend.cache_layout.SCRATCH_MINIMUM_AGE` seconds is left over
+from a crash, and only ``cache prune`` removes it.
 The last-used time of a base is the modification time of its metadata
 record, refreshed with ``utime`` on every use (a use never rewrites it);
 that of a sized base is its own modification time.  No symlink is followed
@@ -71,8 +80,10 @@ from imagebackend import cache_fetch
 from imagebackend import cache_layout
 from imagebackend import cache_locks
 from imagebackend import cache_prune
+from imagebackend import cache_publish
 from imagebackend import cache_usage
 from imagebackend import cache_verify
+from imagebackend import digest as content_digest
 from imagebackend import exception
 from imagebackend import fileutils
 from imagebackend import qemu_img
@@ -96,7 +107,14 @@ OPTIONS = [
                     "instances_path: a plain name (no '/', not '.' or "
                     "'..'), checked before anything is created. Several "
                     "compute hosts may share it over a filesystem with "
-                    "working POSIX locks. Default: _base."),
+                    "working POSIX locks; they must "
+                    "then also share one lock directory (the default "
+                    "'locks' beside it, or one [oslo_concurrency] lock_path "
+                    "on that shared filesystem), or they download and "
+                    "convert each image in duplicate. The cache records "
+                    "which lock directory each host uses in "
+                    "<base_dir_name>/.lock-dirs/ and refuses to start with "
+                    "a different one. Default: _base."),
     cfg.BoolOpt("force_raw_images",
                 default=True,
                 help="Convert every non-raw image to raw when it is "
@@ -104,6 +122,22 @@ OPTIONS = [
                      "disks faster and let the raw backend copy them "
                      "without qemu-img. When false, a base keeps the "
                      "format it was downloaded in. Default: true."),
+    cfg.IntOpt("lock_wait_timeout",
+               default=600, min=0,
+               help="Longest wait, in seconds, for one of the cache's "
+                    "locks without progress from its holder: an image "
+                    "being downloaded and converted by another request "
+                    "(the wait goes on while the holder's scratch file in "
+                    "the cache keeps changing), a sized base being built, "
+                    "or a base being pruned. A waiter logs a warning every "
+                    "30 seconds naming the holder (host, pid and command, "
+                    "recorded in the lock file), and when the time is up "
+                    "the request fails with an error naming the image and "
+                    "the holder. Raise it if a sound holder can go that "
+                    "long without writing (a very slow image service). "
+                    "0 waits without limit (not "
+                    "recommended: a stuck process then blocks every "
+                    "request for its image). Default: 600."),
 ]
 
 #: the ``[image_cache]`` options: in-use tracking, pruning.
@@ -180,6 +214,7 @@ class ImageCache:
         self.lock_dir = os.path.abspath(
             conf.oslo_concurrency.lock_path
             or os.path.join(self.instances_path, "locks"))
+        self._shared_checked = 0.0
         self.scanner = cache_usage.UsageScanner(
             self.base_dir,
             [self.instances_path] + list(conf.image_cache.disk_dirs or []),
@@ -197,42 +232,118 @@ class ImageCache:
         return os.path.join(self.base_dir, "%s_%d" % (cid, size))
 
     def ensure_dirs(self) -> None:
+        """Create the cache and lock directories if missing, and refuse a
+        lock directory other users of this cache do not share (see
+        :func:`imagebackend.cache_locks.check_shared`).
+
+        :raises imagebackend.exception.CacheError: a directory cannot be
+            created.
+        :raises imagebackend.exception.SplitLockDirectory: another
+            configuration uses this cache with another lock directory.
+        """
         if self._dirs_ready:
             return
+        for path, option in ((self.base_dir, "[imagebackend] "
+                              "instances_path and base_dir_name"),
+                             (self.lock_dir, "[oslo_concurrency] lock_path")):
+            try:
+                fileutils.ensure_dir(path)
+            except OSError as exc:
+                raise exception.CacheError(
+                    path=path,
+                    reason="cannot create the directory (%s); check %s and "
+                           "the permissions and free space there"
+                           % (exc.strerror or exc, option)) from exc
+        cache_layout.check_private_dirs(self.base_dir)
+        self._check_shared()
+        self._dirs_ready = True
+
+    def _check_shared(self, record: bool = False) -> None:
+        """Check that the lock directory is the one every user of this
+        cache locks in; with ``record``, also say that this configuration
+        uses it (at most hourly: a running cache refreshes its entry).
+        """
+        now = time.monotonic()
+        if (record and self._shared_checked
+                and now - self._shared_checked
+                < cache_locks.LOCK_DIR_REFRESH):
+            return
         try:
-            fileutils.ensure_dir(self.base_dir)
-            fileutils.ensure_dir(self.lock_dir)
-            cache_layout.check_private_dirs(self.base_dir)
+            cache_locks.check_shared(self.base_dir, self.lock_dir,
+                                     record=record)
         except OSError as exc:
             raise exception.CacheError(
                 path=self.base_dir,
-                reason="cannot create the cache directories (%s); check "
-                       "[imagebackend] instances_path and its permissions"
-                       % exc) from exc
-        self._dirs_ready = True
+                reason="cannot check which lock directory uses it (%s); "
+                       "check its free space and permissions"
+                       % (exc.strerror or exc)) from exc
+        if record:
+            self._shared_checked = now
 
     @contextlib.contextmanager
-    def lock(self, name: str, *, blocking: bool = True):
-        """Hold the inter-process (and inter-thread) lock ``name``.
+    def lock(self, name: str, *, blocking: bool = True,
+             what: str | None = None):
+        """Hold the inter-process (and inter-thread) lock ``name``,
+        waiting at most ``[imagebackend] lock_wait_timeout`` seconds
+        without progress from the holder (its scratch files in ``_base``
+        growing).
 
+        :param what: what it protects, for messages ("image X").
         :raises imagebackend.cache_locks.Busy: ``blocking`` is False and
             the lock is held.
+        :raises imagebackend.exception.LockWaitTimeout: the wait was too
+            long; the error names the holder.
+        :raises imagebackend.exception.LockFileError: the lock file cannot
+            be created (a full lock directory).
         """
         self.ensure_dirs()
-        with cache_locks.exclusive(self.lock_dir, name, blocking=blocking):
+        with cache_locks.exclusive(
+                self.lock_dir, name, blocking=blocking,
+                timeout=self.conf.imagebackend.lock_wait_timeout,
+                what=what,
+                activity=lambda: self._scratch_activity(name)):
             yield
+
+    def _scratch_activity(self, name: str) -> float | None:
+        """When scratch of ``name`` (a stem or a sized base name) was
+        last modified, or None: the progress of whoever holds its lock.
+        """
+        latest = None
+        try:
+            entries = os.scandir(self.base_dir)
+        except OSError:
+            return None
+        with entries:
+            for entry in entries:
+                if not entry.name.startswith(name):
+                    continue
+                parsed = cache_layout.parse(entry.name)
+                if parsed is None or not parsed.is_scratch:
+                    continue
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                latest = mtime if latest is None else max(latest, mtime)
+        return latest
 
     @contextlib.contextmanager
     def use(self, image_id: str, *, exclusive: bool = False,
             blocking: bool = True):
         """Hold image ``image_id``'s use lock: shared while a disk is made
         from (or a prefetch fetches) one of its bases, so that the pruner,
-        which takes it exclusively, never removes a base in between.
+        which takes it exclusively, never removes a base in between.  Waits
+        at most ``[imagebackend] lock_wait_timeout`` seconds.
+
+        :raises imagebackend.exception.LockWaitTimeout: the wait was too
+            long.
         """
         self.ensure_dirs()
         path = cache_locks.use_lock_file(self.lock_dir, cache_id(image_id))
-        with cache_locks.flocked(path, shared=not exclusive,
-                                 blocking=blocking):
+        with cache_locks.flocked(
+                path, shared=not exclusive, blocking=blocking,
+                timeout=self.conf.imagebackend.lock_wait_timeout,
+                what="the use of image %s" % image_id):
             yield
 
     def check_regular(self, path: str) -> bool:
@@ -324,18 +435,25 @@ class ImageCache:
             self.touch(entry)
             return entry, True
         self.ensure_dirs()
-        with self.lock(cache_id(image_id)):
+        with self.lock(cache_id(image_id), what="image %s" % image_id):
             meta = cache_fetch.identify(self, meta)
             entry = self._find(image_id, meta.identity)
             if entry is not None:       # another request published it
                 self.touch(entry)
                 return entry, True
+            # Before writing into a cache that others may share: refuse a
+            # lock directory they do not lock in.
+            self._check_shared()
             stem, again = cache_fetch.choose_stem(self, meta)
             if again:
                 record = cache_fetch.reinspect(self, meta, stem)
                 return self._entry(image_id, stem, record), True
             record = cache_fetch.fetch(self, meta, stem, requested_size,
                                        progress, timings)
+            self._check_shared(record=True)
+            # Another fetch may have taken that generation meanwhile.
+            stem = cache_layout.stem(cache_id(image_id),
+                                     record["generation"])
             return self._entry(image_id, stem, record), False
 
     def _entry(self, image_id, stem, record):
@@ -347,9 +465,10 @@ class ImageCache:
     # -- publishing ----------------------------------------------------------
 
     def remove_scratch(self, path: str) -> None:
-        """Remove a leftover scratch file (we hold the entry's lock)."""
+        """Remove a scratch file this process made (never another's: a
+        fetch on a host locking elsewhere may be writing one beside it).
+        """
         if self.check_regular(path):
-            LOG.info("Removing leftover scratch file %s", path)
             os.unlink(path)
 
     def mark_stale(self, stem: str, reason: str) -> bool:
@@ -362,32 +481,91 @@ class ImageCache:
 
     def publish_derived(self, final: str, lock_name: str,
                         build: typing.Callable[[int, str], None]) -> bool:
-        """Make ``final`` once, under ``lock_name``, by rename.
+        """Make sized base ``final`` (``<stem>_<size>``) once, under
+        ``lock_name``, without ever replacing anything.
+
+        It is built in a scratch file of its own, fsynced, checked (its
+        size) and hashed (``sparse-64k-xxh3``); its record
+        ``<final>.json`` is published first and the file then linked
+        into place, both without replacing: a sized base another process
+        published meanwhile is adopted.
 
         :param build: called as ``build(fd, tmp_path)`` to fill a new
-            temporary file; it is fsynced and renamed to ``final``.
+            temporary file.
         :returns: True if ``final`` already existed (a cache hit; its
             modification time, the last-used time, is refreshed).
+        :raises imagebackend.exception.CacheError: it could not be
+            published.
         """
         if self.check_regular(final):
             _utime_quietly(final)
             return True
-        with self.lock(lock_name):
+        with self.lock(lock_name, what="sized base %s" % final):
             if self.check_regular(final):
                 _utime_quietly(final)
                 return True
-            tmp = final + ".part"
-            self.remove_scratch(tmp)
-            with fileutils.new_file(tmp) as fd:
-                build(fd, tmp)
-                os.fsync(fd)
+            self._check_shared()
+            tmp = cache_layout.scratch_name(final, ".part")
             try:
-                os.rename(tmp, final)
-            except OSError:
+                with fileutils.new_file(tmp) as fd:
+                    build(fd, tmp)
+                    os.fsync(fd)
+                    published = self._publish_sized(final, tmp)
+            finally:
                 fileutils.remove_quietly(tmp)
-                raise
-            fileutils.fsync_dir(self.base_dir)
-        return False
+        return not published
+
+    def _publish_sized(self, final: str, tmp: str) -> bool:
+        """Record and publish the built sized base ``tmp`` as ``final``.
+
+        :returns: False if an equal one was published meanwhile (adopted).
+        """
+        name = cache_layout.parse(os.path.basename(final))
+        base_record = fileutils.read_json(self.base_path(name.stem)
+                                          + ".json") or {}
+        fmt = base_record.get("format") or "raw"
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if fmt == "raw" and size != name.size:
+                raise exception.CacheError(
+                    path=self.base_dir,
+                    reason="the sized base built for %s is %d bytes long, "
+                           "not %d; check the filesystem and retry"
+                           % (final, size, name.size))
+            record = {
+                "kind": "sized",
+                "image_id": base_record.get("image_id"),
+                "base": name.stem,
+                "size": name.size,
+                "format": fmt,
+                "digest": {"scheme": content_digest.SPARSE,
+                           "value": content_digest.file_digests(
+                               fd)["sparse"]},
+                "created_at": cache_layout.isotime(time.time()),
+            }
+            try:
+                found = cache_publish.publish_record(final + ".json",
+                                                     record)
+                if found is None or _same_sized(found, record):
+                    if cache_publish.publish_fd(fd, tmp, final):
+                        fileutils.fsync_dir(self.base_dir)
+                        return True
+            except OSError as exc:
+                raise cache_publish.publish_error(final, exc) from exc
+        finally:
+            os.close(fd)
+        # Published meanwhile by a process locking elsewhere: use it if
+        # it is what was built here.
+        if self.check_regular(final) and (
+                fmt != "raw" or os.lstat(final).st_size == name.size):
+            LOG.info("Sized base %s was published by another process "
+                     "meanwhile; using it", final)
+            return False
+        raise exception.CachePublishConflict(
+            path=self.base_dir, image_id=record["image_id"],
+            reason="the record of sized base %s describes other content "
+                   "than was built" % final)
 
     def register_disk(self, disk: str, entry: CacheEntry,
                       backing_file: str) -> None:
@@ -469,6 +647,16 @@ def check_base_dir_name(name) -> None:
             reason="[imagebackend] base_dir_name = %r is not a plain "
                    "directory name; give a name without '/' that is not "
                    "'.' or '..', such as the default '_base'" % (name,))
+
+
+def _same_sized(found: dict, ours: dict) -> bool:
+    """Whether sized-base record ``found`` describes what ``ours`` does."""
+    keys = ("kind", "image_id", "base", "size", "format")
+    if any(found.get(key) != ours.get(key) for key in keys):
+        return False
+    # A raw sized base's bytes are fixed by its base; another qemu-img may
+    # lay out a qcow2 one differently.
+    return ours["format"] != "raw" or found.get("digest") == ours["digest"]
 
 
 def _utime_quietly(path: str) -> None:

@@ -3,11 +3,14 @@ converting and publishing it (or re-inspecting a base whose record is
 missing), and prefetching.
 
 Everything here but :func:`prefetch` runs under the image's lock, taken by
-:meth:`imagebackend.cache.ImageCache.get`.
+:meth:`imagebackend.cache.ImageCache.get`; the lock only saves duplicate
+work, since a fetch writes and removes only scratch of its own and
+publishes without replacing anything (see :func:`fetch`).
 """
 
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -17,11 +20,13 @@ import time
 import typing
 
 from imagebackend import cache_layout
+from imagebackend import cache_publish
 from imagebackend import cache_verify
 from imagebackend import digest as content_digest
 from imagebackend import exception
 from imagebackend import fileutils
 from imagebackend import inspect
+from imagebackend import qemu_img
 
 if typing.TYPE_CHECKING:
     from imagebackend import cache
@@ -149,15 +154,21 @@ def choose_stem(c: "cache.ImageCache", meta) -> tuple[str, bool]:
 
 def fetch(c: "cache.ImageCache", meta, stem: str,
           requested_size: int | None, progress, timings: dict) -> dict:
-    """Download, convert and publish generation ``stem``.
+    """Download, convert and publish generation ``stem`` (or, if another
+    fetch published different content under that name meanwhile, the next
+    free generation).
 
-    :returns: its metadata record.
+    Correctness does not depend on the image's lock (which only saves
+    duplicate work): the scratch files have names unique to this attempt,
+    only they are ever removed here, and the base is published with a
+    no-replace link after its record (see :func:`_publish`).
+
+    :returns: its metadata record (``generation`` names the base).
     """
     base = c.base_path(stem)
-    part = base + ".part"
-    converted = base + ".converted"
-    c.remove_scratch(part)
-    c.remove_scratch(converted)
+    part = cache_layout.scratch_name(base, ".part")
+    converted = cache_layout.scratch_name(base, ".converted")
+    fd = None
     try:
         start = time.monotonic()
         digest, result, size = download(c, meta, part, requested_size,
@@ -167,24 +178,28 @@ def fetch(c: "cache.ImageCache", meta, stem: str,
             identity = c.source.identify_download(meta, *digest)
         timings["fetch"] = time.monotonic() - start
         fmt = inspect.qemu_format(result)
+        if fmt != "raw":
+            _check(c, meta, part, fmt)
         source_file = part
         base_digest = None
         if _converts(c, result):
             start = time.monotonic()
-            # Written through the page cache, sent to disk while qemu-img
-            # writes it, and fsynced once at the end: the base is as
-            # durable as with O_DIRECT, and the conversion much faster.
-            c.qemu.convert(part, fmt, converted, "raw",
-                           target_cache="unsafe", durable=False,
-                           progress=_stage_progress(progress, "convert"))
+            _convert(c, meta, part, fmt, converted, result.virtual_size,
+                     progress)
             fileutils.remove_quietly(part)
             # The base's bytes are not the source's: record their own
             # digest so that 'cache verify' can check them.  It reads the
-            # page cache while the last of the data goes to disk.
+            # page cache while the last of the data goes to disk, from the
+            # very file that is then published.
             try:
+                fd = _open_scratch(converted)
                 with fileutils.Writeback(path=converted):
                     base_digest = cache_verify.sparse_digest(converted)
-                fileutils.fsync_path(converted)
+                os.fsync(fd)
+                if not os.path.samestat(os.fstat(fd),
+                                        os.lstat(converted)):
+                    raise OSError(errno.ESTALE, "replaced while it was "
+                                  "being read", converted)
             except OSError as exc:
                 raise exception.DiskOperationError(
                     path=converted, reason="could not read back or flush "
@@ -193,13 +208,23 @@ def fetch(c: "cache.ImageCache", meta, stem: str,
                     % (meta.image_id, exc, c.base_dir)) from exc
             timings["convert"] = time.monotonic() - start
             source_file, fmt = converted, "raw"
+        else:
+            fd = _open_scratch(part)
         virtual_size = result.virtual_size
+        on_disk = os.fstat(fd).st_size
         if fmt == "raw":
-            virtual_size = os.stat(source_file).st_size
-        gen = cache_layout.parse(stem).generation
+            virtual_size = on_disk
+        if (base_digest is None and on_disk != size) or (
+                fmt == "raw" and result.virtual_size is not None
+                and on_disk > result.virtual_size
+                + qemu_img.CONVERT_OUTPUT_SLACK):
+            raise exception.DiskOperationError(
+                path=source_file, reason="it is %d bytes long, not what "
+                "image %s was checked to be; check the filesystem of %s "
+                "and retry" % (on_disk, meta.image_id, c.base_dir))
         record = {
             "image_id": meta.image_id,
-            "generation": gen,
+            "generation": cache_layout.parse(stem).generation,
             "source": meta.source,
             "identity": identity,
             "source_format": result.format,
@@ -214,18 +239,196 @@ def fetch(c: "cache.ImageCache", meta, stem: str,
         if base_digest is not None:
             record["base_checksum"] = base_digest
         start = time.monotonic()
-        fileutils.write_json_atomic(base + ".json", record)
-        os.rename(source_file, base)
-        fileutils.fsync_dir(c.base_dir)
+        record = _publish(c, stem, fd, source_file, record)
         timings["cache"] = time.monotonic() - start
     except BaseException:
+        # Only this attempt's own scratch: another fetch (on a host that
+        # locks elsewhere) may be writing its own beside it.
         fileutils.remove_quietly(part)
         fileutils.remove_quietly(converted)
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+    gen = record["generation"]
     LOG.info("Cached image %s as %s (%s, %d bytes virtual)",
-             meta.image_id, base, fmt, virtual_size)
+             meta.image_id, c.base_path(cache_layout.stem(
+                 cache_layout.parse(stem).cid, gen)), fmt, virtual_size)
     _supersede(c, meta.image_id, gen)
     return record
+
+
+def _open_scratch(path: str) -> int:
+    """Open this attempt's own scratch file to check and publish it.
+
+    :raises imagebackend.exception.DiskOperationError: it is gone (only a
+        prune that took it for a crash's leftover removes another's).
+    """
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise exception.DiskOperationError(
+            path=path, reason="this fetch's scratch file cannot be opened "
+            "(%s); something other than the cache changed it (a prune "
+            "with a much shorter scratch age?); retry"
+            % (exc.strerror or exc)) from exc
+
+
+def _check(c, meta, path, fmt) -> None:
+    """Refuse a non-raw image whose metadata ``qemu-img check`` finds
+    corrupt (a crafted table can make a conversion expand without bound or
+    read the wrong data), under the ``info`` resource limits.
+
+    :raises imagebackend.exception.CorruptImageRefused: it is corrupt.
+    :raises imagebackend.exception.ImageLimitExceeded: the check hit a
+        resource limit.
+    """
+    try:
+        result = c.qemu.check(path, fmt)
+    except exception.QemuImgLimitExceeded as exc:
+        raise exception.ImageLimitExceeded(
+            image_id=meta.image_id,
+            reason="qemu-img check of its %s metadata exceeded its %s "
+                   "limit; the image is likely malicious or corrupt; raise "
+                   "[qemu_img] %s only if you trust it"
+                   % (fmt, exc.limit, exc.option)) from exc
+    except exception.QemuImgNotFound:
+        raise
+    except exception.QemuImgError as exc:
+        raise exception.CorruptImageRefused(
+            image_id=meta.image_id, fmt=fmt,
+            detail="errors it could not get past (%s)" % exc.stderr) from exc
+    if result.supported and (result.corruptions or result.check_errors):
+        raise exception.CorruptImageRefused(
+            image_id=meta.image_id, fmt=fmt,
+            detail="%d corruption(s) and %d error(s)"
+                   % (result.corruptions, result.check_errors))
+
+
+def _convert(c, meta, part, fmt, converted, virtual_size, progress) -> None:
+    """Convert the download to raw under the ``[qemu_img] convert_*``
+    limits, its output bounded by the checked virtual size.
+    """
+    try:
+        # Written through the page cache, sent to disk while qemu-img
+        # writes it, and fsynced once at the end: the base is as durable
+        # as with O_DIRECT, and the conversion much faster.
+        c.qemu.convert(part, fmt, converted, "raw",
+                       target_cache="unsafe", durable=False,
+                       progress=_stage_progress(progress, "convert"),
+                       limits=True, max_output_size=virtual_size)
+    except exception.QemuImgOutputTooLarge as exc:
+        raise exception.ImageLimitExceeded(
+            image_id=meta.image_id,
+            reason="converting it to raw wrote more than its checked "
+                   "virtual size of %d bytes; it is corrupt or crafted, "
+                   "upload a sound copy" % virtual_size) from exc
+    except exception.QemuImgLimitExceeded as exc:
+        raise exception.ImageLimitExceeded(
+            image_id=meta.image_id,
+            reason="converting it to raw exceeded the %s limit; it is "
+                   "likely malicious or corrupt; raise [qemu_img] %s only "
+                   "if you trust it" % (exc.limit, exc.option)) from exc
+
+
+#: how many generations a fetch tries before it gives up publishing.
+_PUBLISH_TRIES = 5
+# Record fields that say which bytes a base holds.
+_CONTENT = ("image_id", "identity", "checksum", "source_format", "format",
+            "virtual_size")
+
+
+def _same_content(found: dict, ours: dict) -> bool:
+    """Whether record ``found`` describes the bytes ``ours`` does (and
+    may still be used).
+    """
+    if not found or found.get("stale"):
+        return False
+    if any(found.get(key) != ours.get(key) for key in _CONTENT):
+        return False
+    mine = (ours.get("base_checksum") or {}).get("value")
+    theirs = (found.get("base_checksum") or {}).get("value")
+    return mine is None or theirs is None or mine == theirs
+
+
+def _publish(c, stem: str, fd: int, path: str, record: dict) -> dict:
+    """Publish the checked file ``fd`` (named ``path``) with ``record`` as
+    generation ``stem`` without ever replacing anything: the record first
+    (no-replace), then the base (a no-replace link).  A name taken by
+    another fetch of the same content is adopted; one taken by other
+    content makes it try the next free generation.
+
+    :returns: the record the published (or adopted) base has.
+    :raises imagebackend.exception.CachePublishConflict: no generation
+        could be published after a few tries.
+    """
+    cid = cache_layout.parse(stem).cid
+    try:
+        for _ in range(_PUBLISH_TRIES):
+            base = c.base_path(stem)
+            record["generation"] = cache_layout.parse(stem).generation
+            found = None
+            if not os.path.lexists(base):
+                found = cache_publish.publish_record(base + ".json", record)
+                if found is None or _same_content(found, record):
+                    if cache_publish.publish_fd(fd, path, base):
+                        fileutils.fsync_dir(c.base_dir)
+                        return found or record
+            adopted = _adopt(c, base, record, found)
+            if adopted is not None:
+                fileutils.remove_quietly(path)
+                return adopted
+            LOG.warning("Generation %s of image %s was published meanwhile "
+                        "with other content (another host locking "
+                        "elsewhere?); publishing the next generation",
+                        stem, record["image_id"])
+            stem = cache_layout.stem(cid, cache_layout.claim_generation(
+                c.base_dir, cid, max(cache_layout.generations(
+                    c.base_dir, cid), default=0) + 1))
+    except OSError as exc:
+        raise cache_publish.publish_error(c.base_path(stem), exc) from exc
+    raise exception.CachePublishConflict(
+        path=c.base_dir, image_id=record["image_id"],
+        reason="other content was published under each of %d generation "
+               "names while it was being fetched" % _PUBLISH_TRIES)
+
+
+def _adopt(c, base, record, found) -> dict | None:
+    """The record of the base another fetch published as ``base`` if it
+    holds the bytes ``record`` describes, else None.
+
+    :param found: the record that was there when ours was published, or
+        ``None`` if ours was published (and the base then appeared without
+        one: its bytes are checked in full).
+    """
+    existing = fileutils.read_json(base + ".json")
+    if found is not None and not _same_content(existing or {}, record):
+        return None
+    if not c.check_regular(base):
+        return None
+    st = os.lstat(base)
+    if record["format"] == "raw" and st.st_size != record["virtual_size"]:
+        return None
+    if found is None and not _holds(base, record):
+        c.mark_stale(os.path.basename(base),
+                     "its base does not hold the bytes its record describes")
+        return None
+    LOG.info("Image %s was published as %s by another fetch meanwhile; "
+             "using it", record["image_id"], base)
+    return existing or record
+
+
+def _holds(path: str, record: dict) -> bool:
+    """Whether file ``path`` holds the bytes ``record`` describes."""
+    if record.get("base_checksum"):
+        found = cache_verify.digests(path)
+        return found["sparse"] == record["base_checksum"]["value"]
+    checksum = record["checksum"]
+    try:
+        found = cache_verify.digests(path, [checksum["algo"]], sparse=False)
+    except ValueError:
+        return False
+    return found["full"][checksum["algo"]] == checksum["value"]
 
 
 def _supersede(c, image_id, current) -> None:

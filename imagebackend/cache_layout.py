@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import stat
 
 from imagebackend import _inspect_rules as rules
@@ -23,12 +24,28 @@ from imagebackend import fileutils
 
 LOG = logging.getLogger(__name__)
 
+#: hex digits of the token that makes a scratch name unique per attempt.
+SCRATCH_TOKEN_HEX = 12
 NAME_RE = re.compile(
     r"^(?P<cid>[0-9a-f]{40})"
     r"(?:-(?P<gen>[2-9]|[1-9][0-9]+))?"
     r"(?:_(?P<size>[1-9][0-9]*))?"
-    r"(?P<suffix>\.part|\.converted|\.json|\.corrupt|\.refused)?$")
+    r"(?P<suffix>(?P<scratch>\.part|\.converted)(?:-[0-9a-f]{%d})?"
+    r"|\.json|\.corrupt|\.refused)?$" % SCRATCH_TOKEN_HEX)
+#: the kinds of scratch file: ``<name>.part-<token>`` (a download, or a
+#: sized base being built) and ``<name>.converted-<token>`` (a conversion).
+#: Names without the token are the scratch of earlier releases.
 SCRATCH_SUFFIXES = (".part", ".converted")
+#: scratch nobody has modified for this long (seconds) is left over from a
+#: crash; only ``cache prune`` removes it, and only then.  Every attempt
+#: writes its own scratch (its name is unique), and nothing a fetch does
+#: leaves its scratch unmodified for long: a download writes continuously,
+#: and the longest step that only reads one (a conversion) is bounded by
+#: ``[qemu_img] convert_cpu_seconds_per_gib`` (30 s per GiB: under 9 hours
+#: for the largest image allowed by default).  The age, not a lock, is what
+#: keeps one host from removing the scratch of a fetch running on another
+#: host that locks elsewhere.
+SCRATCH_MINIMUM_AGE = 86400
 ASIDE_SUFFIXES = (".corrupt", ".refused")
 #: hidden directory in ``_base`` where the library records the disks it
 #: created (see :mod:`imagebackend.cache_usage`).
@@ -41,7 +58,10 @@ SOURCES_DIR = ".sources"
 #: pruned, so a generation number is never used twice.
 GENERATIONS_DIR = ".generations"
 #: the cache's private directories in ``_base``.
-PRIVATE_DIRS = (DISKS_DIR, SOURCES_DIR, GENERATIONS_DIR)
+#: hidden directory in ``_base`` naming the lock directories its users
+#: lock in (see :func:`imagebackend.cache_locks.check_shared`).
+LOCK_DIRS_DIR = ".lock-dirs"
+PRIVATE_DIRS = (DISKS_DIR, SOURCES_DIR, GENERATIONS_DIR, LOCK_DIRS_DIR)
 #: a record larger than this is not one the cache wrote.
 MAX_RECORD_BYTES = 1024 * 1024
 #: formats a base's record may name (what qemu-img's ``-f`` takes).
@@ -71,6 +91,11 @@ class Name:
     @property
     def stem(self) -> str:
         return stem(self.cid, self.generation)
+
+    @property
+    def is_scratch(self) -> bool:
+        """Whether this names scratch (a fetch's or a build's)."""
+        return self.suffix.startswith(SCRATCH_SUFFIXES)
 
     @property
     def base_name(self) -> str:
@@ -224,7 +249,7 @@ def scan(base_dir: str) -> Layout:
                 if not valid_sized_record(record, name):
                     record = {}
                 layout.sized_records[name.base_name] = record
-        elif name.suffix in SCRATCH_SUFFIXES:
+        elif name.is_scratch:
             layout.scratch.append((name, entry.path))
         elif name.suffix in ASIDE_SUFFIXES:
             layout.aside.append((name, entry.path, st))
@@ -267,7 +292,7 @@ def generations(base_dir: str, cid: str) -> dict[int, set[str]]:
         kinds = found.setdefault(name.generation, set())
         if name.suffix == ".json":
             kinds.add("record" if name.size is None else "sized_record")
-        elif name.suffix in SCRATCH_SUFFIXES:
+        elif name.is_scratch:
             kinds.add("scratch")
         elif name.suffix in ASIDE_SUFFIXES:
             kinds.add("aside")
@@ -558,6 +583,18 @@ def claim_generation(base_dir: str, cid: str, floor: int) -> int:
             return number
     finally:
         os.close(fd)
+
+
+def scratch_name(final: str, kind: str = ".part") -> str:
+    """A new scratch path for ``final`` (a path in ``_base``), unique to
+    this attempt: ``<final><kind>-<12 hex digits>``.
+
+    :param kind: one of :data:`SCRATCH_SUFFIXES`.
+    """
+    if kind not in SCRATCH_SUFFIXES:
+        raise ValueError("not a kind of scratch: %r" % (kind,))
+    return "%s%s-%s" % (final, kind,
+                        secrets.token_hex(SCRATCH_TOKEN_HEX // 2))
 
 
 def isotime(ts: float) -> str:

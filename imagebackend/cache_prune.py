@@ -3,7 +3,8 @@
 :func:`prune` (``imagebackend cache prune``, or a periodic task) removes,
 in this order:
 
-1. scratch files (``.part``, ``.converted``) whose lock nobody holds --
+1. scratch files (``.part-<hex>``, ``.converted-<hex>``) unmodified for
+   ``cache_layout.SCRATCH_MINIMUM_AGE`` (a day) whose lock nobody holds --
    left over from a crash -- and temporary record files older than an hour;
 2. bases nothing uses that are stale (superseded by a newer generation,
    invalidated, found corrupt, or without a valid record), whatever their
@@ -222,9 +223,14 @@ def prune(c: "cache.ImageCache", *, dry_run: bool = False) -> PruneReport:
 
     remove_file = cache_remove.remove_file
     for name, path in layout.scratch:
+        # Another host may lock elsewhere: only old scratch is a crash's.
+        age = _age(path, now)
+        if age is None or age < cache_layout.SCRATCH_MINIMUM_AGE:
+            continue
         lock_name = name.base_name if name.size else name.cid
-        remove_file(c, path, "scratch", "orphaned (its lock is free)",
-                    _allocated(path), lock_name, report)
+        remove_file(c, path, "scratch", "orphaned (unmodified for %d s, "
+                    "its lock is free)" % age, _allocated(path), lock_name,
+                    report)
     for path, st in layout.temp:
         if now - st.st_mtime >= TEMP_FILE_AGE:
             remove_file(c, path, "temporary", "left over",
@@ -254,6 +260,14 @@ def prune(c: "cache.ImageCache", *, dry_run: bool = False) -> PruneReport:
     if not dry_run:
         _collect(c, layout, report)
     return report
+
+
+def _age(path: str, now: float) -> float | None:
+    """Seconds since ``path`` was last modified; None if it is gone."""
+    try:
+        return now - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def _allocated(path: str) -> int:

@@ -233,7 +233,8 @@ class QemuImgError(ImageBackendException):
 class QemuImgNotFound(QemuImgError, FileNotFoundError):
     msg_fmt = ("qemu-img was not found (%(reason)s). Install it: "
                "apt-get install qemu-utils (Debian/Ubuntu) or "
-               "dnf install qemu-img (Fedora/RHEL).")
+               "dnf install qemu-img (Fedora/RHEL), or set [qemu_img] "
+               "binary to its path.")
 
 
 class QemuImgLimitExceeded(QemuImgError):
@@ -313,3 +314,55 @@ class DiskFormatUnknown(DiskOperationError, ValueError):
 class CachePathRefused(DiskOperationError, PermissionError):
     msg_fmt = ("Refusing to write %(path)s: it is in %(where)s, where only "
                "the cache writes; choose a path outside it.")
+
+
+class QemuImgOutputTooLarge(QemuImgLimitExceeded):
+    msg_fmt = ("qemu-img %(operation)s of %(path)s tried to write more than "
+               "%(size)d bytes, more than the image's checked virtual size, "
+               "and was stopped; the image is corrupt or crafted to lie "
+               "about its size. Upload a sound copy of the image.")
+
+
+class ImageLimitExceeded(UnsafeImage):
+    rule = "resource-limit"
+    msg_fmt = ("Image %(image_id)s was refused (%(rule)s): %(reason)s")
+
+
+class CorruptImageRefused(UnsafeImage):
+    rule = "corrupt-image"
+    msg_fmt = ("Image %(image_id)s was refused (%(rule)s): qemu-img check "
+               "found %(detail)s in its %(fmt)s metadata, so it is corrupt "
+               "or crafted (a converted copy could be far larger than the "
+               "image or read the wrong data). Nothing was cached; upload a "
+               "sound copy of the image.")
+
+
+class CachePublishConflict(CacheError):
+    msg_fmt = ("Image cache %(path)s: image %(image_id)s could not be "
+               "published: %(reason)s. Nothing was replaced; retry.")
+
+
+class LockWaitTimeout(CacheError, TimeoutError):
+    msg_fmt = ("Image cache %(path)s: gave up waiting for the lock on "
+               "%(what)s after %(waited)d s; it is held by %(holder)s. If "
+               "that process is stuck, stop it; if it is only slow, raise "
+               "[imagebackend] lock_wait_timeout (now %(timeout)d s).")
+
+
+class LockFileError(CacheError):
+    msg_fmt = ("Lock directory %(path)s: cannot create lock file %(name)s "
+               "(%(reason)s). Free space or inodes on that filesystem, or "
+               "set [oslo_concurrency] lock_path to a directory that has "
+               "room.")
+
+
+class SplitLockDirectory(ConfigurationError):
+    msg_fmt = ("The image cache %(base_dir)s is shared with a configuration "
+               "that locks in another directory: %(other)s (host %(host)s), "
+               "while this one locks in %(lock_dir)s. Every user of one "
+               "cache directory must keep its lock files in one directory "
+               "they all share: set [oslo_concurrency] lock_path to the same "
+               "shared directory everywhere (by default it is the 'locks' "
+               "directory beside the cache, which is shared when "
+               "instances_path is). If %(other)s is no longer used, remove "
+               "%(marker)s.")

@@ -58,9 +58,44 @@ OPTIONS = [
              "indefinitely; when the limit is reached qemu-img is killed "
              "and the request fails with an error naming this option.  The "
              "default, 30, is far above the fraction of a second a sound "
-             "image of 100 GiB needs.  0 removes the limit (not "
+             "image of 100 GiB needs.  The same limits apply to the "
+             "'qemu-img check' every non-raw image passes before it is "
+             "converted or cached.  0 removes the limit (not "
              "recommended)."),
+    cfg.IntOpt(
+        "convert_address_space_limit", default=4096, min=0,
+        help="Address space, in MiB, that 'qemu-img convert' may use while "
+             "it converts a downloaded image to raw.  A crafted image can "
+             "make qemu-img allocate without bound; the limit stops it and "
+             "the request fails with an error naming the image and this "
+             "option.  qemu-img reserves address space for each of its "
+             "worker threads (stacks and allocator arenas), about 1 GiB on "
+             "a small host and more on hosts with many CPUs, so the default, "
+             "4096, leaves room for that.  0 removes the limit (not "
+             "recommended)."),
+    cfg.IntOpt(
+        "convert_cpu_seconds_per_gib", default=30, min=0,
+        help="CPU time, in seconds per GiB of the image's virtual size "
+             "(and at least 60 seconds in all), that 'qemu-img convert' may "
+             "use while it converts a downloaded image to raw.  A crafted "
+             "image (tiny clusters, heavily compressed data) can keep "
+             "qemu-img busy for a very long time; when the limit is "
+             "reached qemu-img is killed and the request fails with an "
+             "error naming the image and this option.  The default, 30, is "
+             "several times what decompressing a compressed qcow2 image "
+             "costs (about 5 s per GiB).  A conversion's output is also "
+             "limited to the image's checked virtual size.  0 removes the "
+             "CPU limit (not recommended)."),
 ]
+
+#: the smallest CPU time limit of a conversion, in seconds.
+CONVERT_MIN_CPU_TIME = 60
+#: bytes a conversion's output may exceed the virtual size by (qemu-img
+#: rounds sizes up to whole sectors).
+CONVERT_OUTPUT_SLACK = 1024 * 1024
+# Commands on the warm path, started without copying this process: they
+# take milliseconds and read no image a user supplied.
+_QUICK = ("create", "--version", "-h")
 
 # Re-exported so callers need only this module.
 ImageInfo = qemu_img_types.ImageInfo
@@ -80,6 +115,13 @@ _DURABLE_CACHES = ("none", "directsync", "writethrough")
 _FMT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
 _VERSIONS: dict[str, tuple[int, int, int]] = {}
+# (is a conversion, limit hit) -> the option that sets the limit.
+_LIMIT_OPTIONS = {
+    (False, "cpu_time"): "info_cpu_time_limit",
+    (False, "address_space"): "info_address_space_limit",
+    (True, "cpu_time"): "convert_cpu_seconds_per_gib",
+    (True, "address_space"): "convert_address_space_limit",
+}
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
@@ -165,7 +207,8 @@ class QemuImg:
                 rate_limit: int | None = None, options: dict | None = None,
                 progress: typing.Callable[[float], None] | None = None,
                 cancel: threading.Event | None = None,
-                durable: bool = True) -> None:
+                durable: bool = True, limits: bool = False,
+                max_output_size: int | None = None) -> None:
         """Convert ``source`` into a new image ``target``.
 
         The target is durable when this returns: it is written with
@@ -193,9 +236,17 @@ class QemuImg:
             its directory to the caller, who may overlap it with other
             work (pair it with a ``target_cache`` that does not flush,
             such as ``unsafe``).
+        :param limits: run under the ``[qemu_img] convert_*`` CPU-time and
+            address-space limits, as any conversion of a user's image must
+            (the CPU time is scaled by ``max_output_size``).
+        :param max_output_size: the virtual size the source was checked to
+            have; qemu-img may not write a file larger than that (plus
+            :data:`CONVERT_OUTPUT_SLACK`), so a source that lies about its
+            size fails instead of filling the disk.
         :raises exception.OperationCancelled: ``cancel`` was set.
         :raises exception.QemuImgInvalidRequest: a bad combination of
             arguments; nothing was run.
+        :raises exception.QemuImgLimitExceeded: a limit was hit.
         :raises exception.QemuImgError: qemu-img failed.
         :raises exception.DiskOperationError: the target could not be
             flushed to disk.
@@ -223,13 +274,14 @@ class QemuImg:
         if options:
             args += ["-o", _format_options("convert", source, options)]
         through_page_cache = target_cache not in _DURABLE_CACHES
+        run_limits = self._convert_limits(limits, max_output_size)
         try:
             with _written_back(target, through_page_cache):
                 self._run_long(
                     "convert", "Conversion", source, args + [source, target],
                     progress, cancel,
                     finish=(lambda: _flush(target, through_page_cache))
-                    if durable else None)
+                    if durable else None, limits=run_limits)
         except BaseException:
             fileutils.remove_regular(target)
             raise
@@ -373,14 +425,17 @@ class QemuImg:
         return self._parse("info", path, result, ImageInfo.from_qemu,
                            backing_chain)
 
-    def check(self, path: str, fmt: str, repair: str | None = None
-              ) -> CheckResult:
+    def check(self, path: str, fmt: str, repair: str | None = None, *,
+              limits: bool = True) -> CheckResult:
         """Check (and with ``repair``, fix) the consistency of ``path``.
 
         :param repair: ``None``, ``"leaks"`` or ``"all"``.
+        :param limits: run under the ``[qemu_img] info_*_limit`` process
+            limits, as any image from a user must be.
         :returns: a :class:`CheckResult`; for a format without checks its
             ``supported`` is False.  Corruptions and leaks are results,
             not exceptions.
+        :raises exception.QemuImgLimitExceeded: a limit was hit.
         :raises exception.QemuImgError: the check could not complete.
         """
         _check_fmt("check", path, fmt)
@@ -391,7 +446,8 @@ class QemuImg:
         if repair:
             args += ["-r", repair]
         result = self._run("check", path, args + [path],
-                           ok_codes=_CHECK_CODES)
+                           ok_codes=_CHECK_CODES,
+                           limits=self._info_limits() if limits else None)
         if result.exit_code == CHECK_UNSUPPORTED:
             return CheckResult(filename=path, format=fmt, supported=False,
                                exit_code=CHECK_UNSUPPORTED)
@@ -479,7 +535,7 @@ class QemuImg:
     # --- running -----------------------------------------------------------
 
     def _run_long(self, operation, what, path, args, progress, cancel,
-                  finish=None) -> None:
+                  finish=None, limits=None) -> None:
         """Run a command that takes ``-p``: with ``progress``, its output
         is parsed into percentages; with ``cancel``, it can be stopped.
         ``finish`` runs after the command succeeded and before the last
@@ -490,11 +546,12 @@ class QemuImg:
             args = args[:1] + ["-p"] + args[1:]
         if parser or cancel is not None:
             result = self._run(operation, path, args, cancel=cancel,
-                               on_output=parser.feed if parser else None)
+                               on_output=parser.feed if parser else None,
+                               limits=limits)
             if result.cancelled:
                 raise exception.OperationCancelled(operation=what, path=path)
         else:
-            self._run(operation, path, args)
+            self._run(operation, path, args, limits=limits)
         if finish is not None:
             finish()
         if parser:
@@ -502,9 +559,12 @@ class QemuImg:
 
     def _run(self, operation, path, args, *, ok_codes=(0,), limits=None,
              on_output=None, cancel=None) -> runner.ProcessResult:
-        # The runner logs each command at debug level.
+        # The runner logs each command at debug level.  Every command but
+        # the quick ones dies with its caller.
         argv = [self.binary] + [os.fspath(arg) for arg in args]
-        preexec_fn = limits.apply if limits else None
+        if limits is None and operation not in _QUICK:
+            limits = runner.Limits()
+        preexec_fn = limits.preexec() if limits else None
         try:
             if on_output is not None or cancel is not None:
                 return self.runner.stream(
@@ -517,15 +577,19 @@ class QemuImg:
                           exit_code=exc.exit_code,
                           stderr=useful_error(exc.stderr or ""))
             hit = limits and limits.exceeded(exc.exit_code, exc.stderr)
+            if hit == "file_size":
+                raise exception.QemuImgOutputTooLarge(
+                    size=limits.file_size, **kwargs) from exc
             if hit:
                 value = getattr(limits, hit)
                 raise exception.QemuImgLimitExceeded(
                     limit=("CPU time (%d s)" % value if hit == "cpu_time"
                            else "address space (%d MiB)" % (value >> 20)),
-                    option="info_%s_limit" % hit, **kwargs) from exc
+                    option=_LIMIT_OPTIONS[operation == "convert", hit],
+                    **kwargs) from exc
             raise exception.QemuImgError(**kwargs) from exc
         except OSError as exc:
-            if exc.errno == errno.ENOENT:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise exception.QemuImgNotFound(
                     reason="%s: %s" % (self.binary, exc.strerror),
                     operation=operation, path=path, exit_code=None,
@@ -539,6 +603,22 @@ class QemuImg:
         return runner.Limits(
             address_space=group.info_address_space_limit * 1024 ** 2 or None,
             cpu_time=group.info_cpu_time_limit or None)
+
+    def _convert_limits(self, limits, max_output_size):
+        if not limits and max_output_size is None:
+            return None
+        group = self.conf.qemu_img
+        file_size = cpu_time = address_space = None
+        if max_output_size is not None:
+            file_size = max_output_size + CONVERT_OUTPUT_SLACK
+        if limits:
+            address_space = group.convert_address_space_limit * 1024 ** 2
+            per_gib = group.convert_cpu_seconds_per_gib
+            if per_gib:
+                gib = -(-(max_output_size or 0) // 1024 ** 3)
+                cpu_time = max(CONVERT_MIN_CPU_TIME, per_gib * gib)
+        return runner.Limits(address_space=address_space or None,
+                             cpu_time=cpu_time, file_size=file_size)
 
     @staticmethod
     def _parse(operation, path, result, parse, *args):
@@ -563,6 +643,9 @@ def _written_back(path, through_page_cache):
     try:
         with fileutils.Writeback(path=path):
             yield
+    except exception.ImageBackendException:
+        # qemu-img's own errors (QemuImgNotFound is an OSError too).
+        raise
     except OSError as exc:
         raise exception.DiskOperationError(
             path=path, reason="could not write the converted image to disk "

@@ -19,6 +19,7 @@ caller turns those into the library's own exceptions.
 
 import codecs
 import collections.abc
+import ctypes
 import dataclasses
 import logging
 import os
@@ -61,45 +62,85 @@ class ProcessResult:
     cancelled: bool = False
 
 
+#: prctl(2) option: the signal a child gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Resource limits for a child process.
+    """Resource limits for a child process, and its tie to its caller.
 
-    They are set with ``setrlimit`` in the child just before the program
-    starts (no helper process is spawned).
+    They are set in the child just before the program starts (no helper
+    process is spawned).
 
     :param address_space: bytes of address space (``RLIMIT_AS``).
     :param cpu_time: seconds of CPU time (``RLIMIT_CPU``); the kernel kills
         the process with SIGKILL when it is used up.
+    :param file_size: the largest file the process may write, in bytes
+        (``RLIMIT_FSIZE``); writing past it kills it with SIGXFSZ.
+    :param die_with_parent: the child gets SIGKILL when the thread that
+        started it dies (``PR_SET_PDEATHSIG``), and runs in a process group
+        of its own, so it never outlives its caller, whatever kills the
+        caller, and a signal meant for the caller's group is the caller's
+        to handle (it stops the child itself).
     """
 
     address_space: int | None = None
     cpu_time: int | None = None
+    file_size: int | None = None
+    die_with_parent: bool = True
 
     _NO_MEMORY = re.compile(
         r"cannot allocate memory|failed to (?:allocate|map)|out of memory|"
         r"resource temporarily unavailable", re.IGNORECASE)
+    _TOO_LARGE = re.compile(r"file too large", re.IGNORECASE)
+
+    def preexec(self) -> collections.abc.Callable[[], None]:
+        """A ``preexec_fn`` that applies these limits; call it in the
+        parent, just before starting the child (it notes the parent's pid,
+        to notice a parent that died before the child was tied to it).
+        """
+        parent = os.getpid()
+
+        def setup():
+            if self.die_with_parent:
+                os.setpgid(0, 0)
+                _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                if os.getppid() != parent:
+                    # The caller died before the tie was made.
+                    os._exit(255)
+            self.apply()
+        return setup
 
     def apply(self) -> None:
-        """Set the limits on the calling process (a ``preexec_fn``)."""
+        """Set the resource limits on the calling process."""
         if self.address_space:
             resource.setrlimit(resource.RLIMIT_AS,
                                (self.address_space, self.address_space))
         if self.cpu_time:
             resource.setrlimit(resource.RLIMIT_CPU,
                                (self.cpu_time, self.cpu_time))
+        if self.file_size:
+            resource.setrlimit(resource.RLIMIT_FSIZE,
+                               (self.file_size, self.file_size))
 
     def exceeded(self, exit_code: int | None, stderr: str) -> str | None:
         """Return which limit a failed process most likely hit, or None.
 
-        The answer is ``"cpu_time"`` or ``"address_space"``.
+        The answer is ``"cpu_time"``, ``"address_space"`` or
+        ``"file_size"``.
 
-        Running out of CPU time ends in SIGKILL (or SIGXCPU); running out
-        of address space in an abort (a failed allocation or thread
-        creation) or an allocation error message.
+        Running out of CPU time ends in SIGKILL (or SIGXCPU); writing past
+        the file size limit in SIGXFSZ (or, where it is ignored, "File too
+        large"); running out of address space in an abort (a failed
+        allocation or thread creation) or an allocation error message.
         """
         if self.cpu_time and exit_code in (-signal.SIGKILL, -signal.SIGXCPU):
             return "cpu_time"
+        if self.file_size and (exit_code == -signal.SIGXFSZ or
+                               self._TOO_LARGE.search(stderr or "")):
+            return "file_size"
         if self.address_space and (exit_code == -signal.SIGABRT or
                                    self._NO_MEMORY.search(stderr or "")):
             return "address_space"
@@ -138,10 +179,10 @@ class Runner:
         :param argv: the program and its arguments.
         :param ok_codes: exit codes that are a result, not a failure.
         :param preexec_fn: called in the child before the program starts
-            (for example to set resource limits).  Without one (and without
-            an ``execute`` function given to the runner) the program is
-            started directly rather than through processutils; the result
-            and the errors are the same.
+            (for example to set resource limits: see :meth:`Limits.preexec`).
+            Without one (and without an ``execute`` function given to the
+            runner) the program is started directly rather than through
+            processutils; the result and the errors are the same.
         :returns: a :class:`ProcessResult`.
         :raises oslo_concurrency.processutils.ProcessExecutionError: the
             command exited with a code not in ``ok_codes``.

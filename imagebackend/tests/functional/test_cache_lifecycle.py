@@ -280,9 +280,15 @@ def test_orphaned_scratch_and_lock_files_go_unless_their_lock_is_held(dep):
                base(dep, "gone.qcow2", 3) + ".converted",
                base(dep, "x.raw") + "_%d.part" % DISK]
     busy = base(dep, "busy.raw") + ".part"
-    for path in orphans + [busy]:
+    # A fetch on a host that locks elsewhere: its lock is free here, but
+    # its scratch is recent, so it stays.
+    running = base(dep, "elsewhere.raw") + ".part-0123456789ab"
+    old = time.time() - cache_layout.SCRATCH_MINIMUM_AGE - 60
+    for path in orphans + [busy, running]:
         with open(path, "wb") as f:
             f.write(b"half a download")
+        if path != running:
+            os.utime(path, (old, old))
     gone = cache.cache_id("old.raw")
     stale_locks = [os.path.join(c.lock_dir, "imagebackend-" + gone),
                    os.path.join(c.lock_dir, "imagebackend-use-" + gone)]
@@ -297,8 +303,10 @@ def test_orphaned_scratch_and_lock_files_go_unless_their_lock_is_held(dep):
     assert sorted(r["file"] for r in report["removed"]) == sorted(orphans)
     assert all(r["kind"] == "scratch" for r in report["removed"])
     assert not any(os.path.exists(p) for p in orphans)
+    assert os.path.exists(running)
     # Only the held lock's file is left (the others' images are gone).
-    assert os.listdir(c.lock_dir) == [os.path.basename(busy_lock)]
+    assert [n for n in os.listdir(c.lock_dir) if not n.startswith(".")] \
+        == [os.path.basename(busy_lock)]
 
     report = dep.cli_json("cache", "prune")
     assert [r["file"] for r in report["removed"]] == [busy]
@@ -360,8 +368,10 @@ def test_verify_detects_a_flipped_byte_and_repair_moves_it_aside(dep):
     assert fresh.backing_file == base(dep, "q.qcow2", 2) + "_%d" % DISK
     assert same(qcow2, "qcow2", fresh.path)
     code, rows = _verify(dep, "r.raw")
-    assert code == 0
-    assert list(rows) == [os.path.basename(base(dep, "r.raw", 2))]
+    # Generation 1's stale record is left (never replaced), so the fresh
+    # copy is generation 2.
+    assert code == 0 and list(rows) == [os.path.basename(base(dep, "r.raw",
+                                                              2))]
 
 
 def test_invalidate_makes_the_next_create_fetch_again(dep):

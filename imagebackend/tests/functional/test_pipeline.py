@@ -221,7 +221,8 @@ class TestCachedBaseBackend(BackendContract):
         backend.create_image("guest.qcow2", self.target("b"), GiB)
         backend.create_image("guest.qcow2", self.target("c"), 2 * GiB)
         cid = cache.cache_id("guest.qcow2")
-        sized = [n for n in self.dep.base_listing() if "_" in n]
+        sized = [n for n in self.dep.base_listing()
+                 if "_" in n and not n.endswith(".json")]
         assert sized == ["%s_%d" % (cid, GiB), "%s_%d" % (cid, 2 * GiB)]
         info = fenv.qemu_info(os.path.join(self.dep.base_dir, sized[0]),
                               "raw")

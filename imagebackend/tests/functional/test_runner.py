@@ -1,7 +1,9 @@
 """The runner with tiny real programs: streaming, cancelling, limits."""
 
+import os
 import resource
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -125,3 +127,38 @@ def test_a_plain_command_gets_default_sigpipe_and_no_stdin():
 def test_execute_of_a_missing_program_is_an_os_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         runner.Runner().execute([str(tmp_path / "nothing")])
+
+
+def test_a_child_dies_with_its_parent_and_has_its_own_group():
+    # A parent that starts a long child, reports its pid, then is killed.
+    code = ("import sys, time\n"
+            "from imagebackend import runner\n"
+            "limits = runner.Limits()\n"
+            "runner.Runner().stream([sys.executable, '-c', "
+            "'import os, time; print(os.getpid(), os.getpgid(0), "
+            "flush=True); time.sleep(60)'], "
+            "lambda text: print(text, end='', flush=True), "
+            "preexec_fn=limits.preexec())\n")
+    parent = subprocess.Popen(python(code), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        pid, pgid = map(int, parent.stdout.readline().split())
+        assert pgid == pid != os.getpgid(0)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with open("/proc/%d/stat" % pid) as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the child outlived its parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.stdout.close()

@@ -41,6 +41,7 @@ def qemu():
     """An autospec QemuImg whose convert writes an 8 MiB raw target."""
     q = mock.create_autospec(qemu_img.QemuImg, instance=True)
     q.convert.side_effect = _converter
+    q.check.return_value = qemu_img.CheckResult(filename="", format="")
     return q
 
 

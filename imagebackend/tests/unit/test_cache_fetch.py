@@ -3,6 +3,7 @@
 import errno
 import hashlib
 import os
+import re
 import threading
 import time
 from unittest import mock
@@ -14,6 +15,7 @@ from imagebackend import cache_fetch
 from imagebackend import cache_verify
 from imagebackend import exception
 from imagebackend import fileutils
+from imagebackend import qemu_img
 from imagebackend.sources import local
 from imagebackend.tests.unit import fakes
 
@@ -33,7 +35,9 @@ def synced():
     real = os.fsync
 
     def fsync(fd):
-        names.append(os.path.basename(os.readlink("/proc/self/fd/%d" % fd)))
+        # Scratch names end in a token unique to the attempt: drop it.
+        name = os.path.basename(os.readlink("/proc/self/fd/%d" % fd))
+        names.append(re.sub(r"-[0-9a-f]{12}$", "", name))
         real(fd)
 
     with mock.patch.object(os, "fsync", autospec=True, side_effect=fsync):
@@ -301,7 +305,7 @@ def test_a_failed_write_is_a_download_error_naming_the_part(tmp_path, qemu):
     with mock.patch.object(os, "pwrite", side_effect=pwrite):
         with pytest.raises(exception.ImageDownloadError) as info:
             c.get("raw-img")
-    assert ".part" in str(info.value)
+    assert ".part-" in str(info.value)
     assert "No space left" in str(info.value)
     assert os.listdir(c.base_dir) == [] or not [
         n for n in os.listdir(c.base_dir) if not n.startswith(".")]
@@ -313,3 +317,34 @@ def test_a_refused_download_leaves_no_hash_thread(tmp_path, qemu):
     with pytest.raises(exception.InvalidImageSize):
         c.get("qcow2-img", requested_size=fakes.MiB)
     assert hash_threads() == []
+
+
+# -- qemu-img check before conversion -----------------------------------------
+
+@pytest.mark.parametrize("force_raw", [True, False])
+def test_a_corrupt_non_raw_image_is_refused_before_conversion(
+        tmp_path, qemu, force_raw):
+    c = make_cache(tmp_path, qemu, force_raw_images=force_raw)
+    qemu.check.return_value = qemu_img.CheckResult(
+        filename="", format="qcow2", exit_code=2, corruptions=4095)
+    with pytest.raises(exception.CorruptImageRefused) as err:
+        c.get("qcow2-img")
+    assert "qcow2-img" in str(err.value) and "4095" in str(err.value)
+    qemu.convert.assert_not_called()
+    assert [n for n in os.listdir(c.base_dir) if not n.startswith(".")] == []
+
+
+def test_a_check_that_cannot_finish_refuses_the_image(tmp_path, qemu):
+    c = make_cache(tmp_path, qemu)
+    qemu.check.side_effect = exception.QemuImgError(
+        operation="check", path="p", exit_code=1, stderr="Check failed")
+    with pytest.raises(exception.CorruptImageRefused) as err:
+        c.get("qcow2-img")
+    assert "Check failed" in str(err.value)
+    assert [n for n in os.listdir(c.base_dir) if not n.startswith(".")] == []
+
+
+def test_a_raw_image_is_not_checked(tmp_path, qemu):
+    c = make_cache(tmp_path, qemu)
+    c.get("raw-img")
+    qemu.check.assert_not_called()

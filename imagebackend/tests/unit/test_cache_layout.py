@@ -57,3 +57,34 @@ def test_updating_a_record_keeps_its_last_used_time(tmp_path):
     record = cache_layout.scan(str(tmp_path)).records[CID][0]
     assert record == {"image_id": "img", "stale": True,
                       "stale_reason": "invalidated"}
+
+
+def test_scratch_names_are_unique_per_attempt_and_recognised(tmp_path):
+    final = str(tmp_path / (CID + "-2_1048576"))
+    names = {cache_layout.scratch_name(final, kind)
+             for kind in (".part", ".converted") for _ in range(50)}
+    assert len(names) == 100
+    for path in names:
+        name = cache_layout.parse(os.path.basename(path))
+        assert name.is_scratch
+        assert (name.generation, name.size) == (2, 1048576)
+        assert name.base_name == CID + "-2_1048576"
+    for legacy in (CID + ".part", CID + "-3.converted"):
+        assert cache_layout.parse(legacy).is_scratch
+    for other in (CID + ".json", CID + ".corrupt", CID):
+        assert not cache_layout.parse(other).is_scratch
+    for bad in (CID + ".part-123", CID + ".part-0123456789AB",
+                CID + ".part-0123456789abc"):
+        assert cache_layout.parse(bad) is None
+    with pytest.raises(ValueError):
+        cache_layout.scratch_name(final, ".json")
+
+
+def test_a_scan_lists_new_scratch_as_scratch(tmp_path):
+    for name in (CID, CID + ".json", CID + ".part-0123456789ab",
+                 CID + "_4096.part-ba9876543210"):
+        (tmp_path / name).write_bytes(b"")
+    layout = cache_layout.scan(str(tmp_path))
+    assert sorted(n.name for n, _ in layout.scratch) == [
+        CID + ".part-0123456789ab", CID + "_4096.part-ba9876543210"]
+    assert [f.name.name for f in layout.bases] == [CID]

@@ -1,9 +1,12 @@
 """QemuImg with a mocked runner: the argv it builds, how it reads
 qemu-img's answers, and how it fails."""
 
+import contextlib
 import errno
 import json
 import os
+import resource
+import signal
 import threading
 from unittest import mock
 
@@ -442,6 +445,18 @@ def test_info_backing_chain_lists_every_image_top_first(qemu, runner):
     assert info.chain[1].backing_file is None
 
 
+@contextlib.contextmanager
+def in_child():
+    """Let a preexec_fn run here as in a child: nothing it sets sticks."""
+    with mock.patch("resource.setrlimit", autospec=True) as setrlimit, \
+            mock.patch("os.setpgid", autospec=True) as setpgid, \
+            mock.patch.object(runner_mod, "_LIBC") as libc, \
+            mock.patch("os.getppid", autospec=True,
+                       return_value=os.getpid()):
+        yield setrlimit, setpgid
+    libc.prctl.assert_called_once_with(1, signal.SIGKILL, 0, 0, 0)
+
+
 def test_info_runs_under_the_configured_limits(runner):
     conf = cfg.ConfigOpts()
     qemu_img.register_opts(conf)
@@ -450,16 +465,26 @@ def test_info_runs_under_the_configured_limits(runner):
     runner.execute.return_value = ok(json.dumps(INFO_RAW))
     qemu_img.QemuImg(conf, execute=runner).info("/i/b", "raw")
     preexec_fn = runner.execute.call_args.kwargs["preexec_fn"]
-    assert preexec_fn.__self__ == runner_mod.Limits(address_space=512 << 20,
-                                                    cpu_time=10)
-    with mock.patch("resource.setrlimit", autospec=True) as setrlimit:
+    with in_child() as (setrlimit, setpgid):
         preexec_fn()
-    assert setrlimit.call_count == 2
+    assert setrlimit.call_args_list == [
+        mock.call(resource.RLIMIT_AS, (512 << 20, 512 << 20)),
+        mock.call(resource.RLIMIT_CPU, (10, 10))]
+    setpgid.assert_called_once_with(0, 0)
 
 
-def test_info_without_limits_runs_plainly(qemu, runner):
+def test_info_without_limits_still_dies_with_its_caller(qemu, runner):
     runner.execute.return_value = ok(json.dumps(INFO_RAW))
     qemu.info("/i/b", "raw", limits=False)
+    preexec_fn = runner.execute.call_args.kwargs["preexec_fn"]
+    with in_child() as (setrlimit, setpgid):
+        preexec_fn()
+    assert not setrlimit.called
+    setpgid.assert_called_once_with(0, 0)
+
+
+def test_a_warm_path_create_starts_without_a_preexec_fn(qemu, runner):
+    qemu.create("/i/d", "qcow2", backing_file="/i/b", backing_fmt="raw")
     assert runner.execute.call_args.kwargs["preexec_fn"] is None
 
 
@@ -657,6 +682,61 @@ def test_the_binary_comes_from_the_configuration(runner):
 def test_options_are_listed_for_the_sample_config():
     names = {opt.name for opt in qemu_img.OPTIONS}
     assert names == {"binary", "info_address_space_limit",
-                     "info_cpu_time_limit"}
+                     "info_cpu_time_limit", "convert_address_space_limit",
+                     "convert_cpu_seconds_per_gib"}
     for opt in qemu_img.OPTIONS:
         assert opt.help.endswith(".") and str(opt.default) in opt.help
+
+
+# --- conversion limits -------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize("virtual_size,cpu", [
+    (MiB, 60),                      # the floor
+    (10 * 1024 * MiB, 300),         # 30 s per GiB
+    (10 * 1024 * MiB + 1, 330),     # a started GiB counts
+])
+def test_a_limited_conversion_runs_under_cpu_space_and_size_limits(
+        qemu, runner, tmp_path, virtual_size, cpu):
+    qemu.convert("/i/s", "qcow2", str(tmp_path / "t"), "raw", limits=True,
+                 max_output_size=virtual_size)
+    preexec_fn = runner.execute.call_args.kwargs["preexec_fn"]
+    with in_child() as (setrlimit, _setpgid):
+        preexec_fn()
+    limit = virtual_size + qemu_img.CONVERT_OUTPUT_SLACK
+    assert setrlimit.call_args_list == [
+        mock.call(resource.RLIMIT_AS, (4096 << 20, 4096 << 20)),
+        mock.call(resource.RLIMIT_CPU, (cpu, cpu)),
+        mock.call(resource.RLIMIT_FSIZE, (limit, limit))]
+
+
+@pytest.mark.parametrize("code,stderr,error,option", [
+    (-9, "", exception.QemuImgLimitExceeded, "convert_cpu_seconds_per_gib"),
+    (-6, "", exception.QemuImgLimitExceeded, "convert_address_space_limit"),
+    (-25, "", exception.QemuImgOutputTooLarge, None),
+])
+def test_a_conversion_over_a_limit_says_which(qemu, runner, tmp_path, code,
+                                              stderr, error, option):
+    runner.execute.side_effect = failed(code, stderr)
+    target = tmp_path / "t"
+    with pytest.raises(error) as err:
+        qemu.convert("/i/s", "qcow2", str(target), "raw", limits=True,
+                     max_output_size=MiB)
+    assert type(err.value) is error
+    if option:
+        assert "[qemu_img] %s" % option in str(err.value)
+    assert not target.exists()
+
+
+def test_a_check_runs_under_the_info_limits(qemu, runner):
+    runner.execute.return_value = ok(json.dumps(
+        {"filename": "/i/x", "format": "qcow2", "check-errors": 0}))
+    qemu.check("/i/x", "qcow2")
+    preexec_fn = runner.execute.call_args.kwargs["preexec_fn"]
+    with in_child() as (setrlimit, _setpgid):
+        preexec_fn()
+    assert setrlimit.call_args_list == [
+        mock.call(resource.RLIMIT_AS, (1024 << 20, 1024 << 20)),
+        mock.call(resource.RLIMIT_CPU, (30, 30))]

@@ -138,3 +138,21 @@ def test_an_injected_execute_runs_every_command(run):
     assert not run.called
     assert custom.call_args.args == ("prog",)
     assert result.stdout == "out"
+
+
+@pytest.mark.parametrize("code,stderr", [
+    (-signal.SIGXFSZ, ""),
+    (1, "qemu-img: error while writing at byte 0: File too large"),
+])
+def test_a_write_past_the_file_size_limit_is_blamed_on_it(code, stderr):
+    limits = runner.Limits(address_space=1 << 30, cpu_time=30,
+                           file_size=1 << 20)
+    assert limits.exceeded(code, stderr) == "file_size"
+    assert runner.Limits(cpu_time=30).exceeded(code, stderr) is None
+
+
+def test_the_file_size_limit_is_set_in_the_child():
+    with mock.patch("resource.setrlimit", autospec=True) as setrlimit:
+        runner.Limits(file_size=5 << 20).apply()
+    assert setrlimit.call_args_list == [
+        mock.call(runner.resource.RLIMIT_FSIZE, (5 << 20, 5 << 20))]
