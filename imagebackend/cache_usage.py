@@ -21,10 +21,13 @@ every base whose name appears in it.
 """
 
 import dataclasses
+import errno
 import hashlib
+import json
 import logging
 import os
 import re
+import secrets
 import socket
 import stat
 import time
@@ -269,84 +272,292 @@ class UsageScanner:
                     yield entry.path, st
 
 
-class Registry:
-    """The record of disks the library created, under
-    ``_base/.disks/<cache_id>/<sha1 of the disk path>.json``.
+#: an attempt's intent record younger than this is never collected, even
+#: if its files look gone (a creation in progress always holds the image's
+#: use lock, which collection takes exclusively; this covers a host whose
+#: locks are split or missing).
+INTENT_GRACE = 3600
+#: record states: written before the disk is made, and once it is named.
+INTENT = "intent"
+DONE = "done"
+_RECORD_KEYS = ("disk", "tmp", "base", "format", "image_id", "host",
+                "created_at", "state")
 
-    :param roots: the directories the scanner searches; a record of a disk
-        outside them is written durably (it is then the only evidence).
+
+class Registry:
+    """The record of disks the library created, one file per attempt:
+    ``_base/.disks/<cache_id>/<sha1 of the disk path>-<token>.json``.
+
+    A creation writes an *intent* record (durably) before it makes
+    anything that names a base, makes the disk under a temporary name,
+    publishes it, then marks its own record *done* -- or removes only its
+    own record on failure.  So a base is never without a record of the
+    disk that may use it, and a losing concurrent request for one target
+    never touches the winner's record.  Raw disks are recorded too (format
+    ``raw``, base ``None``): their content is guest data, never a header
+    to follow.
+
+    Every record read through :meth:`records` has the keys ``disk``,
+    ``tmp``, ``base``, ``format``, ``image_id``, ``host``, ``created_at``,
+    ``state`` and ``_path`` (its file); done records may add ``dev`` and
+    ``ino`` (the disk's file).  Records are read and written without
+    following a symlink.
+
+    :param roots: the directories the scanner searches.
     """
 
     def __init__(self, base_dir: str, roots: list[str]) -> None:
-        self.directory = os.path.join(base_dir, cache_layout.DISKS_DIR)
+        self.base_dir = os.path.abspath(base_dir)
+        self.directory = os.path.join(self.base_dir, cache_layout.DISKS_DIR)
         self.roots = [os.path.join(os.path.abspath(r), "") for r in roots]
         self.host = socket.gethostname()
 
-    def _path(self, cid: str, disk: str) -> str:
-        key = hashlib.sha1(disk.encode("utf-8", "surrogateescape"))
-        return os.path.join(self.directory, cid, key.hexdigest() + ".json")
+    @staticmethod
+    def _key(disk: str) -> str:
+        return hashlib.sha1(
+            disk.encode("utf-8", "surrogateescape")).hexdigest()
 
-    def add(self, cid: str, image_id: str, disk: str, base: str) -> None:
-        """Record that ``disk`` was made over ``base`` of image ``cid``.
+    def _cid_dir(self, cid: str) -> str:
+        """The record directory of image ``cid``, made if missing (and
+        durably: a record in a directory that is lost is lost too).
 
+        :raises OSError: it cannot be made, or is not a real directory.
+        """
+        directory = os.path.join(self.directory, cid)
+        try:
+            if stat.S_ISDIR(os.lstat(directory).st_mode):
+                return directory
+        except FileNotFoundError:
+            pass
+        made = []
+        for path in (self.directory, directory):
+            try:
+                os.mkdir(path, 0o755)
+                made.append(path)
+            except FileExistsError:
+                pass
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "not a directory (symlinks are never "
+                    "followed in the cache)", path)
+        for path in made:
+            fileutils.fsync_dir(os.path.dirname(path))
+        return directory
+
+    def begin(self, cid: str, image_id: str, disk: str, tmp: str | None,
+              base: str | None, fmt: str,
+              st: os.stat_result | None = None) -> str:
+        """Durably record the intent to make ``disk`` (now being built as
+        ``tmp``) of format ``fmt`` over ``base`` (``None`` for a disk
+        without a backing file) of image ``cid``.
+
+        :param st: the stat of ``tmp``, to tie the record to that file.
+        :returns: the record's path, for :meth:`confirm` and
+            :meth:`rollback`.
         :raises OSError: the record cannot be written.
         """
         disk = os.path.abspath(disk)
-        path = self._path(cid, disk)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        outside = not any(disk.startswith(r) for r in self.roots)
-        fileutils.write_json_atomic(path, {
-            "disk": disk, "base": base, "image_id": image_id,
-            "host": self.host, "created_at": time.time(),
-        }, durable=outside)
+        path = os.path.join(self._cid_dir(cid), "%s-%s.json" % (
+            self._key(disk), secrets.token_hex(8)))
+        record = {"disk": disk, "tmp": tmp, "base": base, "format": fmt,
+                  "image_id": image_id, "host": self.host,
+                  "created_at": time.time(), "state": INTENT}
+        if st is not None:
+            record.update(dev=st.st_dev, ino=st.st_ino)
+        fileutils.write_json_atomic(path, record, durable=True)
+        return path
+
+    def confirm(self, path: str, st: os.stat_result | None = None) -> None:
+        """Mark the attempt recorded in ``path`` done (its disk exists).
+
+        Not fsynced: an intent record whose disk exists already counts as
+        a use and names the disk's format, so losing this on a crash is
+        harmless.
+
+        :param st: the stat of the published disk.
+        :raises OSError: the record cannot be rewritten.
+        """
+        record = self._read(path)
+        if record is None:
+            raise FileNotFoundError(errno.ENOENT, "registry record is gone",
+                                    path)
+        record["state"] = DONE
+        record["tmp"] = None
+        if st is not None:
+            record.update(dev=st.st_dev, ino=st.st_ino)
+        fileutils.write_json_atomic(path, record, durable=False)
+
+    def rollback(self, path: str) -> None:
+        """Remove the record of a failed attempt (this attempt's only)."""
+        if fileutils.remove_quietly(path):
+            try:
+                fileutils.fsync_dir(os.path.dirname(path))
+            except OSError as exc:
+                LOG.warning("Could not flush the removal of %s: %s", path,
+                            exc)
+
+    def add(self, cid: str, image_id: str, disk: str, base: str | None,
+            fmt: str = "qcow2") -> str:
+        """Record ``disk``, made over ``base`` of image ``cid`` by some
+        other means, as done.
+
+        :raises OSError: the record cannot be written.
+        """
+        path = self.begin(cid, image_id, disk, None, base, fmt)
+        self.confirm(path)
+        return path
 
     def cids(self) -> list[str]:
         try:
+            if not stat.S_ISDIR(os.lstat(self.directory).st_mode):
+                return []
             return sorted(os.listdir(self.directory))
         except FileNotFoundError:
             return []
 
-    def records(self, cid: str | None = None):
-        """Yield every record (of image ``cid`` only, if given), each with
-        ``_path`` set to its file.
+    def records(self, cid: str | None = None, key: str | None = None):
+        """Yield every record (of image ``cid`` only, if given; of the disk
+        whose :meth:`_key` is ``key`` only, if given), each with ``_path``
+        set to its file.
         """
         for one in ([cid] if cid else self.cids()):
             directory = os.path.join(self.directory, one)
             try:
+                if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                    continue
                 names = sorted(os.listdir(directory))
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for name in names:
                 if not name.endswith(".json") or name.startswith("."):
                     continue
+                if key is not None and not name.startswith(key):
+                    continue
                 path = os.path.join(directory, name)
-                record = fileutils.read_json(path)
+                record = self._read(path)
                 if record is not None:
                     record["_path"] = path
                     yield record
 
-    def collect(self, cid: str, bases_of) -> int:
-        """Remove this host's records of image ``cid`` whose disk is gone or
-        no longer uses a base; the caller holds the image's use lock
-        exclusively.
+    @staticmethod
+    def _read(path: str) -> dict | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            LOG.warning("Ignoring registry record %s: %s", path, exc)
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                LOG.warning("Ignoring registry record %s: not a regular "
+                            "file", path)
+                return None
+            data = os.read(fd, 64 * 1024)
+        finally:
+            os.close(fd)
+        try:
+            record = json.loads(data)
+        except ValueError as exc:
+            LOG.warning("Ignoring unreadable registry record %s: %s", path,
+                        exc)
+            return None
+        if not isinstance(record, dict) or not isinstance(
+                record.get("disk"), str):
+            return None
+        if "state" not in record:
+            # Written before intents existed: after the disk was made, and
+            # only for qcow2 overlays.
+            record["state"] = DONE
+            record.setdefault("format", "qcow2")
+        for name in _RECORD_KEYS:
+            record.setdefault(name, None)
+        return record
+
+    def find(self, disk_path: str) -> dict | None:
+        """The record of the disk at ``disk_path``, if the library made it:
+        the newest *done* record whose disk is still that file, else the
+        newest intent record whose attempt published the file there.
+        Read-only.
+
+        :returns: the record (see :meth:`records`), or ``None``: the file
+            was not made by the library, or is not the file it made.
+        """
+        try:
+            st = os.stat(disk_path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        names = {os.path.abspath(disk_path), os.path.realpath(disk_path)}
+        found = [r for name in names
+                 for r in self.records(key=self._key(name))
+                 if r["disk"] == name and _is_its_disk(r, st)]
+        for state in (DONE, INTENT):
+            mine = [r for r in found if r["state"] == state]
+            if mine:
+                return max(mine, key=lambda r: _number(r["created_at"]))
+        return None
+
+    def collect(self, cid: str, bases_of, now: float | None = None) -> int:
+        """Remove this host's records of image ``cid`` that no longer
+        describe a disk: neither the disk nor the attempt's temporary file
+        exists (or the disk is another file now), or a qcow2 disk no longer
+        uses a base.  An intent record younger than :data:`INTENT_GRACE`
+        is kept whatever its files look like.
+
+        The caller holds the image's use lock exclusively, so no creation
+        of the image (which holds it shared from before its intent record
+        until its record is done or removed) is in progress.
 
         :param bases_of: ``bases_of(path, stat)`` -> bases the disk uses.
         :returns: the number of records removed.
         """
+        now = time.time() if now is None else now
         removed = 0
         for record in list(self.records(cid)):
-            if record.get("host") != self.host:
+            if record["host"] != self.host:
                 continue
-            disk = record.get("disk")
-            try:
-                st = os.lstat(disk)
-                used = stat.S_ISREG(st.st_mode) and bool(bases_of(disk, st))
-            except (OSError, TypeError):
-                used = False
-            if not used and fileutils.remove_quietly(record["_path"]):
+            if (record["state"] != DONE
+                    and now - _number(record["created_at"]) < INTENT_GRACE):
+                continue
+            if self._describes_a_disk(record, bases_of):
+                continue
+            if fileutils.remove_quietly(record["_path"]):
                 removed += 1
         try:
             os.rmdir(os.path.join(self.directory, cid))
         except OSError:
             pass        # not empty, or already gone
         return removed
+
+    @staticmethod
+    def _describes_a_disk(record, bases_of) -> bool:
+        tmp = record["tmp"]
+        if isinstance(tmp, str) and os.path.lexists(tmp):
+            return True
+        disk = record["disk"]
+        try:
+            st = os.lstat(disk)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or not _is_its_disk(record, st):
+            return False
+        if record["format"] == "raw":
+            return True
+        return bool(bases_of(disk, st))
+
+
+def _is_its_disk(record: dict, st: os.stat_result) -> bool:
+    """Whether ``st`` is the file the record's attempt made (when the
+    record says which file that was).
+    """
+    if isinstance(record.get("ino"), int):
+        return (record["ino"] == st.st_ino
+                and record.get("dev") == st.st_dev)
+    return True
+
+
+def _number(value) -> float:
+    return value if isinstance(value, (int, float)) else 0.0

@@ -8,7 +8,9 @@ disk itself).  Subclasses never override :meth:`create_image`.
 """
 
 import abc
+import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -53,6 +55,18 @@ OPTIONS = [
                help="Whether instance disks reserve their space up front. "
                     "Applies to every backend. Default: none."),
 ]
+
+#: the largest disk size asked for that any file can have (off_t).
+MAX_DISK_SIZE = 2 ** 63 - 1
+#: what to do about an error while making a disk, by errno.
+_OS_HINTS = {
+    errno.ENOSPC: "; free space on its filesystem or choose another",
+    errno.EDQUOT: "; raise the quota or choose another filesystem",
+    errno.EACCES: "; check the permissions of its directory",
+    errno.EPERM: "; check the permissions of its directory",
+    errno.EROFS: "; its filesystem is read-only, choose another",
+    errno.ENAMETOOLONG: "; choose a shorter name",
+}
 
 
 @dataclasses.dataclass
@@ -137,26 +151,50 @@ class ImageBackend(abc.ABC):
         """Make the instance disk ``target`` of ``size`` bytes from image
         ``image_id``.
 
+        The disk is made under a hidden temporary name in the target's
+        directory, recorded in the cache's registry before it names a base,
+        fsynced, and given its name only if that name is still free: the
+        target appears complete or not at all, and of several concurrent
+        requests for one target exactly one succeeds.
+
         :param image_id: the id in the image source.
-        :param target: the path of the disk to create; it must not exist.
+        :param target: the path of the disk to create; it must not exist,
+            and must not be inside the image cache or its lock directory.
+            Missing parent directories are made (and removed again if the
+            call fails).
         :param size: the disk's virtual size in bytes; at least the image's
             virtual size.
         :param progress: called as ``progress(stage, done, total)`` during
             long steps (``fetch``, ``convert``).
         :returns: a :class:`Disk` describing the result.
-        :raises imagebackend.exception.InvalidImageSize: ``size`` is smaller
-            than the image; nothing is written.
+        :raises imagebackend.exception.InvalidImageSize: ``size`` is not a
+            size the image or the target's filesystem allows.
+        :raises imagebackend.exception.InvalidTarget: ``target`` names a
+            directory or a place inside the cache.
+        :raises imagebackend.exception.TargetExists: ``target`` exists, or
+            another request made it first.
         :raises imagebackend.exception.ImageBackendException: any failure;
-            the target does not exist afterwards and ``_base`` holds no
-            partial file under a final name.
+            nothing this call made is left (its temporary file, its registry
+            record, the directories it created), nothing anyone else made
+            is touched, and ``_base`` holds no partial file under a final
+            name.
         """
-        target = os.path.abspath(target)
-        if not isinstance(size, int) or size <= 0:
+        target = self._target_path(target)
+        if (not isinstance(size, int) or isinstance(size, bool) or size <= 0
+                or size > MAX_DISK_SIZE):
             raise exception.InvalidImageSize(
                 image_id=image_id,
                 reason="the requested disk size must be a positive number "
-                       "of bytes, not %r" % (size,))
+                       "of bytes up to %d, not %r" % (MAX_DISK_SIZE, size))
         self._check_target(target)
+        made = self._make_parent(target)
+        try:
+            return self._create(image_id, target, size, progress, made)
+        except BaseException:
+            fileutils.remove_made_dirs(made)
+            raise
+
+    def _create(self, image_id, target, size, progress, made):
         timings: dict[str, float] = {}
         # Held shared until the disk exists and is recorded, so the cache
         # pruner never removes the base in between.
@@ -170,23 +208,14 @@ class ImageBackend(abc.ABC):
                            "requested disk of %d bytes; ask for at least "
                            "%d bytes" % (entry.virtual_size, size,
                                          entry.virtual_size))
-            created = False
-            try:
-                start = time.monotonic()
+            start = time.monotonic()
+            with self._os_errors(image_id, target, size):
                 base_path, base_format = self.prepare_base(entry, size)
-                timings["extend"] = time.monotonic() - start
-                start = time.monotonic()
-                created = True
-                self.create_disk(base_path, base_format, target, size)
-                if self.conf.imagebackend.preallocate_images == "space":
-                    self.preallocate(target, size)
-                if self.uses_backing_file:
-                    self.cache.register_disk(target, entry, base_path)
-                timings["overlay"] = time.monotonic() - start
-            except BaseException:
-                if created:
-                    fileutils.remove_quietly(target)
-                raise
+            timings["extend"] = time.monotonic() - start
+            start = time.monotonic()
+            self._make_disk(entry, base_path, base_format, target, size,
+                            made)
+            timings["overlay"] = time.monotonic() - start
         chain = [base_path] if self.uses_backing_file else []
         LOG.info("Created %s disk %s (%d bytes) from image %s%s",
                  self.name, target, size, image_id,
@@ -195,16 +224,123 @@ class ImageBackend(abc.ABC):
                     image_id=image_id, backend=self.name,
                     backing_chain=chain, cache_hit=hit, timings=timings)
 
+    def _make_disk(self, entry, base_path, base_format, target, size, made):
+        """Intent record, disk under a temporary name, fsync, no-replace
+        publish, then the record is marked done; on failure only this
+        attempt's temporary file and record are removed.
+        """
+        with self._os_errors(entry.image_id, target, size):
+            tmp = self._new_temp(target, made)
+        handle = None
+        try:
+            with self._os_errors(entry.image_id, target, size):
+                st = os.lstat(tmp)
+                handle = self.cache.register_disk(
+                    target, entry,
+                    base_path if self.uses_backing_file else None,
+                    tmp=tmp, disk_format=self.disk_format, st=st)
+                self.create_disk(base_path, base_format, tmp, size)
+                if self.conf.imagebackend.preallocate_images == "space":
+                    self.preallocate(tmp, size)
+                fileutils.fsync_path(tmp)
+                done = os.lstat(tmp)
+                if not os.path.samestat(done, st):
+                    # The hook replaced the file: tie the record to the
+                    # one that is published.
+                    old, handle = handle, self.cache.register_disk(
+                        target, entry,
+                        base_path if self.uses_backing_file else None,
+                        tmp=tmp, disk_format=self.disk_format, st=done)
+                    self.cache.unregister_disk(old)
+                try:
+                    fileutils.publish(tmp, target)
+                except FileExistsError as exc:
+                    raise exception.TargetExists(path=target) from exc
+        except BaseException:
+            fileutils.remove_quietly(tmp)
+            if handle is not None:
+                self.cache.unregister_disk(handle)
+            raise
+        self.cache.confirm_disk(handle, done)
+
+    @contextlib.contextmanager
+    def _os_errors(self, image_id, target, size):
+        """Turn an operating-system error while making ``target`` into the
+        library's own, naming the disk and the fix.
+        """
+        try:
+            yield
+        except exception.ImageBackendException:
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.EFBIG, errno.EINVAL):
+                raise exception.InvalidImageSize(
+                    image_id=image_id,
+                    reason="the filesystem holding %s refused a disk of %d "
+                           "bytes (%s); ask for a smaller size or put the "
+                           "disk on another filesystem"
+                           % (target, size, exc.strerror)) from exc
+            raise exception.DiskOperationError(
+                path=target,
+                reason="it could not be created (%s); nothing was kept%s"
+                       % (exc.strerror or exc, _OS_HINTS.get(exc.errno, "")
+                          )) from exc
+
+    def _target_path(self, target) -> str:
+        """``target`` as an absolute path, refusing names of directories."""
+        try:
+            target = os.fsdecode(target)
+        except TypeError as exc:
+            raise exception.InvalidTarget(
+                path=repr(target), reason="it is not a path") from exc
+        if not target:
+            raise exception.InvalidTarget(
+                path="''", reason="the path is empty; give the path of the "
+                                  "disk file to create")
+        name = os.path.basename(target)
+        if name in ("", ".", ".."):
+            raise exception.InvalidTarget(
+                path=target,
+                reason="it names a directory (it ends in %r); give the path "
+                       "of the disk file itself, such as %s"
+                       % (name or os.sep, os.path.join(
+                           target.rstrip(os.sep) or os.sep, "disk")))
+        return os.path.abspath(target)
+
     def _check_target(self, target: str) -> None:
+        real = os.path.join(os.path.realpath(os.path.dirname(target)),
+                            os.path.basename(target))
+        for area, what in ((self.cache.base_dir, "the image cache"),
+                           (self.cache.lock_dir,
+                            "the cache's lock directory")):
+            if (_within(real, os.path.realpath(area))
+                    or _within(target, area)):
+                raise exception.InvalidTarget(
+                    path=target,
+                    reason="it is inside %s %s, where only the cache "
+                           "writes; put instance disks anywhere else, such "
+                           "as %s" % (what, area, os.path.join(
+                               self.cache.instances_path, "<instance>",
+                               "disk")))
         if os.path.lexists(target):
             raise exception.TargetExists(path=target)
-        parent = os.path.dirname(target)
+
+    def _make_parent(self, target: str) -> list[str]:
         try:
-            fileutils.ensure_dir(parent)
+            return fileutils.make_dirs(os.path.dirname(target))
         except OSError as exc:
             raise exception.InvalidTarget(
                 path=target,
                 reason="its directory cannot be created: %s" % exc) from exc
+
+    def _new_temp(self, target: str, made: list[str]) -> str:
+        try:
+            return fileutils.temp_beside(target)
+        except FileNotFoundError:
+            # A concurrent call that made the directory failed and removed
+            # it again: make it once more, as ours now.
+            made += self._make_parent(target)
+            return fileutils.temp_beside(target)
 
     # -- hooks -------------------------------------------------------------
 
@@ -222,20 +358,31 @@ class ImageBackend(abc.ABC):
     @abc.abstractmethod
     def create_disk(self, base_path: str, base_format: str, target: str,
                     size: int) -> None:
-        """Overlay hook: create ``target`` of ``size`` bytes from the base.
+        """Overlay hook: fill ``target`` to make a disk of ``size`` bytes
+        from the base.
 
-        The target does not exist when this is called; if this raises, the
-        template method removes whatever it left.
+        ``target`` is a new, empty regular file of this call's own, under a
+        temporary name in the final disk's directory (write into it; a
+        backing file named in it must be an absolute path).  The template
+        method fsyncs it and gives it its final name; if this raises, the
+        template method removes it.
         """
 
     def preallocate(self, target: str, size: int) -> None:
-        """Reserve the disk's space (``preallocate_images = space``)."""
+        """Reserve the disk's space (``preallocate_images = space``) in
+        ``target``, the disk under its temporary name.
+        """
         fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             fileutils.preallocate(fd, size,
                                   keep_size=self.disk_format != "raw")
         finally:
             os.close(fd)
+
+
+def _within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(
+        os.path.join(directory, ""))
 
 
 def load(conf: cfg.ConfigOpts, name: str | None = None,

@@ -37,9 +37,15 @@ def test_qcow2_overlay_names_backing_file_and_format(tmp_path, qemu):
     target = str(tmp_path / "vm" / "disk")
     disk = backend.create_image("img", target, 10 * MiB)
     base_path = backend.cache.base_path(cache.cache_id("img"))
-    qemu.create.assert_called_once_with(target, "qcow2", 10 * MiB,
+    # Built under a hidden temporary name beside the target, then named.
+    qemu.create.assert_called_once_with(mock.ANY, "qcow2", 10 * MiB,
                                         backing_file=base_path,
                                         backing_fmt="raw")
+    tmp = qemu.create.call_args.args[0]
+    assert os.path.dirname(tmp) == os.path.dirname(target)
+    assert os.path.basename(tmp).startswith(".disk.")
+    assert tmp.endswith(".tmp")
+    assert os.listdir(os.path.dirname(target)) == ["disk"]
     assert disk.format == "qcow2"
     assert set(disk.timings) >= {"lookup", "fetch", "extend", "overlay"}
 
