@@ -280,6 +280,8 @@ INTENT_GRACE = 3600
 #: record states: written before the disk is made, and once it is named.
 INTENT = "intent"
 DONE = "done"
+#: the extended attribute naming a disk's registry token.
+MARK_XATTR = "user.imagebackend.record"
 _RECORD_KEYS = ("disk", "tmp", "base", "format", "image_id", "host",
                 "created_at", "state")
 
@@ -357,13 +359,16 @@ class Registry:
         :raises OSError: the record cannot be written.
         """
         disk = os.path.abspath(disk)
+        token = secrets.token_hex(8)
         path = os.path.join(self._cid_dir(cid), "%s-%s.json" % (
-            self._key(disk), secrets.token_hex(8)))
+            self._key(disk), token))
         record = {"disk": disk, "tmp": tmp, "base": base, "format": fmt,
                   "image_id": image_id, "host": self.host,
                   "created_at": time.time(), "state": INTENT}
         if st is not None:
             record.update(dev=st.st_dev, ino=st.st_ino)
+            if _set_mark(tmp, token):
+                record["mark"] = token
         fileutils.write_json_atomic(path, record, durable=True)
         return path
 
@@ -549,13 +554,36 @@ class Registry:
         return bool(bases_of(disk, st))
 
 
-def _is_its_disk(record: dict, st: os.stat_result) -> bool:
-    """Whether ``st`` is the file the record's attempt made (when the
-    record says which file that was).
+def _set_mark(path: str, token: str) -> bool:
+    """Label the new file ``path`` with its record's token (an extended
+    attribute), so that a record is never taken for another file that got
+    the same name and a reused inode number.
+
+    :returns: False where the filesystem has no extended attributes.
     """
-    if isinstance(record.get("ino"), int):
-        return (record["ino"] == st.st_ino
-                and record.get("dev") == st.st_dev)
+    try:
+        os.setxattr(path, MARK_XATTR, token.encode(), follow_symlinks=False)
+        return True
+    except OSError as exc:
+        LOG.debug("Cannot label %s with its registry token: %s", path, exc)
+        return False
+
+
+def _is_its_disk(record: dict, st: os.stat_result) -> bool:
+    """Whether the file at the record's disk path, whose stat is ``st``, is
+    the file the record's attempt made (as far as the record says which).
+    """
+    if isinstance(record.get("ino"), int) and (
+            record["ino"] != st.st_ino or record.get("dev") != st.st_dev):
+        return False
+    mark = record.get("mark")
+    if isinstance(mark, str):
+        try:
+            found = os.getxattr(record["disk"], MARK_XATTR,
+                                follow_symlinks=False)
+        except OSError:
+            return False
+        return found == mark.encode()
     return True
 
 

@@ -469,6 +469,8 @@ def remove_made_dirs(made: list[str]) -> None:
     for directory in reversed(made):
         try:
             os.rmdir(directory)
+        except FileNotFoundError:
+            continue
         except OSError as exc:
             LOG.debug("Leaving directory %s: %s", directory, exc)
             return      # its parents are not empty either
