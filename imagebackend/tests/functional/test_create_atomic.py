@@ -212,12 +212,14 @@ def test_killed_once_the_disk_is_named_its_base_survives_prune(dep,
 
 def _state(dep):
     """Every file (records too), and every directory outside the cache's
-    own bookkeeping (the cache and lock directories it makes for itself).
+    own bookkeeping (the cache and lock directories it makes for itself,
+    the local source's identity records).
     """
     locks = os.path.join(dep.instances, "locks")
+    sources = os.path.join(dep.base_dir, ".sources")    # the source's own
     found = set()
     for directory, dirs, files in os.walk(dep.root):
-        if directory == locks:
+        if directory.startswith((locks, sources)):
             continue
         found.update(os.path.join(directory, n) for n in files)
         if not directory.startswith((dep.base_dir, locks)):
