@@ -369,7 +369,21 @@ class Registry:
             record.update(dev=st.st_dev, ino=st.st_ino)
             if _set_mark(tmp, token):
                 record["mark"] = token
-        fileutils.write_json_atomic(path, record, durable=True)
+        # A new name per attempt, so no rename is needed: a reader sees an
+        # empty file (skipped) until the one write has put all of it.
+        data = json.dumps(record, indent=1, sort_keys=True).encode() + b"\n"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.EIO, "short write", path)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            fileutils.remove_quietly(path)
+            raise
+        os.close(fd)
+        fileutils.fsync_dir(os.path.dirname(path))
         return path
 
     def confirm(self, path: str, st: os.stat_result | None = None) -> None:
@@ -462,6 +476,8 @@ class Registry:
             data = os.read(fd, 64 * 1024)
         finally:
             os.close(fd)
+        if not data:
+            return None     # an intent being written
         try:
             record = json.loads(data)
         except ValueError as exc:
