@@ -224,8 +224,8 @@ class UsageScanner:
 
     def _registered(self, chains, record, usage, seen) -> None:
         path = record.get("disk")
-        if not isinstance(path, str):
-            return
+        if not isinstance(path, str) or record.get("format") == "raw":
+            return      # a raw disk's bytes are the guest's, never a header
         try:
             st = os.lstat(path)
         except OSError:

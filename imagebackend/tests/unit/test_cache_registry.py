@@ -186,3 +186,24 @@ def test_symlinked_records_and_directories_are_not_followed(reg, tmp_path):
     with pytest.raises(NotADirectoryError):
         begin(reg, tmp_path / "disk")
     assert os.listdir(outside) == ["a" * 40 + "-1.json"]
+
+
+def test_a_recorded_raw_disk_is_never_read_for_a_backing_file(tmp_path):
+    base_dir = tmp_path / "instances" / "_base"
+    base_dir.mkdir(parents=True)
+    (base_dir / CID).write_bytes(b"\0" * 4096)
+    scanner = cache_usage.UsageScanner(str(base_dir),
+                                       [str(tmp_path / "instances")],
+                                       [str(base_dir)])
+    # The guest of a raw disk outside instances_path wrote a qcow2 header
+    # naming the base: the registry knows the disk is raw.
+    header = bytearray(512)
+    header[0:4] = b"QFI\xfb"
+    header[4:8] = (3).to_bytes(4, "big")
+    name = str(base_dir / CID).encode()
+    header[8:16] = (512).to_bytes(8, "big")
+    header[16:20] = len(name).to_bytes(4, "big")
+    raw = disk_file(tmp_path / "elsewhere" / "disk", bytes(header) + name)
+    scanner.registry.add(CID, "img", raw, None, "raw")
+    assert scanner.scan().users == {}
+    assert scanner.users_of(CID, CID) == []
