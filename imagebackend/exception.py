@@ -234,3 +234,14 @@ class SnapshotNotFound(DiskOperationError, LookupError):
     msg_fmt = ("Disk %(path)s has no snapshot %(name)r (its snapshots: "
                "%(names)s); list them with 'imagebackend disk snapshot "
                "list'.")
+
+
+class DiskNotCreated(QemuImgError):
+    """qemu-img failed while making an instance disk under its temporary
+    name; ``path`` is the disk the caller asked for.
+    """
+
+    msg_fmt = ("Disk %(path)s was not created: qemu-img %(operation)s "
+               "failed (exit code %(exit_code)s): %(stderr)s. Nothing was "
+               "kept; fix the cause above (the size, the free space, the "
+               "directory's permissions) and try again.")

@@ -270,6 +270,18 @@ class ImageBackend(abc.ABC):
         """
         try:
             yield
+        except exception.QemuImgError as exc:
+            made = exc.kwargs.get("path")
+            if (type(exc) is not exception.QemuImgError
+                    or not isinstance(made, str)
+                    or not made.startswith(os.path.join(
+                        os.path.dirname(target), "."))):
+                raise
+            # Name the disk asked for, not the temporary file qemu-img made.
+            kwargs = {key: str(value).replace(made, target)
+                      for key, value in exc.kwargs.items()}
+            kwargs["path"] = target
+            raise exception.DiskNotCreated(**kwargs) from exc
         except exception.ImageBackendException:
             raise
         except OSError as exc:

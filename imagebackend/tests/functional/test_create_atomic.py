@@ -227,6 +227,7 @@ def _state(dep):
         if directory.startswith((locks, sources)):
             continue
         found.update(os.path.join(directory, n) for n in files)
+        found.discard(dep.qemu_log)     # the test's own qemu-img log
         if not directory.startswith((dep.base_dir, locks)):
             found.add(directory + "/")
     return found
@@ -288,3 +289,40 @@ def test_a_failed_create_removes_the_directories_it_made(dep):
     target = os.path.join(dep.instances, "a", "b", "disk")
     message = _fails_cleanly(dep, "missing.raw", target, "--size", "1G")
     assert "missing.raw" in message
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 32 MiB ext4 filesystem, loop-mounted (root only)."""
+    image = str(tmp_path / "small.img")
+    mountpoint = str(tmp_path / "small")
+    os.mkdir(mountpoint)
+    with open(image, "wb") as f:
+        f.truncate(32 * MiB)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", image],
+                          capture_output=True)
+    mounted = made.returncode == 0 and subprocess.run(
+        ["mount", "-o", "loop", image, mountpoint],
+        capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot make and loop-mount a small ext4 filesystem")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", mountpoint], check=True)
+
+
+@pytest.mark.parametrize("backend,preallocate", [("raw", "none"),
+                                                 ("qcow2", "space")])
+def test_a_full_filesystem_leaves_nothing_behind(dep, small_fs, backend,
+                                                 preallocate):
+    big = os.path.join(dep.images, "big.raw")
+    fenv.write_pattern_raw(big, 64 * MiB, extents=48, extent_size=MiB)
+    dep.cli("cache", "prefetch", "big.raw")
+    dep.write_config(imagebackend={"preallocate_images": preallocate})
+    target = os.path.join(small_fs, "vm", "disk")
+    message = _fails_cleanly(dep, "big.raw", target, "--size", "1G",
+                             "--backend", backend)
+    assert target in message
+    assert sorted(os.listdir(small_fs)) == ["lost+found"]
+    assert records_of(dep, target) == []

@@ -177,8 +177,12 @@ def test_failed_overlay_removes_its_temp_file_and_record(tmp_path, qemu):
     qemu.create.side_effect = half
     backend = load(tmp_path, qemu, "qcow2")
     (tmp_path / "vm").mkdir()
-    with pytest.raises(exception.QemuImgError):
+    with pytest.raises(exception.QemuImgError) as err:
         backend.create_image("img", str(tmp_path / "vm" / "disk"), 4 * MiB)
+    # The message names the disk asked for, not the temporary file.
+    assert isinstance(err.value, exception.DiskNotCreated)
+    assert str(tmp_path / "vm" / "disk") in str(err.value)
+    assert ".tmp" not in str(err.value)
     assert os.listdir(tmp_path / "vm") == []
     assert list(backend.cache.scanner.registry.records()) == []
 
