@@ -499,8 +499,10 @@ class Registry:
     def find(self, disk_path: str) -> dict | None:
         """The record of the disk at ``disk_path``, if the library made it:
         the newest *done* record whose disk is still that file, else the
-        newest intent record whose attempt published the file there.
-        Read-only.
+        newest intent record whose attempt published the file there.  Only
+        records tied to their file (inode, and a label where the filesystem
+        has extended attributes) count, so a file put at a recorded path by
+        anything else is never taken for the library's disk.  Read-only.
 
         :returns: the record (see :meth:`records`), or ``None``: the file
             was not made by the library, or is not the file it made.
@@ -514,7 +516,7 @@ class Registry:
         names = {os.path.abspath(disk_path), os.path.realpath(disk_path)}
         found = [r for name in names
                  for r in self.records(key=self._key(name))
-                 if r["disk"] == name and _is_its_disk(r, st)]
+                 if r["disk"] == name and _names_file(r, st)]
         for state in (DONE, INTENT):
             mine = [r for r in found if r["state"] == state]
             if mine:
@@ -568,6 +570,20 @@ class Registry:
         if record["format"] == "raw":
             return True
         return bool(bases_of(disk, st))
+
+
+def _names_file(record: dict, st: os.stat_result) -> bool:
+    """Whether ``record`` is tied to a file, which is the regular file at
+    its disk path (not a symlink), and that file is ``st``.
+    """
+    if not isinstance(record.get("ino"), int):
+        return False
+    try:
+        here = os.lstat(record["disk"])
+    except OSError:
+        return False
+    return (stat.S_ISREG(here.st_mode) and os.path.samestat(here, st)
+            and _is_its_disk(record, here))
 
 
 def _set_mark(path: str, token: str) -> bool:

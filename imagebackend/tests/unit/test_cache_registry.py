@@ -81,15 +81,31 @@ def test_records_have_every_key(reg, tmp_path):
     assert record["tmp"] == str(tmp_path / ".disk.x.tmp")
 
 
-def test_a_record_from_before_intents_reads_as_a_done_qcow2_record(reg):
+def test_a_record_from_before_intents_reads_as_a_done_qcow2_record(
+        reg, tmp_path):
+    disk = disk_file(tmp_path / "disk", b"\0" * 64)
     os.makedirs(os.path.join(reg.directory, CID))
-    with open(os.path.join(reg.directory, CID, "a" * 40 + ".json"),
+    with open(os.path.join(reg.directory, CID, reg._key(disk) + ".json"),
               "w") as f:
-        json.dump({"disk": "/d", "base": "/b", "image_id": "img",
+        json.dump({"disk": disk, "base": "/b", "image_id": "img",
                    "host": "h", "created_at": 1.0}, f)
     [record] = reg.records()
     assert (record["state"], record["format"], record["tmp"]) == (
         "done", "qcow2", None)
+    # Not tied to a file: it never names the format of what is there now.
+    assert reg.find(disk) is None
+
+
+def test_find_never_follows_a_symlink_at_a_recorded_path(reg, tmp_path):
+    tmp = disk_file(tmp_path / "vm" / ".disk.1.tmp")
+    disk = str(tmp_path / "vm" / "disk")
+    path = begin(reg, disk, tmp)
+    os.rename(tmp, disk)
+    reg.confirm(path, os.lstat(disk))
+    assert reg.find(disk)["_path"] == path
+    os.rename(disk, str(tmp_path / "vm" / "moved"))
+    os.symlink(str(tmp_path / "vm" / "moved"), disk)
+    assert reg.find(disk) is None
 
 
 def test_collect_keeps_records_while_the_disk_or_its_temp_exists(
