@@ -528,7 +528,8 @@ class Registry:
         describe a disk: neither the disk nor the attempt's temporary file
         exists (or the disk is another file now), or a qcow2 disk no longer
         uses a base.  An intent record younger than :data:`INTENT_GRACE`
-        is kept whatever its files look like.
+        is kept whatever its files look like; an older one belongs to an
+        attempt that died, whose temporary file is removed first.
 
         The caller holds the image's use lock exclusively, so no creation
         of the image (which holds it shared from before its intent record
@@ -542,9 +543,10 @@ class Registry:
         for record in list(self.records(cid)):
             if record["host"] != self.host:
                 continue
-            if (record["state"] != DONE
-                    and now - _number(record["created_at"]) < INTENT_GRACE):
-                continue
+            if record["state"] != DONE:
+                if now - _number(record["created_at"]) < INTENT_GRACE:
+                    continue
+                self._remove_dead_temp(record)
             if self._describes_a_disk(record, bases_of):
                 continue
             if fileutils.remove_quietly(record["_path"]):
@@ -554,6 +556,34 @@ class Registry:
         except OSError:
             pass        # not empty, or already gone
         return removed
+
+    @staticmethod
+    def _remove_dead_temp(record) -> None:
+        """Remove the temporary file of an attempt that died (its intent
+        is old and, as the image's use lock is held exclusively, no
+        creation is running): scratch, like a ``.part`` in the cache.  Only
+        the very file the record names -- beside its disk, hidden, with the
+        attempt's inode and label -- is removed; if the attempt had already
+        published it, that removes a second name, not the disk.
+        """
+        tmp, disk = record["tmp"], record["disk"]
+        if not isinstance(tmp, str) or os.path.dirname(tmp) != (
+                os.path.dirname(disk)):
+            return
+        name = os.path.basename(tmp)
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            return
+        try:
+            st = os.lstat(tmp)
+        except OSError:
+            return
+        if (not stat.S_ISREG(st.st_mode)
+                or not isinstance(record.get("ino"), int)
+                or not _is_its_disk(dict(record, disk=tmp), st)):
+            return
+        if fileutils.remove_quietly(tmp):
+            LOG.info("Removed %s, left by a disk creation that did not "
+                     "finish", tmp)
 
     @staticmethod
     def _describes_a_disk(record, bases_of) -> bool:

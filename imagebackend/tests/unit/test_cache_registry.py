@@ -112,6 +112,9 @@ def test_collect_keeps_records_while_the_disk_or_its_temp_exists(
         reg, tmp_path):
     tmp = disk_file(tmp_path / "vm" / ".disk.1.tmp")
     building = begin(reg, tmp_path / "vm" / "disk", tmp)
+    # Its temporary file is not the attempt's any more: left alone.
+    os.unlink(tmp)
+    disk_file(tmp, b"another")
     made = disk_file(tmp_path / "vm2" / "disk")
     published = begin(reg, made, tmp_path / "vm2" / ".disk.2.tmp")
     raw = disk_file(tmp_path / "vm3" / "disk", b"\0" * 64)
@@ -223,3 +226,37 @@ def test_a_recorded_raw_disk_is_never_read_for_a_backing_file(tmp_path):
     scanner.registry.add(CID, "img", raw, None, "raw")
     assert scanner.scan().users == {}
     assert scanner.users_of(CID, CID) == []
+
+
+def test_collect_removes_the_temp_file_of_a_dead_attempt(reg, tmp_path):
+    # Died before publishing: its temporary file, then its record, go.
+    tmp = disk_file(tmp_path / "vm" / ".disk.1.tmp")
+    died = begin(reg, tmp_path / "vm" / "disk", tmp)
+    # Died between the link and the unlink: only the second name goes.
+    tmp2 = disk_file(tmp_path / "vm2" / ".disk.2.tmp")
+    disk2 = str(tmp_path / "vm2" / "disk")
+    named = begin(reg, disk2, tmp2)
+    os.link(tmp2, disk2)
+    later = time.time() + cache_usage.INTENT_GRACE + 1
+    assert reg.collect(CID, uses_base, now=later) == 1
+    assert not os.path.exists(died) and not os.path.exists(tmp)
+    assert os.listdir(tmp_path / "vm") == []
+    assert os.listdir(tmp_path / "vm2") == ["disk"]
+    assert reg.find(disk2)["_path"] == named
+    # A young intent's files are never touched.
+    tmp3 = disk_file(tmp_path / "vm3" / ".disk.3.tmp")
+    begin(reg, tmp_path / "vm3" / "disk", tmp3)
+    assert reg.collect(CID, uses_base) == 0
+    assert os.path.exists(tmp3)
+
+
+def test_collect_removes_no_file_a_record_names_oddly(reg, tmp_path):
+    victim = disk_file(tmp_path / "elsewhere" / "precious")
+    for tmp in (victim, disk_file(tmp_path / "vm" / "visible.tmp"),
+                disk_file(tmp_path / "vm" / ".hidden-but-not-tmp")):
+        begin(reg, tmp_path / "vm" / "disk", tmp)
+    later = time.time() + cache_usage.INTENT_GRACE + 1
+    reg.collect(CID, uses_base, now=later)
+    assert os.path.exists(victim)
+    assert sorted(os.listdir(tmp_path / "vm")) == [".hidden-but-not-tmp",
+                                                   "visible.tmp"]
