@@ -8,9 +8,7 @@ disk itself).  Subclasses never override :meth:`create_image`.
 """
 
 import abc
-import contextlib
 import dataclasses
-import errno
 import functools
 import logging
 import os
@@ -19,6 +17,7 @@ import typing
 
 from oslo_config import cfg
 
+from imagebackend.backends import target as disk_target
 from imagebackend import cache as image_cache
 from imagebackend import disk_ops as disk_operations
 from imagebackend import exception
@@ -55,18 +54,6 @@ OPTIONS = [
                help="Whether instance disks reserve their space up front. "
                     "Applies to every backend. Default: none."),
 ]
-
-#: the largest disk size asked for that any file can have (off_t).
-MAX_DISK_SIZE = 2 ** 63 - 1
-#: what to do about an error while making a disk, by errno.
-_OS_HINTS = {
-    errno.ENOSPC: "; free space on its filesystem or choose another",
-    errno.EDQUOT: "; raise the quota or choose another filesystem",
-    errno.EACCES: "; check the permissions of its directory",
-    errno.EPERM: "; check the permissions of its directory",
-    errno.EROFS: "; its filesystem is read-only, choose another",
-    errno.ENAMETOOLONG: "; choose a shorter name",
-}
 
 
 @dataclasses.dataclass
@@ -179,15 +166,10 @@ class ImageBackend(abc.ABC):
             is touched, and ``_base`` holds no partial file under a final
             name.
         """
-        target = self._target_path(target)
-        if (not isinstance(size, int) or isinstance(size, bool) or size <= 0
-                or size > MAX_DISK_SIZE):
-            raise exception.InvalidImageSize(
-                image_id=image_id,
-                reason="the requested disk size must be a positive number "
-                       "of bytes up to %d, not %r" % (MAX_DISK_SIZE, size))
-        self._check_target(target)
-        made = self._make_parent(target)
+        target = disk_target.normalize(target)
+        disk_target.check_size(image_id, size)
+        disk_target.check_place(target, self.cache)
+        made = disk_target.make_parent(target)
         try:
             return self._create(image_id, target, size, progress, made)
         except BaseException:
@@ -209,7 +191,7 @@ class ImageBackend(abc.ABC):
                            "%d bytes" % (entry.virtual_size, size,
                                          entry.virtual_size))
             start = time.monotonic()
-            with self._os_errors(image_id, target, size):
+            with disk_target.errors(image_id, target, size):
                 base_path, base_format = self.prepare_base(entry, size)
             timings["extend"] = time.monotonic() - start
             start = time.monotonic()
@@ -229,11 +211,11 @@ class ImageBackend(abc.ABC):
         publish, then the record is marked done; on failure only this
         attempt's temporary file and record are removed.
         """
-        with self._os_errors(entry.image_id, target, size):
-            tmp = self._new_temp(target, made)
+        with disk_target.errors(entry.image_id, target, size):
+            tmp = disk_target.new_temp(target, made)
         handle = None
         try:
-            with self._os_errors(entry.image_id, target, size):
+            with disk_target.errors(entry.image_id, target, size):
                 st = os.lstat(tmp)
                 handle = self.cache.register_disk(
                     target, entry,
@@ -252,107 +234,13 @@ class ImageBackend(abc.ABC):
                         base_path if self.uses_backing_file else None,
                         tmp=tmp, disk_format=self.disk_format, st=done)
                     self.cache.unregister_disk(old)
-                try:
-                    fileutils.publish(tmp, target)
-                except FileExistsError as exc:
-                    raise exception.TargetExists(path=target) from exc
+                disk_target.publish(tmp, target)
         except BaseException:
             fileutils.remove_quietly(tmp)
             if handle is not None:
                 self.cache.unregister_disk(handle)
             raise
         self.cache.confirm_disk(handle, done)
-
-    @contextlib.contextmanager
-    def _os_errors(self, image_id, target, size):
-        """Turn an operating-system error while making ``target`` into the
-        library's own, naming the disk and the fix.
-        """
-        try:
-            yield
-        except exception.QemuImgError as exc:
-            made = exc.kwargs.get("path")
-            if (type(exc) is not exception.QemuImgError
-                    or not isinstance(made, str)
-                    or not made.startswith(os.path.join(
-                        os.path.dirname(target), "."))):
-                raise
-            # Name the disk asked for, not the temporary file qemu-img made.
-            kwargs = {key: str(value).replace(made, target)
-                      for key, value in exc.kwargs.items()}
-            kwargs["path"] = target
-            raise exception.DiskNotCreated(**kwargs) from exc
-        except exception.ImageBackendException:
-            raise
-        except OSError as exc:
-            if exc.errno in (errno.EFBIG, errno.EINVAL):
-                raise exception.InvalidImageSize(
-                    image_id=image_id,
-                    reason="the filesystem holding %s refused a disk of %d "
-                           "bytes (%s); ask for a smaller size or put the "
-                           "disk on another filesystem"
-                           % (target, size, exc.strerror)) from exc
-            raise exception.DiskOperationError(
-                path=target,
-                reason="it could not be created (%s); nothing was kept%s"
-                       % (exc.strerror or exc, _OS_HINTS.get(exc.errno, "")
-                          )) from exc
-
-    def _target_path(self, target) -> str:
-        """``target`` as an absolute path, refusing names of directories."""
-        try:
-            target = os.fsdecode(target)
-        except TypeError as exc:
-            raise exception.InvalidTarget(
-                path=repr(target), reason="it is not a path") from exc
-        if not target:
-            raise exception.InvalidTarget(
-                path="''", reason="the path is empty; give the path of the "
-                                  "disk file to create")
-        name = os.path.basename(target)
-        if name in ("", ".", ".."):
-            raise exception.InvalidTarget(
-                path=target,
-                reason="it names a directory (it ends in %r); give the path "
-                       "of the disk file itself, such as %s"
-                       % (name or os.sep, os.path.join(
-                           target.rstrip(os.sep) or os.sep, "disk")))
-        return os.path.abspath(target)
-
-    def _check_target(self, target: str) -> None:
-        real = os.path.join(os.path.realpath(os.path.dirname(target)),
-                            os.path.basename(target))
-        for area, what in ((self.cache.base_dir, "the image cache"),
-                           (self.cache.lock_dir,
-                            "the cache's lock directory")):
-            if (_within(real, os.path.realpath(area))
-                    or _within(target, area)):
-                raise exception.InvalidTarget(
-                    path=target,
-                    reason="it is inside %s %s, where only the cache "
-                           "writes; put instance disks anywhere else, such "
-                           "as %s" % (what, area, os.path.join(
-                               self.cache.instances_path, "<instance>",
-                               "disk")))
-        if os.path.lexists(target):
-            raise exception.TargetExists(path=target)
-
-    def _make_parent(self, target: str) -> list[str]:
-        try:
-            return fileutils.make_dirs(os.path.dirname(target))
-        except OSError as exc:
-            raise exception.InvalidTarget(
-                path=target,
-                reason="its directory cannot be created: %s" % exc) from exc
-
-    def _new_temp(self, target: str, made: list[str]) -> str:
-        try:
-            return fileutils.temp_beside(target)
-        except FileNotFoundError:
-            # A concurrent call that made the directory failed and removed
-            # it again: make it once more, as ours now.
-            made += self._make_parent(target)
-            return fileutils.temp_beside(target)
 
     # -- hooks -------------------------------------------------------------
 
@@ -390,11 +278,6 @@ class ImageBackend(abc.ABC):
                                   keep_size=self.disk_format != "raw")
         finally:
             os.close(fd)
-
-
-def _within(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(
-        os.path.join(directory, ""))
 
 
 def load(conf: cfg.ConfigOpts, name: str | None = None,
