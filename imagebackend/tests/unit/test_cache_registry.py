@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from imagebackend import cache_registry
 from imagebackend import cache_usage
 
 CID = "c" * 40
@@ -29,8 +30,8 @@ CID = "c" * 40
 def reg(tmp_path):
     base_dir = tmp_path / "instances" / "_base"
     base_dir.mkdir(parents=True)
-    registry = cache_usage.Registry(str(base_dir),
-                                    [str(tmp_path / "instances")])
+    registry = cache_registry.Registry(str(base_dir),
+                                       [str(tmp_path / "instances")])
     registry.host = "this-host"
     return registry
 
@@ -122,7 +123,7 @@ def test_collect_keeps_records_while_the_disk_or_its_temp_exists(
     gone = begin(reg, tmp_path / "vm4" / "disk",
                  tmp_path / "vm4" / ".disk.4.tmp")
     for path in (building, published, gone):
-        age(path, cache_usage.INTENT_GRACE + 1)
+        age(path, cache_registry.INTENT_GRACE + 1)
     assert reg.collect(CID, uses_base) == 1
     assert {r["_path"] for r in reg.records(CID)} == {
         building, published, raw_record}
@@ -140,7 +141,7 @@ def test_collect_keeps_a_young_intent_whatever_its_files(reg, tmp_path):
     path = begin(reg, tmp_path / "disk", tmp_path / ".disk.1.tmp")
     assert reg.collect(CID, uses_base) == 0
     assert reg.collect(CID, uses_base,
-                       now=time.time() + cache_usage.INTENT_GRACE + 1) == 1
+                       now=time.time() + cache_registry.INTENT_GRACE + 1) == 1
     assert not os.path.exists(path)
 
 
@@ -237,7 +238,7 @@ def test_collect_removes_the_temp_file_of_a_dead_attempt(reg, tmp_path):
     disk2 = str(tmp_path / "vm2" / "disk")
     named = begin(reg, disk2, tmp2)
     os.link(tmp2, disk2)
-    later = time.time() + cache_usage.INTENT_GRACE + 1
+    later = time.time() + cache_registry.INTENT_GRACE + 1
     assert reg.collect(CID, uses_base, now=later) == 1
     assert not os.path.exists(died) and not os.path.exists(tmp)
     assert os.listdir(tmp_path / "vm") == []
@@ -255,7 +256,7 @@ def test_collect_removes_no_file_a_record_names_oddly(reg, tmp_path):
     for tmp in (victim, disk_file(tmp_path / "vm" / "visible.tmp"),
                 disk_file(tmp_path / "vm" / ".hidden-but-not-tmp")):
         begin(reg, tmp_path / "vm" / "disk", tmp)
-    later = time.time() + cache_usage.INTENT_GRACE + 1
+    later = time.time() + cache_registry.INTENT_GRACE + 1
     reg.collect(CID, uses_base, now=later)
     assert os.path.exists(victim)
     assert sorted(os.listdir(tmp_path / "vm")) == [".hidden-but-not-tmp",
