@@ -224,7 +224,7 @@ class ImageBackend(abc.ABC):
                 self.create_disk(base_path, base_format, tmp, size)
                 if self.conf.imagebackend.preallocate_images == "space":
                     self.preallocate(tmp, size)
-                fileutils.fsync_path(tmp)
+                fileutils.fdatasync_path(tmp)
                 done = os.lstat(tmp)
                 if not os.path.samestat(done, st):
                     # The hook replaced the file: tie the record to the
