@@ -14,7 +14,9 @@ Layout (``cache_id = sha1(image_id)``; a *stem* names one generation)::
     _base/<stem>_<size>.part     scratch: a sized base being built
     _base/<name>.corrupt         moved aside by ``cache verify --repair``
     _base/<name>.refused         moved aside: refused on re-inspection
-    _base/.disks/<cache_id>/     the disks the library made from the image
+    _base/.disks/<cache_id>/     the disks the library made from the image,
+                                 one record per creation attempt
+                                 (:mod:`imagebackend.cache_registry`)
     locks/                       inter-process lock files (beside _base)
 
 Generations: every use compares the source's current identity of the image
