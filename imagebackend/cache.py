@@ -18,7 +18,9 @@ Layout (``cache_id = sha1(image_id)``; a *stem* names one generation)::
     _base/<stem>_<size>.part-<hex>  scratch: a sized base being built
     _base/<name>.corrupt         moved aside by ``cache verify --repair``
     _base/<name>.refused         moved aside by earlier releases
-    _base/.disks/<cache_id>/     the disks the library made from the image
+    _base/.disks/<cache_id>/     the disks the library made from the image,
+                                 one record per creation attempt
+                                 (:mod:`imagebackend.cache_registry`)
     _base/.generations/<cache_id>/<N>
                                  one empty file per generation number ever
                                  claimed; never pruned
@@ -568,23 +570,51 @@ class ImageCache:
                    "than was built" % final)
 
     def register_disk(self, disk: str, entry: CacheEntry,
-                      backing_file: str) -> None:
-        """Record that the library made ``disk`` over ``backing_file`` (a
-        base of ``entry``), so that the base counts as in use wherever the
-        disk lives.
+                      backing_file: str | None, *, tmp: str | None = None,
+                      disk_format: str = "qcow2",
+                      st: os.stat_result | None = None) -> str:
+        """Record, durably and before the disk exists, that the library is
+        making ``disk`` (built as ``tmp``) of format ``disk_format`` over
+        ``backing_file`` (a base of ``entry``; ``None`` for a disk without
+        one), so that the base counts as in use wherever the disk lives and
+        the disk's format is known from our record, not from its bytes.
+        Follow with :meth:`confirm_disk` once the disk has its name, or
+        :meth:`unregister_disk` if it never gets it.
 
+        :param st: the stat of ``tmp``, tying the record to that file.
+        :returns: a handle for :meth:`confirm_disk` / :meth:`unregister_disk`.
         :raises imagebackend.exception.CacheError: the record cannot be
             written.
         """
         try:
-            self.scanner.registry.add(cache_id(entry.image_id),
-                                      entry.image_id, disk, backing_file)
+            return self.scanner.registry.begin(
+                cache_id(entry.image_id), entry.image_id, disk, tmp,
+                backing_file, disk_format, st)
         except OSError as exc:
             raise exception.CacheError(
                 path=self.base_dir,
                 reason="cannot record disk %s in the cache (%s); check the "
                        "free space and permissions of the cache directory"
                        % (disk, exc)) from exc
+
+    def confirm_disk(self, handle: str,
+                     st: os.stat_result | None = None) -> None:
+        """Mark the disk of ``handle`` (from :meth:`register_disk`) made.
+
+        A failure is only logged: the intent record already protects the
+        base and names the disk's format.
+        """
+        try:
+            self.scanner.registry.confirm(handle, st)
+        except OSError as exc:
+            LOG.warning("Could not mark registry record %s done (%s); its "
+                        "intent record stands", handle, exc)
+
+    def unregister_disk(self, handle: str) -> None:
+        """Remove the record ``handle`` of an attempt that made no disk
+        (only that attempt's record).
+        """
+        self.scanner.registry.rollback(handle)
 
     # -- reports and upkeep ---------------------------------------------------
 

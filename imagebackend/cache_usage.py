@@ -28,19 +28,17 @@ a special file, a chain through files outside ``_base`` or a protocol
 """
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import socket
 import stat
 import time
 
 from oslo_config import cfg
 
 from imagebackend import cache_layout
+from imagebackend import cache_registry
 from imagebackend import exception
-from imagebackend import fileutils
 
 LOG = logging.getLogger(__name__)
 
@@ -59,6 +57,10 @@ OPTIONS = [
                      "cache itself, so list a directory here only for disks "
                      "made by other tools. Default: empty."),
 ]
+
+#: the registry of disks the library made (kept here for callers that
+#: know it as ``cache_usage.Registry``).
+Registry = cache_registry.Registry
 
 QCOW2_MAGIC = b"QFI\xfb"
 #: qemu refuses backing file names longer than this.
@@ -389,86 +391,3 @@ def _lstat(path: str) -> os.stat_result | None:
 def _is_regular(path: str) -> bool:
     st = _lstat(path)
     return st is not None and stat.S_ISREG(st.st_mode)
-
-
-class Registry:
-    """The record of disks the library created, under
-    ``_base/.disks/<cache_id>/<sha1 of the disk path>.json``.
-
-    :param roots: the directories the scanner searches; a record of a disk
-        outside them is written durably (it is then the only evidence).
-    """
-
-    def __init__(self, base_dir: str, roots: list[str]) -> None:
-        self.directory = os.path.join(base_dir, cache_layout.DISKS_DIR)
-        self.roots = [os.path.join(os.path.abspath(r), "") for r in roots]
-        self.host = socket.gethostname()
-
-    def _path(self, cid: str, disk: str) -> str:
-        key = hashlib.sha1(disk.encode("utf-8", "surrogateescape"))
-        return os.path.join(self.directory, cid, key.hexdigest() + ".json")
-
-    def add(self, cid: str, image_id: str, disk: str, base: str) -> None:
-        """Record that ``disk`` was made over ``base`` of image ``cid``.
-
-        :raises OSError: the record cannot be written.
-        """
-        disk = os.path.abspath(disk)
-        path = self._path(cid, disk)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        outside = not any(disk.startswith(r) for r in self.roots)
-        fileutils.write_json_atomic(path, {
-            "disk": disk, "base": base, "image_id": image_id,
-            "host": self.host, "created_at": time.time(),
-        }, durable=outside)
-
-    def cids(self) -> list[str]:
-        try:
-            return sorted(os.listdir(self.directory))
-        except FileNotFoundError:
-            return []
-
-    def records(self, cid: str | None = None):
-        """Yield every record (of image ``cid`` only, if given), each with
-        ``_path`` set to its file.
-        """
-        for one in ([cid] if cid else self.cids()):
-            directory = os.path.join(self.directory, one)
-            try:
-                names = sorted(os.listdir(directory))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for name in names:
-                if not name.endswith(".json") or name.startswith("."):
-                    continue
-                path = os.path.join(directory, name)
-                record = fileutils.read_json(path)
-                if record is not None:
-                    record["_path"] = path
-                    yield record
-
-    def collect(self, cid: str, bases_of) -> int:
-        """Remove this host's records of image ``cid`` whose disk is gone or
-        no longer uses a base; the caller holds the image's use lock
-        exclusively.
-
-        :param bases_of: ``bases_of(path, stat)`` -> bases the disk uses.
-        :returns: the number of records removed.
-        """
-        removed = 0
-        for record in list(self.records(cid)):
-            if record.get("host") != self.host:
-                continue
-            disk = record.get("disk")
-            try:
-                st = os.lstat(disk)
-                used = stat.S_ISREG(st.st_mode) and bool(bases_of(disk, st))
-            except (OSError, TypeError):
-                used = False
-            if not used and fileutils.remove_quietly(record["_path"]):
-                removed += 1
-        try:
-            os.rmdir(os.path.join(self.directory, cid))
-        except OSError:
-            pass        # not empty, or already gone
-        return removed

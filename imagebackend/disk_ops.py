@@ -12,7 +12,6 @@ Nothing is ever written inside ``_base`` or the lock directory.
 """
 
 import dataclasses
-import errno
 import logging
 import os
 import re
@@ -549,27 +548,13 @@ def _in_bytes(progress, stage, size):
 
 def _publish(tmp, final):
     """Give ``tmp`` the name ``final`` unless something took it meanwhile,
-    and make that durable.
+    and make that durable (:func:`imagebackend.fileutils.publish`).
     """
     try:
-        os.link(tmp, final)
+        fileutils.publish(tmp, final)
     except FileExistsError as exc:
         raise exception.TargetExists(path=final) from exc
     except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
-            raise _not_published(final, exc) from exc
-        # No hard links here: a plain rename, after a last look.
-        if os.path.lexists(final):
-            raise exception.TargetExists(path=final) from exc
-        try:
-            os.rename(tmp, final)
-        except OSError as exc2:
-            raise _not_published(final, exc2) from exc2
-    try:
-        fileutils.remove_quietly(tmp)
-        fileutils.fsync_dir(os.path.dirname(final))
-    except OSError as exc:
-        fileutils.remove_quietly(final)
         raise _not_published(final, exc) from exc
 
 

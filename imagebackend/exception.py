@@ -366,3 +366,14 @@ class SplitLockDirectory(ConfigurationError):
                "directory beside the cache, which is shared when "
                "instances_path is). If %(other)s is no longer used, remove "
                "%(marker)s.")
+
+
+class DiskNotCreated(QemuImgError):
+    """qemu-img failed while making an instance disk under its temporary
+    name; ``path`` is the disk the caller asked for.
+    """
+
+    msg_fmt = ("Disk %(path)s was not created: qemu-img %(operation)s "
+               "failed (exit code %(exit_code)s): %(stderr)s. Nothing was "
+               "kept; fix the cause above (the size, the free space, the "
+               "directory's permissions) and try again.")

@@ -53,6 +53,17 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def fdatasync_path(path: str) -> None:
+    """Make the data and size of file ``path`` durable (not its times, so
+    a file whose writer already flushed it costs no journal commit).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def ensure_dir(path: str, mode: int = 0o755) -> None:
     """Create ``path`` (and parents) if missing; refuse a symlink."""
     os.makedirs(path, mode=mode, exist_ok=True)
@@ -296,12 +307,7 @@ def preallocate(fd: int, size: int, *, keep_size: bool = False) -> None:
     if not keep_size:
         os.posix_fallocate(fd, 0, size)
         return
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int,
-                                    ctypes.c_int64, ctypes.c_int64]
-    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size) != 0:
+    if _load_libc().fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -321,6 +327,179 @@ def new_file(path: str, mode: int = 0o644):
         remove_quietly(path)
         raise
     os.close(fd)
+
+
+#: ``renameat2`` flag: fail with EEXIST instead of replacing the target.
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+#: errors of ``link`` that mean "no hard links on this filesystem".
+_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK)
+#: the longest file name most filesystems take.
+_NAME_MAX = 255
+
+
+def temp_beside(final: str, mode: int = 0o644) -> str:
+    """Create a new, empty file under a unique hidden name in the directory
+    of ``final`` (``.<name>.<random>.tmp``), exclusively and without
+    following a symlink, and return its path.
+
+    The caller fills it and gives it its name with :func:`publish`.
+
+    :raises OSError: the file cannot be created.
+    """
+    directory, name = os.path.split(final)
+    suffix = ".%s.tmp" % secrets.token_hex(8)
+    # Keep the whole name within NAME_MAX, whatever the final name's length.
+    room = _NAME_MAX - 1 - len(suffix)
+    stem = name.encode("utf-8", "surrogateescape")[:room]
+    path = os.path.join(directory, "." + stem.decode("utf-8", "ignore")
+                        + suffix)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)     # independent of the caller's umask
+    except BaseException:
+        os.close(fd)
+        remove_quietly(path)
+        raise
+    os.close(fd)
+    return path
+
+
+def publish(tmp: str, final: str) -> None:
+    """Give the complete (fsynced) file ``tmp`` the name ``final`` unless
+    that name exists, and make the new name durable.
+
+    A hard link is made and ``tmp`` removed; where the filesystem has no
+    hard links, ``renameat2(RENAME_NOREPLACE)`` is used, and only where
+    that is missing too a rename after a last look (which a concurrent
+    writer of the same name could still race).
+
+    :raises FileExistsError: ``final`` exists; ``tmp`` is left as it was.
+    :raises OSError: any other failure; ``final`` is not left behind and
+        ``tmp`` may remain (the caller removes it).
+    """
+    st = os.lstat(tmp)
+    try:
+        os.link(tmp, final, follow_symlinks=False)
+        linked = True
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        LOG.debug("No hard link for %s (%s); renaming instead", final, exc)
+        rename_noreplace(tmp, final)
+        linked = False
+    try:
+        if linked:
+            os.unlink(tmp)
+        fsync_dir(os.path.dirname(os.path.abspath(final)))
+    except OSError:
+        # Undo only our own name: the file there is still the one we made.
+        remove_if_same(final, st)
+        raise
+
+
+def remove_if_same(path: str, st: os.stat_result) -> bool:
+    """Remove ``path`` only if it is the file ``st`` describes.
+
+    :returns: True when it was removed.
+    """
+    try:
+        if not os.path.samestat(os.lstat(path), st):
+            return False
+    except FileNotFoundError:
+        return False
+    return remove_quietly(path)
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists.
+
+    :raises FileExistsError: ``dst`` exists.
+    """
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD,
+                     os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), dst)
+    # Neither links nor an atomic no-replace rename on this filesystem.
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
+
+
+def _renameat2():
+    lib = _load_libc()
+    try:
+        func = lib.renameat2
+    except AttributeError:      # a C library older than glibc 2.28
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                     ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+def _load_libc():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int,
+                                    ctypes.c_int64, ctypes.c_int64]
+    return _libc
+
+
+def make_dirs(path: str, mode: int = 0o755) -> list[str]:
+    """Create directory ``path`` and its missing parents; refuse a
+    symlink or a non-directory at ``path``.
+
+    :returns: the directories this call created, outermost first, for
+        :func:`remove_made_dirs` to undo.
+    :raises OSError: a directory cannot be created.
+    """
+    missing = []
+    head = os.path.abspath(path)
+    while not os.path.lexists(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    made = []
+    try:
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory, mode)
+            except FileExistsError:
+                continue        # someone else made it meanwhile: not ours
+            made.append(directory)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR,
+                                     "not a directory (or a symlink)", path)
+    except BaseException:
+        remove_made_dirs(made)
+        raise
+    return made
+
+
+def remove_made_dirs(made: list[str]) -> None:
+    """Remove the directories :func:`make_dirs` created, innermost first,
+    each only if it is empty (another call may have put a file there).
+    """
+    for directory in reversed(made):
+        try:
+            os.rmdir(directory)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            LOG.debug("Leaving directory %s: %s", directory, exc)
+            return      # its parents are not empty either
 
 
 def remove_regular(path: str) -> None:

@@ -17,6 +17,7 @@ import typing
 
 from oslo_config import cfg
 
+from imagebackend.backends import target as disk_target
 from imagebackend import cache as image_cache
 from imagebackend import disk_ops as disk_operations
 from imagebackend import exception
@@ -137,8 +138,17 @@ class ImageBackend(abc.ABC):
         """Make the instance disk ``target`` of ``size`` bytes from image
         ``image_id``.
 
+        The disk is made under a hidden temporary name in the target's
+        directory, recorded in the cache's registry before it names a base,
+        fsynced, and given its name only if that name is still free: the
+        target appears complete or not at all, and of several concurrent
+        requests for one target exactly one succeeds.
+
         :param image_id: the id in the image source.
-        :param target: the path of the disk to create; it must not exist.
+        :param target: the path of the disk to create; it must not exist,
+            and must not be inside the image cache or its lock directory.
+            Missing parent directories are made (and removed again if the
+            call fails).
         :param size: the disk's virtual size in bytes; at least the image's
             virtual size.
         :param progress: called as ``progress(stage, done, total)`` during
@@ -147,22 +157,32 @@ class ImageBackend(abc.ABC):
         :raises imagebackend.exception.InvalidImageId: the source refuses
             the id (not UTF-8 text, control characters...); nothing is
             written.
-        :raises imagebackend.exception.InvalidImageSize: ``size`` is smaller
-            than the image; nothing is written.
+        :raises imagebackend.exception.InvalidImageSize: ``size`` is not a
+            size the image or the target's filesystem allows.
+        :raises imagebackend.exception.InvalidTarget: ``target`` names a
+            directory or a place inside the cache.
+        :raises imagebackend.exception.TargetExists: ``target`` exists, or
+            another request made it first.
         :raises imagebackend.exception.ImageBackendException: any failure;
-            the target does not exist afterwards and ``_base`` holds no
-            partial file under a final name.
+            nothing this call made is left (its temporary file, its registry
+            record, the directories it created), nothing anyone else made
+            is touched, and ``_base`` holds no partial file under a final
+            name.
         """
         # First: an id no image can have must change nothing (not even a
         # lock file or the target's directory).
         self.source.check_id(image_id)
-        target = os.path.abspath(target)
-        if not isinstance(size, int) or size <= 0:
-            raise exception.InvalidImageSize(
-                image_id=image_id,
-                reason="the requested disk size must be a positive number "
-                       "of bytes, not %r" % (size,))
-        self._check_target(target)
+        target = disk_target.normalize(target)
+        disk_target.check_size(image_id, size)
+        disk_target.check_place(target, self.cache)
+        made = disk_target.make_parent(target)
+        try:
+            return self._create(image_id, target, size, progress, made)
+        except BaseException:
+            fileutils.remove_made_dirs(made)
+            raise
+
+    def _create(self, image_id, target, size, progress, made):
         timings: dict[str, float] = {}
         # Held shared until the disk exists and is recorded, so the cache
         # pruner never removes the base in between.
@@ -176,23 +196,14 @@ class ImageBackend(abc.ABC):
                            "requested disk of %d bytes; ask for at least "
                            "%d bytes" % (entry.virtual_size, size,
                                          entry.virtual_size))
-            created = False
-            try:
-                start = time.monotonic()
+            start = time.monotonic()
+            with disk_target.errors(image_id, target, size):
                 base_path, base_format = self.prepare_base(entry, size)
-                timings["extend"] = time.monotonic() - start
-                start = time.monotonic()
-                created = True
-                self.create_disk(base_path, base_format, target, size)
-                if self.conf.imagebackend.preallocate_images == "space":
-                    self.preallocate(target, size)
-                if self.uses_backing_file:
-                    self.cache.register_disk(target, entry, base_path)
-                timings["overlay"] = time.monotonic() - start
-            except BaseException:
-                if created:
-                    fileutils.remove_quietly(target)
-                raise
+            timings["extend"] = time.monotonic() - start
+            start = time.monotonic()
+            self._make_disk(entry, base_path, base_format, target, size,
+                            made)
+            timings["overlay"] = time.monotonic() - start
         chain = [base_path] if self.uses_backing_file else []
         LOG.info("Created %s disk %s (%d bytes) from image %s%s",
                  self.name, target, size, image_id,
@@ -201,16 +212,41 @@ class ImageBackend(abc.ABC):
                     image_id=image_id, backend=self.name,
                     backing_chain=chain, cache_hit=hit, timings=timings)
 
-    def _check_target(self, target: str) -> None:
-        if os.path.lexists(target):
-            raise exception.TargetExists(path=target)
-        parent = os.path.dirname(target)
+    def _make_disk(self, entry, base_path, base_format, target, size, made):
+        """Intent record, disk under a temporary name, fsync, no-replace
+        publish, then the record is marked done; on failure only this
+        attempt's temporary file and record are removed.
+        """
+        with disk_target.errors(entry.image_id, target, size):
+            tmp = disk_target.new_temp(target, made)
+        handle = None
         try:
-            fileutils.ensure_dir(parent)
-        except OSError as exc:
-            raise exception.InvalidTarget(
-                path=target,
-                reason="its directory cannot be created: %s" % exc) from exc
+            with disk_target.errors(entry.image_id, target, size):
+                st = os.lstat(tmp)
+                handle = self.cache.register_disk(
+                    target, entry,
+                    base_path if self.uses_backing_file else None,
+                    tmp=tmp, disk_format=self.disk_format, st=st)
+                self.create_disk(base_path, base_format, tmp, size)
+                if self.conf.imagebackend.preallocate_images == "space":
+                    self.preallocate(tmp, size)
+                fileutils.fdatasync_path(tmp)
+                done = os.lstat(tmp)
+                if not os.path.samestat(done, st):
+                    # The hook replaced the file: tie the record to the
+                    # one that is published.
+                    old, handle = handle, self.cache.register_disk(
+                        target, entry,
+                        base_path if self.uses_backing_file else None,
+                        tmp=tmp, disk_format=self.disk_format, st=done)
+                    self.cache.unregister_disk(old)
+                disk_target.publish(tmp, target)
+        except BaseException:
+            fileutils.remove_quietly(tmp)
+            if handle is not None:
+                self.cache.unregister_disk(handle)
+            raise
+        self.cache.confirm_disk(handle, done)
 
     # -- hooks -------------------------------------------------------------
 
@@ -228,14 +264,20 @@ class ImageBackend(abc.ABC):
     @abc.abstractmethod
     def create_disk(self, base_path: str, base_format: str, target: str,
                     size: int) -> None:
-        """Overlay hook: create ``target`` of ``size`` bytes from the base.
+        """Overlay hook: fill ``target`` to make a disk of ``size`` bytes
+        from the base.
 
-        The target does not exist when this is called; if this raises, the
-        template method removes whatever it left.
+        ``target`` is a new, empty regular file of this call's own, under a
+        temporary name in the final disk's directory (write into it; a
+        backing file named in it must be an absolute path).  The template
+        method fsyncs it and gives it its final name; if this raises, the
+        template method removes it.
         """
 
     def preallocate(self, target: str, size: int) -> None:
-        """Reserve the disk's space (``preallocate_images = space``)."""
+        """Reserve the disk's space (``preallocate_images = space``) in
+        ``target``, the disk under its temporary name.
+        """
         fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             fileutils.preallocate(fd, size,

@@ -22,7 +22,12 @@ class RawBackend(base.ImageBackend):
             self.qemu.convert(base_path, base_format, target, "raw")
             self.qemu.resize(target, "raw", size)
             return
-        with fileutils.new_file(target) as fd:
+        # ``target`` is this call's own new, empty file (see the hook).
+        fd = os.open(target, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW
+                     | os.O_CLOEXEC)
+        try:
             fileutils.sparse_copy(base_path, fd)
             os.ftruncate(fd, size)
             os.fsync(fd)
+        finally:
+            os.close(fd)

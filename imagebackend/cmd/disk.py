@@ -22,7 +22,11 @@ def add_commands(groups) -> None:
                     "configured backend.")
     create.add_argument("image_id", metavar="IMAGE_ID")
     create.add_argument("target", metavar="TARGET",
-                        help="Path of the disk to create; must not exist.")
+                        help="Path of the disk file to create; must not "
+                             "exist, and must be outside the image cache "
+                             "and its lock directory. Missing parent "
+                             "directories are made (and removed again if "
+                             "the command fails).")
     create.add_argument("--size", required=True, type=_size,
                         help="Virtual size of the disk: bytes, or a number "
                              "with a K, M, G or T suffix (1024-based).")

@@ -331,3 +331,104 @@ def test_all_zeros_knows_views_of_the_hole_buffer_without_looking():
         assert fileutils.all_zeros(view[7:])
         assert not fileutils.all_zeros(copy)
     assert fileutils.all_zeros(copy)
+
+
+# -- temp names, no-replace publish, made directories -------------------------
+
+def test_temp_beside_is_hidden_unique_and_within_name_max(tmp_path):
+    final = str(tmp_path / ("d" * 255))
+    paths = {fileutils.temp_beside(final) for _ in range(20)}
+    assert len(paths) == 20
+    for path in paths:
+        name = os.path.basename(path)
+        assert name.startswith(".d") and name.endswith(".tmp")
+        assert len(name.encode()) <= 255
+        assert os.path.dirname(path) == str(tmp_path)
+        assert os.stat(path).st_size == 0
+        assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_publish_names_the_file_and_removes_the_temp(tmp_path):
+    tmp = tmp_path / ".t"
+    tmp.write_bytes(b"mine")
+    fileutils.publish(str(tmp), str(tmp_path / "final"))
+    assert (tmp_path / "final").read_bytes() == b"mine"
+    assert not tmp.exists()
+
+
+def test_publish_never_replaces_an_existing_name(tmp_path):
+    tmp, final = tmp_path / ".t", tmp_path / "final"
+    tmp.write_bytes(b"mine")
+    final.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError):
+        fileutils.publish(str(tmp), str(final))
+    assert final.read_bytes() == b"theirs"
+    assert tmp.read_bytes() == b"mine"
+    # A dangling symlink is a name too, and is not followed.
+    final.unlink()
+    os.symlink(str(tmp_path / "nowhere"), str(final))
+    with pytest.raises(FileExistsError):
+        fileutils.publish(str(tmp), str(final))
+    assert not (tmp_path / "nowhere").exists()
+
+
+def _no_links(*args, **kwargs):
+    raise OSError(errno.EPERM, "Operation not permitted")
+
+
+def test_without_hard_links_publish_renames_without_replacing(tmp_path):
+    tmp, final = tmp_path / ".t", tmp_path / "final"
+    tmp.write_bytes(b"mine")
+    final.write_bytes(b"theirs")
+    with mock.patch("os.link", side_effect=_no_links):
+        with pytest.raises(FileExistsError):
+            fileutils.publish(str(tmp), str(final))
+        assert final.read_bytes() == b"theirs"
+        final.unlink()
+        fileutils.publish(str(tmp), str(final))
+    assert final.read_bytes() == b"mine" and not tmp.exists()
+
+
+def test_without_renameat2_publish_looks_before_renaming(tmp_path):
+    tmp, final = tmp_path / ".t", tmp_path / "final"
+    tmp.write_bytes(b"mine")
+    final.write_bytes(b"theirs")
+    with mock.patch("os.link", side_effect=_no_links), \
+            mock.patch.object(fileutils, "_renameat2", return_value=None):
+        with pytest.raises(FileExistsError):
+            fileutils.publish(str(tmp), str(final))
+        assert final.read_bytes() == b"theirs"
+        final.unlink()
+        fileutils.publish(str(tmp), str(final))
+    assert final.read_bytes() == b"mine"
+
+
+def test_publish_undoes_its_name_if_it_cannot_be_made_durable(tmp_path):
+    tmp, final = tmp_path / ".t", tmp_path / "final"
+    tmp.write_bytes(b"mine")
+    with mock.patch.object(fileutils, "fsync_dir",
+                           side_effect=OSError(errno.EIO, "I/O error")):
+        with pytest.raises(OSError):
+            fileutils.publish(str(tmp), str(final))
+    assert not final.exists()
+
+
+def test_make_dirs_reports_and_undoes_only_what_it_made(tmp_path):
+    (tmp_path / "old").mkdir()
+    made = fileutils.make_dirs(str(tmp_path / "old" / "a" / "b"))
+    assert made == [str(tmp_path / "old" / "a"),
+                    str(tmp_path / "old" / "a" / "b")]
+    assert fileutils.make_dirs(str(tmp_path / "old" / "a" / "b")) == []
+    (tmp_path / "old" / "a" / "someone-elses").write_bytes(b"")
+    fileutils.remove_made_dirs(made)
+    assert os.listdir(tmp_path / "old" / "a") == ["someone-elses"]
+    (tmp_path / "old" / "a" / "someone-elses").unlink()
+    fileutils.remove_made_dirs(made)
+    assert os.listdir(tmp_path / "old") == []
+
+
+def test_make_dirs_refuses_a_symlink(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink(str(tmp_path / "real"), str(tmp_path / "link"))
+    with pytest.raises(NotADirectoryError):
+        fileutils.make_dirs(str(tmp_path / "link"))
