@@ -212,7 +212,8 @@ def test_the_record_of_an_existing_raw_disk_is_kept_and_never_parsed(c):
     with open(disk, "wb") as f:
         f.write(b"\0" * MiB)        # a raw disk: no header at all
     registry = c.scanner.registry
-    path = registry._path(cid, disk)
+    path = os.path.join(registry.directory, cid,
+                        registry._key(disk) + ".json")
     os.makedirs(os.path.dirname(path))
     fileutils.write_json_atomic(path, {
         "disk": disk, "base": entry.path, "image_id": "img",

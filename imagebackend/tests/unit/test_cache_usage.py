@@ -174,7 +174,8 @@ def record(t, disk_path, **fields):
     """
     disk = disk_path
     scanner = t.scanner()
-    path = scanner.registry._path(CID, disk)
+    path = os.path.join(scanner.registry.directory, CID,
+                        scanner.registry._key(disk) + ".json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     data = {"disk": disk, "base": t.base(), "image_id": "img",
             "host": scanner.registry.host, "created_at": 0}
