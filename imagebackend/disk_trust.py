@@ -37,7 +37,6 @@ paths so that a symlink (or a hard link) into them is refused too.
 """
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ import stat
 from oslo_config import cfg
 
 from imagebackend import cache_layout
+from imagebackend import cache_registry
 from imagebackend import exception
 
 LOG = logging.getLogger(__name__)
@@ -255,54 +255,19 @@ def base_format(paths: CachePaths, name: cache_layout.Name) -> str | None:
 
 
 def registered_format(paths: CachePaths, disk: str) -> str | None:
-    """The format the cache's registry of disks records for ``disk``, by
-    its absolute path or else its real path.
+    """The format the cache's registry of disks records for ``disk``, if
+    the library made the file that is there now (see
+    :meth:`imagebackend.cache_registry.Registry.find`: a record is tied to
+    its file, so a file later put at a recorded path gets no format from
+    it).  The registry is read without following any symlink.  This is
+    the one place disk operations consult the registry.
 
-    Records of today's qcow2 overlays carry no format and are qcow2.  The
-    registry is read without following any symlink.  This is the one
-    place disk operations consult the registry.
-
-    :returns: ``None`` when no record names ``disk``.
-    :raises exception.DiskFormatUnknown: records disagree.
+    :returns: ``None`` when no record describes ``disk``.
     """
-    candidates = [os.path.abspath(disk)]
-    if os.path.realpath(disk) not in candidates:
-        candidates.append(os.path.realpath(disk))
-    for candidate in candidates:
-        found = {str(record.get("format", "qcow2"))
-                 for record in _registry_records(paths, candidate)}
-        if len(found) > 1:
-            raise exception.DiskFormatUnknown(
-                path=disk, reason="the cache's registry of disks has "
-                "records of it as %s" % " and as ".join(sorted(found)),
-                flag="--input-format")
-        if found:
-            return found.pop()
-    return None
-
-
-def _registry_records(paths, disk):
-    key = hashlib.sha1(disk.encode("utf-8", "surrogateescape")).hexdigest()
-    base_fd = _open_dir(paths.base_dir, follow=True)
-    if base_fd is None:
-        return
-    disks_fd = _open_dir(cache_layout.DISKS_DIR, base_fd)
-    os.close(base_fd)
-    if disks_fd is None:
-        return
-    try:
-        with os.scandir(disks_fd) as entries:
-            # A directory entry that is a symlink is skipped, never
-            # followed; the record itself is opened with O_NOFOLLOW.
-            cids = sorted(entry.name for entry in entries
-                          if _CID_RE.match(entry.name)
-                          and entry.is_dir(follow_symlinks=False))
-        for cid in cids:
-            record = _read_record(disks_fd, "%s/%s.json" % (cid, key))
-            if record is not None and record.get("disk") == disk:
-                yield record
-    finally:
-        os.close(disks_fd)
+    record = cache_registry.Registry(paths.base_dir, []).find(disk)
+    if record is None or record["format"] not in ("qcow2", "raw"):
+        return None
+    return record["format"]
 
 
 def known_format(paths: CachePaths, path: str, given: str | None, *,

@@ -4,8 +4,8 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-from unittest import mock
 import re
+from unittest import mock
 
 import pytest
 
@@ -471,7 +471,8 @@ def test_base_dir_name_must_be_a_plain_name(tmp_path, qemu, name):
     conf = fakes.conf(tmp_path, base_dir_name=name)
     with pytest.raises(exception.ConfigurationError) as err:
         cache.ImageCache(conf, None, qemu)
-    assert "[imagebackend] base_dir_name = %r" % name in err.value.exact_message
+    assert ("[imagebackend] base_dir_name = %r" % name
+            in err.value.exact_message)
     assert not os.path.exists(tmp_path / "instances")
 
 

@@ -48,12 +48,20 @@ def write_json(path, data):
     return write(path, json.dumps(data).encode())
 
 
-def register(paths, disk, cid=CID, **record):
+def register(paths, disk, cid=CID, tied=True, **record):
+    """Record ``disk`` as the registry does: tied to the file there now
+    (its device and inode) unless ``tied`` is false.
+    """
     directory = os.path.join(paths.base_dir, ".disks", cid)
     os.makedirs(directory, exist_ok=True)
     key = hashlib.sha1(disk.encode()).hexdigest()
+    data = {"disk": disk, "base": "x", "state": "done", "created_at": 1,
+            "format": "qcow2"}
+    if tied and os.path.exists(disk):
+        st = os.stat(disk)
+        data.update(dev=st.st_dev, ino=st.st_ino)
     return write_json(os.path.join(directory, key + ".json"),
-                      dict({"disk": disk, "base": "x"}, **record))
+                      dict(data, **record))
 
 
 def disk(paths, name="disk", data=None):
@@ -91,7 +99,7 @@ def test_cache_paths_are_those_of_the_cache(tmp_path):
 
 def test_a_registered_disk_has_the_recorded_format(paths):
     qcow2_disk, raw_disk = disk(paths, "a"), disk(paths, "b")
-    register(paths, qcow2_disk)                 # today's records: qcow2
+    register(paths, qcow2_disk)
     register(paths, raw_disk, format="raw")
     assert known(paths, qcow2_disk) == "qcow2"
     assert known(paths, raw_disk) == "raw"
@@ -112,14 +120,19 @@ def test_a_record_of_another_disk_does_not_count(paths):
         known(paths, path)
 
 
-def test_records_that_disagree_name_the_flag(paths):
+def test_a_record_not_tied_to_the_file_there_gives_no_format(paths):
+    # A file put at a recorded path by anything else (or a record of an
+    # earlier disk at that path) lends it no format.
     path = disk(paths)
-    register(paths, path, cid=CID)
-    register(paths, path, cid=OTHER_CID, format="raw")
+    register(paths, path, tied=False, format="qcow2")
     with pytest.raises(exception.DiskFormatUnknown) as err:
         known(paths, path)
-    assert "qcow2 and as raw" in str(err.value)
     assert "--input-format" in str(err.value)
+    os.unlink(path)
+    path = disk(paths)
+    register(paths, path, cid=OTHER_CID, ino=1, dev=1, format="qcow2")
+    with pytest.raises(exception.DiskFormatUnknown):
+        known(paths, path)
 
 
 @pytest.mark.parametrize("where", ["record", "cid", "disks"])

@@ -99,10 +99,12 @@ class Disks:
 
     def register(self, path, fmt=None, cid="c" * 40, **extra):
         """Record ``path`` in the registry as the library does."""
-        record = dict({"disk": path, "base": "b", "image_id": "img"},
-                      **extra)
-        if fmt is not None:
-            record["format"] = fmt
+        record = dict({"disk": path, "base": "b", "image_id": "img",
+                       "state": "done", "created_at": 1}, **extra)
+        if os.path.exists(path):
+            st = os.stat(path)
+            record.update(dev=st.st_dev, ino=st.st_ino)
+        record["format"] = fmt or "qcow2"
         key = hashlib.sha1(path.encode()).hexdigest()
         directory = self.base_dir / ".disks" / cid
         directory.mkdir(parents=True, exist_ok=True)
@@ -129,7 +131,6 @@ def disks(tmp_path):
 # --- formats -----------------------------------------------------------------
 
 def test_a_disk_the_library_made_has_its_registry_format(disks):
-    # Records of today's overlays carry no format: they are qcow2.
     top = disks.qcow2("top.qcow2", registered=False)
     disks.register(top)
     assert disks.ops.info(top).format == "qcow2"
