@@ -340,6 +340,7 @@ class ImageCache:
         :raises imagebackend.exception.LockWaitTimeout: the wait was too
             long.
         """
+        source_base.check_image_id(image_id)
         self.ensure_dirs()
         path = cache_locks.use_lock_file(self.lock_dir, cache_id(image_id))
         with cache_locks.flocked(
@@ -369,6 +370,7 @@ class ImageCache:
         source, locking or spawning anything; ``None`` when none is cached
         (missing, stale, or recorded under an older inspection policy).
         """
+        source_base.check_image_id(image_id)
         return self._find(image_id, None)
 
     def _find(self, image_id, identity):
@@ -426,6 +428,7 @@ class ImageCache:
         :raises imagebackend.exception.ImageBackendException: on any
             failure, after removing every scratch file it made.
         """
+        source_base.check_image_id(image_id)
         timings = timings if timings is not None else {}
         start = time.monotonic()
         meta = self.source.get_meta(image_id)
@@ -630,14 +633,23 @@ class ImageCache:
         """Mark every base of ``image_id`` stale, so the next use fetches
         it again, and remove those nothing uses; see
         :func:`imagebackend.cache_prune.invalidate`.
+
+        :raises imagebackend.exception.InvalidImageId: no image can have
+            that id; nothing is changed.
         """
+        source_base.check_image_id(image_id)
         return cache_prune.invalidate(self, image_id)
 
     def verify(self, image_ids: list[str] | None = None, *,
                repair: bool = False) -> list[dict]:
         """Re-check bases against their records; see
         :func:`imagebackend.cache_verify.verify`.
+
+        :raises imagebackend.exception.InvalidImageId: no image can have
+            one of ``image_ids``; nothing is checked.
         """
+        for image_id in image_ids or ():
+            source_base.check_image_id(image_id)
         return cache_verify.verify(self, image_ids, repair=repair)
 
     def prefetch(self, image_ids: list[str], *, parallel: int = 4,

@@ -688,7 +688,7 @@ def prefetch(c: "cache.ImageCache", image_ids: list[str], *,
         except exception.ImageBackendException as exc:
             LOG.warning("Prefetching image %s failed: %s", image_id,
                         exc.message)
-            return {"image_id": image_id, "error": exc.message,
+            return {"image_id": image_id, "error": exc.exact_message,
                     "seconds": time.monotonic() - start}
         return {"image_id": image_id, "file": entry.path,
                 "generation": entry.generation, "cache_hit": hit,

@@ -512,3 +512,19 @@ def test_a_failed_generation_claim_is_a_cache_error(tmp_path, qemu):
     assert "No space left" in str(err.value)
     assert base_files(c) == []
     assert source.opened == 0
+
+
+@pytest.mark.parametrize("image_id", ["bad\xff\udcff", "two\nlines", ""])
+def test_an_id_no_image_can_have_is_refused_by_every_entry_point(
+        tmp_path, qemu, image_id):
+    c, _ = make_cache(tmp_path, qemu)
+    calls = [lambda: c.get(image_id), lambda: c.lookup(image_id),
+             lambda: c.invalidate(image_id), lambda: c.verify([image_id])]
+    for call in calls:
+        with pytest.raises(exception.InvalidImageId):
+            call()
+    with pytest.raises(exception.InvalidImageId):
+        with c.use(image_id):
+            pass
+    assert not os.path.exists(c.base_dir)
+    assert not os.path.exists(c.lock_dir)
