@@ -178,7 +178,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         answer = Answer(self, server)
         try:
             if route is None:
-                answer.json({"message": "no route"}, status=404)
+                text = b"404 Not Found\n\nThe resource could not be found."
+                answer.start(404, [("Content-Type", "text/plain"),
+                                   ("Content-Length", str(len(text)))])
+                answer.body(text)
             else:
                 route(answer)
         except ClientGone:
@@ -204,7 +207,12 @@ class HostileGlance:
     """
 
     def __init__(self) -> None:
-        self.routes: dict[str, typing.Callable[[Answer], None]] = {}
+        self.routes: dict[str, typing.Callable[[Answer], None]] = {
+            # What python-glanceclient reads before it trusts a record.
+            "/v2/schemas/image": lambda answer: answer.json(
+                {"name": "image", "properties": {},
+                 "additionalProperties": True}),
+        }
         self.requests: list[Received] = []
         self.stopping = threading.Event()
         self._sent = 0
