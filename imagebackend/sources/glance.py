@@ -23,7 +23,6 @@ reaches a message or a log line.
 import copy
 import hashlib
 import logging
-import re
 import string
 import time
 import typing
@@ -542,12 +541,8 @@ class GlanceSource(base.ImageSource):
                                     disk_format, container_format, progress)
 
 
-_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
-
-
 def _check_id(image_id: str) -> None:
-    # fullmatch: "$" would let a trailing newline through.
-    if not isinstance(image_id, str) or not _UUID_RE.fullmatch(image_id):
+    if not glance_errors.is_image_id(image_id):
         raise exception.InvalidImageId(
             image_id=glance_errors.printable(image_id),
             reason="Glance image ids are UUIDs such as "

@@ -84,6 +84,16 @@ def url_for_humans(url) -> str:
     return printable(shown)
 
 
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def is_image_id(value) -> bool:
+    """Whether ``value`` is a Glance image id (a UUID, nothing around it:
+    not even the newline a ``$`` would let through).
+    """
+    return isinstance(value, str) and bool(_UUID_RE.fullmatch(value))
+
+
 class HTTPFailure(Exception):
     """A request to Glance failed in a way the HTTP layer noticed.
 
