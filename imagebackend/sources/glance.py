@@ -353,7 +353,7 @@ class GlanceSource(base.ImageSource):
                        "disk image with no container around it) can be "
                        "used. Unpack the disk and upload it as a new image "
                        "with container_format 'bare'."
-                       % glance_errors.printable(container))
+                       % _quoted(container))
         size = record.count("size")
         self._check_size(image_id, size)
         checksum = record.hexdigest("checksum", "md5")
@@ -544,9 +544,18 @@ class GlanceSource(base.ImageSource):
 def _check_id(image_id: str) -> None:
     if not glance_errors.is_image_id(image_id):
         raise exception.InvalidImageId(
-            image_id=glance_errors.printable(image_id),
+            # Shown with %r, which escapes; only the length needs a bound.
+            image_id=image_id[:100] if isinstance(image_id, str)
+            else image_id,
             reason="Glance image ids are UUIDs such as "
                    "'1b2c3d4e-0000-4000-8000-123456789abc'")
+
+
+def _quoted(value) -> str:
+    """Server text for a message: quoted if a string, always escaped."""
+    if isinstance(value, str):
+        return "'%s'" % glance_errors.printable(value)
+    return glance_errors.printable(value)
 
 
 def _hash_known(algo: str) -> bool:
