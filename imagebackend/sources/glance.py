@@ -360,10 +360,15 @@ class GlanceSource(base.ImageSource):
         hash_algo, hash_value = self._usable_hash(record, checksum)
         content = hash_value or checksum or "size=%s" % (size,)
         updated_at = record.text("updated_at")
+        disk_format = record.text("disk_format")
+        if disk_format is not None and len(disk_format) > 64:
+            # Glance's names are a few letters; this one would go into
+            # the inspector's messages.
+            raise record.malformed("disk_format", "not a disk format name")
         return base.ImageMeta(
             image_id=image_id,
             source=self.describe(),
-            disk_format=record.text("disk_format"),
+            disk_format=disk_format,
             size=size,
             virtual_size=record.count("virtual_size"),
             checksum=checksum,

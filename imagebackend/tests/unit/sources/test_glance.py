@@ -222,6 +222,7 @@ def test_unverifiable_image_is_allowed_by_the_option(http, make_source):
     ({"status": ["active"]}, "status"),
     ({"container_format": {"a": 1}}, "container_format"),
     ({"disk_format": 3}, "disk_format"),
+    ({"disk_format": "qcow2" * 100}, "disk_format"),
     ({"checksum": 5}, "checksum"),
     ({"checksum": "xyz"}, "checksum"),
     ({"os_hash_value": "ab" * 10}, "os_hash_value"),
