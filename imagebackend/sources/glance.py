@@ -21,9 +21,7 @@ reaches a message or a log line.
 """
 
 import copy
-import hashlib
 import logging
-import string
 import time
 import typing
 
@@ -41,6 +39,7 @@ from imagebackend import exception
 from imagebackend.sources import base
 from imagebackend.sources import glance_errors
 from imagebackend.sources import glance_http
+from imagebackend.sources import glance_record
 from imagebackend.sources import glance_upload
 
 LOG = logging.getLogger(__name__)
@@ -337,105 +336,10 @@ class GlanceSource(base.ImageSource):
             image_id, "read the image record",
             lambda endpoint: self._http.get_json(
                 endpoint, "/v2/images/%s" % image_id))
-        record = _Record(image_id, image)
-        if record.text("id") is not None and (
-                record.text("id").lower() != image_id.lower()):
-            raise record.malformed("id", "it is not the id asked for")
-        status = record.text("status")
-        if status != "active":
-            raise exception.ImageNotActive(
-                image_id=image_id, status=glance_errors.printable(status))
-        container = record.text("container_format")
-        if container != "bare":
-            raise exception.ImageUnsupported(
-                image_id=image_id,
-                reason="its container_format is %s; only 'bare' images (a "
-                       "disk image with no container around it) can be "
-                       "used. Unpack the disk and upload it as a new image "
-                       "with container_format 'bare'."
-                       % _quoted(container))
-        size = record.count("size")
-        self._check_size(image_id, size)
-        checksum = record.hexdigest("checksum", "md5")
-        hash_algo, hash_value = self._usable_hash(record, checksum)
-        content = hash_value or checksum or "size=%s" % (size,)
-        updated_at = record.text("updated_at")
-        disk_format = record.text("disk_format")
-        if disk_format is not None and len(disk_format) > 64:
-            # Glance's names are a few letters; this one would go into
-            # the inspector's messages.
-            raise record.malformed("disk_format", "not a disk format name")
-        return base.ImageMeta(
-            image_id=image_id,
-            source=self.describe(),
-            disk_format=disk_format,
-            size=size,
-            virtual_size=record.count("virtual_size"),
-            checksum=checksum,
-            hash_algo=hash_algo,
-            hash_value=hash_value,
-            identity="%s,updated_at=%s" % (content, updated_at),
-            extra={key: record.text(key, quiet=True) for key in (
-                "name", "owner", "visibility", "updated_at",
-                "os_hash_algo")},
-        )
-
-    def _check_size(self, image_id, size):
-        if size == 0:
-            raise exception.ImageUnsupported(
-                image_id=image_id,
-                reason="Glance records 0 bytes of data for it; an empty "
-                       "image cannot be a disk. Upload the image's data "
-                       "again")
-        limit = self.conf.glance.max_download_size
-        if size is not None and size > limit:
-            raise exception.ImageUnsupported(
-                image_id=image_id,
-                reason="Glance records %d bytes for it, more than [glance] "
-                       "max_download_size (%d bytes); raise that option to "
-                       "use it" % (size, limit))
-
-    def _usable_hash(self, record, checksum):
-        """The (algorithm, hex digest) of Glance's multihash if this host
-        can check it, else ``(None, None)`` when the md5 checksum will be
-        checked instead.
-
-        :raises imagebackend.exception.ImageUnsupported: nothing can be
-            checked and unverified images are not allowed.
-        """
-        algo = record.text("os_hash_algo")
-        value = record.text("os_hash_value")
-        problem = None
-        if algo and value:
-            algo = algo.lower()
-            if _hash_known(algo):
-                return algo, record.hexdigest("os_hash_value", algo)
-            problem = ("Glance hashed it with %s, which this host's "
-                       "hashlib lacks" % glance_errors.printable(algo))
-        elif algo or value:
-            problem = ("Glance records os_hash_algo %s with os_hash_value "
-                       "%s" % (glance_errors.printable(algo),
-                               glance_errors.printable(value)))
-        if checksum:
-            if problem:
-                LOG.warning("Image %s: %s; verifying its md5 checksum "
-                            "instead", record.image_id, problem)
-            return None, None
-        if problem:
-            problem += ", and it has no md5 checksum"
-        else:
-            problem = "Glance records neither os_hash_value nor checksum"
-        if not self.conf.glance.allow_unverified_images:
-            raise exception.ImageUnsupported(
-                image_id=record.image_id,
-                reason="its bytes cannot be verified (%s). Re-upload it so "
-                       "that Glance records a hash (such as sha512), or set "
-                       "[glance] allow_unverified_images to use unverified "
-                       "images" % problem)
-        LOG.warning("Image %s: its bytes cannot be verified (%s); using it "
-                    "unverified since [glance] allow_unverified_images is "
-                    "set", record.image_id, problem)
-        return None, None
+        return glance_record.image_meta(
+            image_id, image, source=self.describe(),
+            max_download_size=self.conf.glance.max_download_size,
+            allow_unverified=self.conf.glance.allow_unverified_images)
 
     def open(self, meta: base.ImageMeta) -> typing.Iterator[bytes]:
         """Start the download; the returned iterator yields the body in
@@ -554,72 +458,6 @@ def _check_id(image_id: str) -> None:
             else image_id,
             reason="Glance image ids are UUIDs such as "
                    "'1b2c3d4e-0000-4000-8000-123456789abc'")
-
-
-def _quoted(value) -> str:
-    """Server text for a message: quoted if a string, always escaped."""
-    if isinstance(value, str):
-        return "'%s'" % glance_errors.printable(value)
-    return glance_errors.printable(value)
-
-
-def _hash_known(algo: str) -> bool:
-    """Whether ``algo`` names a fixed-length :mod:`hashlib` algorithm."""
-    if algo not in hashlib.algorithms_available:
-        return False
-    try:
-        hashlib.new(algo).hexdigest()
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
-class _Record:
-    """Glance's record of an image, whose values are checked for type
-    (and escaped in messages) as they are read.
-    """
-
-    def __init__(self, image_id: str, image: dict) -> None:
-        self.image_id = image_id
-        self._image = image
-
-    def malformed(self, key, problem):
-        return exception.ImageSourceError(
-            image_id=self.image_id,
-            reason="Glance's record of it is malformed: %s is %s, %s; "
-                   "check the image (or the Glance serving it)"
-                   % (key, glance_errors.printable(self._image.get(key)),
-                      problem))
-
-    def text(self, key, quiet=False):
-        """A string value, or None; with ``quiet`` a value of another type
-        is None too, and a long one is cut.
-        """
-        value = self._image.get(key)
-        if value is None or isinstance(value, str):
-            return value[:255] if quiet and value else value
-        if quiet:
-            return None
-        raise self.malformed(key, "not a string")
-
-    def count(self, key):
-        """A non-negative integer value, or None."""
-        value = self._image.get(key)
-        if value is None:
-            return None
-        if type(value) is not int or value < 0:
-            raise self.malformed(key, "not a number of bytes")
-        return value
-
-    def hexdigest(self, key, algo):
-        """A hex digest of ``algo``, lower-cased, or None."""
-        value = self.text(key)
-        if not value:
-            return None
-        if (len(value) != 2 * hashlib.new(algo).digest_size
-                or not set(value) <= set(string.hexdigits)):
-            raise self.malformed(key, "not a hex %s digest" % algo)
-        return value.lower()
 
 
 class _Download:
