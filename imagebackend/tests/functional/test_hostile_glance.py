@@ -234,10 +234,10 @@ def test_identity_encoding_is_asked_and_compression_refused(server, dep):
         with pytest.raises(exception.ImageSourceError) as err:
             create(dep, image_id)
 
+    assert scratch.largest <= size
     data_requests = [r for r in server.requests if r.path.endswith("/file")]
     assert data_requests[0].headers["Accept-Encoding"] == "identity"
     assert "compressed" in str(err.value) and "gzip" in str(err.value)
-    assert scratch.largest <= size
     assert dep.base_listing() == []
 
 
@@ -255,11 +255,11 @@ def test_body_longer_than_recorded_is_cut_at_the_size(server, dep, length):
         with pytest.raises(exception.ImageDownloadError) as err:
             create(dep, image_id)
 
-    assert image_id in str(err.value)
-    assert "%d bytes" % recorded in str(err.value)
     assert scratch.largest <= recorded
     # The client stopped reading: the server could not push it all.
     assert server.body_bytes_sent < 64 * MiB
+    assert image_id in str(err.value)
+    assert "%d bytes" % recorded in str(err.value)
     assert dep.base_listing() == []
 
 
@@ -273,9 +273,9 @@ def test_no_recorded_size_stops_at_max_download_size(server, dep):
         with pytest.raises(exception.ImageDownloadError) as err:
             create(dep, image_id)
 
-    assert "max_download_size" in str(err.value)
     assert scratch.largest <= 2 * MiB
     assert server.body_bytes_sent < 64 * MiB
+    assert "max_download_size" in str(err.value)
     assert dep.base_listing() == []
 
 
