@@ -100,21 +100,32 @@ def create(dep, image_id, size=GiB):
     return backend.create_image(image_id, target, size)
 
 
+# Runs argv[2:] and writes its peak RSS (KiB) to argv[1].  The command is
+# started from this small process, not from pytest: a child's ru_maxrss
+# starts at the RSS of the process it was forked from (and survives exec).
+_MEASURE = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+sys.exit(code)
+"""
+
+
 def cli_measured(dep, *argv):
     """Run the command line in a child; returns ``(exit code, stdout,
-    stderr, peak RSS in KiB)`` of that child alone.
+    stderr, peak RSS in KiB)`` of that child.
     """
     out = os.path.join(dep.root, "cli.out")
     err = os.path.join(dep.root, "cli.err")
+    rss = os.path.join(dep.root, "cli.rss")
     with open(out, "w") as fout, open(err, "w") as ferr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "imagebackend.cmd.main",
-             "--config-file", dep.config_file] + list(argv),
-            env=dep.env(), stdout=fout, stderr=ferr)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    with open(out) as fout, open(err) as ferr:
-        return proc.returncode, fout.read(), ferr.read(), usage.ru_maxrss
+        code = subprocess.call(
+            [sys.executable, "-c", _MEASURE, rss, sys.executable, "-m",
+             "imagebackend.cmd.main", "--config-file", dep.config_file]
+            + list(argv), env=dep.env(), stdout=fout, stderr=ferr)
+    with open(out) as fout, open(err) as ferr, open(rss) as frss:
+        return code, fout.read(), ferr.read(), int(frss.read())
 
 
 class ScratchWatcher:
