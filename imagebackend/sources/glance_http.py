@@ -337,10 +337,14 @@ class Client:
                     url) from exc
             except (urllib3.exceptions.HTTPError, http.client.HTTPException,
                     OSError) as exc:
+                # urllib3 wraps the socket's error in a tuple: show the
+                # words, not the nesting.
+                detail = exc.args[0] if exc.args and isinstance(
+                    exc.args[0], str) else str(exc)
                 raise glance_errors.BodyFailure(
                     "the connection to %s broke off after %d bytes (%s)"
                     % (shown, total, glance_errors.printable(
-                        str(exc), glance_errors.DETAILS_LIMIT)),
+                        detail, glance_errors.DETAILS_LIMIT)),
                     url, retryable=True) from exc
             if not data:
                 break
