@@ -268,7 +268,8 @@ class Client:
             resp.close()
         try:
             value = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
+            # RecursionError: a record nested a few thousand levels deep.
             raise glance_errors.BadResponse(
                 "%s sent a record that is not JSON (%s)"
                 % (glance_errors.url_for_humans(url),

@@ -35,6 +35,7 @@ import hashlib
 import http.server
 import json
 import socket
+import struct
 import threading
 import time
 import typing
@@ -120,8 +121,9 @@ class Answer:
     def reset(self) -> None:
         """Close the connection at once, with an RST."""
         sock = self._handler.connection
+        # Linger on, for 0 s: close() sends an RST.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                        b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                        struct.pack("ii", 1, 0))
         raise ClientGone()
 
 

@@ -566,7 +566,8 @@ def test_wrongly_typed_record_is_a_library_error(server, dep, fields, key):
     assert dep.base_listing() == []
 
 
-@pytest.mark.parametrize("body", [b"[1, 2]", b"not json\x1b[2J", b""])
+@pytest.mark.parametrize("body", [b"[1, 2]", b"not json\x1b[2J", b"",
+                                  b"[" * 200000])
 def test_record_that_is_not_a_json_object_is_refused(server, dep, body):
     def meta(answer):
         answer.start(200, [("Content-Type", "application/json"),

@@ -284,6 +284,7 @@ def test_record_is_parsed(adapter):
 @pytest.mark.parametrize("body,words", [
     (b"[1]", "not a JSON object"),
     (b"\x1b[2J not json", "not JSON"),
+    (b"[" * 200000, "not JSON"),
     (b"{" + b" " * glance_http.RECORD_LIMIT + b"}", "at most 1048576"),
 ])
 def test_bad_record_is_refused(adapter, body, words):
