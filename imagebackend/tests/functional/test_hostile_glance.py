@@ -355,7 +355,7 @@ def test_trickling_download_fails_below_the_minimum_rate(server, dep):
 
     def trickles(answer):
         answer.start(200, [("Content-Length", str(size))])
-        answer.body(hg.repeat(b"x", 60), pace=0.5)
+        answer.body(hg.repeat(b"x", 60), pace=1.0)    # 1 byte/s
     image_id = server.image(data=trickles, size=size, checksum=md5,
                             os_hash_algo="sha512", os_hash_value=sha512)
 
