@@ -79,9 +79,10 @@ _GLANCE_OPTS = [
                     "reading a record or image data) before it fails. A "
                     "stall before the answer is retried like a connection "
                     "error (see num_retries); a stall in the image data "
-                    "fails the download, naming this option. The session "
-                    "option timeout, when set, bounds the connection only. "
-                    "Default: 60."),
+                    "fails the download, naming this option. For these "
+                    "reads the session option timeout, when set, bounds "
+                    "only the time to connect (uploads still use it as "
+                    "keystoneauth does). Default: 60."),
     cfg.IntOpt("min_download_rate",
                default=1024,
                min=0,
@@ -117,8 +118,9 @@ _GLANCE_OPTS = [
                      "this host's hashlib lacks and that has no md5 "
                      "checksum either. Such an image is refused by default, "
                      "since a corrupted or tampered download would be "
-                     "cached as it is; allowing it logs a warning for each "
-                     "download. (An image with only Glance's legacy md5 "
+                     "cached as it is; allowing it logs a warning each "
+                     "time its record is read. (An image with only "
+                     "Glance's legacy md5 "
                      "checksum is verified against it.) Default: false."),
 ]
 
