@@ -508,6 +508,10 @@ def download(c: "cache.ImageCache", meta, part: str,
                     _close_all(hashing, writing, quiet=True)
                     raise
                 _close_all(hashing, writing)
+        except exception.ImageBackendException:
+            # The source's own errors (ImageDownloadError is an OSError)
+            # already name the image and what failed.
+            raise
         except OSError as exc:
             raise exception.ImageDownloadError(
                 image_id=meta.image_id, source=meta.source,

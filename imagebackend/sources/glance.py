@@ -2,21 +2,26 @@
 
 The source finds Glance in the Keystone catalog (or at ``[glance]
 endpoint_override`` / ``api_servers``), reads an image's record and streams
-its bytes with python-glanceclient's v2 HTTP client.  It yields the body as
-it arrives and verifies nothing itself: the pipeline hashes the bytes once,
-while writing them, against the hash Glance recorded (:class:`ImageMeta`).
+its bytes through its keystoneauth1 adapter, with the bounds of
+:mod:`imagebackend.sources.glance_http` (records and error bodies read up to
+a small size, data streamed whatever its headers say and only up to the size
+Glance recorded, stall and minimum-rate timeouts, redirects followed only
+to http(s), the token only to Glance's own origin).  It yields the body as
+it arrives and hashes nothing itself: the pipeline hashes the bytes once,
+while writing them, against the hash Glance recorded (:class:`ImageMeta`);
+an image with no hash this host can check is refused unless ``[glance]
+allow_unverified_images`` is set.  Uploads go through python-glanceclient.
 
 Connection failures and 5xx answers are retried ``[glance] num_retries``
 times with exponential backoff, moving through ``api_servers`` in turn;
 4xx answers are not retried.  Every glanceclient, keystoneauth1 and
 requests error becomes an :mod:`imagebackend.exception` error naming the
-image and the fix.
+image and the fix, and text Glance sent is escaped and bounded before it
+reaches a message or a log line.
 """
 
 import copy
-import hashlib
 import logging
-import re
 import time
 import typing
 
@@ -27,11 +32,14 @@ from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import loading as ks_loading
 from keystoneauth1 import session as ks_session
 from oslo_config import cfg
+from oslo_utils import units
 import requests
 
 from imagebackend import exception
 from imagebackend.sources import base
 from imagebackend.sources import glance_errors
+from imagebackend.sources import glance_http
+from imagebackend.sources import glance_record
 from imagebackend.sources import glance_upload
 
 LOG = logging.getLogger(__name__)
@@ -63,6 +71,57 @@ _GLANCE_OPTS = [
                     "nothing is cached. keystoneauth's own connect_retries "
                     "and status_code_retries, if set, apply inside each "
                     "attempt. Default: 3."),
+    cfg.IntOpt("stall_timeout",
+               default=60,
+               min=1,
+               help="Seconds a request to Glance may go without receiving "
+                    "a byte (while connecting, waiting for the answer or "
+                    "reading a record or image data) before it fails. A "
+                    "stall before the answer is retried like a connection "
+                    "error (see num_retries); a stall in the image data "
+                    "fails the download, naming this option. For these "
+                    "reads the session option timeout, when set, bounds "
+                    "only the time to connect (uploads still use it as "
+                    "keystoneauth does). Default: 60."),
+    cfg.IntOpt("min_download_rate",
+               default=1024,
+               min=0,
+               help="The fewest bytes per second a body from Glance (image "
+                    "data or a record) must average over each "
+                    "download_rate_window seconds; a slower transfer fails, "
+                    "naming this option, so that a trickling server cannot "
+                    "hold a download (and the image's lock) for as long as "
+                    "it likes. 0 turns the check off (stall_timeout still "
+                    "applies). Default: 1024 (1 KiB/s)."),
+    cfg.IntOpt("download_rate_window",
+               default=60,
+               min=1,
+               help="The seconds over which min_download_rate is averaged: "
+                    "a slow start or a pause shorter than this (and than "
+                    "stall_timeout) is tolerated. Default: 60."),
+    cfg.IntOpt("max_download_size",
+               default=units.Ti,
+               min=1,
+               help="The most bytes an image download from Glance may "
+                    "yield. An image whose recorded size is larger is "
+                    "refused before the download; for an image with no "
+                    "recorded size the download stops, and fails, at this "
+                    "many bytes (an image with a recorded size stops at "
+                    "that size). Keep it at least [imagebackend] "
+                    "max_image_virtual_size for raw images. Default: "
+                    "1099511627776 (1 TiB)."),
+    cfg.BoolOpt("allow_unverified_images",
+                default=False,
+                help="Whether to use an image whose bytes cannot be checked "
+                     "against a hash Glance recorded: one with no "
+                     "os_hash_value and no checksum, or whose os_hash_algo "
+                     "this host's hashlib lacks and that has no md5 "
+                     "checksum either. Such an image is refused by default, "
+                     "since a corrupted or tampered download would be "
+                     "cached as it is; allowing it logs a warning each "
+                     "time its record is read. (An image with only "
+                     "Glance's legacy md5 "
+                     "checksum is verified against it.) Default: false."),
 ]
 
 
@@ -133,6 +192,12 @@ class GlanceSource(base.ImageSource):
         self._sleep = sleep
         self._adapter, self.credential = self._load_adapter(session, adapter)
         self._clients = {}
+        group = conf.glance
+        self._http = glance_http.Client(self._adapter, glance_http.Limits(
+            stall_timeout=group.stall_timeout,
+            min_rate=group.min_download_rate,
+            rate_window=group.download_rate_window,
+            connect_timeout=group.timeout))
 
     @classmethod
     def register_opts(cls, conf: cfg.ConfigOpts) -> None:
@@ -205,7 +270,9 @@ class GlanceSource(base.ImageSource):
     # --- requests with retries --------------------------------------------
 
     def _call(self, image_id, action, func, retry_server_errors=True):
-        """``func(client)`` with retries; errors become the library's."""
+        """``func(endpoint)`` with retries, ``endpoint`` being the Glance
+        URL to use (``None``: the adapter's); errors become the library's.
+        """
         endpoints = self._endpoints()
         attempts = self.conf.glance.num_retries + 1
         for attempt in range(1, attempts + 1):
@@ -213,10 +280,11 @@ class GlanceSource(base.ImageSource):
             where = ("glance at %s" % endpoint) if endpoint else (
                 self.describe())
             try:
-                return func(self._client(endpoint))
+                return func(endpoint)
             except (glance_exc.BaseException, glance_exc.ClientException,
                     ks_exc.ClientException,
-                    requests.exceptions.RequestException) as exc:
+                    requests.exceptions.RequestException,
+                    glance_errors.HTTPFailure) as exc:
                 error = glance_errors.translate(
                     exc, image_id=image_id, where=where,
                     credential=self.credential,
@@ -238,6 +306,13 @@ class GlanceSource(base.ImageSource):
                             attempts, error.reason, delay)
                 self._sleep(delay)
 
+    def _call_client(self, image_id, action, func,
+                     retry_server_errors=True):
+        """``func(glanceclient_client)`` with :meth:`_call`'s retries."""
+        return self._call(image_id, action,
+                          lambda endpoint: func(self._client(endpoint)),
+                          retry_server_errors=retry_server_errors)
+
     # --- the source contract ----------------------------------------------
 
     def get_meta(self, image_id: str) -> base.ImageMeta:
@@ -250,85 +325,109 @@ class GlanceSource(base.ImageSource):
         :raises imagebackend.exception.ImageNotActive: the image is not
             ``active`` (still uploading, deactivated, deleted, ...).
         :raises imagebackend.exception.ImageUnsupported: its container
-            format is not ``bare``.
+            format is not ``bare``, it is empty or larger than ``[glance]
+            max_download_size``, or Glance records no hash this host can
+            check (unless ``[glance] allow_unverified_images``).
+        :raises imagebackend.exception.ImageSourceError: Glance's record
+            is malformed (too long, not JSON, values of the wrong type).
         :raises imagebackend.exception.ImageSourceUnavailable: Glance or
             Keystone did not answer after ``[glance] num_retries``.
         """
         _check_id(image_id)
-        image = dict(self._call(image_id, "read the image record",
-                                lambda c: c.images.get(image_id)))
-        status = image.get("status")
-        if status != "active":
-            raise exception.ImageNotActive(image_id=image_id, status=status)
-        container = image.get("container_format")
-        if container != "bare":
-            raise exception.ImageUnsupported(
-                image_id=image_id,
-                reason="its container_format is %r; only 'bare' images (a "
-                       "disk image with no container around it) can be "
-                       "used. Unpack the disk and upload it as a new image "
-                       "with container_format 'bare'." % container)
-        hash_algo = image.get("os_hash_algo")
-        hash_value = image.get("os_hash_value")
-        if hash_algo and hash_value and not _hash_known(hash_algo):
-            LOG.warning("Image %s: Glance hashed it with %s, which this "
-                        "host's hashlib lacks; verifying the md5 checksum "
-                        "instead", image_id, hash_algo)
-            hash_algo = hash_value = None
-        content = hash_value or image.get("checksum") or "size=%s" % (
-            image.get("size"),)
-        return base.ImageMeta(
-            image_id=image_id,
-            source=self.describe(),
-            disk_format=image.get("disk_format"),
-            size=image.get("size"),
-            virtual_size=image.get("virtual_size"),
-            checksum=image.get("checksum"),
-            hash_algo=hash_algo if hash_value else None,
-            hash_value=hash_value if hash_algo else None,
-            identity="%s,updated_at=%s" % (content, image.get("updated_at")),
-            extra={key: image.get(key) for key in (
-                "name", "owner", "visibility", "updated_at",
-                "os_hash_algo")},
-        )
+        image = self._call(
+            image_id, "read the image record",
+            lambda endpoint: self._http.get_json(
+                endpoint, "/v2/images/%s" % image_id))
+        return glance_record.image_meta(
+            image_id, image, source=self.describe(),
+            max_download_size=self.conf.glance.max_download_size,
+            allow_unverified=self.conf.glance.allow_unverified_images)
 
     def open(self, meta: base.ImageMeta) -> typing.Iterator[bytes]:
         """Start the download; the returned iterator yields the body in
-        chunks of up to :attr:`chunk_size` bytes as they arrive.
+        chunks of up to :attr:`chunk_size` bytes as they arrive, and stops
+        with an error as soon as Glance sends more than it recorded (or,
+        with no recorded size, more than ``[glance] max_download_size``).
 
         Closing the iterator early closes the HTTP connection.
 
         :raises imagebackend.exception.ImageNotFound: the image is gone.
         :raises imagebackend.exception.ImageNotAuthorized: as in get_meta.
+        :raises imagebackend.exception.ImageSourceError: Glance's answer is
+            not the image's data (a redirect loop or to another scheme, a
+            compressed body, another status than 200).
         :raises imagebackend.exception.ImageSourceUnavailable: no answer
             after ``[glance] num_retries``.
-        :raises imagebackend.exception.ImageDownloadError: (while
-            iterating) the transfer broke off.
+        :raises imagebackend.exception.ImageDownloadError: Glance holds no
+            data, announces another size than it recorded, or (while
+            iterating) the transfer broke off, stalled, was too slow or
+            too long.
         """
         _check_id(meta.image_id)
-        url = "/v2/images/%s/file" % meta.image_id
-        # The HTTP client under glanceclient's images.data(): that one
-        # would fetch the record again to check a hash the pipeline
-        # already checks, and hides the response it would need to close.
-        resp, _body = self._call(meta.image_id, "start the download",
-                                 lambda c: c.http_client.get(url))
-        if resp.status_code == 204:
-            resp.close()
-            raise exception.ImageDownloadError(
-                image_id=meta.image_id, source=meta.source,
-                reason="Glance holds no data for it")
-        return self._stream(resp, meta)
-
-    def _stream(self, resp, meta):
+        path = "/v2/images/%s/file" % meta.image_id
+        resp = self._call(meta.image_id, "start the download",
+                          lambda endpoint: self._http.get(
+                              endpoint, path, "application/octet-stream"))
         try:
-            yield from resp.iter_content(chunk_size=self.chunk_size)
-        except (requests.exceptions.RequestException, OSError) as exc:
+            limit, what = self._download_limit(meta, resp)
+        except BaseException:
+            resp.close()
+            raise
+        return _Download(resp, self._stream(resp, meta, limit, what))
+
+    def _download_limit(self, meta, resp):
+        """The most bytes the body may have, and that bound in words."""
+        url = glance_errors.url_for_humans(resp.url)
+        if resp.status_code == 204:
             raise exception.ImageDownloadError(
-                image_id=meta.image_id, source=meta.source,
-                reason="the connection to Glance broke off (%s)" % exc
-            ) from exc
+                image_id=meta.image_id, source=url,
+                reason="Glance holds no data for it")
+        if meta.size is not None:
+            limit = meta.size
+            what = "the %d bytes Glance recorded for the image" % limit
+        else:
+            limit = self.conf.glance.max_download_size
+            what = ("[glance] max_download_size (%d bytes), for an image "
+                    "with no recorded size" % limit)
+        length = resp.headers.get("Content-Length")
+        if length is not None:
+            length = length.strip()
+            if not length.isdigit() or (
+                    meta.size is not None and int(length) != meta.size) or (
+                    int(length) > limit):
+                raise exception.ImageDownloadError(
+                    image_id=meta.image_id, source=url,
+                    reason="Glance announces a body of %s bytes "
+                           "(Content-Length), but the image may have at "
+                           "most %s" % (glance_errors.printable(length),
+                                        what))
+        return limit, what
+
+    def _stream(self, resp, meta, limit, what):
+        url = resp.url
+        done = 0
+        try:
+            for chunk in self._http.chunks(resp, url, limit,
+                                           self.chunk_size, what):
+                done += len(chunk)
+                yield chunk
+        except glance_errors.BodyFailure as exc:
+            raise exception.ImageDownloadError(
+                image_id=meta.image_id, source=self.describe(),
+                reason=exc.reason) from exc
         finally:
             resp.close()
+        shown = glance_errors.url_for_humans(url)
+        if done == 0:
+            raise exception.ImageDownloadError(
+                image_id=meta.image_id, source=self.describe(),
+                reason="%s sent no data (0 bytes); an empty image cannot "
+                       "be a disk" % shown)
+        if meta.size is not None and done < meta.size:
+            raise exception.ImageDownloadError(
+                image_id=meta.image_id, source=self.describe(),
+                reason="%s ended the body after %d of the %d bytes Glance "
+                       "recorded" % (shown, done, meta.size))
 
     # --- upload -----------------------------------------------------------
 
@@ -349,24 +448,35 @@ class GlanceSource(base.ImageSource):
             read, Glance refused the image, or the upload failed (the
             half-made image is then deleted).
         """
-        return glance_upload.upload(self._call, name, path, disk_format,
-                                    container_format, progress)
-
-
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$")
+        return glance_upload.upload(self._call_client, name, path,
+                                    disk_format, container_format, progress)
 
 
 def _check_id(image_id: str) -> None:
-    if not isinstance(image_id, str) or not _UUID_RE.match(image_id):
+    if not glance_errors.is_image_id(image_id):
         raise exception.InvalidImageId(
-            image_id=image_id,
+            # Shown with %r, which escapes; only the length needs a bound.
+            image_id=image_id[:100] if isinstance(image_id, str)
+            else image_id,
             reason="Glance image ids are UUIDs such as "
                    "'1b2c3d4e-0000-4000-8000-123456789abc'")
 
 
-def _hash_known(algo: str) -> bool:
-    try:
-        hashlib.new(algo)
-    except (ValueError, TypeError):
-        return False
-    return True
+class _Download:
+    """The iterator :meth:`GlanceSource.open` returns: its ``close()``
+    closes the response even before the first chunk was asked for.
+    """
+
+    def __init__(self, resp, chunks) -> None:
+        self._resp = resp
+        self._chunks = chunks
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self._resp.close()

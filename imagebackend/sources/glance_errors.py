@@ -6,10 +6,17 @@ another attempt (:class:`Retryable`) or which
 :mod:`imagebackend.exception` error the caller sees.  Messages name the
 credential that failed (:func:`describe_conf_auth`,
 :func:`describe_plugin`) so an operator knows which option to fix.
+
+The Glance HTTP layer (:mod:`imagebackend.sources.glance_http`) raises the
+:class:`HTTPFailure` family defined here; :func:`translate` turns those
+into the library's errors too.  Text Glance sent (error bodies, statuses,
+URLs) goes through :func:`printable` before it reaches a message or a log
+line: control characters are escaped and the length is bounded.
 """
 
 import dataclasses
 import re
+import urllib.parse
 
 from glanceclient import exc as glance_exc
 from keystoneauth1 import exceptions as ks_exc
@@ -21,6 +28,131 @@ from imagebackend import exception
 _PASSWORD_PLUGINS = ("password", "v3password", "v2password")
 _TOKEN_PLUGINS = ("token", "v3token", "v2token", "admin_token")
 _LEADING_STATUS = re.compile(r"^\s*([1-5][0-9][0-9])\b")
+
+#: how much server-provided text a message shows, in characters.
+TEXT_LIMIT = 200
+#: how much of an error body a message shows, in characters.
+DETAILS_LIMIT = 1024
+
+
+def printable(value, limit: int = TEXT_LIMIT) -> str:
+    """Server- or tenant-provided text, safe for a message or a log line.
+
+    Characters that are not printable (control characters, escape
+    sequences, line and paragraph separators) are shown as ``\\xNN`` (or
+    ``\\uNNNN``), backslashes are doubled, and the result is cut to about
+    ``limit`` characters.  A value that is not a string is shown as its
+    ``repr``, escaped the same way.
+
+    (A local helper: the library's general one is being added to
+    :mod:`imagebackend.exception`; this one is meant to merge into it.)
+    """
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    elif not isinstance(value, str):
+        value = repr(value)
+    # Never escape more than can be shown.
+    value = value[:limit + 1]
+    out = []
+    for char in value:
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isprintable():
+            out.append(char)
+        elif ord(char) < 0x100:
+            out.append("\\x%02x" % ord(char))
+        else:
+            out.append("\\u%04x" % ord(char) if ord(char) < 0x10000
+                       else "\\U%08x" % ord(char))
+    text = "".join(out)
+    if len(value) > limit or len(text) > limit:
+        text = text[:limit] + "..."
+    return text
+
+
+def url_for_humans(url) -> str:
+    """A URL for messages: scheme, host, port and path only (a query may
+    hold a signature or a token), escaped and bounded.
+    """
+    try:
+        parts = urllib.parse.urlsplit(str(url))
+        shown = urllib.parse.urlunsplit(
+            (parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "",
+             ""))
+    except ValueError:
+        shown = str(url)
+    return printable(shown)
+
+
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def is_image_id(value) -> bool:
+    """Whether ``value`` is a Glance image id (a UUID, nothing around it:
+    not even the newline a ``$`` would let through).
+    """
+    return isinstance(value, str) and bool(_UUID_RE.fullmatch(value))
+
+
+class HTTPFailure(Exception):
+    """A request to Glance failed in a way the HTTP layer noticed.
+
+    :param reason: what went wrong, in words (already escaped).
+    :param url: the URL of the request, for messages.
+    """
+
+    #: whether another attempt may get past it.
+    retryable = False
+
+    def __init__(self, reason: str, url: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.url = url
+
+
+class Unreachable(HTTPFailure):
+    """No answer: the connection failed or timed out."""
+
+    retryable = True
+
+
+class TLSFailed(HTTPFailure):
+    """The TLS handshake with Glance failed."""
+
+
+class BadResponse(HTTPFailure):
+    """An answer that is not what was asked for (a redirect loop, a
+    redirect to another scheme, a compressed or oversized body, a record
+    that is not JSON, ...).
+    """
+
+
+class HTTPStatus(HTTPFailure):
+    """Glance answered with an error status.
+
+    :param code: the HTTP status.
+    :param details: the start of the error body, escaped and bounded.
+    """
+
+    def __init__(self, code: int, details: str, url: str | None = None):
+        super().__init__("HTTP %d: %s" % (code, details), url)
+        self.code = code
+        self.details = details
+
+
+class BodyFailure(HTTPFailure):
+    """Reading a body failed part-way (it broke off, stalled, was too slow
+    or too long).  ``retryable`` when the connection broke off.
+
+    :param too_long: the body went past the bound it was read with.
+    """
+
+    def __init__(self, reason: str, url: str | None = None,
+                 retryable: bool = False, too_long: bool = False) -> None:
+        super().__init__(reason, url)
+        self.retryable = retryable
+        #: the body went past the bound it was read with.
+        self.too_long = too_long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,21 +233,38 @@ def translate(exc: Exception, *, image_id: str, where: str,
         attempt (not for requests that may have changed something).
     :returns: a :class:`Retryable`, or the exception to raise.
     """
+    if isinstance(exc, HTTPStatus):
+        return _glance_status(exc.code, exc.details, image_id, where,
+                              credential, retry_server_errors)
+    if isinstance(exc, TLSFailed):
+        return exception.ImageSourceError(
+            image_id=image_id,
+            reason="TLS with %s failed (%s); set [glance] cafile (or "
+                   "certfile and keyfile) to match the server's "
+                   "certificate" % (where, exc.reason))
+    if isinstance(exc, HTTPFailure):
+        if exc.retryable:
+            return Retryable(exc.reason)
+        return exception.ImageSourceError(image_id=image_id,
+                                          reason=exc.reason)
     if isinstance(exc, glance_exc.HTTPException):
-        return _glance_http(exc, image_id, where, credential,
-                            retry_server_errors)
+        return _glance_status(_status(exc), printable(exc.details,
+                                                      DETAILS_LIMIT),
+                              image_id, where, credential,
+                              retry_server_errors)
     if isinstance(exc, (glance_exc.CommunicationError,
                         glance_exc.InvalidEndpoint)):
-        return Retryable("cannot connect (%s)" % exc)
+        return Retryable("cannot connect (%s)" % _said(exc))
     if isinstance(exc, ks_exc.SSLError):
         return exception.ImageSourceError(
             image_id=image_id,
             reason="TLS failed (%s); set [glance] cafile (or certfile and "
-                   "keyfile) to match the server's certificate" % exc)
+                   "keyfile) to match the server's certificate"
+                   % _said(exc))
     if isinstance(exc, (ks_exc.ConnectionError, ks_exc.DiscoveryFailure)):
         # glanceclient wraps failures to reach Glance: this one happened
         # while authenticating.
-        return Retryable("cannot reach Keystone (%s)" % exc,
+        return Retryable("cannot reach Keystone (%s)" % _said(exc),
                          source="Keystone")
     if isinstance(exc, ks_exc.HttpError):
         return _keystone_http(exc, image_id, credential)
@@ -125,17 +274,25 @@ def translate(exc: Exception, *, image_id: str, where: str,
             reason="the Keystone catalog offers no Glance endpoint to %s "
                    "(%s); set [glance] service_type, valid_interfaces and "
                    "region_name to match the catalog, or endpoint_override"
-                   % (credential, exc))
+                   % (credential, _said(exc)))
     if isinstance(exc, ks_exc.AuthPluginException):
         return exception.ConfigurationError(
             reason="[glance] credentials are incomplete or wrong (%s)"
-                   % exc)
+                   % _said(exc))
     if isinstance(exc, requests.exceptions.ConnectionError):
-        return Retryable("connection to %s failed (%s)" % (where, exc))
+        return Retryable("connection to %s failed (%s)"
+                         % (where, _said(exc)))
     return exception.ImageSourceError(
         image_id=image_id,
         reason="request to %s failed: %s: %s" % (
-            where, type(exc).__name__, exc))
+            where, type(exc).__name__, _said(exc)))
+
+
+def _said(exc) -> str:
+    """A third-party error's text (which may quote a server), escaped and
+    bounded.
+    """
+    return printable(str(exc), DETAILS_LIMIT)
 
 
 def _status(exc):
@@ -151,8 +308,9 @@ def _status(exc):
     return int(match.group(1)) if match else None
 
 
-def _glance_http(exc, image_id, where, credential, retry_server_errors):
-    code = _status(exc)
+def _glance_status(code, details, image_id, where, credential,
+                   retry_server_errors):
+    """An error status from Glance; ``details`` is already escaped."""
     if code == 404:
         return exception.ImageNotFound(
             image_id=image_id, source=where,
@@ -165,36 +323,38 @@ def _glance_http(exc, image_id, where, credential, retry_server_errors):
                    "%s). Its token is missing, expired or revoked; check "
                    "that credential, and that Glance's own "
                    "[keystone_authtoken] points at the same Keystone"
-                   % (credential, exc.details))
+                   % (credential, details))
     if code == 403:
         return exception.ImageNotAuthorized(
             image_id=image_id, source=where,
             reason="%s may not use this image (HTTP 403: %s); share the "
                    "image with that project or use a credential of the "
-                   "owning project" % (credential, exc.details))
+                   "owning project" % (credential, details))
     if code is None or code >= 500 or code == 429:
-        reason = "Glance answered HTTP %s (%s)" % (code, exc.details)
+        reason = "Glance answered HTTP %s (%s)" % (code, details)
         if retry_server_errors:
             return Retryable(reason)
         return exception.ImageSourceError(image_id=image_id, reason=reason)
     return exception.ImageSourceError(
         image_id=image_id,
         reason="%s refused the request with HTTP %s: %s" % (
-            where, code, exc.details))
+            where, code, details))
 
 
 def _keystone_http(exc, image_id, credential):
     """An HTTP error from Keystone while authenticating."""
     status = exc.http_status
     if status is not None and status >= 500:
-        return Retryable("Keystone answered HTTP %s (%s)" % (status, exc))
+        return Retryable("Keystone answered HTTP %s (%s)" % (status,
+                                                             _said(exc)))
     if status in (401, 403, 404):
         return exception.ImageNotAuthorized(
             image_id=image_id, source="Keystone",
             reason="Keystone refused %s (HTTP %s: %s); fix that credential "
                    "in the [glance] options (or the session the caller "
-                   "passed in)" % (credential, status, exc.message))
+                   "passed in)" % (credential, status,
+                                   _said(exc.message)))
     return exception.ImageSourceError(
         image_id=image_id,
         reason="Keystone refused to authenticate %s (HTTP %s: %s)" % (
-            credential, status, exc.message))
+            credential, status, _said(exc.message)))

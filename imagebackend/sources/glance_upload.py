@@ -12,6 +12,7 @@ import os
 import typing
 
 from imagebackend import exception
+from imagebackend.sources import glance_errors
 
 LOG = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def upload(call: Call, name: str, path: str, disk_format: str,
                                        disk_format=disk_format,
                                        container_format=container_format),
                      retry_server_errors=False)
-        image_id = image["id"]
+        image_id = _new_id(image, label)
         reader = _UploadReader(src, size, progress)
         try:
             call(image_id, "upload the image data",
@@ -65,6 +66,25 @@ def upload(call: Call, name: str, path: str, disk_format: str,
     return image_id
 
 
+def _new_id(image, label):
+    """The id Glance gave the new image, if it is one."""
+    try:
+        image_id = image["id"]
+    except (KeyError, TypeError, IndexError) as exc:
+        raise exception.ImageSourceError(
+            image_id=label,
+            reason="Glance's answer to creating it names no image id"
+        ) from exc
+    if not glance_errors.is_image_id(image_id):
+        # It would go into URLs (and messages) from here on.
+        raise exception.ImageSourceError(
+            image_id=label,
+            reason="Glance answered an image id that is not a UUID: %s; "
+                   "check the Glance serving it"
+                   % glance_errors.printable(image_id))
+    return image_id
+
+
 def _create(client, label, **fields):
     try:
         return client.images.create(**fields)
@@ -73,18 +93,28 @@ def _create(client, label, **fields):
         raise exception.ImageSourceError(
             image_id=label,
             reason="Glance does not accept the image: %s"
-                   % str(exc).splitlines()[0]) from exc
+                   % glance_errors.printable(
+                       (str(exc).splitlines() or [""])[0],
+                       glance_errors.DETAILS_LIMIT)) from exc
 
 
 def _check_uploaded(call, image_id, reader):
-    image = dict(call(image_id, "read the uploaded image",
-                      lambda c: c.images.get(image_id)))
+    image = call(image_id, "read the uploaded image",
+                 lambda c: c.images.get(image_id))
+    try:
+        image = dict(image)
+    except (TypeError, ValueError) as exc:
+        raise exception.ImageSourceError(
+            image_id=image_id,
+            reason="Glance's record of the upload is not an object: %s"
+                   % glance_errors.printable(image)) from exc
     problem = None
     if image.get("status") != "active":
-        problem = "it is %s, not active" % image.get("status")
+        problem = "it is %s, not active" % glance_errors.printable(
+            image.get("status"))
     elif image.get("size") != reader.sent:
         problem = "Glance stored %s bytes of the %d sent" % (
-            image.get("size"), reader.sent)
+            glance_errors.printable(image.get("size")), reader.sent)
     elif (image.get("os_hash_algo") == reader.algo
           and image.get("os_hash_value") != reader.hexdigest()):
         problem = "Glance's %s differs from the bytes sent" % reader.algo

@@ -1,9 +1,10 @@
-"""The Glance source with glanceclient replaced at its boundary.
+"""The Glance source with its HTTP boundaries replaced.
 
-``glanceclient.client.Client`` is patched (autospec) to hand out a client
-whose image controller and HTTP client are autospecced mocks, so these
-tests cover retries, backoff, endpoint rotation and error mapping without
-a network.
+Records and data go through :class:`imagebackend.sources.glance_http.Client`,
+patched here (autospec) so that these tests cover retries, backoff,
+endpoint rotation, record checks and error mapping without a network (the
+client itself is tested in test_glance_http.py); uploads go through
+``glanceclient.client.Client``, patched the same way.
 """
 
 import hashlib
@@ -22,6 +23,8 @@ import requests
 from imagebackend import exception
 from imagebackend.sources import base
 from imagebackend.sources import glance
+from imagebackend.sources import glance_errors
+from imagebackend.sources import glance_http
 
 IMAGE_ID = "0b4d8a0e-5bd3-4a6c-9c1f-6f3a0d2b7e11"
 DATA = b"imagebackend test image " * 1000
@@ -60,10 +63,11 @@ def new_client():
     return client
 
 
-def response(chunks, status=200):
+def response(status=200, headers=None, url="http://glance.test:9292/v2/x"):
     resp = mock.create_autospec(requests.Response, instance=True)
     resp.status_code = status
-    resp.iter_content.return_value = iter(chunks)
+    resp.headers = requests.structures.CaseInsensitiveDict(headers or {})
+    resp.url = url
     return resp
 
 
@@ -77,8 +81,8 @@ class Sleep:
 
 @pytest.fixture
 def clients():
-    """Patch glanceclient's Client: one fake client per endpoint override
-    (``clients[None]`` is the catalog's).
+    """Patch glanceclient's Client (used for uploads): one fake client per
+    endpoint override (``clients[None]`` is the catalog's).
     """
     made = {}
 
@@ -94,12 +98,24 @@ def clients():
 
 
 @pytest.fixture
+def http():
+    """Patch the Glance HTTP client; ``http.get_json`` answers records,
+    ``http.get`` starts downloads, ``http.chunks`` yields bodies.
+    """
+    with mock.patch.object(glance.glance_http, "Client",
+                           autospec=True) as patched:
+        instance = patched.return_value
+        instance.get_json.return_value = image_record()
+        yield instance
+
+
+@pytest.fixture
 def sleep():
     return Sleep()
 
 
 @pytest.fixture
-def make_source(tmp_path, clients, sleep):
+def make_source(tmp_path, clients, http, sleep):
     def make(values=None, **kwargs):
         values = dict(PASSWORD_AUTH if values is None else values)
         path = tmp_path / "imagebackend.conf"
@@ -114,21 +130,24 @@ def make_source(tmp_path, clients, sleep):
 
 
 def catalog_client(clients, make_source):
-    """A source finding Glance in the catalog, and the fake client it will
-    use (made on first use).
+    """A source finding Glance in the catalog, and the fake glanceclient
+    client it will use for uploads (made on first use).
     """
     return make_source(), clients.setdefault(None, new_client())
 
 
+def endpoints_asked(http):
+    return [c.args[0] for c in http.get_json.call_args_list]
+
+
 # --- metadata ---------------------------------------------------------------
 
-def test_get_meta_describes_the_image(clients, make_source):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.return_value = image_record()
+def test_get_meta_describes_the_image(http, make_source):
+    source = make_source()
 
     meta = source.get_meta(IMAGE_ID)
 
-    client.images.get.assert_called_once_with(IMAGE_ID)
+    http.get_json.assert_called_once_with(None, "/v2/images/%s" % IMAGE_ID)
     assert meta.image_id == IMAGE_ID
     assert meta.disk_format == "qcow2"
     assert meta.size == len(DATA)
@@ -139,111 +158,207 @@ def test_get_meta_describes_the_image(clients, make_source):
     assert meta.identity == "%s,updated_at=2026-11-01T10:00:00Z" % (
         hashlib.sha512(DATA).hexdigest())
     assert meta.source.startswith("glance")
+    assert meta.extra["name"] == "guest"
 
 
-def test_identity_changes_when_the_image_is_updated(clients, make_source):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.side_effect = [
+def test_identity_changes_when_the_image_is_updated(http, make_source):
+    source = make_source()
+    http.get_json.side_effect = [
         image_record(), image_record(updated_at="2026-11-02T10:00:00Z")]
 
     assert (source.get_meta(IMAGE_ID).identity
             != source.get_meta(IMAGE_ID).identity)
 
 
-def test_hash_unknown_to_hashlib_falls_back_to_md5(clients, make_source):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.return_value = image_record(os_hash_algo="whirl-99")
+def test_hash_unknown_to_hashlib_falls_back_to_md5(http, make_source):
+    http.get_json.return_value = image_record(os_hash_algo="whirl-99")
 
-    meta = source.get_meta(IMAGE_ID)
+    meta = make_source().get_meta(IMAGE_ID)
 
     assert meta.expected_digest() == ("md5", hashlib.md5(DATA).hexdigest())
 
 
-@pytest.mark.parametrize("status", ["queued", "saving", "deactivated",
-                                    "killed", "deleted"])
-def test_inactive_image_is_refused(clients, make_source, status):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.return_value = image_record(status=status)
+def test_md5_alone_is_glances_legacy_checksum(http, make_source):
+    http.get_json.return_value = image_record(os_hash_algo=None,
+                                              os_hash_value=None)
+
+    meta = make_source().get_meta(IMAGE_ID)
+
+    assert meta.expected_digest() == ("md5", hashlib.md5(DATA).hexdigest())
+
+
+@pytest.mark.parametrize("fields,named", [
+    ({"os_hash_algo": "whirl-99", "checksum": None}, "whirl-99"),
+    ({"os_hash_algo": "shake_128", "checksum": None}, "shake_128"),
+    ({"os_hash_algo": None, "os_hash_value": None, "checksum": None},
+     "neither os_hash_value nor checksum"),
+    ({"os_hash_value": None, "checksum": None}, "os_hash_algo sha512"),
+])
+def test_unverifiable_image_is_refused(http, make_source, fields, named):
+    http.get_json.return_value = image_record(**fields)
+
+    with pytest.raises(exception.ImageUnsupported) as err:
+        make_source().get_meta(IMAGE_ID)
+
+    assert named in str(err.value)
+    assert "allow_unverified_images" in str(err.value)
+
+
+def test_unverifiable_image_is_allowed_by_the_option(http, make_source):
+    http.get_json.return_value = image_record(
+        os_hash_algo="whirl-99", checksum=None)
+    source = make_source(dict(PASSWORD_AUTH, allow_unverified_images=True))
+
+    meta = source.get_meta(IMAGE_ID)
+
+    assert meta.expected_digest() is None
+
+
+@pytest.mark.parametrize("fields,key", [
+    ({"size": "1000"}, "size"),
+    ({"size": True}, "size"),
+    ({"size": -1}, "size"),
+    ({"virtual_size": 1.5}, "virtual_size"),
+    ({"status": ["active"]}, "status"),
+    ({"container_format": {"a": 1}}, "container_format"),
+    ({"disk_format": 3}, "disk_format"),
+    ({"disk_format": "qcow2" * 100}, "disk_format"),
+    ({"checksum": 5}, "checksum"),
+    ({"checksum": "xyz"}, "checksum"),
+    ({"os_hash_value": "ab" * 10}, "os_hash_value"),
+    ({"os_hash_algo": ["sha512"]}, "os_hash_algo"),
+    ({"updated_at": 12}, "updated_at"),
+    ({"id": "11111111-2222-3333-4444-555555555555"}, "id"),
+])
+def test_malformed_record_is_a_library_error(http, make_source, fields,
+                                             key):
+    http.get_json.return_value = image_record(**fields)
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        make_source().get_meta(IMAGE_ID)
+
+    assert "%s is" % key in str(err.value)
+    assert IMAGE_ID in str(err.value)
+
+
+def test_record_text_is_escaped_and_bounded(http, make_source):
+    http.get_json.return_value = image_record(
+        status="killed\x1b]0;pwned\x07\n" + "z" * 5000)
 
     with pytest.raises(exception.ImageNotActive) as err:
+        make_source().get_meta(IMAGE_ID)
+
+    message = str(err.value)
+    assert "killed\\x1b]0;pwned\\x07\\x0a" in message
+    assert len(message) < 400
+    assert "\n" not in message and "\x1b" not in message
+
+
+def test_other_string_values_are_bounded_not_refused(http, make_source):
+    http.get_json.return_value = image_record(name="n" * 5000, owner=7)
+
+    meta = make_source().get_meta(IMAGE_ID)
+
+    assert meta.extra["name"] == "n" * 255
+    assert meta.extra["owner"] is None
+
+
+def test_empty_image_is_refused(http, make_source):
+    http.get_json.return_value = image_record(size=0)
+
+    with pytest.raises(exception.ImageUnsupported) as err:
+        make_source().get_meta(IMAGE_ID)
+
+    assert "0 bytes" in str(err.value)
+
+
+def test_image_above_max_download_size_is_refused(http, make_source):
+    source = make_source(dict(PASSWORD_AUTH, max_download_size=100))
+
+    with pytest.raises(exception.ImageUnsupported) as err:
         source.get_meta(IMAGE_ID)
+
+    assert "max_download_size (100 bytes)" in str(err.value)
+
+
+@pytest.mark.parametrize("status", ["queued", "saving", "deactivated",
+                                    "killed", "deleted"])
+def test_inactive_image_is_refused(http, make_source, status):
+    http.get_json.return_value = image_record(status=status)
+
+    with pytest.raises(exception.ImageNotActive) as err:
+        make_source().get_meta(IMAGE_ID)
 
     assert err.value.status == status
     assert IMAGE_ID in str(err.value)
 
 
 @pytest.mark.parametrize("container", ["ovf", "ova", "docker", None])
-def test_container_other_than_bare_is_refused(clients, make_source,
+def test_container_other_than_bare_is_refused(http, make_source,
                                               container):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.return_value = image_record(
-        container_format=container)
+    http.get_json.return_value = image_record(container_format=container)
 
     with pytest.raises(exception.ImageUnsupported) as err:
-        source.get_meta(IMAGE_ID)
+        make_source().get_meta(IMAGE_ID)
 
-    assert repr(container) in str(err.value)
+    assert str(container) in str(err.value)
     assert "'bare'" in str(err.value)
 
 
 @pytest.mark.parametrize("image_id", ["", "../../v2/schemas", "abc",
-                                      IMAGE_ID + "/file"])
-def test_malformed_id_is_refused_without_a_request(clients, make_source,
+                                      IMAGE_ID + "/file", IMAGE_ID + "\n",
+                                      "\n" + IMAGE_ID, None, 7])
+def test_malformed_id_is_refused_without_a_request(http, make_source,
                                                    image_id):
-    source, client = catalog_client(clients, make_source)
+    with pytest.raises(exception.InvalidImageId) as err:
+        make_source().get_meta(image_id)
 
-    with pytest.raises(exception.InvalidImageId):
-        source.get_meta(image_id)
-
-    client.images.get.assert_not_called()
+    http.get_json.assert_not_called()
+    assert "\n" not in str(err.value)
 
 
 # --- retries ----------------------------------------------------------------
 
 @pytest.mark.parametrize("failure", [
-    glance_exc.HTTPServiceUnavailable(),
-    glance_exc.HTTPInternalServerError(),
-    glance_exc.HTTPBadGateway(),
-    glance_exc.HTTPException(details="504 Gateway Time-out"),
-    glance_exc.CommunicationError("connection refused"),
-    glance_exc.InvalidEndpoint("connect timeout"),
+    glance_errors.HTTPStatus(503, "busy"),
+    glance_errors.HTTPStatus(500, "oops"),
+    glance_errors.HTTPStatus(504, "Gateway Time-out"),
+    glance_errors.HTTPStatus(429, "slow down"),
+    glance_errors.Unreachable("cannot connect"),
+    glance_errors.BodyFailure("broke off", retryable=True),
     ks_exc.ConnectFailure("keystone refused the connection"),
     ks_exc.DiscoveryFailure("no identity versions"),
     ks_exc.ServiceUnavailable(),
 ])
-def test_transient_failures_are_retried(clients, make_source, sleep,
-                                        failure):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.side_effect = [failure, failure, image_record()]
+def test_transient_failures_are_retried(http, make_source, sleep, failure):
+    http.get_json.side_effect = [failure, failure, image_record()]
 
-    meta = source.get_meta(IMAGE_ID)
+    meta = make_source().get_meta(IMAGE_ID)
 
     assert meta.image_id == IMAGE_ID
-    assert client.images.get.call_count == 3
+    assert http.get_json.call_count == 3
     assert sleep.delays == [0.5, 1.0]
 
 
-def test_unavailable_after_num_retries(clients, make_source, sleep):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.side_effect = glance_exc.CommunicationError(
-        "connection refused")
+def test_unavailable_after_num_retries(http, make_source, sleep):
+    failure = glance_errors.Unreachable("connection refused")
+    http.get_json.side_effect = failure
 
     with pytest.raises(exception.ImageSourceUnavailable) as err:
-        source.get_meta(IMAGE_ID)
+        make_source().get_meta(IMAGE_ID)
 
     # Default num_retries is 3: four attempts, three waits.
-    assert client.images.get.call_count == 4
+    assert http.get_json.call_count == 4
     assert err.value.attempts == 4
     assert sleep.delays == [0.5, 1.0, 2.0]
     assert "connection refused" in str(err.value)
     assert IMAGE_ID in str(err.value)
-    assert isinstance(err.value.__cause__, glance_exc.CommunicationError)
+    assert err.value.__cause__ is failure
 
 
-def test_backoff_is_capped(clients, make_source, sleep):
-    source, client = catalog_client(
-        clients, lambda: make_source(dict(PASSWORD_AUTH, num_retries=6)))
-    client.images.get.side_effect = glance_exc.HTTPServiceUnavailable()
+def test_backoff_is_capped(http, make_source, sleep):
+    source = make_source(dict(PASSWORD_AUTH, num_retries=6))
+    http.get_json.side_effect = glance_errors.HTTPStatus(503, "busy")
 
     with pytest.raises(exception.ImageSourceUnavailable):
         source.get_meta(IMAGE_ID)
@@ -251,23 +366,21 @@ def test_backoff_is_capped(clients, make_source, sleep):
     assert sleep.delays == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
 
 
-def test_zero_retries_means_one_attempt(clients, make_source, sleep):
-    source, client = catalog_client(
-        clients, lambda: make_source(dict(PASSWORD_AUTH, num_retries=0)))
-    client.images.get.side_effect = glance_exc.HTTPServiceUnavailable()
+def test_zero_retries_means_one_attempt(http, make_source, sleep):
+    source = make_source(dict(PASSWORD_AUTH, num_retries=0))
+    http.get_json.side_effect = glance_errors.HTTPStatus(503, "busy")
 
     with pytest.raises(exception.ImageSourceUnavailable) as err:
         source.get_meta(IMAGE_ID)
 
-    assert client.images.get.call_count == 1
+    assert http.get_json.call_count == 1
     assert err.value.attempts == 1
     assert sleep.delays == []
 
 
-def test_keystone_unreachable_is_named(clients, make_source):
-    source, client = catalog_client(
-        clients, lambda: make_source(dict(PASSWORD_AUTH, num_retries=0)))
-    client.images.get.side_effect = ks_exc.ConnectFailure(
+def test_keystone_unreachable_is_named(http, make_source):
+    source = make_source(dict(PASSWORD_AUTH, num_retries=0))
+    http.get_json.side_effect = ks_exc.ConnectFailure(
         "Unable to establish connection to http://keystone.test/v3")
 
     with pytest.raises(exception.ImageSourceUnavailable) as err:
@@ -276,66 +389,72 @@ def test_keystone_unreachable_is_named(clients, make_source):
     assert "Keystone is unreachable" in str(err.value)
 
 
-def test_api_servers_are_tried_in_turn(clients, make_source, sleep):
+def test_glance_unreachable_does_not_blame_keystone(http, make_source):
+    source = make_source(dict(PASSWORD_AUTH, num_retries=0))
+    http.get_json.side_effect = glance_errors.Unreachable(
+        "cannot connect to http://glance.test:9292/v2/images/x (refused)")
+
+    with pytest.raises(exception.ImageSourceUnavailable) as err:
+        source.get_meta(IMAGE_ID)
+
+    assert "Keystone is unreachable" not in str(err.value)
+    assert "glance (Keystone catalog" in str(err.value)
+    assert "http://glance.test:9292" in str(err.value)
+
+
+def test_api_servers_are_tried_in_turn(http, make_source, sleep):
     source = make_source(dict(
         PASSWORD_AUTH, api_servers="http://g1:9292,http://g2:9292"))
-    g1 = clients.setdefault("http://g1:9292", new_client())
-    g2 = clients.setdefault("http://g2:9292", new_client())
-    g1.images.get.side_effect = glance_exc.CommunicationError("g1 down")
-    g2.images.get.side_effect = [glance_exc.HTTPServiceUnavailable(),
-                                 image_record()]
+    http.get_json.side_effect = [
+        glance_errors.Unreachable("g1 down"),
+        glance_errors.HTTPStatus(503, "busy"),
+        glance_errors.Unreachable("g1 down"),
+        image_record()]
 
     meta = source.get_meta(IMAGE_ID)
 
     assert meta.image_id == IMAGE_ID
     # g1, g2 (503), g1 again, g2: each attempt moves to the next server.
-    assert g1.images.get.call_count == 2
-    assert g2.images.get.call_count == 2
+    assert endpoints_asked(http) == ["http://g1:9292", "http://g2:9292",
+                                     "http://g1:9292", "http://g2:9292"]
     assert sleep.delays == [0.5, 1.0, 2.0]
 
 
-def test_endpoint_override_wins_over_api_servers(clients, make_source):
+def test_endpoint_override_wins_over_api_servers(http, make_source):
     source = make_source(dict(PASSWORD_AUTH, api_servers="http://g1:9292",
                               endpoint_override="http://g0:9292"))
-    client = clients.setdefault("http://g0:9292", new_client())
-    client.images.get.return_value = image_record()
 
     source.get_meta(IMAGE_ID)
 
-    kwargs = clients["patched"].call_args.kwargs
-    assert kwargs["endpoint_override"] == "http://g0:9292"
-    assert "http://g1:9292" not in clients
+    # None: the adapter's own endpoint, which is the override.
+    assert endpoints_asked(http) == [None]
+    assert source._adapter.get_endpoint() == "http://g0:9292"
 
 
 # --- errors that are not retried ---------------------------------------
 
-def test_not_found(clients, make_source, sleep):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.side_effect = glance_exc.HTTPNotFound()
+def test_not_found(http, make_source, sleep):
+    http.get_json.side_effect = glance_errors.HTTPStatus(404, "not found")
 
     with pytest.raises(exception.ImageNotFound) as err:
-        source.get_meta(IMAGE_ID)
+        make_source().get_meta(IMAGE_ID)
 
-    assert client.images.get.call_count == 1
+    assert http.get_json.call_count == 1
     assert sleep.delays == []
     assert IMAGE_ID in str(err.value)
     assert "'service'" in str(err.value)  # the project that looked
 
 
-@pytest.mark.parametrize("failure,words", [
-    (glance_exc.HTTPUnauthorized(), "HTTP 401"),
-    (glance_exc.HTTPForbidden(), "HTTP 403"),
-])
-def test_glance_refusal_names_the_credential(clients, make_source, sleep,
-                                             failure, words):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.side_effect = failure
+@pytest.mark.parametrize("code", [401, 403])
+def test_glance_refusal_names_the_credential(http, make_source, sleep,
+                                             code):
+    http.get_json.side_effect = glance_errors.HTTPStatus(code, "no")
 
     with pytest.raises(exception.ImageNotAuthorized) as err:
-        source.get_meta(IMAGE_ID)
+        make_source().get_meta(IMAGE_ID)
 
     message = str(err.value)
-    assert words in message
+    assert "HTTP %d" % code in message
     assert "user 'compute'" in message and "project 'service'" in message
     assert IMAGE_ID in message
     assert sleep.delays == []
@@ -347,30 +466,28 @@ def test_glance_refusal_names_the_credential(clients, make_source, sleep,
     ks_exc.Forbidden(http_status=403),
     ks_exc.NotFound(http_status=404),
 ])
-def test_keystone_refusal_names_the_credential(clients, make_source, sleep,
+def test_keystone_refusal_names_the_credential(http, make_source, sleep,
                                                failure):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.side_effect = failure
+    http.get_json.side_effect = failure
 
     with pytest.raises(exception.ImageNotAuthorized) as err:
-        source.get_meta(IMAGE_ID)
+        make_source().get_meta(IMAGE_ID)
 
     message = str(err.value)
     assert "Keystone refused" in message
     assert "[glance] password of user 'compute'" in message
     assert "http://keystone.test/v3" in message
-    assert client.images.get.call_count == 1
+    assert http.get_json.call_count == 1
     assert sleep.delays == []
 
 
-def test_application_credential_is_named(clients, make_source):
+def test_application_credential_is_named(http, make_source):
     source = make_source({
         "auth_type": "v3applicationcredential",
         "auth_url": "http://keystone.test/v3",
         "application_credential_id": "ac-42",
         "application_credential_secret": "s3cret"})
-    client = clients.setdefault(None, new_client())
-    client.images.get.side_effect = ks_exc.Unauthorized(http_status=401)
+    http.get_json.side_effect = ks_exc.Unauthorized(http_status=401)
 
     with pytest.raises(exception.ImageNotAuthorized) as err:
         source.get_meta(IMAGE_ID)
@@ -380,21 +497,25 @@ def test_application_credential_is_named(clients, make_source):
 
 
 @pytest.mark.parametrize("failure", [
-    glance_exc.HTTPBadRequest(),
-    glance_exc.HTTPConflict(),
-    glance_exc.HTTPException(details="415 Unsupported Media Type"),
+    glance_errors.HTTPStatus(400, "bad"),
+    glance_errors.HTTPStatus(409, "conflict"),
+    glance_errors.HTTPStatus(415, "Unsupported Media Type"),
+    glance_errors.BadResponse("redirected more than 5 times"),
+    glance_errors.BodyFailure("sent more than a record of at most 1 MiB",
+                              too_long=True),
+    glance_errors.BodyFailure("no data for 60 s ([glance] stall_timeout)"),
 ])
-def test_other_client_errors_are_not_retried(clients, make_source, sleep,
-                                             failure):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.side_effect = failure
+def test_other_failures_are_not_retried(http, make_source, sleep, failure):
+    with_failure = failure
+    http.get_json.side_effect = with_failure
 
     with pytest.raises(exception.ImageSourceError) as err:
-        source.get_meta(IMAGE_ID)
+        make_source().get_meta(IMAGE_ID)
 
     assert not isinstance(err.value, exception.ImageSourceUnavailable)
-    assert client.images.get.call_count == 1
+    assert http.get_json.call_count == 1
     assert sleep.delays == []
+    assert err.value.__cause__ is failure
 
 
 @pytest.mark.parametrize("failure,expected", [
@@ -402,83 +523,123 @@ def test_other_client_errors_are_not_retried(clients, make_source, sleep,
      exception.ImageSourceError),
     (ks_exc.SSLError("certificate verify failed"),
      exception.ImageSourceError),
+    (glance_errors.TLSFailed("certificate verify failed"),
+     exception.ImageSourceError),
     (ks_exc.MissingAuthPlugin("no plugin"), exception.ConfigurationError),
     (ks_exc.BadRequest(http_status=400), exception.ImageSourceError),
     (ks_exc.InvalidResponse("not json"), exception.ImageSourceError),
     (requests.exceptions.ConnectionError("reset"),
      exception.ImageSourceUnavailable),
     (requests.exceptions.InvalidURL("bad url"), exception.ImageSourceError),
-    (glance_exc.SSLConfigurationError("bad cert"),
-     exception.ImageSourceError),
 ])
-def test_no_third_party_exception_escapes(clients, make_source, failure,
+def test_no_third_party_exception_escapes(http, make_source, failure,
                                           expected):
-    source, client = catalog_client(clients, make_source)
-    client.images.get.side_effect = failure
+    http.get_json.side_effect = failure
 
     with pytest.raises(expected) as err:
-        source.get_meta(IMAGE_ID)
+        make_source().get_meta(IMAGE_ID)
 
     assert err.value.__cause__ is failure
 
 
 # --- download ---------------------------------------------------------------
 
-def meta_for(data=DATA):
-    return base.ImageMeta(image_id=IMAGE_ID, source="glance",
-                          size=len(data))
+def meta_for(size=len(DATA)):
+    return base.ImageMeta(image_id=IMAGE_ID, source="glance", size=size)
 
 
-def test_open_streams_the_body_in_chunks(clients, make_source):
-    source, client = catalog_client(clients, make_source)
-    resp = response([DATA[:100], DATA[100:]])
-    client.http_client.get.return_value = (resp, None)
+def test_open_streams_the_body_in_chunks(http, make_source):
+    source = make_source()
+    resp = response(headers={"Content-Length": str(len(DATA))})
+    http.get.return_value = resp
+    http.chunks.return_value = iter([DATA[:100], DATA[100:]])
 
     chunks = list(source.open(meta_for()))
 
     assert b"".join(chunks) == DATA
-    client.http_client.get.assert_called_once_with(
-        "/v2/images/%s/file" % IMAGE_ID)
-    resp.iter_content.assert_called_once_with(chunk_size=source.chunk_size)
-    resp.close.assert_called_once_with()
+    http.get.assert_called_once_with(
+        None, "/v2/images/%s/file" % IMAGE_ID, "application/octet-stream")
+    # Read up to the recorded size, in the source's chunk size.
+    args = http.chunks.call_args.args
+    assert args[0] is resp and args[2:4] == (len(DATA), source.chunk_size)
+    resp.close.assert_called_with()
 
 
-def test_open_closed_early_closes_the_response(clients, make_source):
-    source, client = catalog_client(clients, make_source)
-    resp = response([b"a", b"b", b"c"])
-    client.http_client.get.return_value = (resp, None)
+def test_without_recorded_size_the_bound_is_max_download_size(
+        http, make_source):
+    source = make_source(dict(PASSWORD_AUTH, max_download_size=5000))
+    http.get.return_value = response()
+    http.chunks.return_value = iter([b"x" * 10])
+
+    assert list(source.open(meta_for(size=None))) == [b"x" * 10]
+    assert http.chunks.call_args.args[2] == 5000
+    assert "max_download_size" in http.chunks.call_args.args[4]
+
+
+@pytest.mark.parametrize("length,size", [("999999", len(DATA)),
+                                         ("12abc", len(DATA)),
+                                         ("6000", None)])
+def test_content_length_beyond_the_bound_is_refused(http, make_source,
+                                                    length, size):
+    source = make_source(dict(PASSWORD_AUTH, max_download_size=5000))
+    resp = response(headers={"Content-Length": length})
+    http.get.return_value = resp
+
+    with pytest.raises(exception.ImageDownloadError) as err:
+        source.open(meta_for(size=size))
+
+    assert "Content-Length" in str(err.value)
+    resp.close.assert_called_with()
+    http.chunks.assert_not_called()
+
+
+def test_open_closed_early_closes_the_response(http, make_source):
+    source = make_source()
+    resp = response()
+    http.get.return_value = resp
+    http.chunks.return_value = iter([b"a", b"b", b"c"])
 
     stream = source.open(meta_for())
     assert next(stream) == b"a"
     stream.close()
 
-    resp.close.assert_called_once_with()
+    resp.close.assert_called_with()
 
 
-def test_open_retries_before_the_body_starts(clients, make_source, sleep):
-    source, client = catalog_client(clients, make_source)
-    resp = response([DATA])
-    client.http_client.get.side_effect = [
-        glance_exc.HTTPServiceUnavailable(), (resp, None)]
+def test_open_closed_before_the_first_chunk_closes_the_response(
+        http, make_source):
+    source = make_source()
+    resp = response()
+    http.get.return_value = resp
+
+    source.open(meta_for()).close()
+
+    resp.close.assert_called_with()
+
+
+def test_open_retries_before_the_body_starts(http, make_source, sleep):
+    source = make_source()
+    http.get.side_effect = [glance_errors.HTTPStatus(503, "busy"),
+                            response()]
+    http.chunks.return_value = iter([DATA])
 
     assert b"".join(source.open(meta_for())) == DATA
     assert sleep.delays == [0.5]
 
 
-@pytest.mark.parametrize("failure", [
-    requests.exceptions.ChunkedEncodingError("connection broken"),
-    requests.exceptions.ConnectionError("read timed out"),
-])
-def test_broken_body_is_a_download_error(clients, make_source, failure):
-    source, client = catalog_client(clients, make_source)
+def test_broken_body_is_a_download_error(http, make_source):
+    source = make_source()
+    failure = glance_errors.BodyFailure(
+        "the connection to http://g/v2/images/x/file broke off after 100 "
+        "bytes", retryable=True)
 
     def body():
         yield DATA[:100]
         raise failure
 
-    resp = response([])
-    resp.iter_content.return_value = body()
-    client.http_client.get.return_value = (resp, None)
+    resp = response()
+    http.get.return_value = resp
+    http.chunks.return_value = body()
     stream = source.open(meta_for())
 
     assert next(stream) == DATA[:100]
@@ -486,19 +647,60 @@ def test_broken_body_is_a_download_error(clients, make_source, failure):
         next(stream)
 
     assert IMAGE_ID in str(err.value)
+    assert "http://g/v2/images/x/file broke off" in str(err.value)
     assert err.value.__cause__ is failure
-    resp.close.assert_called_once_with()
+    resp.close.assert_called_with()
 
 
-def test_open_without_data(clients, make_source):
-    source, client = catalog_client(clients, make_source)
-    resp = response([], status=204)
-    client.http_client.get.return_value = (resp, None)
+def test_short_body_is_a_download_error(http, make_source):
+    source = make_source()
+    http.get.return_value = response()
+    http.chunks.return_value = iter([DATA[:10]])
+
+    with pytest.raises(exception.ImageDownloadError) as err:
+        list(source.open(meta_for()))
+
+    assert "after 10 of the %d bytes" % len(DATA) in str(err.value)
+
+
+def test_empty_body_without_recorded_size_is_refused(http, make_source):
+    source = make_source()
+    http.get.return_value = response()
+    http.chunks.return_value = iter([])
+
+    with pytest.raises(exception.ImageDownloadError) as err:
+        list(source.open(meta_for(size=None)))
+
+    assert "0 bytes" in str(err.value)
+
+
+def test_open_without_data(http, make_source):
+    source = make_source()
+    resp = response(status=204)
+    http.get.return_value = resp
 
     with pytest.raises(exception.ImageDownloadError):
         source.open(meta_for())
 
     resp.close.assert_called_once_with()
+
+
+def test_download_id_is_checked(http, make_source):
+    meta = base.ImageMeta(image_id=IMAGE_ID + "\n", source="glance")
+
+    with pytest.raises(exception.InvalidImageId):
+        make_source().open(meta)
+
+    http.get.assert_not_called()
+
+
+def test_limits_come_from_the_options(http, make_source):
+    make_source(dict(PASSWORD_AUTH, stall_timeout=7, min_download_rate=9,
+                     download_rate_window=11, timeout=3))
+
+    limits = glance.glance_http.Client.call_args.args[1]
+    assert limits == glance_http.Limits(stall_timeout=7, min_rate=9,
+                                        rate_window=11, connect_timeout=3)
 
 
 # --- upload (the module's own tests are in test_glance_upload.py) -------
@@ -568,50 +770,44 @@ def test_endpoint_without_credentials_is_allowed(clients, make_source):
     assert "http://glance.test:9292" in source.describe()
 
 
-def test_catalog_lookup_defaults(clients, make_source):
-    source = make_source()
-    client = clients.setdefault(None, new_client())
-    client.images.get.return_value = image_record()
-
-    source.get_meta(IMAGE_ID)
-
-    kwargs = clients["patched"].call_args.kwargs
-    assert kwargs["service_type"] == "image"
-    assert kwargs["interface"] == ["internal", "public"]
-    assert kwargs["endpoint_override"] is None
-    assert kwargs["session"].auth.auth_url == "http://keystone.test/v3"
+def http_adapter():
+    """The keystoneauth adapter the source handed its HTTP client."""
+    return glance.glance_http.Client.call_args.args[0]
 
 
-def test_session_from_the_caller(clients, make_source):
+def test_catalog_lookup_defaults(make_source):
+    make_source()
+
+    adapter = http_adapter()
+    assert adapter.service_type == "image"
+    assert adapter.interface == ["internal", "public"]
+    assert adapter.endpoint_override is None
+    assert adapter.session.auth.auth_url == "http://keystone.test/v3"
+
+
+def test_session_from_the_caller(http, make_source):
     session = ks_session.Session(auth=mock.Mock(spec=["get_headers"]))
     source = make_source({"region_name": "R2"}, session=session)
-    client = clients.setdefault(None, new_client())
-    client.images.get.side_effect = glance_exc.HTTPForbidden()
+    http.get_json.side_effect = glance_errors.HTTPStatus(403, "no")
 
     with pytest.raises(exception.ImageNotAuthorized) as err:
         source.get_meta(IMAGE_ID)
 
-    kwargs = clients["patched"].call_args.kwargs
-    assert kwargs["session"] is session
-    assert kwargs["region_name"] == "R2"
+    assert http_adapter().session is session
+    assert http_adapter().region_name == "R2"
     assert "caller's session" in str(err.value)
 
 
-def test_adapter_from_the_caller(clients, make_source):
+def test_adapter_from_the_caller(make_source):
     session = ks_session.Session()
     adapter = ks_adapter.Adapter(session, service_type="image",
                                  interface="internal", region_name="R3",
                                  endpoint_override="http://g:9292")
     source = make_source({"region_name": "ignored"}, adapter=adapter)
-    client = clients.setdefault("http://g:9292", new_client())
-    client.images.get.return_value = image_record()
 
     source.get_meta(IMAGE_ID)
 
-    kwargs = clients["patched"].call_args.kwargs
-    assert kwargs["session"] is session
-    assert kwargs["region_name"] == "R3"
-    assert kwargs["endpoint_override"] == "http://g:9292"
+    assert http_adapter() is adapter
 
 
 def test_sample_options_list_every_group_option_once():
@@ -625,7 +821,9 @@ def test_sample_options_list_every_group_option_once():
                  "application_credential_id",
                  "application_credential_secret", "token", "cafile",
                  "insecure", "timeout", "service_type", "valid_interfaces",
-                 "region_name", "endpoint_override"):
+                 "region_name", "endpoint_override", "stall_timeout",
+                 "min_download_rate", "download_rate_window",
+                 "max_download_size", "allow_unverified_images"):
         assert name in names
     by_name = {opt.dest: opt for opt in opts}
     assert by_name["service_type"].default == "image"

@@ -117,3 +117,84 @@ def test_plugin_from_a_caller_is_described():
     assert text == ("the credentials of the caller's session (auth plugin "
                     "Password, user 'nova', project 'service')")
     assert "s3cret" not in text
+
+
+# --- server text ------------------------------------------------------------
+
+@pytest.mark.parametrize("value,shown", [
+    ("plain text", "plain text"),
+    ("line\nbreak\r\x1b[31mred\x07", "line\\x0abreak\\x0d\\x1b[31mred\\x07"),
+    ("back\\slash", "back\\\\slash"),
+    ("sep\u2028arator\x85", "sep\\u2028arator\\x85"),
+    (b"by\x00tes", "by\\x00tes"),
+    (["a", 1], "['a', 1]"),
+    (None, "None"),
+])
+def test_printable_escapes_what_could_forge_output(value, shown):
+    assert glance_errors.printable(value) == shown
+
+
+def test_printable_bounds_the_length():
+    text = glance_errors.printable("\n" * 10000, limit=50)
+
+    assert len(text) == 53 and text.endswith("...")
+
+
+def test_url_for_humans_drops_credentials_and_query():
+    assert glance_errors.url_for_humans(
+        "https://user:pw@store.test:8080/obj?X-Amz-Signature=abc") == (
+        "https://store.test:8080/obj")
+
+
+@pytest.mark.parametrize("value,ok", [
+    ("0b4d8a0e-5bd3-4a6c-9c1f-6f3a0d2b7e11", True),
+    ("0B4D8A0E-5BD3-4A6C-9C1F-6F3A0D2B7E11", True),
+    ("0b4d8a0e-5bd3-4a6c-9c1f-6f3a0d2b7e11\n", False),
+    ("0b4d8a0e5bd34a6c9c1f6f3a0d2b7e11", False),
+    (None, False),
+])
+def test_image_id_check(value, ok):
+    assert glance_errors.is_image_id(value) is ok
+
+
+@pytest.mark.parametrize("failure,expected", [
+    (glance_errors.HTTPStatus(404, "gone"), exception.ImageNotFound),
+    (glance_errors.HTTPStatus(401, "no"), exception.ImageNotAuthorized),
+    (glance_errors.HTTPStatus(410, "gone"), exception.ImageSourceError),
+    (glance_errors.BadResponse("loop"), exception.ImageSourceError),
+    (glance_errors.TLSFailed("bad cert"), exception.ImageSourceError),
+    (glance_errors.BodyFailure("stalled"), exception.ImageSourceError),
+])
+def test_http_failures_become_library_errors(failure, expected):
+    result = translate(failure)
+
+    assert type(result) is expected
+    assert IMAGE_ID in str(result)
+
+
+@pytest.mark.parametrize("failure", [
+    glance_errors.HTTPStatus(503, "busy"),
+    glance_errors.Unreachable("cannot connect to http://g:9292"),
+    glance_errors.BodyFailure("broke off", retryable=True),
+])
+def test_http_failures_worth_retrying(failure):
+    result = translate(failure)
+
+    assert isinstance(result, glance_errors.Retryable)
+    assert result.source is None
+
+
+def test_http_status_not_retried_when_not_wanted():
+    result = translate(glance_errors.HTTPStatus(502, "bad gateway"),
+                       retry_server_errors=False)
+
+    assert isinstance(result, exception.ImageSourceError)
+    assert "HTTP 502" in str(result)
+
+
+def test_glanceclient_details_are_escaped_and_bounded():
+    result = translate(glance_exc.HTTPBadRequest(
+        details="400 Bad\x1b[2J\n" + "x" * 100000))
+
+    assert "400 Bad\\x1b[2J\\x0a" in str(result)
+    assert len(str(result)) < glance_errors.DETAILS_LIMIT + 200

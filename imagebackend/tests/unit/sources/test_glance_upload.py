@@ -171,3 +171,28 @@ def test_format_refused_by_glanceclient_schema(call, path):
     assert "qcow3" in str(err.value)
     assert "Failed validating" not in str(err.value)
     call.client.images.upload.assert_not_called()
+
+
+@pytest.mark.parametrize("answer", [
+    {"id": IMAGE_ID + "\n"}, {"id": "../../v2/schemas"}, {"id": 7}, {},
+    "not an object"])
+def test_new_image_id_that_is_not_a_uuid_is_refused(call, path, answer):
+    call.client.images.create.return_value = answer
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        glance_upload.upload(call, "guest", path, "raw")
+
+    assert "\n" not in str(err.value)
+    call.client.images.upload.assert_not_called()
+
+
+def test_status_of_the_upload_is_escaped(call, path):
+    call.client.images.upload.side_effect = read_all()[0]
+    call.client.images.get.return_value.update(
+        status="killed\x1b[2J\nforged" + "z" * 5000)
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        glance_upload.upload(call, "guest", path, "raw")
+
+    assert "killed\\x1b[2J\\x0aforged" in str(err.value)
+    assert len(str(err.value)) < 600
