@@ -453,6 +453,7 @@ class GlanceSource(base.ImageSource):
 
 
 def _check_id(image_id: str) -> None:
+    base.check_image_id(image_id)
     if not glance_errors.is_image_id(image_id):
         raise exception.InvalidImageId(
             # Shown with %r, which escapes; only the length needs a bound.

@@ -24,6 +24,7 @@ from oslo_config import cfg
 import requests
 
 from imagebackend import exception
+from imagebackend import textutils
 
 _PASSWORD_PLUGINS = ("password", "v3password", "v2password")
 _TOKEN_PLUGINS = ("token", "v3token", "v2token", "admin_token")
@@ -36,38 +37,14 @@ DETAILS_LIMIT = 1024
 
 
 def printable(value, limit: int = TEXT_LIMIT) -> str:
-    """Server- or tenant-provided text, safe for a message or a log line.
-
-    Characters that are not printable (control characters, escape
-    sequences, line and paragraph separators) are shown as ``\\xNN`` (or
-    ``\\uNNNN``), backslashes are doubled, and the result is cut to about
-    ``limit`` characters.  A value that is not a string is shown as its
+    """Server- or tenant-provided text, safe for a message or a log line:
+    :func:`imagebackend.textutils.printable` (escaped, on one line, cut to
+    about ``limit`` characters).  A value that is not text is shown as its
     ``repr``, escaped the same way.
-
-    (A local helper: the library's general one is being added to
-    :mod:`imagebackend.exception`; this one is meant to merge into it.)
     """
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    elif not isinstance(value, str):
+    if not isinstance(value, (str, bytes)):
         value = repr(value)
-    # Never escape more than can be shown.
-    value = value[:limit + 1]
-    out = []
-    for char in value:
-        if char == "\\":
-            out.append("\\\\")
-        elif char.isprintable():
-            out.append(char)
-        elif ord(char) < 0x100:
-            out.append("\\x%02x" % ord(char))
-        else:
-            out.append("\\u%04x" % ord(char) if ord(char) < 0x10000
-                       else "\\U%08x" % ord(char))
-    text = "".join(out)
-    if len(value) > limit or len(text) > limit:
-        text = text[:limit] + "..."
-    return text
+    return textutils.printable(value, limit)
 
 
 def url_for_humans(url) -> str:
