@@ -274,7 +274,7 @@ def clean_error_problems(result, names: tuple[str, ...] = ()) -> list[str]:
     problems = []
     lines = result.stderr.strip().splitlines()
     if result.returncode == 0:
-        problems.append("expected a failure, got exit code 0")
+        return ["expected a failure, got exit code 0"]
     if "Traceback" in result.stderr:
         problems.append("a traceback was printed: %s" % result.stderr[-400:])
     elif len(lines) != 1 or not lines[0].startswith("imagebackend: error: "):

@@ -265,3 +265,61 @@ def test_a_base_replaced_by_a_symlink_is_never_followed(state):
         "the symlink's target was changed"]
         if open(state.secret, "rb").read() != before else [])
     state.problems.check()
+
+
+def _stats(top):
+    """Identity, size and (but for records, whose modification time is the
+    cache's last-used time) modification time of every file under ``top``.
+    """
+    found = {}
+    for directory, _, files in os.walk(top):
+        for name in files:
+            st = os.lstat(os.path.join(directory, name))
+            found[os.path.join(directory, name)] = (
+                st.st_ino, st.st_size,
+                None if name.endswith(".json") else st.st_mtime_ns)
+    return found
+
+
+def test_nothing_but_the_cache_writes_in_base(state):
+    """``_base`` paths given to the front door -- a create's TARGET, an
+    extract's OUTPUT, the PATH of resize and snapshot -- are refused, and
+    nothing already in ``_base`` changes.
+    """
+    dep = state.dep
+    first = state.disk("vm1")
+    dep.cli("disk", "create", IMAGE, first, "--size", VIRTUAL)
+    other = "other.qcow2"
+    harness.write_image(os.path.join(dep.images, other), VIRTUAL, 2 * MiB,
+                        seed=12)
+    planted = os.path.join(dep.base_dir, cache.cache_id(other))
+    attempts = [
+        ("disk create under another image's final name",
+         ("disk", "create", other, planted, "--size", VIRTUAL), planted),
+        ("disk create in _base", ("disk", "create", IMAGE,
+                                  os.path.join(dep.base_dir, "disk"),
+                                  "--size", VIRTUAL),
+         os.path.join(dep.base_dir, "disk")),
+        ("disk extract into _base", ("disk", "extract", first, planted,
+                                     "-O", "raw"), planted),
+        ("disk resize of a base", ("disk", "resize", state.base,
+                                   2 * VIRTUAL, "--input-format", "raw"),
+         None),
+        ("disk snapshot of a base", ("disk", "snapshot", "create",
+                                     state.base, "s1"), None),
+    ]
+    for context, argv, made in attempts:
+        before = _stats(dep.base_dir)
+        result = dep.cli(*argv, check=False)
+        harness.STATS.add("faults injected", "front door into _base")
+        state.problems.extend(context, harness.clean_error_problems(result))
+        if made is not None and os.path.lexists(made):
+            state.problems.extend(context, ["%s was written" % made])
+            os.unlink(made)
+        after = _stats(dep.base_dir)
+        state.problems.extend(context, [
+            "%s changed" % path for path, st in before.items()
+            if after.get(path) != st])
+    state.problems.extend("at the end", harness.disk_problems(
+        first, "qcow2", state.image))
+    state.problems.check()
