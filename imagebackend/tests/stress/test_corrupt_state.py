@@ -102,10 +102,13 @@ class _Cache:
         result = self.run(context, "disk", "create", IMAGE, target,
                           "--size", VIRTUAL)
         if result.returncode == 0:
-            self.problems.extend(context, harness.disk_problems(
-                target, "qcow2", self.image))
-            harness.STATS.add("corrupted cache state",
-                              "creates that re-verified or refetched")
+            if self.problems.extend(context, harness.disk_problems(
+                    target, "qcow2", self.image)):
+                harness.STATS.add("corrupted cache state",
+                                  "creates that served the image")
+            else:
+                harness.STATS.add("corrupted cache state",
+                                  "creates that served corrupt bytes")
         elif os.path.lexists(target):
             self.problems.extend(context, ["the failed create left TARGET"])
         return result.returncode == 0
