@@ -30,6 +30,7 @@ import pytest
 
 from imagebackend import cache
 from imagebackend import cache_verify
+from imagebackend.tests.stress import faults
 from imagebackend.tests.stress import harness
 
 MiB = harness.MiB
@@ -50,7 +51,7 @@ class _Cache:
         self.secret = os.path.join(self.outside, "secret")
         with open(self.secret, "w") as f:
             f.write('{"image_id": "%s", "secret": true}\n' % IMAGE)
-        self.watch = harness.OpenWatch(self.secret)
+        self.watch = faults.OpenWatch(self.secret)
         self.base = os.path.join(self.dep.base_dir, cache.cache_id(IMAGE))
         self.problems = harness.Problems("corrupted cache state")
 
@@ -163,8 +164,8 @@ def test_a_base_without_a_valid_record_is_never_served_unverified(state,
     state.create_serves_the_image("create with the record " + fault, "vm2")
     state.verify_never_trusts_corrupt_bytes("verify after the create")
     state.run("cache prune", "cache", "prune")
-    info = harness._qemu("info", "-U", "--backing-chain", "-f", "qcow2",
-                         first)
+    info = harness.qemu_img("info", "-U", "--backing-chain", "-f",
+                            "qcow2", first)
     state.problems.extend("after prune", [
         "the first disk lost its base: " + info.stderr.strip()]
         if info.returncode else [])

@@ -27,6 +27,7 @@ import subprocess
 import pytest
 
 from imagebackend import cache
+from imagebackend.tests.stress import faults
 from imagebackend.tests.stress import harness
 
 MiB = harness.MiB
@@ -57,7 +58,7 @@ class _Host:
         self.secret = os.path.join(secret_dir, "secret.img")
         with open(self.secret, "wb") as f:
             f.write((MARKER + b"do not read\n") * 65536)
-        self.watch = harness.OpenWatch(self.secret)
+        self.watch = faults.OpenWatch(self.secret)
         self.problems = harness.Problems("hostile bytes")
         self.tmp = os.path.join(root, "tmp")
         os.makedirs(self.tmp)

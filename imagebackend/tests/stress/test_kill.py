@@ -28,6 +28,7 @@ import os
 import pytest
 
 from imagebackend import cache
+from imagebackend.tests.stress import faults
 from imagebackend.tests.stress import harness
 
 MiB = harness.MiB
@@ -75,8 +76,8 @@ class _Run:
                 "--backend", self.backend, "-f", "json")
 
     def watch(self, image_id, target):
-        return harness.StepWatch(self.dep.base_dir, target,
-                                 cache.cache_id(image_id))
+        return faults.StepWatch(self.dep.base_dir, target,
+                                cache.cache_id(image_id))
 
 
 def _plan(i, line, rand, start):
@@ -87,7 +88,7 @@ def _plan(i, line, rand, start):
     """
     # Most of a run is the interpreter starting: the uniform draws cover
     # that, the others aim at the steps that write.
-    steps = [s for s in harness.STEPS if s in line.seen and s != "startup"]
+    steps = [s for s in faults.STEPS if s in line.seen and s != "startup"]
     choices = ["uniform"] + steps
     mode = choices[(i // 2 + start) % len(choices)]
     if mode == "uniform":
@@ -114,12 +115,12 @@ def test_sigkill_at_random_instants_loses_nothing(tmp_path, source_image,
         image_id = run.add_image("calibrate.qcow2") if kind == "cold" \
             else warm
         target = os.path.join(dep.instances, "calibrate-" + kind, "disk")
-        lines[kind] = harness.calibrate(
+        lines[kind] = faults.calibrate(
             dep, run.argv(image_id, target, SIZES[1]),
             run.watch(image_id, target))
         run.live.append(target)
 
-    start = rand.randrange(len(harness.STEPS))
+    start = rand.randrange(len(faults.STEPS))
     for i in range(n):
         kind = "cold" if i % 2 == 0 else "warm"
         image_id = run.add_image("k%04d.qcow2" % i) if kind == "cold" \
@@ -129,7 +130,7 @@ def test_sigkill_at_random_instants_loses_nothing(tmp_path, source_image,
         argv = run.argv(image_id, target, size)
         at_step, delay = _plan(i, lines[kind], rand, start)
         leader_only = i % 3 == 2
-        kill = harness.run_and_kill(
+        kill = faults.run_and_kill(
             dep, argv, run.watch(image_id, target), at_step=at_step,
             delay=delay, leader_only=leader_only)
         step = kill.step or "completed"
