@@ -101,7 +101,10 @@ def test_concurrent_creates_of_one_target_exactly_one_wins(tmp_path, image,
             deadline = time.monotonic() + 120
             waiting = set()
             while time.monotonic() < deadline and len(waiting) < procs:
-                waiting = _lock_holders([p.pid for p in running], lock_file)
+                # Waiters poll the lock (open, try, close, sleep), so one
+                # is seen with the file open only now and then: gather.
+                waiting |= _lock_holders([p.pid for p in running],
+                                         lock_file)
                 if any(p.poll() is not None for p in running):
                     break
                 time.sleep(0.01)
