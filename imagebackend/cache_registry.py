@@ -220,32 +220,8 @@ class Registry:
 
     @staticmethod
     def _read(path: str) -> dict | None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                         | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            LOG.warning("Ignoring registry record %s: %s", path, exc)
-            return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                LOG.warning("Ignoring registry record %s: not a regular "
-                            "file", path)
-                return None
-            data = os.read(fd, 64 * 1024)
-        finally:
-            os.close(fd)
-        if not data:
-            return None     # an intent being written
-        try:
-            record = json.loads(data)
-        except ValueError as exc:
-            LOG.warning("Ignoring unreadable registry record %s: %s", path,
-                        exc)
-            return None
-        if not isinstance(record, dict) or not isinstance(
-                record.get("disk"), str):
+        record = fileutils.read_json(path, limit=64 * 1024)
+        if record is None or not isinstance(record.get("disk"), str):
             return None
         if "state" not in record:
             # Written before intents existed: after the disk was made, and

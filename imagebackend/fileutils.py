@@ -110,12 +110,13 @@ def write_json_atomic(path: str, data: dict, *, durable: bool = True) -> None:
         fsync_dir(directory)
 
 
-def read_json(path: str) -> dict | None:
-    """Read a JSON record; ``None`` if it is missing or unreadable.
+def read_json(path: str, limit: int = 1024 * 1024) -> dict | None:
+    """Read a JSON record; ``None`` if it is missing, empty (a record
+    being written in place), unreadable or not a JSON object.
 
     Records live where only the library writes, so a symlink or anything
     but a regular file there is ignored, never followed or opened in a
-    way that could block (a FIFO).
+    way that could block (a FIFO); at most ``limit`` bytes are read.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
@@ -131,7 +132,12 @@ def read_json(path: str) -> dict | None:
                 LOG.warning("Ignoring metadata record %s: not a regular "
                             "file", path)
                 return None
-            data = json.load(f)
+            raw = f.read(limit + 1)
+        if not raw:
+            return None
+        if len(raw) > limit:
+            raise ValueError("larger than %d bytes" % limit)
+        data = json.loads(raw)
     except (OSError, ValueError) as exc:
         LOG.warning("Ignoring unreadable metadata record %s: %s", path, exc)
         return None
