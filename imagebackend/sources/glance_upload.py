@@ -27,6 +27,7 @@ import os
 import typing
 
 from imagebackend import exception
+from imagebackend import textutils
 from imagebackend.sources import glance_errors
 from imagebackend.sources import glance_http
 
@@ -51,7 +52,10 @@ def upload(call: Call, http: glance_http.Client, name: str, path: str,
         read, Glance refused the image, or the upload failed (the half-made
         image is then deleted).
     """
-    label = "(new image %s)" % glance_errors.printable(repr(name))
+    # Escaped once here, for log lines too; marked so that messages do not
+    # escape it again.
+    label = textutils.Escaped("(new image '%s')"
+                              % glance_errors.printable(name))
     try:
         src = open(path, "rb")
     except OSError as exc:
@@ -131,9 +135,10 @@ def _new_id(image, label):
         # It would go into URLs (and messages) from here on.
         raise exception.ImageSourceError(
             image_id=label,
-            reason="Glance answered an image id that is not a UUID: %s; "
-                   "check the Glance serving it"
-                   % glance_errors.printable(image_id))
+            reason=textutils.Escaped(
+                "Glance answered an image id that is not a UUID: %s; "
+                "check the Glance serving it"
+                % glance_errors.printable(image_id)))
     return image_id
 
 
@@ -152,10 +157,11 @@ def _check_uploaded(call, http, image_id, sent):
         if not isinstance(found, kinds) or isinstance(found, bool):
             raise exception.ImageSourceError(
                 image_id=image_id,
-                reason="Glance's record of the upload has %s %s, which is "
-                       "not a %s; it was deleted, check the Glance serving "
-                       "it" % (key, glance_errors.printable(found),
-                               kinds[0].__name__))
+                reason=textutils.Escaped(
+                    "Glance's record of the upload has %s %s, which is not "
+                    "a %s; it was deleted, check the Glance serving it"
+                    % (key, glance_errors.printable(found),
+                       kinds[0].__name__)))
     problem = None
     if status != "active":
         problem = "it is %s, not active" % glance_errors.printable(status)
@@ -167,8 +173,10 @@ def _check_uploaded(call, http, image_id, sent):
     if problem:
         raise exception.ImageSourceError(
             image_id=image_id,
-            reason="the upload went wrong (%s); it was deleted, upload "
-                   "again" % problem)
+            # Every piece of it is escaped already.
+            reason=textutils.Escaped(
+                "the upload went wrong (%s); it was deleted, upload again"
+                % problem))
 
 
 def _delete_quietly(call, http, image_id):
