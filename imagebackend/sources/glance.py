@@ -16,8 +16,9 @@ streamed from disk, no redirect followed, the stall timeout on every send.
 
 Connection failures and 5xx answers are retried ``[glance] num_retries``
 times with exponential backoff, moving through ``api_servers`` in turn;
-4xx answers are not retried.  Every keystoneauth1 and requests error becomes an :mod:`imagebackend.exception` error naming the
-image and the fix, and text Glance sent is escaped and bounded before it
+4xx answers are not retried.  Every keystoneauth1 and requests error
+becomes an :mod:`imagebackend.exception` error naming the image and the
+fix, and text Glance sent is escaped and bounded before it
 reaches a message or a log line.
 """
 

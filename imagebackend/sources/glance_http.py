@@ -403,8 +403,8 @@ class Client:
                     url) from exc
             raise glance_errors.BodyFailure(
                 "the connection to %s broke off after %d of %d bytes of "
-                "the upload were sent (%s)" % (shown, body.sent, body.size,
-                                              exc.reason), url) from exc
+                "the upload were sent (%s)"
+                % (shown, body.sent, body.size, exc.reason), url) from exc
         resp = self._checked(self._not_redirected(resp, url, "PUT"), url,
                              (200, 201, 204))
         self._drain(resp, url)

@@ -27,9 +27,9 @@ import os
 import typing
 
 from imagebackend import exception
-from imagebackend import textutils
 from imagebackend.sources import glance_errors
 from imagebackend.sources import glance_http
+from imagebackend import textutils
 
 LOG = logging.getLogger(__name__)
 

@@ -241,8 +241,8 @@ class HostileGlance:
     """An HTTP server on 127.0.0.1 whose answers each test chooses.
 
     ``routes`` maps a path (``/v2/images/<id>``, for GET) or a ``(method,
-    path)`` pair to a function taking an :class:`Answer`.  Use as a context manager (started on enter, stopped
-    on exit).
+    path)`` pair to a function taking an :class:`Answer`.  Use as a
+    context manager (started on enter, stopped on exit).
     """
 
     def __init__(self) -> None:
