@@ -27,7 +27,6 @@ import logging
 import time
 import typing
 
-from glanceclient import exc as glance_exc
 from keystoneauth1 import adapter as ks_adapter
 from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import loading as ks_loading
@@ -274,8 +273,7 @@ class GlanceSource(base.ImageSource):
                 self.describe())
             try:
                 return func(endpoint)
-            except (glance_exc.BaseException, glance_exc.ClientException,
-                    ks_exc.ClientException,
+            except (ks_exc.ClientException,
                     requests.exceptions.RequestException,
                     glance_errors.HTTPFailure) as exc:
                 error = glance_errors.translate(

@@ -377,6 +377,7 @@ class Client:
         headers = self._headers("*/*", "application/octet-stream")
         headers.update(self._auth_headers())
         body.clock = self._clock
+        body.last_piece = self._clock()
         stall = self.limits.stall_timeout
         try:
             # The connect timeout is also the timeout of each send: the
@@ -386,6 +387,14 @@ class Client:
         except (glance_errors.HTTPFailure, FileReadError) as exc:
             if body.failure is not None:
                 raise body.failure from exc
+            if not body.passes:
+                # No byte of the body went out (connecting failed): the
+                # reason is the connection's, but the caller does not
+                # retry an upload.
+                if isinstance(exc, glance_errors.Unreachable):
+                    raise glance_errors.BadResponse(exc.reason,
+                                                    url) from exc
+                raise
             if body.finished:
                 if isinstance(exc, glance_errors.Unreachable):
                     # Sent whole: the answer is what did not come.
@@ -562,6 +571,8 @@ class FileBody:
         self.last_piece = 0.0
         #: what ended the latest pass, if the body itself failed.
         self.failure: Exception | None = None
+        #: how many times sending it started.
+        self.passes = 0
         self.clock: typing.Callable[[], float] = time.monotonic
 
     def __len__(self) -> int:
@@ -573,6 +584,8 @@ class FileBody:
 
     def _pieces(self):
         self.sent, self.finished, self.failure = 0, False, None
+        self.passes += 1
+        self.last_piece = self.clock()
         if self._observe is not None:
             self._observe(None)
         try:

@@ -640,3 +640,15 @@ def test_file_that_shrank_is_a_read_error(tmp_path):
         list(body)
 
     assert "shrank" in str(err.value)
+
+
+def test_put_file_that_cannot_connect_says_so(adapter, tmp_path):
+    body, _seen = file_body(tmp_path)
+    adapter.request.side_effect = ks_exc.ConnectFailure("refused")
+
+    with pytest.raises(glance_errors.BadResponse) as err:
+        client(adapter).put_file(None, "/v2/images/x/file", body)
+
+    assert "cannot connect" in err.value.reason
+    assert "stall_timeout" not in err.value.reason
+    assert not err.value.retryable
