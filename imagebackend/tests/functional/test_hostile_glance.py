@@ -226,7 +226,7 @@ def test_huge_error_body_is_bounded_and_escaped(server, dep):
     message = str(err.value)
     assert image_id in message
     assert "HTTP 500" in message
-    assert "\\x1b[2J\\x0aFORGED LINE" in message
+    assert "\\x1b[2J\\nFORGED LINE" in message
     assert_clean(message)
     assert dep.base_listing() == []
 
@@ -517,7 +517,7 @@ def test_server_text_in_errors_is_escaped_and_bounded(server, dep):
         create(dep, image_id)
 
     message = str(err.value)
-    assert "queued\\x1b[31m\\x0aERROR forged line" in message
+    assert "queued\\x1b[31m\\nERROR forged line" in message
     assert_clean(message)
 
 
