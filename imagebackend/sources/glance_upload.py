@@ -16,9 +16,10 @@ None of them follows a redirect (the token and the data would go where
 the server chose): a redirect is an error naming the image and where it
 pointed.  Creating is not retried after a server error (it may have made
 the image) and the upload is never retried (Glance may hold part of it).
-Any failure after the image was created deletes it, best effort, within
-the same time bounds.  Values of the wrong type in Glance's answers are
-the library's errors, and text Glance sent is escaped and bounded.
+Any failure after the image was created deletes it, best effort: one
+attempt, within the same time bounds.  Values of the wrong type in
+Glance's answers are the library's errors, and text Glance sent is
+escaped and bounded.
 """
 
 import hashlib
@@ -180,10 +181,13 @@ def _check_uploaded(call, http, image_id, sent):
 
 
 def _delete_quietly(call, http, image_id):
+    # One attempt: the error being reported waits for it, and its time is
+    # bounded by [glance] stall_timeout.
     try:
         call(image_id, "delete the failed upload",
              lambda endpoint: http.delete(endpoint,
-                                          "/v2/images/%s" % image_id))
+                                          "/v2/images/%s" % image_id),
+             retry=False)
     except exception.ImageBackendException as exc:
         LOG.warning("Image %s: could not delete the failed upload: %s",
                     image_id, exc)

@@ -91,6 +91,17 @@ def test_create_is_not_retried_on_server_errors_and_data_never(
     assert flags["upload the image data"][1] is False
 
 
+def test_failed_upload_is_deleted_in_one_attempt(call, http, path):
+    http.put_file.side_effect = exception.ImageSourceError(
+        image_id=IMAGE_ID, reason="upload broke")
+
+    with pytest.raises(exception.ImageSourceError):
+        glance_upload.upload(call, http, "guest", path, "raw")
+
+    flags = {action: retry for _id, action, _server, retry in call.actions}
+    assert flags["delete the failed upload"] is False
+
+
 def test_a_resent_body_starts_again(call, http, path):
     progress = []
 
