@@ -72,24 +72,39 @@ class Answer:
         self.headers = {k.lower(): v for k, v in handler.headers.items()}
 
     def receive(self, limit: int | None = None) -> tuple[int, str]:
-        """Read the request's body (``Content-Length`` bytes, or at most
-        ``limit``); returns its ``(size, sha512)``.
+        """Read the request's body (``Content-Length`` bytes, or chunked,
+        or at most ``limit`` bytes); returns its ``(size, sha512)``.
         """
-        left = int(self.headers.get("content-length", "0"))
-        if limit is not None:
-            left = min(left, limit)
         digest, size = hashlib.sha512(), 0
-        while left > 0:
-            try:
-                piece = self._handler.rfile.read1(min(left, MiB))
-            except OSError as exc:
-                raise ClientGone() from exc
-            if not piece:
-                break
-            digest.update(piece)
-            size += len(piece)
-            left -= len(piece)
-        self._server.count_received(size)
+        rfile = self._handler.rfile
+        chunked = "chunked" in self.headers.get("transfer-encoding", "")
+        try:
+            while limit is None or size < limit:
+                if chunked:
+                    left = int(rfile.readline().split(b";")[0], 16)
+                    if left == 0:
+                        rfile.readline()
+                        break
+                else:
+                    left = int(self.headers.get("content-length",
+                                                "0")) - size
+                    if left <= 0:
+                        break
+                while left > 0 and (limit is None or size < limit):
+                    want = min(left, MiB)
+                    if limit is not None:
+                        want = min(want, limit - size)
+                    piece = rfile.read1(want)
+                    if not piece:
+                        raise ClientGone()
+                    digest.update(piece)
+                    size += len(piece)
+                    left -= len(piece)
+                    self._server.count_received(len(piece))
+                if chunked and left == 0:
+                    rfile.readline()
+        except OSError as exc:
+            raise ClientGone() from exc
         return size, digest.hexdigest()
 
     def read_json(self):
