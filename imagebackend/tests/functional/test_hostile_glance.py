@@ -715,12 +715,13 @@ def test_redirected_create_sends_nothing_elsewhere(server, other_origin, dep,
     with pytest.raises(exception.ImageSourceError) as err:
         upload(dep, path)
 
+    assert other_origin.tokens_received() == []
+    assert other_origin.requests == []
     message = str(err.value)
     assert "redirect" in message and server.url in message
     assert other_origin.url in message
     assert "up\\x1b[2Jload" in message
     assert_clean(message)
-    assert other_origin.requests == []
     assert not server.requests_of("PUT")
 
 
@@ -740,12 +741,12 @@ def test_redirected_upload_is_an_error_and_the_image_deleted(
     with pytest.raises(exception.ImageSourceError) as err:
         upload(dep, path)
 
+    assert other_origin.tokens_received() == []
+    assert other_origin.requests == []
     message = str(err.value)
     assert image_id in message and server.url in message
     assert "redirect" in message
     assert_clean(message)
-    assert other_origin.requests == []
-    assert other_origin.tokens_received() == []
     assert [r.path for r in server.requests_of("PUT")] == [
         "/v2/images/%s/file" % image_id]
     assert server.deleted == [image_id]
