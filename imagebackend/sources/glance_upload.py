@@ -110,18 +110,28 @@ def _put(http, endpoint, image_id, body, path):
 
 def _answer(image_id, action, request):
     """``request()``, with an error status told as the answer of the URL
-    asked (which a bare status would not name).  401 and 403 are left for
-    the source's error mapping, which names the credential.
+    asked (which a bare status would not name).  What another attempt may
+    get past (a failure to connect), 401 and 403 (the message names the
+    credential) and TLS failures (it names the options) are left for the
+    source's error mapping.
     """
     try:
         return request()
     except glance_errors.HTTPStatus as exc:
         if exc.code in (401, 403):
             raise
-        raise glance_errors.BadResponse(
-            "%s refused to %s with HTTP %d: %s" % (
-                glance_errors.url_for_humans(exc.url), action, exc.code,
-                exc.details), exc.url) from exc
+        reason = "%s refused to %s with HTTP %d: %s" % (
+            glance_errors.url_for_humans(exc.url), action, exc.code,
+            exc.details)
+        cause = exc
+    except glance_errors.HTTPFailure as exc:
+        if exc.retryable or isinstance(exc, glance_errors.TLSFailed):
+            raise
+        reason, cause = exc.reason, exc
+    # The HTTP layer's reasons are escaped already: marked so, the
+    # message does not escape them a second time.
+    raise exception.ImageSourceError(
+        image_id=image_id, reason=textutils.Escaped(reason)) from cause
 
 
 def _new_id(image, label):

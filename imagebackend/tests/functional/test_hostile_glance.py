@@ -647,12 +647,16 @@ def cli_upload(dep, disk_size=4 * MiB):
                         "--upload", "cli-upload")
 
 
+#: how the start of :func:`huge_error`'s body appears in a message.
+SHOWN_ERROR = "<h1>oops\\x1b[2J\\nFORGED LINE\\r\\nxxx"
+
+
 @pytest.mark.parametrize("step,route,words", [
     ("create", huge_json, "1048576 bytes"),
-    ("create", huge_error, "HTTP 500"),
-    ("upload", receive_then(huge_error), "HTTP 500"),
+    ("create", huge_error, "HTTP 500: " + SHOWN_ERROR),
+    ("upload", receive_then(huge_error), "HTTP 500: " + SHOWN_ERROR),
     ("upload", receive_then(lambda answer: huge_error(answer, status=413)),
-     "HTTP 413"),
+     "HTTP 413: " + SHOWN_ERROR),
 ])
 def test_upload_answers_are_read_in_bounded_memory(server, dep, step, route,
                                                    words):

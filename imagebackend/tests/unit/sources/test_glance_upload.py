@@ -180,12 +180,30 @@ def test_error_status_names_the_url_asked(call, http, path):
     http.put_file.side_effect = glance_errors.HTTPStatus(
         413, "too big", GLANCE + "/v2/images/%s/file" % IMAGE_ID)
 
-    with pytest.raises(glance_errors.BadResponse) as err:
+    with pytest.raises(exception.ImageSourceError) as err:
         glance_upload.upload(call, http, "guest", path, "raw")
 
-    assert "HTTP 413: too big" in err.value.reason
-    assert GLANCE + "/v2/images/" in err.value.reason
+    assert "HTTP 413: too big" in str(err.value)
+    assert GLANCE + "/v2/images/" in str(err.value)
     http.delete.assert_called_once()
+
+
+def test_escaped_server_text_is_not_escaped_twice(call, http, path):
+    http.send_json.side_effect = glance_errors.BadResponse(
+        glance_errors.printable("bad\x1b[2J\nanswer"), GLANCE)
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        glance_upload.upload(call, http, "guest", path, "raw")
+
+    assert "bad\\x1b[2J\\nanswer" in str(err.value)
+
+
+def test_failures_worth_another_attempt_are_left_to_the_source(
+        call, http, path):
+    http.send_json.side_effect = glance_errors.Unreachable("down", GLANCE)
+
+    with pytest.raises(glance_errors.Unreachable):
+        glance_upload.upload(call, http, "guest", path, "raw")
 
 
 def test_credential_errors_are_left_for_the_source(call, http, path):
