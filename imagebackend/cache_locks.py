@@ -274,26 +274,36 @@ def _acquire_file(path, lock, operation, blocking, wait) -> int:
     :returns: the locked descriptor.
     """
     delay = 0.005
-    while True:
-        fd = _open(path)
-        try:
-            lock(fd, operation | fcntl.LOCK_NB)
-        except OSError as exc:
+    fd = _open(path)
+    try:
+        while True:
+            try:
+                lock(fd, operation | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN,
+                                     errno.EACCES):
+                    raise
+                if not blocking:
+                    raise Busy(path) from exc
+                wait.check(lambda: holder(path))
+                # Poll rather than block in the kernel, so that green
+                # threads (eventlet) of the same process keep running
+                # meanwhile; the file stays open while we wait.
+                time.sleep(delay)
+                delay = min(delay * 2, _POLL_MAX)
+                if _same_file(fd, path):
+                    continue
+            else:
+                if _same_file(fd, path):
+                    return fd
+            # Removed (as stale) and replaced meanwhile: lock the new one.
             os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN,
-                                 errno.EACCES):
-                raise
-            if not blocking:
-                raise Busy(path) from exc
-            wait.check(lambda: holder(path))
-            # Poll rather than block in the kernel, so that green threads
-            # (eventlet) of the same process keep running meanwhile.
-            time.sleep(delay)
-            delay = min(delay * 2, _POLL_MAX)
-            continue
-        if _same_file(fd, path):
-            return fd
-        os.close(fd)
+            fd = -1
+            fd = _open(path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
 
 
 @contextlib.contextmanager

@@ -196,17 +196,26 @@ def verify(c: "cache.ImageCache", image_ids: list[str] | None = None, *,
     files = [f for f in layout.bases if wanted is None or f.cid in wanted]
     rows, sparse = [], {}
     for f in sorted(files, key=lambda f: (f.kind != "base", f.name.name)):
-        if f.kind == "base":
-            status, detail, digest = check_base(c, f)
-            if digest is not None:
-                sparse[f.name.stem] = digest
-        else:
-            # A raw sized base has its original's sparse digest: the one
-            # just verified, or else the one recorded for a converted base.
-            expected = (sparse.get(f.name.stem)
-                        or (_recorded_sparse(f.record) if f.trusted
-                            else None))
-            status, detail = check_sized(c, f, expected)
+        try:
+            if f.kind == "base":
+                status, detail, digest = check_base(c, f)
+                if digest is not None:
+                    sparse[f.name.stem] = digest
+            else:
+                # A raw sized base has its original's sparse digest: the
+                # one just verified, or else the one recorded for a
+                # converted base.
+                expected = (sparse.get(f.name.stem)
+                            or (_recorded_sparse(f.record) if f.trusted
+                                else None))
+                status, detail = check_sized(c, f, expected)
+        except FileNotFoundError:
+            if os.path.lexists(f.path):
+                raise
+            # Pruned (or invalidated) while we read it: nothing to verify.
+            LOG.info("Cached %s %s was removed while it was being "
+                     "verified", f.kind, f.path)
+            continue
         if status == "corrupt":
             LOG.warning("Cached %s %s is corrupt: %s", f.kind, f.path,
                         detail)

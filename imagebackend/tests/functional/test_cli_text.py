@@ -199,7 +199,10 @@ def forge_record(dep, image_id):
     ``image_id``: what another host or version sharing ``_base`` could
     have written, or an image service's id shown as it came.
     """
-    records = glob.glob(os.path.join(dep.base_dir, "*.json"))
+    # The base's record (a sized base has its own, named <stem>_<size>).
+    records = [path for path in glob.glob(os.path.join(dep.base_dir,
+                                                       "*.json"))
+               if "_" not in os.path.basename(path)]
     assert len(records) == 1
     with open(records[0]) as f:
         record = json.load(f)

@@ -175,3 +175,18 @@ def test_repair_marks_an_unverifiable_base_stale_and_never_moves_it(
     assert cache_layout.read_record(entry.path + ".json")["stale"] is True
     assert [r["action"] for r in cache_verify.verify(c, repair=True)] == [
         None]
+
+
+def test_a_base_pruned_while_verify_reads_it_is_skipped(tmp_path,
+                                                        monkeypatch):
+    c = raw_cache(tmp_path)
+    entry, _ = c.get("img")
+    real = cache_verify.digests
+
+    def pruned_meanwhile(path, *args, **kwargs):
+        os.unlink(path)             # as a concurrent prune would
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_verify, "digests", pruned_meanwhile)
+    assert cache_verify.verify(c) == []
+    assert not os.path.exists(entry.path)
