@@ -10,13 +10,15 @@ to http(s), the token only to Glance's own origin).  It yields the body as
 it arrives and hashes nothing itself: the pipeline hashes the bytes once,
 while writing them, against the hash Glance recorded (:class:`ImageMeta`);
 an image with no hash this host can check is refused unless ``[glance]
-allow_unverified_images`` is set.  Uploads go through python-glanceclient.
+allow_unverified_images`` is set.  Uploads (:mod:`imagebackend.sources.
+glance_upload`) go through the same client: bounded answers, the file
+streamed from disk, no redirect followed, the stall timeout on every send.
 
 Connection failures and 5xx answers are retried ``[glance] num_retries``
 times with exponential backoff, moving through ``api_servers`` in turn;
-4xx answers are not retried.  Every glanceclient, keystoneauth1 and
-requests error becomes an :mod:`imagebackend.exception` error naming the
-image and the fix, and text Glance sent is escaped and bounded before it
+4xx answers are not retried.  Every keystoneauth1 and requests error
+becomes an :mod:`imagebackend.exception` error naming the image and the
+fix, and text Glance sent is escaped and bounded before it
 reaches a message or a log line.
 """
 
@@ -25,8 +27,6 @@ import logging
 import time
 import typing
 
-from glanceclient import client as glance_client
-from glanceclient import exc as glance_exc
 from keystoneauth1 import adapter as ks_adapter
 from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import loading as ks_loading
@@ -79,10 +79,13 @@ _GLANCE_OPTS = [
                     "reading a record or image data) before it fails. A "
                     "stall before the answer is retried like a connection "
                     "error (see num_retries); a stall in the image data "
-                    "fails the download, naming this option. For these "
-                    "reads the session option timeout, when set, bounds "
-                    "only the time to connect (uploads still use it as "
-                    "keystoneauth does). Default: 60."),
+                    "fails the download, naming this option. An upload "
+                    "fails when Glance takes no more of it (or no 256 KiB "
+                    "piece of it) within this time, or does not answer "
+                    "this long after the last byte; it is not retried. "
+                    "The session option timeout, when set, bounds only "
+                    "the time to connect, except for uploads, where this "
+                    "option bounds connecting too. Default: 60."),
     cfg.IntOpt("min_download_rate",
                default=1024,
                min=0,
@@ -191,7 +194,6 @@ class GlanceSource(base.ImageSource):
         self.register_opts(conf)
         self._sleep = sleep
         self._adapter, self.credential = self._load_adapter(session, adapter)
-        self._clients = {}
         group = conf.glance
         self._http = glance_http.Client(self._adapter, glance_http.Limits(
             stall_timeout=group.stall_timeout,
@@ -244,20 +246,6 @@ class GlanceSource(base.ImageSource):
             return [None]
         return list(self.conf.glance.api_servers) or [None]
 
-    def _client(self, endpoint: str | None):
-        if endpoint not in self._clients:
-            a = self._adapter
-            self._clients[endpoint] = glance_client.Client(
-                "2", session=a.session, auth=a.auth,
-                service_type=a.service_type or "image",
-                service_name=a.service_name, interface=a.interface,
-                region_name=a.region_name,
-                endpoint_override=endpoint or a.endpoint_override,
-                connect_retries=a.connect_retries,
-                status_code_retries=a.status_code_retries,
-                global_request_id=a.global_request_id)
-        return self._clients[endpoint]
-
     def describe(self) -> str:
         endpoints = [e for e in self._endpoints() if e]
         if self._adapter.endpoint_override:
@@ -269,20 +257,23 @@ class GlanceSource(base.ImageSource):
 
     # --- requests with retries --------------------------------------------
 
-    def _call(self, image_id, action, func, retry_server_errors=True):
+    def _call(self, image_id, action, func, retry_server_errors=True,
+              retry=True):
         """``func(endpoint)`` with retries, ``endpoint`` being the Glance
         URL to use (``None``: the adapter's); errors become the library's.
+
+        :param retry: whether to try again at all (not for an upload,
+            which the failed attempt may have started storing).
         """
         endpoints = self._endpoints()
-        attempts = self.conf.glance.num_retries + 1
+        attempts = self.conf.glance.num_retries + 1 if retry else 1
         for attempt in range(1, attempts + 1):
             endpoint = endpoints[(attempt - 1) % len(endpoints)]
             where = ("glance at %s" % endpoint) if endpoint else (
                 self.describe())
             try:
                 return func(endpoint)
-            except (glance_exc.BaseException, glance_exc.ClientException,
-                    ks_exc.ClientException,
+            except (ks_exc.ClientException,
                     requests.exceptions.RequestException,
                     glance_errors.HTTPFailure) as exc:
                 error = glance_errors.translate(
@@ -305,13 +296,6 @@ class GlanceSource(base.ImageSource):
                             "retrying in %.1f s", image_id, action, attempt,
                             attempts, error.reason, delay)
                 self._sleep(delay)
-
-    def _call_client(self, image_id, action, func,
-                     retry_server_errors=True):
-        """``func(glanceclient_client)`` with :meth:`_call`'s retries."""
-        return self._call(image_id, action,
-                          lambda endpoint: func(self._client(endpoint)),
-                          retry_server_errors=retry_server_errors)
 
     # --- the source contract ----------------------------------------------
 
@@ -443,12 +427,18 @@ class GlanceSource(base.ImageSource):
         :param container_format: Glance's container format.
         :param progress: called as ``progress(bytes_sent, total_bytes)``
             after each piece is read for sending.
-        :returns: the new image's id, once Glance has it ``active``.
+        :returns: the new image's id, once Glance has it ``active`` with
+            the size (and, when Glance computed one, the sha512) sent.
         :raises imagebackend.exception.ImageSourceError: the file cannot be
-            read, Glance refused the image, or the upload failed (the
-            half-made image is then deleted).
+            read, Glance refused the image or redirected a request, its
+            answers are malformed, or the upload failed or stalled for
+            ``[glance] stall_timeout`` seconds (the half-made image is then
+            deleted).
+        :raises imagebackend.exception.ImageSourceUnavailable: Glance or
+            Keystone could not be reached to create the image, after
+            ``[glance] num_retries``.
         """
-        return glance_upload.upload(self._call_client, name, path,
+        return glance_upload.upload(self._call, self._http, name, path,
                                     disk_format, container_format, progress)
 
 

@@ -10,12 +10,14 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""Reading from Glance over HTTP with bounds Glance cannot move.
+"""Talking to Glance over HTTP with bounds Glance cannot move.
 
-The Glance source reads image records and image data here, through its
-keystoneauth1 adapter, rather than through python-glanceclient, whose
-HTTP client reads and decodes in memory any body whose Content-Type is not
-exactly ``application/octet-stream``.  Whatever the server sends:
+The Glance source reads image records and image data here, and creates,
+uploads and deletes images, through its keystoneauth1 adapter rather than
+through python-glanceclient, whose HTTP client reads and decodes in memory
+any body whose Content-Type is not exactly ``application/octet-stream``,
+and lets keystoneauth1 resend the token wherever a redirect points.
+Whatever the server sends:
 
 * every body is streamed, and read only up to a bound: a record up to
   :data:`RECORD_LIMIT`, an error body up to :data:`ERROR_LIMIT`, image data
@@ -25,10 +27,17 @@ exactly ``application/octet-stream``.  Whatever the server sends:
 * no byte for :attr:`Limits.stall_timeout` seconds, or fewer than
   :attr:`Limits.min_rate` bytes a second over :attr:`Limits.rate_window`
   seconds, ends the transfer;
-* redirects are followed here, at most :data:`MAX_REDIRECTS` of them, to
-  http(s) URLs only, and the token goes only to the origin of the Glance
-  endpoint it was issued for;
-* only a ``200`` answer is ever taken as the body asked for.
+* redirects of GETs are followed here, at most :data:`MAX_REDIRECTS` of
+  them, to http(s) URLs only, and the token goes only to the origin of the
+  Glance endpoint it was issued for;
+* requests that change something (POST, PUT, DELETE) follow no redirect at
+  all: a redirected request would carry the token, or the data, to where
+  the server chose, and a half-done change is not worth that.  A redirect
+  is an error naming the request and where it pointed;
+* an upload's body is streamed from the file (never read whole), and a
+  server that stops taking it for :attr:`Limits.stall_timeout` seconds
+  ends it; an answer given before the whole body was sent is not success;
+* only the success statuses of the request are ever taken as its answer.
 
 Failures are raised as :class:`imagebackend.sources.glance_errors.
 HTTPFailure` subclasses, whose text is already escaped; keystoneauth1
@@ -144,6 +153,12 @@ class Client:
             raise ks_exc.AuthorizationFailure("no token for Glance")
         return headers
 
+    def _headers(self, accept, content_type=None):
+        headers = {"Accept": accept, "Accept-Encoding": "identity"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
     def get(self, endpoint: str | None, path: str,
             accept: str) -> requests.Response:
         """GET ``path`` from Glance, following redirects.
@@ -166,10 +181,10 @@ class Client:
                     "Glance redirected the request to %s, which is not an "
                     "http(s) URL; fix the Glance (or proxy) configuration"
                     % glance_errors.url_for_humans(url), url)
-            headers = {"Accept": accept, "Accept-Encoding": "identity"}
+            headers = self._headers(accept)
             if origin(url) == home:
                 headers.update(credentials)
-            resp = self._send(url, headers)
+            resp = self._send(url, "GET", headers)
             if resp.status_code not in _REDIRECTS:
                 return self._checked(resp, url)
             location = resp.headers.get("Location")
@@ -187,16 +202,17 @@ class Client:
             "fix the Glance (or proxy) configuration"
             % (MAX_REDIRECTS, glance_errors.url_for_humans(url)), url)
 
-    def _send(self, url, headers):
+    def _send(self, url, method, headers, data=None, timeout=None):
         connect = self.limits.connect_timeout or self.limits.stall_timeout
         try:
             # Never keystoneauth's own redirects (they resend the token
             # anywhere), error parsing (it reads the whole body) or body
             # logging.
             return self._adapter.request(
-                url, "GET", headers=headers, authenticated=False,
-                redirect=False, raise_exc=False, log=False, stream=True,
-                timeout=(connect, self.limits.stall_timeout))
+                url, method, headers=headers, data=data,
+                authenticated=False, redirect=False, raise_exc=False,
+                log=False, stream=True,
+                timeout=timeout or (connect, self.limits.stall_timeout))
         except ks_exc.SSLError as exc:
             raise glance_errors.TLSFailed(
                 glance_errors.printable(str(exc),
@@ -222,8 +238,10 @@ class Client:
                                            glance_errors.DETAILS_LIMIT)),
                 url) from exc
 
-    def _checked(self, resp, url):
-        """``resp`` if it is a 200 with an identity body."""
+    def _checked(self, resp, url, success=(200, 204)):
+        """``resp`` if its status is one of ``success``, with an identity
+        body.
+        """
         code = resp.status_code
         if code >= 400:
             try:
@@ -237,10 +255,10 @@ class Client:
                 code, glance_errors.printable(
                     details, glance_errors.DETAILS_LIMIT) or "no details",
                 url)
-        if code not in (200, 204):
+        if code not in success:
             resp.close()
             raise glance_errors.BadResponse(
-                "%s answered HTTP %d, which is not the data asked for"
+                "%s answered HTTP %d, which is not the answer asked for"
                 % (glance_errors.url_for_humans(url), code), url)
         encoding = resp.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in ("", "identity"):
@@ -261,7 +279,12 @@ class Client:
             too long or not a JSON object.
         """
         resp = self.get(endpoint, path, "application/json")
-        url = resp.url or path
+        return self._json_object(resp, resp.url or path)
+
+    def _json_object(self, resp, url):
+        """The body of ``resp``: a JSON object of at most
+        :data:`RECORD_LIMIT` bytes.  Closes ``resp``.
+        """
         try:
             body = self.read_all(resp, url, RECORD_LIMIT)
         finally:
@@ -280,6 +303,137 @@ class Client:
                 % (glance_errors.url_for_humans(url),
                    type(value).__name__), url)
         return value
+
+    # --- requests that change something ---------------------------------
+
+    def _not_redirected(self, resp, url, method):
+        """``resp``, unless it is a redirect (never followed here)."""
+        if resp.status_code not in _REDIRECTS:
+            return resp
+        location = resp.headers.get("Location") or ""
+        resp.close()
+        raise glance_errors.BadResponse(
+            "%s answered the %s with HTTP %d, a redirect to %s; requests "
+            "that send data to Glance follow no redirect (the token and "
+            "the data would go where the server chose). Set [glance] "
+            "endpoint_override or api_servers to the URL Glance serves "
+            "at" % (glance_errors.url_for_humans(url), method,
+                    resp.status_code,
+                    glance_errors.url_for_humans(
+                        urllib.parse.urljoin(url, location.strip()))
+                    if location.strip() else "nowhere (no Location)"),
+            url)
+
+    def send_json(self, endpoint: str | None, method: str, path: str,
+                  value: typing.Any,
+                  success: typing.Collection[int] = (200, 201)) -> dict:
+        """Send ``value`` as JSON; the answer is a JSON object of at most
+        :data:`RECORD_LIMIT` bytes.  Redirects are not followed.
+
+        :param success: the statuses that mean it worked.
+        :raises glance_errors.HTTPFailure: no usable answer (a redirect,
+            an error status, a body too long or not a JSON object).
+        :raises keystoneauth1.exceptions.ClientException: as :meth:`get`.
+        """
+        url = self.base_url(endpoint) + path
+        headers = self._headers("application/json", "application/json")
+        headers.update(self._auth_headers())
+        resp = self._send(url, method, headers, json.dumps(value).encode())
+        resp = self._checked(self._not_redirected(resp, url, method), url,
+                             success)
+        return self._json_object(resp, url)
+
+    def delete(self, endpoint: str | None, path: str) -> None:
+        """DELETE ``path``; redirects are not followed, the answer's body
+        is read up to :data:`ERROR_LIMIT` bytes.
+
+        :raises glance_errors.HTTPFailure: no success answer.
+        :raises keystoneauth1.exceptions.ClientException: as :meth:`get`.
+        """
+        url = self.base_url(endpoint) + path
+        headers = self._headers("*/*")
+        headers.update(self._auth_headers())
+        resp = self._send(url, "DELETE", headers)
+        self._drain(self._checked(self._not_redirected(resp, url, "DELETE"),
+                                  url, (200, 202, 204)), url)
+
+    def put_file(self, endpoint: str | None, path: str,
+                 body: "FileBody") -> None:
+        """PUT ``body`` (streamed from its file) as
+        ``application/octet-stream``; redirects are not followed.
+
+        Sending a piece, and waiting for the answer, may each take at most
+        :attr:`Limits.stall_timeout` seconds.  Success is a 2xx answer
+        after the whole body was sent.
+
+        :raises glance_errors.HTTPFailure: the transfer stalled or broke
+            off, or the answer is not a success (never ``retryable``: the
+            server may have taken part of the data).
+        :raises FileReadError: reading the file failed.
+        :raises keystoneauth1.exceptions.ClientException: as :meth:`get`.
+        """
+        url = self.base_url(endpoint) + path
+        shown = glance_errors.url_for_humans(url)
+        headers = self._headers("*/*", "application/octet-stream")
+        headers.update(self._auth_headers())
+        body.clock = self._clock
+        body.last_piece = self._clock()
+        stall = self.limits.stall_timeout
+        try:
+            # The connect timeout is also the timeout of each send: the
+            # stall timeout bounds both.
+            resp = self._send(url, "PUT", headers, body,
+                              timeout=(stall, stall))
+        except (glance_errors.HTTPFailure, FileReadError) as exc:
+            if body.failure is not None:
+                raise body.failure from exc
+            if not body.passes:
+                # No byte of the body went out (connecting failed): the
+                # reason is the connection's, but the caller does not
+                # retry an upload.
+                if isinstance(exc, glance_errors.Unreachable):
+                    raise glance_errors.BadResponse(exc.reason,
+                                                    url) from exc
+                raise
+            if body.finished:
+                if isinstance(exc, glance_errors.Unreachable):
+                    # Sent whole: the answer is what did not come.
+                    raise glance_errors.BadResponse(
+                        "%s gave no answer within %s s after the whole "
+                        "upload (%d bytes) was sent; raise [glance] "
+                        "stall_timeout if Glance is that slow to store it"
+                        % (shown, stall, body.sent), url) from exc
+                raise glance_errors.BadResponse(exc.reason, url) from exc
+            if self._clock() - body.last_piece >= stall * 0.9:
+                raise glance_errors.BodyFailure(
+                    "%s took no more of the upload for %s s after %d of "
+                    "%d bytes; raise [glance] stall_timeout if Glance is "
+                    "that slow" % (shown, stall, body.sent, body.size),
+                    url) from exc
+            raise glance_errors.BodyFailure(
+                "the connection to %s broke off after %d of %d bytes of "
+                "the upload were sent (%s)"
+                % (shown, body.sent, body.size, exc.reason), url) from exc
+        resp = self._checked(self._not_redirected(resp, url, "PUT"), url,
+                             (200, 201, 204))
+        self._drain(resp, url)
+        if not body.finished or body.sent != body.size:
+            raise glance_errors.BadResponse(
+                "%s answered HTTP %d after only %d of the %d bytes of the "
+                "upload were sent; the upload did not land"
+                % (shown, resp.status_code, body.sent, body.size), url)
+
+    def _drain(self, resp, url):
+        """Read (at most :data:`ERROR_LIMIT` bytes of) an answer nobody
+        needs, and close it.
+        """
+        try:
+            self.read_all(resp, url, ERROR_LIMIT, truncate=True)
+        except glance_errors.BodyFailure as exc:
+            LOG.debug("Ignoring the unread answer of %s: %s",
+                      glance_errors.url_for_humans(url), exc.reason)
+        finally:
+            resp.close()
 
     # --- bodies -----------------------------------------------------------
 
@@ -375,3 +529,82 @@ class Client:
                 pieces, pending = [], 0
         if pieces:
             yield b"".join(pieces)
+
+
+class FileReadError(Exception):
+    """Reading the file of an upload failed.
+
+    :param error: the ``OSError``.
+    """
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))
+        self.error = error
+
+
+class FileBody:
+    """The body of an upload: ``size`` bytes read from the open binary file
+    ``src`` in pieces of at most :attr:`piece_size` bytes, never whole.
+
+    Each time it is iterated it starts again from the first byte (an HTTP
+    library that resends it sends all of it).
+
+    :param observe: called with each piece as it is handed on for sending,
+        and with ``None`` when the body starts again from the first byte.
+    """
+
+    #: the most read at once; at most this much must be taken by the
+    #: server within the stall timeout.
+    piece_size = 256 * 1024
+
+    def __init__(self, src: typing.BinaryIO, size: int,
+                 observe: typing.Callable[[bytes | None], None] | None = None
+                 ) -> None:
+        self._src = src
+        self.size = size
+        self._observe = observe
+        #: bytes handed on for sending in the latest pass.
+        self.sent = 0
+        #: whether the latest pass handed on the whole file.
+        self.finished = False
+        #: when the latest piece was handed on (the client's clock).
+        self.last_piece = 0.0
+        #: what ended the latest pass, if the body itself failed.
+        self.failure: Exception | None = None
+        #: how many times sending it started.
+        self.passes = 0
+        self.clock: typing.Callable[[], float] = time.monotonic
+
+    def __len__(self) -> int:
+        # requests sends a Content-Length for a body with a length.
+        return self.size
+
+    def __iter__(self) -> typing.Iterator[bytes]:
+        return self._pieces()
+
+    def _pieces(self):
+        self.sent, self.finished, self.failure = 0, False, None
+        self.passes += 1
+        self.last_piece = self.clock()
+        if self._observe is not None:
+            self._observe(None)
+        try:
+            self._src.seek(0)
+            while self.sent < self.size:
+                piece = self._src.read(min(self.piece_size,
+                                           self.size - self.sent))
+                if not piece:
+                    raise OSError(0, "the file ended after %d of its %d "
+                                     "bytes (it shrank while being sent)"
+                                  % (self.sent, self.size))
+                self.sent += len(piece)
+                if self._observe is not None:
+                    self._observe(piece)
+                self.last_piece = self.clock()
+                yield piece
+        except OSError as exc:
+            # Raised as something no HTTP library takes for a network
+            # error, so that it reaches the caller as it is.
+            self.failure = FileReadError(exc)
+            raise self.failure from exc
+        self.finished = True

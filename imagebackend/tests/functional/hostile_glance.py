@@ -14,11 +14,14 @@
 
 :class:`HostileGlance` answers the Glance v2 requests the Glance source
 makes -- ``GET /v2/images/<id>`` (the record) and ``GET
-/v2/images/<id>/file`` (the data) -- the way each test tells it to: the
-test registers, per path, a function that writes the whole answer
-(status, headers, body, timing) through the :class:`Answer` helpers.  It
-records every request it received (path and headers) and counts the body
-bytes it managed to send.
+/v2/images/<id>/file`` (the data); for uploads ``POST /v2/images``, ``PUT
+/v2/images/<id>/file`` and ``DELETE /v2/images/<id>`` -- the way each
+test tells it to: the test registers, per path (GET) or per ``(method,
+path)``, a function that writes the whole answer (status, headers, body,
+timing) through the :class:`Answer` helpers.  It records every request it
+received (method, path and headers) and counts the body bytes it managed
+to send; :meth:`HostileGlance.upload_target` sets up a well-behaved
+upload whose steps a test replaces one by one.
 
 The source reaches it with the ``admin_token`` auth plugin (``[glance]
 auth_type = admin_token``, ``token``, ``endpoint``), which sends a fixed
@@ -65,7 +68,51 @@ class Answer:
         self._handler = handler
         self._server = server
         self.path = handler.path
+        self.method = handler.command
         self.headers = {k.lower(): v for k, v in handler.headers.items()}
+
+    def receive(self, limit: int | None = None) -> tuple[int, str]:
+        """Read the request's body (``Content-Length`` bytes, or chunked,
+        or at most ``limit`` bytes); returns its ``(size, sha512)``.
+        """
+        digest, size = hashlib.sha512(), 0
+        rfile = self._handler.rfile
+        chunked = "chunked" in self.headers.get("transfer-encoding", "")
+        try:
+            while limit is None or size < limit:
+                if chunked:
+                    left = int(rfile.readline().split(b";")[0], 16)
+                    if left == 0:
+                        rfile.readline()
+                        break
+                else:
+                    left = int(self.headers.get("content-length",
+                                                "0")) - size
+                    if left <= 0:
+                        break
+                while left > 0 and (limit is None or size < limit):
+                    want = min(left, MiB)
+                    if limit is not None:
+                        want = min(want, limit - size)
+                    piece = rfile.read1(want)
+                    if not piece:
+                        raise ClientGone()
+                    digest.update(piece)
+                    size += len(piece)
+                    left -= len(piece)
+                    self._server.count_received(len(piece))
+                if chunked and left == 0:
+                    rfile.readline()
+        except OSError as exc:
+            raise ClientGone() from exc
+        return size, digest.hexdigest()
+
+    def read_json(self):
+        """The request's body, parsed as JSON (small bodies only)."""
+        length = int(self.headers.get("content-length", "0"))
+        data = self._handler.rfile.read(length)
+        self._server.count_received(len(data))
+        return json.loads(data)
 
     def start(self, status: int = 200,
               headers: typing.Iterable[tuple[str, str]] = ()) -> None:
@@ -174,9 +221,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         server = self.server.owner
-        server.requests.append(Received("GET", self.path,
+        server.requests.append(Received(self.command, self.path,
                                         dict(self.headers.items())))
-        route = server.routes.get(self.path.split("?")[0])
+        path = self.path.split("?")[0]
+        route = server.routes.get((self.command, path))
+        if route is None and self.command == "GET":
+            route = server.routes.get(path)
         answer = Answer(self, server)
         try:
             if route is None:
@@ -189,6 +239,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except ClientGone:
             pass
         self.close_connection = True
+
+    do_POST = do_PUT = do_DELETE = do_GET
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -203,9 +255,9 @@ class _Server(http.server.ThreadingHTTPServer):
 class HostileGlance:
     """An HTTP server on 127.0.0.1 whose answers each test chooses.
 
-    ``routes`` maps a path (``/v2/images/<id>``) to a function taking an
-    :class:`Answer`.  Use as a context manager (started on enter, stopped
-    on exit).
+    ``routes`` maps a path (``/v2/images/<id>``, for GET) or a ``(method,
+    path)`` pair to a function taking an :class:`Answer`.  Use as a
+    context manager (started on enter, stopped on exit).
     """
 
     def __init__(self) -> None:
@@ -216,8 +268,14 @@ class HostileGlance:
                  "additionalProperties": True}),
         }
         self.requests: list[Received] = []
+        #: ids of the images deleted through :meth:`upload_target`.
+        self.deleted: list[str] = []
+        #: ``(size, sha512)`` of each body stored by
+        #: :meth:`upload_target`, by image id.
+        self.stored: dict[str, tuple[int, str]] = {}
         self.stopping = threading.Event()
         self._sent = 0
+        self._received = 0
         self._lock = threading.Lock()
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
@@ -252,6 +310,19 @@ class HostileGlance:
     def count_sent(self, n: int) -> None:
         with self._lock:
             self._sent += n
+
+    def count_received(self, n: int) -> None:
+        with self._lock:
+            self._received += n
+
+    @property
+    def body_bytes_received(self) -> int:
+        """Request body bytes read from clients."""
+        with self._lock:
+            return self._received
+
+    def requests_of(self, method: str) -> list[Received]:
+        return [r for r in self.requests if r.method == method]
 
     @property
     def body_bytes_sent(self) -> int:
@@ -290,4 +361,40 @@ class HostileGlance:
         self.routes["/v2/images/%s" % image_id] = meta
         if data is not None:
             self.routes["/v2/images/%s/file" % image_id] = data
+        return image_id
+
+    def upload_target(self, create=None, upload=None, meta=None,
+                      image_id: str | None = None) -> str:
+        """Answer an upload (create, data, record, delete) like Glance,
+        but for the steps given: ``create`` answers ``POST /v2/images``,
+        ``upload`` the ``PUT`` of the data, ``meta`` the record read
+        afterwards.  Returns the id the default create answers.
+        """
+        image_id = image_id or str(uuid.uuid4())
+        images = "/v2/images/%s" % image_id
+
+        def default_create(answer):
+            fields = answer.read_json()
+            answer.json(record(image_id, status="queued", size=None,
+                               name=fields.get("name"),
+                               disk_format=fields.get("disk_format")),
+                        status=201)
+
+        def default_upload(answer):
+            self.stored[image_id] = answer.receive()
+            answer.start(204)
+
+        def default_meta(answer):
+            size, sha512 = self.stored.get(image_id, (None, None))
+            answer.json(record(image_id, size=size, sha512=sha512,
+                               status="active" if size else "queued"))
+
+        def delete(answer):
+            self.deleted.append(image_id)
+            answer.start(204)
+
+        self.routes[("POST", "/v2/images")] = create or default_create
+        self.routes[("PUT", images + "/file")] = upload or default_upload
+        self.routes[images] = meta or default_meta
+        self.routes[("DELETE", images)] = delete
         return image_id

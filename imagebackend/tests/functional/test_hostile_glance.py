@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -592,3 +593,272 @@ def test_image_id_followed_by_a_newline_is_refused(server, dep):
 
     assert not [r for r in server.requests if r.path.startswith(
         "/v2/images/")]
+
+
+# --- uploads (disk extract --upload, GlanceSource.upload) ---------------
+
+UPLOAD_NAME = "up\x1b[2Jload"
+
+
+def upload_file(dep, size, name="upload.raw"):
+    """A file of ``size`` bytes of :data:`BLOCK`, and its sha512."""
+    path = os.path.join(dep.root, name)
+    with open(path, "wb") as f:
+        for piece in hg.repeat(BLOCK, size):
+            f.write(piece)
+    return path, hg.digests(hg.repeat(BLOCK, size))[2]
+
+
+def upload(dep, path, name=UPLOAD_NAME):
+    conf = dep.conf()
+    return glance.GlanceSource(conf).upload(name, path, "raw")
+
+
+def huge_json(answer, status=200):
+    answer.start(status, [("Content-Type", "application/json")])
+    answer.body([b'{"id": "x", "name": "'] + list(
+        hg.repeat(b"a" * MiB, 300 * MiB)) + [b'"}'])
+
+
+def huge_error(answer, status=500):
+    answer.start(status, [("Content-Type", "text/html")])
+    answer.body([b"<h1>oops\x1b[2J\nFORGED LINE\r\n"] + list(
+        hg.repeat(b"x" * MiB, 8 * MiB)))
+
+
+def receive_then(reply):
+    """An upload route that reads the whole body, then answers
+    ``reply(answer)``.
+    """
+    def route(answer):
+        answer.receive()
+        reply(answer)
+    return route
+
+
+def cli_upload(dep, disk_size=4 * MiB):
+    """``disk extract DISK OUTPUT -O raw --upload NAME`` (DISK a real
+    qcow2 of ``disk_size`` bytes) in a child whose peak RSS is measured;
+    returns what :func:`cli_measured` does.
+    """
+    disk = fenv.make_qcow2(os.path.join(dep.instances, "vm-disk"),
+                           disk_size)
+    output = os.path.join(dep.root, "extracted.raw")
+    return cli_measured(dep, "disk", "extract", disk, output, "-O", "raw",
+                        "--input-format", "qcow2",
+                        "--upload", "cli-upload")
+
+
+#: how the start of :func:`huge_error`'s body appears in a message.
+SHOWN_ERROR = "<h1>oops\\x1b[2J\\nFORGED LINE\\r\\nxxx"
+
+
+@pytest.mark.parametrize("step,route,words", [
+    ("create", huge_json, "1048576 bytes"),
+    ("create", huge_error, "HTTP 500: " + SHOWN_ERROR),
+    ("upload", receive_then(huge_error), "HTTP 500: " + SHOWN_ERROR),
+    ("upload", receive_then(lambda answer: huge_error(answer, status=413)),
+     "HTTP 413: " + SHOWN_ERROR),
+])
+def test_upload_answers_are_read_in_bounded_memory(server, dep, step, route,
+                                                   words):
+    image_id = server.upload_target(**{step: route})
+
+    code, _out, err, rss = cli_upload(dep)
+
+    assert code == 1, err
+    assert rss < RSS_LIMIT_KIB, "peak RSS %d KiB" % rss
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    assert words in line and server.url in line
+    assert_clean(line)
+    if step == "create":
+        assert "cli-upload" in line
+        assert not server.requests_of("PUT")
+    else:
+        assert image_id in line
+        assert server.deleted == [image_id]
+
+
+def test_upload_of_a_big_file_is_streamed_from_disk(server, dep):
+    size = 192 * MiB
+    image_id = server.upload_target()
+
+    code, out, err, rss = cli_upload(dep, disk_size=size)
+
+    assert code == 0, err
+    assert rss < RSS_LIMIT_KIB, "peak RSS %d KiB" % rss
+    assert image_id in out
+    assert server.stored[image_id][0] == size
+    assert server.deleted == []
+
+
+def test_upload_answer_with_a_huge_body_is_not_read_whole(server, dep):
+    image_id = str(uuid.uuid4())
+
+    def upload_route(answer):
+        server.stored[image_id] = answer.receive()
+        huge_json(answer)
+    server.upload_target(upload=upload_route, image_id=image_id)
+
+    code, out, err, rss = cli_upload(dep)
+
+    assert code == 0, err
+    assert rss < RSS_LIMIT_KIB, "peak RSS %d KiB" % rss
+    assert image_id in out
+
+
+@pytest.mark.parametrize("status", [302, 307, 308])
+def test_redirected_create_sends_nothing_elsewhere(server, other_origin, dep,
+                                                   status):
+    path, _sha512 = upload_file(dep, MiB)
+    other_origin.upload_target()
+
+    def redirect(answer):
+        answer.start(status, [("Location", other_origin.url + "/v2/images"),
+                              ("Content-Length", "0")])
+    server.upload_target(create=redirect)
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        upload(dep, path)
+
+    assert other_origin.tokens_received() == []
+    assert other_origin.requests == []
+    message = str(err.value)
+    assert "redirect" in message and server.url in message
+    assert other_origin.url in message
+    assert "up\\x1b[2Jload" in message
+    assert_clean(message)
+    assert not server.requests_of("PUT")
+
+
+@pytest.mark.parametrize("elsewhere", [True, False])
+def test_redirected_upload_is_an_error_and_the_image_deleted(
+        server, other_origin, dep, elsewhere):
+    path, _sha512 = upload_file(dep, 4 * MiB)
+    target = other_origin if elsewhere else server
+    target.routes[("PUT", "/moved")] = receive_then(
+        lambda answer: answer.start(204))
+
+    def redirect(answer):
+        answer.start(307, [("Location", target.url + "/moved"),
+                           ("Content-Length", "0")])
+    image_id = server.upload_target(upload=redirect)
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        upload(dep, path)
+
+    assert other_origin.tokens_received() == []
+    assert other_origin.requests == []
+    message = str(err.value)
+    assert image_id in message and server.url in message
+    assert "redirect" in message
+    assert_clean(message)
+    assert [r.path for r in server.requests_of("PUT")] == [
+        "/v2/images/%s/file" % image_id]
+    assert server.deleted == [image_id]
+
+
+@pytest.mark.parametrize("answer_value", [
+    {"id": "../../../v2/images/other"}, {"id": 7}, {"id": ["x"]},
+    {"id": str(uuid.uuid4()) + "\n"}, [1, 2], "text", {}])
+def test_created_image_id_is_checked_before_use(server, dep, answer_value):
+    path, _sha512 = upload_file(dep, MiB)
+    server.upload_target(
+        create=lambda answer: answer.json(answer_value, status=201))
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        upload(dep, path)
+
+    assert "up\\x1b[2Jload" in str(err.value)
+    assert_clean(str(err.value))
+    assert [r.method for r in server.requests] == ["POST"]
+
+
+@pytest.mark.parametrize("fields,key", [
+    ({"status": ["active"]}, "status"),
+    ({"size": "4194304"}, "size"),
+    ({"size": True}, "size"),
+    ({"os_hash_value": {"a": 1}}, "os_hash_value"),
+    ({"status": "saving"}, "saving"),
+    ({"size": 4 * MiB - 1}, "4194303 bytes"),
+    ({"status": "killed\x1b[31m\nforged" + "z" * 10000}, "killed\\x1b[31m"),
+])
+def test_final_record_is_checked(server, dep, fields, key):
+    path, sha512 = upload_file(dep, 4 * MiB)
+    image_id = None
+
+    def meta(answer):
+        value = hg.record(image_id, size=4 * MiB, sha512=sha512)
+        value.update(fields)
+        answer.json(value)
+    image_id = server.upload_target(meta=meta)
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        upload(dep, path)
+
+    message = str(err.value)
+    assert key in message and image_id in message
+    assert_clean(message)
+    assert server.deleted == [image_id]
+
+
+def test_answer_before_the_whole_upload_is_not_success(server, dep):
+    size = 64 * MiB
+    path, sha512 = upload_file(dep, size)
+    image_id = None
+
+    def early(answer):
+        answer.receive(limit=MiB)
+        answer.start(204)
+        answer.reset()
+
+    def meta(answer):
+        # The record lies: all bytes stored, with the right hash.
+        answer.json(hg.record(image_id, size=size, sha512=sha512))
+    image_id = server.upload_target(upload=early, meta=meta)
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        upload(dep, path)
+
+    message = str(err.value)
+    assert image_id in message and server.url in message
+    assert_clean(message)
+    assert server.deleted == [image_id]
+
+
+@pytest.mark.parametrize("when", ["taking the body", "answering"])
+def test_stalled_upload_fails_after_the_stall_timeout(server, dep, when):
+    dep.write_config(glance={"stall_timeout": 1})
+    path, _sha512 = upload_file(dep, 64 * MiB)
+
+    def stalls(answer):
+        if when == "answering":
+            answer.receive()
+        answer.stall(60)
+    image_id = server.upload_target(upload=stalls)
+
+    start = time.monotonic()
+    with pytest.raises(exception.ImageSourceError) as err:
+        upload(dep, path)
+
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert image_id in message and "stall_timeout" in message
+    assert server.url in message
+    assert_clean(message)
+    assert server.deleted == [image_id]
+
+
+def test_stalled_create_fails_after_the_stall_timeout(server, dep):
+    dep.write_config(glance={"stall_timeout": 1})
+    path, _sha512 = upload_file(dep, MiB)
+    server.upload_target(create=lambda answer: answer.stall(60))
+
+    start = time.monotonic()
+    with pytest.raises(exception.ImageSourceError) as err:
+        upload(dep, path)
+
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert "up\\x1b[2Jload" in message and "stall_timeout" in message
+    assert not server.requests_of("PUT")

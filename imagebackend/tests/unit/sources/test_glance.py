@@ -3,17 +3,14 @@
 Records and data go through :class:`imagebackend.sources.glance_http.Client`,
 patched here (autospec) so that these tests cover retries, backoff,
 endpoint rotation, record checks and error mapping without a network (the
-client itself is tested in test_glance_http.py); uploads go through
-``glanceclient.client.Client``, patched the same way.
+client itself is tested in test_glance_http.py); uploads go through the
+same client.
 """
 
 import hashlib
 import re
 from unittest import mock
 
-from glanceclient.common import http as gc_http
-from glanceclient import exc as glance_exc
-from glanceclient.v2 import images as gc_images
 from keystoneauth1 import adapter as ks_adapter
 from keystoneauth1 import exceptions as ks_exc
 from keystoneauth1 import session as ks_session
@@ -55,15 +52,6 @@ def image_record(**overrides):
     return record
 
 
-def new_client():
-    client = mock.Mock(spec=["images", "http_client"])
-    client.images = mock.create_autospec(gc_images.Controller,
-                                         instance=True)
-    client.http_client = mock.create_autospec(gc_http.SessionClient,
-                                              instance=True)
-    return client
-
-
 def response(status=200, headers=None, url="http://glance.test:9292/v2/x"):
     resp = mock.create_autospec(requests.Response, instance=True)
     resp.status_code = status
@@ -78,24 +66,6 @@ class Sleep:
 
     def __call__(self, seconds):
         self.delays.append(seconds)
-
-
-@pytest.fixture
-def clients():
-    """Patch glanceclient's Client (used for uploads): one fake client per
-    endpoint override (``clients[None]`` is the catalog's).
-    """
-    made = {}
-
-    def factory(version, **kwargs):
-        assert version == "2"
-        return made.setdefault(kwargs.get("endpoint_override"),
-                               new_client())
-
-    with mock.patch.object(glance.glance_client, "Client", autospec=True,
-                           side_effect=factory) as patched:
-        made["patched"] = patched
-        yield made
 
 
 @pytest.fixture
@@ -116,7 +86,7 @@ def sleep():
 
 
 @pytest.fixture
-def make_source(tmp_path, clients, http, sleep):
+def make_source(tmp_path, http, sleep):
     def make(values=None, **kwargs):
         values = dict(PASSWORD_AUTH if values is None else values)
         path = tmp_path / "imagebackend.conf"
@@ -128,13 +98,6 @@ def make_source(tmp_path, clients, http, sleep):
         kwargs.setdefault("sleep", sleep)
         return glance.GlanceSource(conf, **kwargs)
     return make
-
-
-def catalog_client(clients, make_source):
-    """A source finding Glance in the catalog, and the fake glanceclient
-    client it will use for uploads (made on first use).
-    """
-    return make_source(), clients.setdefault(None, new_client())
 
 
 def endpoints_asked(http):
@@ -706,46 +669,71 @@ def test_limits_come_from_the_options(http, make_source):
 
 # --- upload (the module's own tests are in test_glance_upload.py) -------
 
-def test_upload_goes_through_the_retrying_client(clients, make_source,
-                                                 tmp_path, sleep):
+def upload_source(http, make_source, tmp_path):
     path = tmp_path / "disk.qcow2"
     path.write_bytes(DATA)
-    source, client = catalog_client(clients, make_source)
-    client.images.create.return_value = {"id": IMAGE_ID}
-    sent = []
+    http.send_json.return_value = {"id": IMAGE_ID, "status": "queued"}
 
-    def upload(image_id, reader, image_size=None):
-        if not sent:
-            sent.append(reader.read(100))  # partly sent, then...
-            raise glance_exc.CommunicationError("connection reset")
-        sent.append(reader.read(len(DATA) + 1))
-    client.images.upload.side_effect = upload
-    client.images.get.return_value = image_record()
+    def put(endpoint, url, body):
+        for _piece in body:
+            pass
+    http.put_file.side_effect = put
+    http.get_json.return_value = image_record()
+    return make_source(), str(path)
 
-    assert source.upload("guest", str(path), "qcow2") == IMAGE_ID
-    # The retry starts again from the first byte.
-    assert sent[-1] == DATA
+
+def test_upload_goes_through_the_bounded_client(http, make_source,
+                                                tmp_path, sleep):
+    source, path = upload_source(http, make_source, tmp_path)
+
+    assert source.upload("guest", path, "qcow2") == IMAGE_ID
+    http.send_json.assert_called_once_with(
+        None, "POST", "/v2/images",
+        {"name": "guest", "disk_format": "qcow2",
+         "container_format": "bare"}, success=(200, 201))
+    [put] = http.put_file.call_args_list
+    assert put.args[:2] == (None, "/v2/images/%s/file" % IMAGE_ID)
+    http.get_json.assert_called_once_with(None, "/v2/images/" + IMAGE_ID)
+    http.delete.assert_not_called()
+
+
+def test_create_is_retried_after_a_connection_failure(http, make_source,
+                                                      tmp_path, sleep):
+    source, path = upload_source(http, make_source, tmp_path)
+    http.send_json.side_effect = [
+        glance_errors.Unreachable("cannot connect"),
+        {"id": IMAGE_ID}]
+
+    assert source.upload("guest", path, "qcow2") == IMAGE_ID
     assert sleep.delays == [0.5]
 
 
-def test_upload_server_error_is_not_retried(clients, make_source, tmp_path,
-                                            sleep):
-    path = tmp_path / "disk.qcow2"
-    path.write_bytes(DATA)
-    source, client = catalog_client(clients, make_source)
-    client.images.create.return_value = {"id": IMAGE_ID}
-    client.images.upload.side_effect = glance_exc.HTTPInternalServerError()
+def test_upload_data_is_never_retried(http, make_source, tmp_path, sleep):
+    source, path = upload_source(http, make_source, tmp_path)
+    http.put_file.side_effect = glance_errors.Unreachable("reset")
 
-    with pytest.raises(exception.ImageSourceError):
-        source.upload("guest", str(path), "qcow2")
+    with pytest.raises(exception.ImageSourceUnavailable) as err:
+        source.upload("guest", path, "qcow2")
 
-    # Data may have reached Glance: no second attempt, the image goes.
-    assert client.images.upload.call_count == 1
-    client.images.delete.assert_called_once_with(IMAGE_ID)
+    assert err.value.attempts == 1
     assert sleep.delays == []
+    http.delete.assert_called_once_with(None, "/v2/images/" + IMAGE_ID)
 
 
-# --- configuration ----------------------------------------------------------
+def test_upload_server_error_is_not_retried(http, make_source, tmp_path,
+                                            sleep):
+    source, path = upload_source(http, make_source, tmp_path)
+    http.send_json.side_effect = glance_errors.HTTPStatus(
+        500, "boom", "http://glance.test:9292/v2/images")
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        source.upload("guest", path, "qcow2")
+
+    assert "HTTP 500" in str(err.value)
+    assert "http://glance.test:9292/v2/images" in str(err.value)
+    assert sleep.delays == []
+    http.put_file.assert_not_called()
+
 
 def test_no_way_to_reach_glance_is_a_configuration_error(make_source):
     with pytest.raises(exception.ConfigurationError) as err:
@@ -762,10 +750,8 @@ def test_unknown_auth_plugin_is_a_configuration_error(make_source):
     assert "no-such-plugin" in str(err.value)
 
 
-def test_endpoint_without_credentials_is_allowed(clients, make_source):
+def test_endpoint_without_credentials_is_allowed(make_source):
     source = make_source({"endpoint_override": "http://glance.test:9292"})
-    client = clients.setdefault("http://glance.test:9292", new_client())
-    client.images.get.return_value = image_record()
 
     assert source.get_meta(IMAGE_ID).image_id == IMAGE_ID
     assert "http://glance.test:9292" in source.describe()
@@ -831,7 +817,7 @@ def test_sample_options_list_every_group_option_once():
     assert all(opt.help for opt in opts)
 
 
-def test_options_can_be_registered_twice(tmp_path, make_source, clients):
+def test_options_can_be_registered_twice(tmp_path, make_source):
     # A second source on the same ConfigOpts (and another auth plugin's
     # options registered meanwhile) must not clash.
     source = make_source()

@@ -423,3 +423,232 @@ def test_small_pieces_are_joined_into_chunks():
     chunks = list(chunks_of(raw, limit=10000, chunk_size=4096))
 
     assert [len(c) for c in chunks] == [4096, 4096, 1808]
+
+
+# --- requests that change something ----------------------------------------
+
+def consuming(adapter, *resps, pieces=None):
+    """Like :func:`answers`, but each request first sends its body (all
+    of it, or ``pieces`` pieces of it) like an HTTP library would.
+    """
+    queue = list(resps)
+
+    def request(url, method, data=None, **kwargs):
+        if data is not None and not isinstance(data, bytes):
+            for count, _piece in enumerate(data, 1):
+                if pieces is not None and count >= pieces:
+                    break
+        resp = queue.pop(0)
+        if isinstance(resp, BaseException):
+            raise resp
+        resp.url = url
+        return resp
+    adapter.request.side_effect = request
+
+
+def file_body(tmp_path, size=3 * 256 * 1024 + 5):
+    path = tmp_path / "disk"
+    path.write_bytes(b"d" * size)
+    seen = []
+    return glance_http.FileBody(open(path, "rb"), size,
+                                seen.append), seen
+
+
+def test_send_json_posts_with_the_token_and_follows_no_redirect(adapter):
+    answers(adapter, response(201, body=b'{"id": "x"}'))
+
+    value = client(adapter).send_json(None, "POST", "/v2/images",
+                                      {"name": "n"})
+
+    assert value == {"id": "x"}
+    [(url, headers)] = sent(adapter)
+    assert url == GLANCE + "/v2/images"
+    assert headers["X-Auth-Token"] == "secret-token"
+    assert headers["Content-Type"] == "application/json"
+    kwargs = adapter.request.call_args.kwargs
+    assert json.loads(kwargs["data"]) == {"name": "n"}
+    assert kwargs["redirect"] is False and kwargs["stream"] is True
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_send_json_does_not_follow_redirects(adapter, status):
+    answers(adapter, response(status, headers={
+        "Location": "http://elsewhere.test/v2/images?sig=secret\x1b"}))
+
+    with pytest.raises(glance_errors.BadResponse) as err:
+        client(adapter).send_json(None, "POST", "/v2/images", {})
+
+    assert len(sent(adapter)) == 1
+    assert "redirect to http://elsewhere.test/v2/images" in err.value.reason
+    assert "secret" not in err.value.reason
+    assert GLANCE in err.value.reason
+
+
+def test_send_json_answer_is_bounded(adapter):
+    answers(adapter, response(201, body=b"{" + b" " * (
+        glance_http.RECORD_LIMIT + 10) + b"}"))
+
+    with pytest.raises(glance_errors.BodyFailure) as err:
+        client(adapter).send_json(None, "POST", "/v2/images", {})
+
+    assert err.value.too_long
+
+
+def test_send_json_error_body_is_bounded(adapter):
+    answers(adapter, response(500, body=b"\x1b" + b"x" * 100000))
+
+    with pytest.raises(glance_errors.HTTPStatus) as err:
+        client(adapter).send_json(None, "POST", "/v2/images", {})
+
+    assert err.value.code == 500
+    assert err.value.details.startswith("\\x1b")
+    assert len(err.value.details) < 2000
+
+
+def test_send_json_other_status_is_not_the_answer(adapter):
+    answers(adapter, response(202, body=b"{}"))
+
+    with pytest.raises(glance_errors.BadResponse):
+        client(adapter).send_json(None, "POST", "/v2/images", {})
+
+
+def test_delete_follows_no_redirect(adapter):
+    answers(adapter, response(302, headers={"Location": "/x"}))
+
+    with pytest.raises(glance_errors.BadResponse):
+        client(adapter).delete(None, "/v2/images/x")
+
+    assert len(sent(adapter)) == 1
+
+
+def test_delete_reads_a_bounded_answer(adapter):
+    answers(adapter, response(200, body=b"x" * 10 * glance_http.ERROR_LIMIT))
+
+    client(adapter).delete(None, "/v2/images/x")
+
+    assert adapter.request.call_args.args[1] == "DELETE"
+
+
+def test_put_file_streams_the_body_in_pieces(adapter, tmp_path):
+    body, seen = file_body(tmp_path)
+    consuming(adapter, response(204))
+
+    client(adapter, stall_timeout=9).put_file(None, "/v2/images/x/file",
+                                              body)
+
+    assert body.finished and body.sent == body.size
+    assert seen[0] is None
+    assert [len(p) for p in seen[1:]] == [256 * 1024] * 3 + [5]
+    kwargs = adapter.request.call_args.kwargs
+    assert kwargs["data"] is body and len(body) == body.size
+    assert kwargs["timeout"] == (9, 9)
+    assert kwargs["redirect"] is False
+    [(_url, headers)] = sent(adapter)
+    assert headers["Content-Type"] == "application/octet-stream"
+
+
+def test_put_file_answer_before_the_whole_body_is_not_success(adapter,
+                                                              tmp_path):
+    body, _seen = file_body(tmp_path)
+    consuming(adapter, response(204), pieces=2)
+
+    with pytest.raises(glance_errors.BadResponse) as err:
+        client(adapter).put_file(None, "/v2/images/x/file", body)
+
+    assert "did not land" in err.value.reason
+
+
+def test_put_file_redirect_is_not_followed(adapter, tmp_path):
+    body, _seen = file_body(tmp_path)
+    consuming(adapter, response(307, headers={
+        "Location": "http://elsewhere.test/store"}))
+
+    with pytest.raises(glance_errors.BadResponse) as err:
+        client(adapter).put_file(None, "/v2/images/x/file", body)
+
+    assert "elsewhere.test" in err.value.reason
+    assert len(sent(adapter)) == 1
+
+
+def test_put_file_stall_while_sending_names_the_option(adapter, tmp_path):
+    body, _seen = file_body(tmp_path)
+    clock = Clock()
+
+    def request(url, method, data=None, **kwargs):
+        next(iter(data))
+        clock.now += 5      # the next send blocked this long
+        raise ks_exc.ConnectTimeout("timed out")
+    adapter.request.side_effect = request
+    http = glance_http.Client(adapter, glance_http.Limits(stall_timeout=5),
+                              clock=clock)
+
+    with pytest.raises(glance_errors.BodyFailure) as err:
+        http.put_file(None, "/v2/images/x/file", body)
+
+    assert "stall_timeout" in err.value.reason
+    assert "262144 of 786437 bytes" in err.value.reason
+    assert not err.value.retryable
+
+
+def test_put_file_no_answer_after_the_body_names_the_option(adapter,
+                                                            tmp_path):
+    body, _seen = file_body(tmp_path)
+    consuming(adapter, ks_exc.ConnectTimeout("timed out"))
+
+    with pytest.raises(glance_errors.BadResponse) as err:
+        client(adapter, stall_timeout=4).put_file(None, "/v2/images/x/file",
+                                                  body)
+
+    assert "no answer within 4 s" in err.value.reason
+    assert "stall_timeout" in err.value.reason
+    assert not err.value.retryable
+
+
+def test_put_file_connection_broken_mid_body(adapter, tmp_path):
+    body, _seen = file_body(tmp_path)
+
+    def request(url, method, data=None, **kwargs):
+        next(iter(data))
+        raise ks_exc.ConnectFailure("reset by peer")
+    adapter.request.side_effect = request
+
+    with pytest.raises(glance_errors.BodyFailure) as err:
+        client(adapter).put_file(None, "/v2/images/x/file", body)
+
+    assert "broke off after 262144 of 786437 bytes" in err.value.reason
+    assert not err.value.retryable
+
+
+def test_put_file_read_error_is_the_files(adapter, tmp_path):
+    body, _seen = file_body(tmp_path)
+    body._src.close()
+    body._src = mock.Mock(spec=["seek", "read"])
+    body._src.read.side_effect = OSError(5, "Input/output error")
+    consuming(adapter, response(204))
+
+    with pytest.raises(glance_http.FileReadError) as err:
+        client(adapter).put_file(None, "/v2/images/x/file", body)
+
+    assert "Input/output error" in str(err.value)
+
+
+def test_file_that_shrank_is_a_read_error(tmp_path):
+    body, _seen = file_body(tmp_path)
+    body.size += 10
+
+    with pytest.raises(glance_http.FileReadError) as err:
+        list(body)
+
+    assert "shrank" in str(err.value)
+
+
+def test_put_file_that_cannot_connect_says_so(adapter, tmp_path):
+    body, _seen = file_body(tmp_path)
+    adapter.request.side_effect = ks_exc.ConnectFailure("refused")
+
+    with pytest.raises(glance_errors.BadResponse) as err:
+        client(adapter).put_file(None, "/v2/images/x/file", body)
+
+    assert "cannot connect" in err.value.reason
+    assert "stall_timeout" not in err.value.reason
+    assert not err.value.retryable
