@@ -136,6 +136,18 @@ def _more(count: int) -> str:
     return "... (%d more characters)" % count
 
 
+def compose(template: str, *args, limit: int | None = MESSAGE_LIMIT
+            ) -> Escaped:
+    """``template % args`` as text to show: ``template`` is the library's
+    own, each argument is escaped and bounded -- once: an argument that is
+    already :class:`Escaped` is kept as it is -- and the result is marked
+    :class:`Escaped`, so a message it goes into does not escape it again.
+    """
+    return Escaped(template % tuple(
+        arg if isinstance(arg, Escaped) else printable(arg, limit)
+        for arg in args))
+
+
 def quote(text: str) -> str:
     """``text`` (already made :func:`printable`) in quotes, as ``%r``
     would show a str but without escaping it a second time.

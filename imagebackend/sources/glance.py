@@ -41,6 +41,7 @@ from imagebackend.sources import glance_errors
 from imagebackend.sources import glance_http
 from imagebackend.sources import glance_record
 from imagebackend.sources import glance_upload
+from imagebackend import textutils
 
 LOG = logging.getLogger(__name__)
 
@@ -286,10 +287,11 @@ class GlanceSource(base.ImageSource):
                     raise exception.ImageSourceUnavailable(
                         image_id=image_id, source=error.source or where,
                         attempts=attempts,
-                        reason="%s while trying to %s; check that Glance "
-                               "and Keystone are running and reachable, or "
-                               "raise [glance] num_retries"
-                               % (error.reason, action)) from exc
+                        reason=textutils.compose(
+                            "%s while trying to %s; check that Glance and "
+                            "Keystone are running and reachable, or raise "
+                            "[glance] num_retries", error.reason,
+                            action)) from exc
                 delay = min(self.retry_delay * 2 ** (attempt - 1),
                             self.max_retry_delay)
                 LOG.warning("Image %s: %s failed on attempt %d of %d (%s); "

@@ -231,7 +231,7 @@ def translate(exc: Exception, *, image_id: str, where: str,
                               retry_server_errors)
     if isinstance(exc, (glance_exc.CommunicationError,
                         glance_exc.InvalidEndpoint)):
-        return Retryable("cannot connect (%s)" % _said(exc))
+        return Retryable(textutils.compose("cannot connect (%s)", _said(exc)))
     if isinstance(exc, ks_exc.SSLError):
         return exception.ImageSourceError(
             image_id=image_id,
@@ -257,8 +257,8 @@ def translate(exc: Exception, *, image_id: str, where: str,
             reason="[glance] credentials are incomplete or wrong (%s)"
                    % _said(exc))
     if isinstance(exc, requests.exceptions.ConnectionError):
-        return Retryable("connection to %s failed (%s)"
-                         % (where, _said(exc)))
+        return Retryable(textutils.compose(
+            "connection to %s failed (%s)", where, _said(exc)))
     return exception.ImageSourceError(
         image_id=image_id,
         reason="request to %s failed: %s: %s" % (
@@ -296,34 +296,36 @@ def _glance_status(code, details, image_id, where, credential,
     if code == 401:
         return exception.ImageNotAuthorized(
             image_id=image_id, source=where,
-            reason="Glance refused the request made with %s (HTTP 401: "
-                   "%s). Its token is missing, expired or revoked; check "
-                   "that credential, and that Glance's own "
-                   "[keystone_authtoken] points at the same Keystone"
-                   % (credential, details))
+            reason=textutils.compose(
+                "Glance refused the request made with %s (HTTP 401: %s). "
+                "Its token is missing, expired or revoked; check that "
+                "credential, and that Glance's own [keystone_authtoken] "
+                "points at the same Keystone", credential, details))
     if code == 403:
         return exception.ImageNotAuthorized(
             image_id=image_id, source=where,
-            reason="%s may not use this image (HTTP 403: %s); share the "
-                   "image with that project or use a credential of the "
-                   "owning project" % (credential, details))
+            reason=textutils.compose(
+                "%s may not use this image (HTTP 403: %s); share the image "
+                "with that project or use a credential of the owning "
+                "project", credential, details))
     if code is None or code >= 500 or code == 429:
-        reason = "Glance answered HTTP %s (%s)" % (code, details)
+        reason = textutils.compose("Glance answered HTTP %s (%s)", code,
+                                   details)
         if retry_server_errors:
             return Retryable(reason)
         return exception.ImageSourceError(image_id=image_id, reason=reason)
     return exception.ImageSourceError(
         image_id=image_id,
-        reason="%s refused the request with HTTP %s: %s" % (
-            where, code, details))
+        reason=textutils.compose("%s refused the request with HTTP %s: %s",
+                                 where, code, details))
 
 
 def _keystone_http(exc, image_id, credential):
     """An HTTP error from Keystone while authenticating."""
     status = exc.http_status
     if status is not None and status >= 500:
-        return Retryable("Keystone answered HTTP %s (%s)" % (status,
-                                                             _said(exc)))
+        return Retryable(textutils.compose(
+            "Keystone answered HTTP %s (%s)", status, _said(exc)))
     if status in (401, 403, 404):
         return exception.ImageNotAuthorized(
             image_id=image_id, source="Keystone",

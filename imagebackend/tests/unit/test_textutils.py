@@ -17,6 +17,7 @@ import logging
 
 import pytest
 
+from imagebackend import exception
 from imagebackend import textutils
 
 
@@ -122,3 +123,15 @@ def test_bounding_escaped_text_never_cuts_an_escape():
         "ab\\x1b... (9 more characters)")
     assert textutils.printable(once, limit=5) == (
         "ab... (10 more characters)")
+
+
+def test_compose_escapes_each_argument_once():
+    details = textutils.printable("oops\x1b[2J\nforged")
+    text = textutils.compose("Glance answered HTTP %s (%s) at %s", 500,
+                             details, "http://g\n:9292")
+    assert text == ("Glance answered HTTP 500 (oops\\x1b[2J\\nforged) at "
+                    "http://g\\n:9292")
+    assert isinstance(text, textutils.Escaped)
+    # Put whole into an error, it is not escaped a second time.
+    err = exception.ImageSourceError(image_id="i", reason=text)
+    assert "(oops\\x1b[2J\\nforged)" in str(err)
