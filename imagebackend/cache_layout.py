@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import errno
 import hashlib
-import json
 import logging
 import os
 import re
@@ -395,41 +394,12 @@ def write_stale_record(record_path: str, image_id: str, generation: int,
 def read_record(path: str) -> dict | None:
     """Read the JSON record ``path``, never through a symlink and never
     from anything but a regular file of at most
-    :data:`MAX_RECORD_BYTES`.
+    :data:`MAX_RECORD_BYTES` (:func:`imagebackend.fileutils.read_json`).
 
     :returns: the record, or ``None`` when it is missing, a symlink, not a
         regular file, too large, or not a JSON object.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                     | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            LOG.warning("Ignoring record %s: it is a symlink, which the "
-                        "cache never follows", path)
-        else:
-            LOG.warning("Ignoring unreadable record %s: %s", path, exc)
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_RECORD_BYTES:
-            LOG.warning("Ignoring record %s: not a regular file of at most "
-                        "%d bytes", path, MAX_RECORD_BYTES)
-            return None
-        data = os.pread(fd, MAX_RECORD_BYTES + 1, 0)
-    except OSError as exc:
-        LOG.warning("Ignoring unreadable record %s: %s", path, exc)
-        return None
-    finally:
-        os.close(fd)
-    try:
-        record = json.loads(data)
-    except ValueError as exc:
-        LOG.warning("Ignoring record %s: not valid JSON (%s)", path, exc)
-        return None
-    return record if isinstance(record, dict) else None
+    return fileutils.read_json(path, limit=MAX_RECORD_BYTES)
 
 
 def _is_int(value) -> bool:

@@ -124,7 +124,12 @@ def read_json(path: str, limit: int = 1024 * 1024) -> dict | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        LOG.warning("Ignoring unreadable metadata record %s: %s", path, exc)
+        if exc.errno == errno.ELOOP:
+            LOG.warning("Ignoring record %s: it is a symlink, which is "
+                        "never followed", path)
+        else:
+            LOG.warning("Ignoring unreadable metadata record %s: %s", path,
+                        exc)
         return None
     try:
         with os.fdopen(fd, "rb") as f:
