@@ -231,17 +231,17 @@ def translate(exc: Exception, *, image_id: str, where: str,
                               retry_server_errors)
     if isinstance(exc, (glance_exc.CommunicationError,
                         glance_exc.InvalidEndpoint)):
-        return Retryable(textutils.compose("cannot connect (%s)", _said(exc)))
+        return Retryable(textutils.compose("cannot connect (%s)", said(exc)))
     if isinstance(exc, ks_exc.SSLError):
         return exception.ImageSourceError(
             image_id=image_id,
             reason="TLS failed (%s); set [glance] cafile (or certfile and "
                    "keyfile) to match the server's certificate"
-                   % _said(exc))
+                   % said(exc))
     if isinstance(exc, (ks_exc.ConnectionError, ks_exc.DiscoveryFailure)):
         # glanceclient wraps failures to reach Glance: this one happened
         # while authenticating.
-        return Retryable("cannot reach Keystone (%s)" % _said(exc),
+        return Retryable("cannot reach Keystone (%s)" % said(exc),
                          source="Keystone")
     if isinstance(exc, ks_exc.HttpError):
         return _keystone_http(exc, image_id, credential)
@@ -251,21 +251,21 @@ def translate(exc: Exception, *, image_id: str, where: str,
             reason="the Keystone catalog offers no Glance endpoint to %s "
                    "(%s); set [glance] service_type, valid_interfaces and "
                    "region_name to match the catalog, or endpoint_override"
-                   % (credential, _said(exc)))
+                   % (credential, said(exc)))
     if isinstance(exc, ks_exc.AuthPluginException):
         return exception.ConfigurationError(
             reason="[glance] credentials are incomplete or wrong (%s)"
-                   % _said(exc))
+                   % said(exc))
     if isinstance(exc, requests.exceptions.ConnectionError):
         return Retryable(textutils.compose(
-            "connection to %s failed (%s)", where, _said(exc)))
+            "connection to %s failed (%s)", where, said(exc)))
     return exception.ImageSourceError(
         image_id=image_id,
         reason="request to %s failed: %s: %s" % (
-            where, type(exc).__name__, _said(exc)))
+            where, type(exc).__name__, said(exc)))
 
 
-def _said(exc) -> str:
+def said(exc) -> str:
     """A third-party error's text (which may quote a server), escaped and
     bounded.
     """
@@ -325,15 +325,15 @@ def _keystone_http(exc, image_id, credential):
     status = exc.http_status
     if status is not None and status >= 500:
         return Retryable(textutils.compose(
-            "Keystone answered HTTP %s (%s)", status, _said(exc)))
+            "Keystone answered HTTP %s (%s)", status, said(exc)))
     if status in (401, 403, 404):
         return exception.ImageNotAuthorized(
             image_id=image_id, source="Keystone",
             reason="Keystone refused %s (HTTP %s: %s); fix that credential "
                    "in the [glance] options (or the session the caller "
                    "passed in)" % (credential, status,
-                                   _said(exc.message)))
+                                   said(exc.message)))
     return exception.ImageSourceError(
         image_id=image_id,
         reason="Keystone refused to authenticate %s (HTTP %s: %s)" % (
-            credential, status, _said(exc.message)))
+            credential, status, said(exc.message)))

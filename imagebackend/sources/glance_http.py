@@ -61,6 +61,7 @@ import requests
 import urllib3
 
 from imagebackend.sources import glance_errors
+from imagebackend import textutils
 
 LOG = logging.getLogger(__name__)
 
@@ -214,28 +215,22 @@ class Client:
                 log=False, stream=True,
                 timeout=timeout or (connect, self.limits.stall_timeout))
         except ks_exc.SSLError as exc:
-            raise glance_errors.TLSFailed(
-                glance_errors.printable(str(exc),
-                                        glance_errors.DETAILS_LIMIT),
-                url) from exc
+            raise glance_errors.TLSFailed(glance_errors.said(exc),
+                                          url) from exc
         except ks_exc.ConnectTimeout as exc:
-            raise glance_errors.Unreachable(
-                "no answer from %s within %s s ([glance] stall_timeout)"
-                % (glance_errors.url_for_humans(url),
-                   self.limits.stall_timeout), url) from exc
+            raise glance_errors.Unreachable(textutils.compose(
+                "no answer from %s within %s s ([glance] stall_timeout)",
+                glance_errors.url_for_humans(url),
+                self.limits.stall_timeout), url) from exc
         except ks_exc.UnknownConnectionError as exc:
-            raise glance_errors.BadResponse(
-                "the request to %s failed: %s"
-                % (glance_errors.url_for_humans(url),
-                   glance_errors.printable(str(exc),
-                                           glance_errors.DETAILS_LIMIT)),
+            raise glance_errors.BadResponse(textutils.compose(
+                "the request to %s failed: %s",
+                glance_errors.url_for_humans(url), glance_errors.said(exc)),
                 url) from exc
         except ks_exc.ConnectionError as exc:
-            raise glance_errors.Unreachable(
-                "cannot connect to %s (%s)"
-                % (glance_errors.url_for_humans(url),
-                   glance_errors.printable(str(exc),
-                                           glance_errors.DETAILS_LIMIT)),
+            raise glance_errors.Unreachable(textutils.compose(
+                "cannot connect to %s (%s)",
+                glance_errors.url_for_humans(url), glance_errors.said(exc)),
                 url) from exc
 
     def _checked(self, resp, url, success=(200, 204)):
