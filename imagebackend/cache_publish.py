@@ -25,8 +25,6 @@ file they describe, so a base never appears under a record that describes
 other bytes.
 """
 
-import ctypes
-import ctypes.util
 import errno
 import json
 import logging
@@ -38,43 +36,25 @@ from imagebackend import fileutils
 
 LOG = logging.getLogger(__name__)
 
-_RENAME_NOREPLACE = 1
-_AT_FDCWD = -100
 # Errors of linkat() that mean "no hard link here", not "the name exists":
 # then a no-replace rename is tried instead.
 _NO_LINK = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV,
             errno.EMLINK, errno.ENOENT, errno.EACCES)
-_libc = None
-
-
-def _renameat2():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    func = getattr(_libc, "renameat2", None)
-    if func is not None:
-        func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
-                         ctypes.c_char_p, ctypes.c_uint]
-    return func
 
 
 def rename_noreplace(path: str, final: str) -> bool:
-    """Rename ``path`` to ``final`` unless ``final`` exists.
+    """Rename ``path`` to ``final`` unless ``final`` exists, atomically
+    (never with a look-then-rename: another host may be publishing too).
 
     :returns: False when ``final`` exists (nothing changed).
     :raises OSError: the filesystem cannot rename without replacing
         (``EINVAL``/``ENOSYS``), or another error.
     """
-    func = _renameat2()
-    if func is None:
-        raise OSError(errno.ENOSYS, "renameat2 is not available")
-    if func(_AT_FDCWD, os.fsencode(path), _AT_FDCWD, os.fsencode(final),
-            _RENAME_NOREPLACE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err == errno.EEXIST:
+    try:
+        fileutils.renameat2_noreplace(path, final)
+    except FileExistsError:
         return False
-    raise OSError(err, os.strerror(err), path)
+    return True
 
 
 def publish_fd(fd: int, path: str, final: str) -> bool:

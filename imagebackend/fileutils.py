@@ -425,19 +425,39 @@ def remove_if_same(path: str, st: os.stat_result) -> bool:
     return remove_quietly(path)
 
 
+def renameat2_noreplace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` atomically unless ``dst`` exists
+    (``renameat2(RENAME_NOREPLACE)``), with no fallback.
+
+    :raises FileExistsError: ``dst`` exists; nothing changed.
+    :raises OSError: the primitive is missing (``ENOSYS``) or the
+        filesystem lacks it (``EINVAL``, ``EOPNOTSUPP``), or another error.
+    """
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", dst)
+    if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                 _RENAME_NOREPLACE) == 0:
+        return
+    err = ctypes.get_errno()
+    # OSError() gives FileExistsError for EEXIST.
+    raise OSError(err, os.strerror(err), dst)
+
+
 def rename_noreplace(src: str, dst: str) -> None:
-    """Rename ``src`` to ``dst`` unless ``dst`` exists.
+    """Rename ``src`` to ``dst`` unless ``dst`` exists: atomically where
+    the filesystem can, else after a last look.
 
     :raises FileExistsError: ``dst`` exists.
     """
-    renameat2 = _renameat2()
-    if renameat2 is not None:
-        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD,
-                     os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), dst)
+    try:
+        renameat2_noreplace(src, dst)
+        return
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
     # Neither links nor an atomic no-replace rename on this filesystem.
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
