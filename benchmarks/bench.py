@@ -46,7 +46,7 @@ if not __package__:
 
 from benchmarks import harness  # noqa: E402
 from benchmarks import scenarios  # noqa: E402
-from imagebackend import qemu_img  # noqa: E402
+from imagebackend.qemu import img as qemu_img  # noqa: E402
 
 GiB = harness.GiB
 MiB = harness.MiB

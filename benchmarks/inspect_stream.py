@@ -10,8 +10,8 @@ import time
 
 from oslo_config import cfg
 
-from imagebackend import inspect
-from imagebackend.tests.functional import test_inspect_corpus
+from imagebackend import inspection
+from tests.functional import test_inspect_corpus
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -39,7 +39,7 @@ def measure(directory, total=GiB, chunk_sizes=(4 * MiB, 64 * KiB)):
         copy, feed, copy + feed).
     """
     conf = cfg.ConfigOpts()
-    inspect.register_opts(conf)
+    inspection.register_opts(conf)
     conf([])
     rows = []
     streams = test_inspect_corpus.sample_streams(directory)
@@ -56,14 +56,14 @@ def measure(directory, total=GiB, chunk_sizes=(4 * MiB, 64 * KiB)):
                     buf[:len(chunk)] = chunk
 
             def feed(stream):
-                inspector = inspect.StreamInspector(
+                inspector = inspection.StreamInspector(
                     "bench", conf, declared_format=name.split("-")[0])
                 for chunk in stream:
                     inspector.feed(chunk)
                 inspector.finish()
 
             def copy_and_feed(stream):
-                inspector = inspect.StreamInspector(
+                inspector = inspection.StreamInspector(
                     "bench", conf, declared_format=name.split("-")[0])
                 for chunk in stream:
                     inspector.feed(chunk)

@@ -252,8 +252,8 @@ def glance_download(bench):
     row says so and is skipped when that cannot be installed.
     """
     # Test support, not library code: imported only when the row runs.
-    from imagebackend.tests.functional import server_procs
-    from imagebackend.tests.functional import servers
+    from tests.functional.fixtures import server_procs
+    from tests.functional.fixtures import servers
 
     row = {"name": "glance-download", "target": ">= 0.8x curl throughput"}
     curl = shutil.which("curl")

@@ -10,14 +10,14 @@ Each class carries a message template, ``msg_fmt``, filled from the keyword
 arguments given to the constructor; the arguments stay available, exactly
 as given, as attributes (``exc.image_id``) and in ``exc.kwargs``.  The
 message shows each text argument through
-:func:`imagebackend.textutils.printable` (escaped, on one line, bounded), so
+``textutils.printable`` (escaped, on one line, bounded), so
 an image id, a server's error body or a file name can never forge a line
 of output or rewrite a terminal.
 """
 
 import os
 
-from imagebackend import textutils
+from imagebackend.common import textutils
 
 
 class _Shown(textutils.Escaped):

@@ -10,11 +10,11 @@ from oslo_config import cfg
 
 from imagebackend.backends import base as backends_base
 from imagebackend import cache
-from imagebackend import config_check
+from imagebackend.common import config_check
+from imagebackend.common import plugins
 from imagebackend import exception
-from imagebackend import inspect
-from imagebackend import plugins
-from imagebackend import qemu_img
+from imagebackend import inspection
+from imagebackend.qemu import img as qemu_img
 from imagebackend import sources
 
 GROUP = "imagebackend"
@@ -33,7 +33,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
 
 def _core_opts() -> list[cfg.Opt]:
     return list(itertools.chain(cache.OPTIONS, backends_base.OPTIONS,
-                                sources.OPTIONS, inspect.OPTIONS))
+                                sources.OPTIONS, inspection.OPTIONS))
 
 
 def new_conf(argv: list[str] | None = None,

@@ -19,11 +19,11 @@ from oslo_config import cfg
 
 from imagebackend.backends import target as disk_target
 from imagebackend import cache as image_cache
-from imagebackend import disk_ops as disk_operations
+from imagebackend.common import fileio
+from imagebackend.common import plugins
+from imagebackend.disk import operations as disk_operations
 from imagebackend import exception
-from imagebackend import fileutils
-from imagebackend import plugins
-from imagebackend import qemu_img
+from imagebackend.qemu import img as qemu_img
 from imagebackend import sources
 from imagebackend.sources import base as source_base
 
@@ -126,7 +126,7 @@ class ImageBackend(abc.ABC):
         Give them the format the disk was made with
         (``backend.disk_ops.snapshot_create(disk.path, "s1",
         fmt=disk.format)``); see
-        :class:`imagebackend.disk_ops.DiskOperations`.
+        :class:`imagebackend.disk.operations.DiskOperations`.
         """
         return disk_operations.DiskOperations(self.conf, self.qemu)
 
@@ -179,7 +179,7 @@ class ImageBackend(abc.ABC):
         try:
             return self._create(image_id, target, size, progress, made)
         except BaseException:
-            fileutils.remove_made_dirs(made)
+            fileio.remove_made_dirs(made)
             raise
 
     def _create(self, image_id, target, size, progress, made):
@@ -230,7 +230,7 @@ class ImageBackend(abc.ABC):
                 self.create_disk(base_path, base_format, tmp, size)
                 if self.conf.imagebackend.preallocate_images == "space":
                     self.preallocate(tmp, size)
-                fileutils.fdatasync_path(tmp)
+                fileio.fdatasync_path(tmp)
                 done = os.lstat(tmp)
                 if not os.path.samestat(done, st):
                     # The hook replaced the file: tie the record to the
@@ -242,7 +242,7 @@ class ImageBackend(abc.ABC):
                     self.cache.unregister_disk(old)
                 disk_target.publish(tmp, target)
         except BaseException:
-            fileutils.remove_quietly(tmp)
+            fileio.remove_quietly(tmp)
             if handle is not None:
                 self.cache.unregister_disk(handle)
             raise
@@ -280,8 +280,8 @@ class ImageBackend(abc.ABC):
         """
         fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
         try:
-            fileutils.preallocate(fd, size,
-                                  keep_size=self.disk_format != "raw")
+            fileio.preallocate(fd, size,
+                               keep_size=self.disk_format != "raw")
         finally:
             os.close(fd)
 

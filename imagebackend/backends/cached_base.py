@@ -9,7 +9,7 @@ backing file, as some tools expect.
 import os
 
 from imagebackend.backends import qcow2
-from imagebackend import fileutils
+from imagebackend.common import fileio
 
 
 class CachedBaseBackend(qcow2.Qcow2Backend):
@@ -25,7 +25,7 @@ class CachedBaseBackend(qcow2.Qcow2Backend):
         sized = self.cache.sized_path(entry.cache_id, size)
 
         def build(fd, tmp):
-            fileutils.sparse_copy(entry.path, fd)
+            fileio.sparse_copy(entry.path, fd)
             if entry.format == "raw":
                 os.ftruncate(fd, size)
             else:

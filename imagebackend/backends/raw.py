@@ -3,7 +3,7 @@
 import os
 
 from imagebackend.backends import base
-from imagebackend import fileutils
+from imagebackend.common import fileio
 
 
 class RawBackend(base.ImageBackend):
@@ -26,7 +26,7 @@ class RawBackend(base.ImageBackend):
         fd = os.open(target, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW
                      | os.O_CLOEXEC)
         try:
-            fileutils.sparse_copy(base_path, fd)
+            fileio.sparse_copy(base_path, fd)
             os.ftruncate(fd, size)
             os.fsync(fd)
         finally:

@@ -24,8 +24,8 @@ import contextlib
 import errno
 import os
 
+from imagebackend.common import fileio
 from imagebackend import exception
-from imagebackend import fileutils
 
 #: the largest disk size that any file can have (``off_t``).
 MAX_DISK_SIZE = 2 ** 63 - 1
@@ -109,11 +109,11 @@ def _within(path: str, directory: str) -> bool:
 def make_parent(target: str) -> list[str]:
     """Make ``target``'s missing directories.
 
-    :returns: those made, for :func:`imagebackend.fileutils.remove_made_dirs`.
+    :returns: those made, for ``fileio.remove_made_dirs``.
     :raises imagebackend.exception.InvalidTarget: they cannot be made.
     """
     try:
-        return fileutils.make_dirs(os.path.dirname(target))
+        return fileio.make_dirs(os.path.dirname(target))
     except OSError as exc:
         raise exception.InvalidTarget(
             path=target,
@@ -122,28 +122,28 @@ def make_parent(target: str) -> list[str]:
 
 def new_temp(target: str, made: list[str]) -> str:
     """A new, empty file of the caller's own beside ``target``; see
-    :func:`imagebackend.fileutils.temp_beside`.
+    :func:`imagebackend.common.fileio.temp_beside`.
 
     :param made: the directories this call made; extended if it has to
         make them again.
     """
     try:
-        return fileutils.temp_beside(target)
+        return fileio.temp_beside(target)
     except FileNotFoundError:
         # A concurrent call that made the directory failed and removed it
         # again: make it once more, as ours now.
         made += make_parent(target)
-        return fileutils.temp_beside(target)
+        return fileio.temp_beside(target)
 
 
 def publish(tmp: str, target: str) -> None:
     """Give ``tmp`` the name ``target`` unless it is taken.
 
     :raises imagebackend.exception.TargetExists: it is taken.
-    :raises OSError: see :func:`imagebackend.fileutils.publish`.
+    :raises OSError: see :func:`imagebackend.common.fileio.publish`.
     """
     try:
-        fileutils.publish(tmp, target)
+        fileio.publish(tmp, target)
     except FileExistsError as exc:
         raise exception.TargetExists(path=target) from exc
 

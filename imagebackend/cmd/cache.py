@@ -5,7 +5,7 @@ import threading
 
 from imagebackend import cache as image_cache
 from imagebackend.cmd import output
-from imagebackend import qemu_img
+from imagebackend.qemu import img as qemu_img
 from imagebackend import sources
 
 LIST_COLUMNS = ["image_id", "kind", "generation", "file", "size_on_disk",

@@ -6,7 +6,7 @@ from imagebackend.backends import base as backends_base
 from imagebackend.cmd import disk_ops as disk_ops_cmd
 from imagebackend.cmd import output
 from imagebackend import exception
-from imagebackend import qemu_img
+from imagebackend.qemu import img as qemu_img
 
 
 def add_commands(groups) -> None:

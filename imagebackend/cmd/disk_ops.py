@@ -4,9 +4,9 @@ operations on existing instance disks (registered by
 """
 
 from imagebackend.cmd import output
-from imagebackend import disk_ops
-from imagebackend import disk_trust
-from imagebackend import qemu_img
+from imagebackend.disk import operations as disk_ops
+from imagebackend.disk import trust as disk_trust
+from imagebackend.qemu import img as qemu_img
 from imagebackend import sources
 
 SNAPSHOT_COLUMNS = ["id", "name", "vm_state_size", "date", "clock"]
@@ -250,7 +250,7 @@ def resize_disk(args, conf) -> dict:
 
 
 def info_row(info: qemu_img.ImageInfo, structured: bool) -> dict:
-    """A disk's :class:`imagebackend.qemu_img.ImageInfo` as output data.
+    """A disk's :class:`imagebackend.qemu.img.ImageInfo` as output data.
 
     :param structured: backing files and snapshots as objects (JSON);
         otherwise as short strings for a text listing.

@@ -21,11 +21,11 @@ from oslo_config import cfg
 from imagebackend.cmd import cache as cache_cmd
 from imagebackend.cmd import disk as disk_cmd
 from imagebackend.cmd import output
-from imagebackend import config_check
+from imagebackend.common import config_check
+from imagebackend.common import textutils
 from imagebackend import exception
 from imagebackend import opts
 from imagebackend.sources import base as source_base
-from imagebackend import textutils
 
 COMMAND_MODULES = (disk_cmd, cache_cmd)
 

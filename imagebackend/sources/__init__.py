@@ -2,8 +2,8 @@
 
 from oslo_config import cfg
 
+from imagebackend.common import plugins
 from imagebackend import exception
-from imagebackend import plugins
 
 OPTIONS = [
     cfg.StrOpt("image_source",

@@ -14,8 +14,8 @@ import typing
 
 from oslo_config import cfg
 
+from imagebackend.common import textutils
 from imagebackend import exception
-from imagebackend import textutils
 
 #: the longest image id accepted, in characters.
 MAX_IMAGE_ID_LENGTH = 255
@@ -159,7 +159,7 @@ class ImageSource(abc.ABC):
         """Stream an image's bytes, in chunks of at most a few MiB.
 
         Chunks should be ``bytes``, or views of ``bytes`` (such as the
-        shared zeros of :data:`imagebackend.fileutils.HOLE`): the cache
+        shared zeros of :data:`imagebackend.common.fileio.HOLE`): the cache
         hands them to helper threads as they are, and copies a chunk of
         any other buffer first, in case the source refills it.  The
         iterator must not hold the whole image in memory.
@@ -189,7 +189,7 @@ class ImageSource(abc.ABC):
         it so that the next :meth:`get_meta` need not compute it.
 
         :param algo: the algorithm of ``hexdigest``, as
-            :func:`imagebackend.digest.new` names it.
+            :func:`imagebackend.common.digest.new` names it.
         :returns: the identity, or ``None`` when the source cannot tell.
         :raises imagebackend.exception.ImageDownloadError: the image
             changed while it was downloaded.

@@ -3,7 +3,7 @@
 The directory is trusted, its files are not: an id must name a regular file
 directly inside the directory, never through ``..``, an absolute path or a
 symlink.  Each image's content identity is its length and
-``sparse-64k-xxh3`` digest (:mod:`imagebackend.digest`: an XXH3-128 of
+``sparse-64k-xxh3`` digest (:mod:`imagebackend.common.digest`: an XXH3-128 of
 its non-zero blocks, so that holes are neither read nor hashed).  It is
 computed once per version of the file and remembered in
 ``<base_dir>/.sources/local/<sha1 of the image id>.json``, keyed by the
@@ -25,10 +25,10 @@ import time
 
 from oslo_config import cfg
 
-from imagebackend import config_check
-from imagebackend import digest as content_digest
+from imagebackend.common import config_check
+from imagebackend.common import digest as content_digest
+from imagebackend.common import fileio
 from imagebackend import exception
-from imagebackend import fileutils
 from imagebackend.sources import base
 
 LOG = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ class LocalSource(base.ImageSource):
             hashlib.sha1(image_id.encode("utf-8")).hexdigest() + ".json")
 
     def _remembered(self, image_id, st):
-        known = fileutils.read_json(self._memo_path(image_id)) or {}
+        known = fileio.read_json(self._memo_path(image_id)) or {}
         if known.get("key") == _version(st) and known.get(_MEMO_KEY):
             return known[_MEMO_KEY]
         return None
@@ -242,7 +242,7 @@ class LocalSource(base.ImageSource):
         memo = self._memo_path(image_id)
         try:
             os.makedirs(os.path.dirname(memo), exist_ok=True)
-            fileutils.write_json_atomic(
+            fileio.write_json_atomic(
                 memo, {"image_id": image_id, "key": _version(st),
                        _MEMO_KEY: digest}, durable=False)
         except OSError as exc:
@@ -269,7 +269,7 @@ def _read_chunks(fd: int, chunk_size: int):
     a time, and close it.
 
     Only data extents are read: a hole yields views of
-    :data:`imagebackend.fileutils.HOLE`, which cost no read and no copy,
+    :data:`imagebackend.common.fileio.HOLE`, which cost no read and no copy,
     and which a sparse digest or writer knows for zeros without looking.
     Reading stops at the size the file had when it was opened (or where it
     ends, if it shrinks).
@@ -277,10 +277,10 @@ def _read_chunks(fd: int, chunk_size: int):
     try:
         os.set_blocking(fd, True)
         size = os.fstat(fd).st_size
-        for length, data in fileutils.read_regions(fd, size, chunk_size):
+        for length, data in fileio.read_regions(fd, size, chunk_size):
             if data is not None:
                 yield data
             else:
-                yield from fileutils.zero_chunks(length, chunk_size)
+                yield from fileio.zero_chunks(length, chunk_size)
     finally:
         os.close(fd)

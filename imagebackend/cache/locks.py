@@ -1,0 +1,436 @@
+"""The cache's inter-process locks, and removing their files safely.
+
+Two kinds of lock live in the cache's lock directory:
+
+``imagebackend-<name>``
+    An exclusive POSIX record lock (``lockf``, as oslo.concurrency's
+    external locks take), plus an in-process semaphore: one per image for
+    fetch/convert/publish, one per sized base while it is built.
+``imagebackend-use-<cache_id>``
+    A shared/exclusive ``flock`` lock per image.  Every request that makes a
+    disk from the image (or prefetches it) holds it shared from the moment
+    it looks the base up until its disk exists and is recorded; the pruner
+    takes it exclusively, without waiting, before it removes anything of
+    that image.  ``flock`` locks belong to an open file, not to a process,
+    so threads of one process exclude each other too.
+
+Lock files of images that are gone are removed by the pruner.  Removing a
+lock file is only safe if nobody can be left holding a lock on the removed
+file while someone else locks its replacement, so every lock here checks,
+once it holds the lock, that the path still names the file it locked, and
+starts again if not; the file is only ever removed by a holder of its lock.
+
+Locks only save duplicate work: the cache publishes nothing that depends on
+them (see :mod:`imagebackend.cache.publish`).  Still, every user of one
+``_base`` must lock in one directory they all share, or they download and
+convert in duplicate; :func:`check_shared` refuses a configuration it can
+tell is split.
+
+A waiter logs while it waits and gives up after ``timeout`` seconds with an
+error naming what it waited for and who holds it: an exclusive holder
+writes its host, pid and command into the lock file while it holds it.
+"""
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+import typing
+import uuid
+
+from oslo_concurrency import lockutils
+
+from imagebackend.cache import layout as cache_layout
+from imagebackend.cache import publish as cache_publish
+from imagebackend.common import fileio
+from imagebackend import exception
+
+LOG = logging.getLogger(__name__)
+
+LOCK_PREFIX = "imagebackend-"
+USE_PREFIX = LOCK_PREFIX + "use-"
+#: a file in the lock directory holding its identity (a random UUID).
+LOCK_DIR_ID = ".imagebackend-lock-dir-id"
+#: a directory in ``_base`` with one file per (host, lock directory) that
+#: uses it: see :func:`check_shared`.
+LOCK_DIRS = cache_layout.LOCK_DIRS_DIR
+#: an entry of :data:`LOCK_DIRS` not refreshed for this long (seconds) is
+#: from a configuration no longer in use.
+LOCK_DIR_ENTRY_AGE = 86400
+#: how often (seconds) a running cache refreshes its entry.
+LOCK_DIR_REFRESH = 3600
+
+
+class Busy(Exception):
+    """A lock asked for without waiting is held by someone else."""
+
+
+#: the longest pause between two tries of a held lock: a waiter starts at
+#: most this late after the holder is done.  Every process creating a
+#: disk of an image being downloaded waits on its lock; polling (rather
+#: than blocking in the kernel) keeps green threads running, and a try is
+#: one system call.
+_POLL_MAX = 0.02
+#: a waiter logs after waiting this long (seconds), then every
+#: LOG_INTERVAL seconds.
+LOG_FIRST = 5.0
+LOG_INTERVAL = 30.0
+# At most this much of a lock file is read for its holder.
+_HOLDER_MAX = 2048
+
+
+def lock_file(lock_dir: str, name: str) -> str:
+    """The path of the exclusive lock ``name``."""
+    return os.path.join(lock_dir, LOCK_PREFIX + name)
+
+
+def use_lock_file(lock_dir: str, cid: str) -> str:
+    """The path of image ``cid``'s use lock."""
+    return os.path.join(lock_dir, USE_PREFIX + cid)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _open(path: str) -> int:
+    """Open (create) lock file ``path``, never through a symlink.
+
+    :raises imagebackend.exception.LockFileError: it cannot be created
+        (a full or read-only lock directory, a symlink, permissions).
+    """
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+                       | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise exception.LockFileError(
+            path=os.path.dirname(path), name=os.path.basename(path),
+            reason=exc.strerror or str(exc)) from exc
+
+
+def _clean(text, limit: int = 200) -> str:
+    """``text`` from a lock file, safe for one line of a message."""
+    text = str(text)[:limit]
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def _write_holder(fd: int) -> None:
+    """Record who holds the lock in its file (best effort: a full disk
+    must not stop the work the lock protects).
+    """
+    holder = {"host": socket.gethostname(), "pid": os.getpid(),
+              "command": " ".join(sys.argv)[:512],
+              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+    except OSError as exc:
+        LOG.debug("Could not record the holder of a lock: %s", exc)
+
+
+def _clear_holder(fd: int) -> None:
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        pass
+
+
+def holder(path: str) -> str:
+    """Who holds lock file ``path``, as recorded in it, for a message."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return "an unknown process"
+    try:
+        data = os.read(fd, _HOLDER_MAX)
+    except OSError:
+        data = b""
+    finally:
+        os.close(fd)
+    try:
+        info = json.loads(data)
+        return "pid %s on host %s (%s) since %s" % (
+            _clean(info["pid"], 20), _clean(info["host"], 100),
+            _clean(info["command"]), _clean(info["since"], 40))
+    except (ValueError, KeyError, TypeError):
+        return "an unknown process (it records no holder)"
+
+
+class _Wait:
+    """Logs while a lock is waited for, and says when to give up."""
+
+    def __init__(self, path: str, what: str | None,
+                 timeout: float | None,
+                 activity: typing.Callable[[], float | None] | None = None
+                 ) -> None:
+        self.path = path
+        self.what = what or os.path.basename(path)
+        self.timeout = timeout or None
+        self.activity = activity
+        self.start = self.since = time.monotonic()
+        self.next_log = self.start + LOG_FIRST
+
+    def remaining(self) -> float | None:
+        if self.timeout is None:
+            return None
+        return max(0.0, self.since + self.timeout - time.monotonic())
+
+    def check(self, who: typing.Callable[[], str]) -> None:
+        """Log if it is time to; raise if the wait is over.
+
+        :raises imagebackend.exception.LockWaitTimeout: it is.
+        """
+        now = time.monotonic()
+        waited = now - self.start
+        if self.timeout is not None and now - self.since >= self.timeout:
+            # A holder that is still writing is slow, not stuck: the
+            # timeout counts from its last sign of progress.
+            last = self.activity() if self.activity else None
+            idle = time.time() - last if last is not None else None
+            if idle is not None and idle < self.timeout:
+                self.since = now - max(0.0, idle)
+                return
+            raise exception.LockWaitTimeout(
+                path=os.path.dirname(self.path), what=self.what,
+                waited=waited, holder=who(), timeout=self.timeout)
+        if now >= self.next_log:
+            self.next_log = now + LOG_INTERVAL
+            LOG.warning("Waiting for the lock on %s (%s) for %d s; it is "
+                        "held by %s", self.what, self.path, waited, who())
+
+
+def _in_process():
+    return "another thread of this process (pid %d)" % os.getpid()
+
+
+@contextlib.contextmanager
+def exclusive(lock_dir: str, name: str, *, blocking: bool = True,
+              timeout: float | None = None, what: str | None = None,
+              activity: typing.Callable[[], float | None] | None = None
+              ) -> typing.Iterator[None]:
+    """Hold the exclusive lock ``name`` (threads and processes).
+
+    :param blocking: False to raise :class:`Busy` instead of waiting.
+    :param timeout: seconds to wait at most (None or 0: no limit) without
+        progress from the holder.
+    :param what: what the lock protects, for messages ("image X").
+    :param activity: returns when the holder last made progress (a
+        ``time.time()`` value, such as the modification time of the file
+        it writes) or None; while that is within ``timeout``, the wait
+        goes on.
+    :raises Busy: ``blocking`` is False and the lock is held.
+    :raises imagebackend.exception.LockWaitTimeout: ``timeout`` passed.
+    :raises imagebackend.exception.LockFileError: the lock file cannot be
+        created.
+    """
+    path = lock_file(lock_dir, name)
+    wait = _Wait(path, what, timeout, activity)
+    # The in-process semaphore first: POSIX record locks belong to the
+    # process, so without it two threads would both "hold" the file lock.
+    # It is named after the file, so caches locking in different
+    # directories do not wait for each other.
+    semaphore = lockutils.internal_lock(path)
+    if not blocking:
+        if not semaphore.acquire(blocking=False):
+            raise Busy(name)
+    else:
+        while not semaphore.acquire(timeout=_slice(wait)):
+            wait.check(_in_process)
+    try:
+        fd = _acquire_file(path, fcntl.lockf, fcntl.LOCK_EX, blocking, wait)
+        try:
+            _write_holder(fd)
+            yield
+        finally:
+            _clear_holder(fd)
+            os.close(fd)
+    finally:
+        semaphore.release()
+
+
+def _slice(wait: _Wait) -> float:
+    """How long to block before the next log line or the timeout."""
+    until_log = max(0.01, wait.next_log - time.monotonic())
+    remaining = wait.remaining()
+    return until_log if remaining is None else max(
+        0.01, min(until_log, remaining))
+
+
+def _acquire_file(path, lock, operation, blocking, wait) -> int:
+    """Lock file ``path`` with ``lock`` (``fcntl.lockf`` or ``flock``),
+    polling; start again when the file was removed (as stale) and
+    replaced after it was opened.
+
+    :returns: the locked descriptor.
+    """
+    delay = 0.005
+    fd = _open(path)
+    try:
+        while True:
+            try:
+                lock(fd, operation | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN,
+                                     errno.EACCES):
+                    raise
+                if not blocking:
+                    raise Busy(path) from exc
+                wait.check(lambda: holder(path))
+                # Poll rather than block in the kernel, so that green
+                # threads (eventlet) of the same process keep running
+                # meanwhile; the file stays open while we wait.
+                time.sleep(delay)
+                delay = min(delay * 2, _POLL_MAX)
+                if _same_file(fd, path):
+                    continue
+            else:
+                if _same_file(fd, path):
+                    return fd
+            # Removed (as stale) and replaced meanwhile: lock the new one.
+            os.close(fd)
+            fd = -1
+            fd = _open(path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def flocked(path: str, *, shared: bool = False, blocking: bool = True,
+            timeout: float | None = None,
+            what: str | None = None) -> typing.Iterator[int]:
+    """Hold a ``flock`` lock on ``path`` (created if missing).
+
+    :param shared: a shared lock instead of an exclusive one.
+    :param blocking: False to raise :class:`Busy` instead of waiting.
+    :param timeout: seconds to wait at most (None or 0: no limit).
+    :param what: what the lock protects, for messages.
+    :returns: (as the context value) the locked file descriptor.
+    :raises Busy: ``blocking`` is False and a conflicting lock is held.
+    :raises imagebackend.exception.LockWaitTimeout: ``timeout`` passed.
+    :raises imagebackend.exception.LockFileError: the lock file cannot be
+        created.
+    """
+    operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    wait = _Wait(path, what, timeout)
+    fd = _acquire_file(path, fcntl.flock, operation, blocking, wait)
+    try:
+        if not shared:
+            _write_holder(fd)
+        yield fd
+    finally:
+        if not shared:
+            _clear_holder(fd)
+        os.close(fd)
+
+
+def remove_lock_file(lock_dir: str, file_name: str) -> bool:
+    """Remove one of the cache's lock files if nobody holds it.
+
+    :param file_name: the file's name in ``lock_dir``
+        (``imagebackend-...``).
+    :returns: True when it was removed, False when it is held or gone.
+    """
+    path = os.path.join(lock_dir, file_name)
+    if not os.path.lexists(path):
+        return False
+    try:
+        if file_name.startswith(USE_PREFIX):
+            with flocked(path, blocking=False):
+                os.unlink(path)
+        else:
+            with exclusive(lock_dir, file_name[len(LOCK_PREFIX):],
+                           blocking=False):
+                os.unlink(path)
+    except Busy:
+        return False
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _lock_dir_id(lock_dir: str, create: bool) -> str | None:
+    """The identity of ``lock_dir``: a UUID in a file in it, made once
+    (with ``create``; otherwise None until then).  The file appears
+    complete or not at all, so every reader sees one identity.
+    """
+    path = os.path.join(lock_dir, LOCK_DIR_ID)
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        if not create:
+            return None
+    fd, tmp = tempfile.mkstemp(dir=lock_dir, prefix=".", suffix=".tmp")
+    try:
+        os.write(fd, (str(uuid.uuid4()) + "\n").encode())
+        os.fchmod(fd, 0o644)
+        os.fsync(fd)
+        cache_publish.publish_fd(fd, tmp, path)
+    finally:
+        os.close(fd)
+        fileio.remove_quietly(tmp)
+    with open(path, "rb") as f:
+        return f.read(64).decode("ascii", "replace").strip()
+
+
+def check_shared(base_dir: str, lock_dir: str, *,
+                 record: bool = False) -> None:
+    """Refuse to lock in ``lock_dir`` for ``base_dir`` when another
+    configuration (on this host or another) uses ``base_dir`` with
+    another lock directory.
+
+    Each (host, lock directory) that has published into ``base_dir``
+    keeps a file in ``base_dir/.lock-dirs/`` naming its lock directory's
+    identity: a UUID kept in the lock directory itself, so that one shared
+    directory has one identity on every host, and two host-local
+    directories of the same path have two.  Entries not refreshed for
+    :data:`LOCK_DIR_ENTRY_AGE` seconds are ignored (a configuration no
+    longer in use).
+
+    :param record: also write (refresh) this configuration's entry, then
+        check (the caller is about to publish, or just did).
+    :raises imagebackend.exception.SplitLockDirectory: a split is seen.
+    :raises OSError: the entries cannot be read or written.
+    """
+    entries = os.path.join(base_dir, LOCK_DIRS)
+    if not record and not os.path.lexists(entries):
+        return
+    my_id = _lock_dir_id(lock_dir, create=record)
+    host = socket.gethostname()
+    mine = hashlib.sha1(("%s\0%s" % (host, lock_dir)).encode(
+        "utf-8", "surrogateescape")).hexdigest() + ".json"
+    now = time.time()
+    if record:
+        fileio.ensure_dir(entries)
+        fileio.write_json_atomic(
+            os.path.join(entries, mine),
+            {"host": host, "lock_dir": lock_dir, "id": my_id, "seen": now},
+            durable=False)
+    for name in sorted(os.listdir(entries)):
+        if name == mine or not name.endswith(".json"):
+            continue
+        path = os.path.join(entries, name)
+        if os.path.islink(path):
+            continue
+        entry = fileio.read_json(path) or {}
+        seen = entry.get("seen")
+        if (entry.get("id") is None or entry.get("id") == my_id
+                or not isinstance(seen, (int, float))
+                or now - seen > LOCK_DIR_ENTRY_AGE):
+            continue
+        raise exception.SplitLockDirectory(
+            base_dir=base_dir, lock_dir=lock_dir,
+            other=_clean(entry.get("lock_dir")),
+            host=_clean(entry.get("host"), 100), marker=path)

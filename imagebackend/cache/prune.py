@@ -1,0 +1,388 @@
+"""Keeping the base-image cache small: prune and invalidate.
+
+:func:`prune` (``imagebackend cache prune``, or a periodic task) removes,
+in this order:
+
+1. scratch files (``.part-<hex>``, ``.converted-<hex>``) unmodified for
+   ``cache_layout.SCRATCH_MINIMUM_AGE`` (a day) whose lock nobody holds --
+   left over from a crash -- and temporary record files older than an hour;
+2. bases nothing uses that are stale (superseded by a newer generation,
+   invalidated, found corrupt, or without a valid record), whatever their
+   age;
+3. bases nothing uses whose last use is older than
+   ``remove_unused_original_minimum_age_seconds`` (sized bases:
+   ``remove_unused_resized_minimum_age_seconds``), and files moved aside
+   by ``cache verify --repair`` older than the former;
+4. while the cache is larger than ``max_size`` or its filesystem has less
+   than ``min_free_space`` free, more unused bases, least recently used
+   first;
+5. records whose base is gone (a sized base's own record goes with it),
+   registry records of deleted disks, and lock files of images no longer
+   cached.  The claims of generation numbers (``.generations``) are never
+   removed, so a number is never used twice.
+
+A base used by any disk (see :mod:`imagebackend.cache.usage`) is never
+removed; what a guest writes in its disk never counts as a use, so it can
+neither pin a base nor stop pruning.  Every removal happens under the
+image's fetch lock and its use lock, both taken without waiting (a busy
+image is skipped until the next run), after checking again that no disk
+was made from the base and that it was not used since the scan -- so
+pruning never races ``create_image``.
+"""
+
+import dataclasses
+import logging
+import os
+import time
+import typing
+
+from oslo_config import cfg
+
+from imagebackend.cache import layout as cache_layout
+from imagebackend.cache import locks as cache_locks
+from imagebackend.cache import remove as cache_remove
+from imagebackend.cache import usage as cache_usage
+from imagebackend.common import fileio
+from imagebackend import exception
+from imagebackend.qemu import img as qemu_img
+
+if typing.TYPE_CHECKING:
+    from imagebackend import cache
+
+LOG = logging.getLogger(__name__)
+
+OPTIONS = [
+    cfg.IntOpt("remove_unused_original_minimum_age_seconds",
+               default=86400, min=0,
+               help="Age, in seconds since its last use, at which "
+                    "'imagebackend cache prune' removes an original base "
+                    "(a cached image) that no disk uses. Stale bases "
+                    "(superseded by a changed image, or invalidated) are "
+                    "removed as soon as nothing uses them, whatever this "
+                    "age; max_size and min_free_space may remove unused "
+                    "bases sooner. Files moved aside by 'cache verify "
+                    "--repair' are removed at this age too. 0 removes "
+                    "every unused base. Default: 86400 (one day)."),
+    cfg.IntOpt("remove_unused_resized_minimum_age_seconds",
+               default=3600, min=0,
+               help="Age, in seconds since its last use, at which "
+                    "'imagebackend cache prune' removes a sized base (made "
+                    "by the cached-base backend, '<base>_<size>') that no "
+                    "disk uses. Sized bases are cheap to remake from their "
+                    "original, hence the shorter default. Default: 3600 "
+                    "(one hour)."),
+    cfg.StrOpt("max_size",
+               default="0",
+               help="Largest size the base-image cache may take on disk "
+                    "(allocated bytes of bases, sized bases and scratch "
+                    "files): bytes, or a number with a K, M, G or T suffix "
+                    "(1024-based). When pruning finds the cache larger, it "
+                    "removes bases no disk uses, least recently used "
+                    "first, whatever their age, until the cache fits. "
+                    "Bases in use are never removed, so the cache may stay "
+                    "above this size. 0 means no limit. Default: 0."),
+    cfg.StrOpt("min_free_space",
+               default="0",
+               help="Free space pruning keeps on the filesystem holding "
+                    "the cache: bytes, a number with a K, M, G or T suffix "
+                    "(1024-based), or a percentage of the filesystem's "
+                    "size such as '10%'. When less is free, pruning "
+                    "removes bases no disk uses, least recently used "
+                    "first, whatever their age, until enough is free or "
+                    "nothing unused remains. Works together with "
+                    "max_size: both are met when possible. 0 means no "
+                    "minimum. Default: 0."),
+]
+
+#: temporary files of atomic record writes older than this are leftovers.
+TEMP_FILE_AGE = 3600
+_UNREADABLE = ("not removed: the search for disks could not read %s, so "
+               "any base may be in use; fix that and prune again")
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What :func:`prune` removed (or would remove, on a dry run)."""
+
+    dry_run: bool = False
+    removed: list[dict] = dataclasses.field(default_factory=list)
+    kept: list[dict] = dataclasses.field(default_factory=list)
+    bytes_freed: int = 0
+    cache_size: int = 0
+    free_space: int | None = None
+    space_target_met: bool = True
+    registry_records_removed: int = 0
+    lock_files_removed: int = 0
+
+    def add(self, path: str, kind: str, reason: str, size: int,
+            image_id: str | None = None) -> None:
+        self.removed.append({"file": path, "kind": kind, "reason": reason,
+                             "bytes": size, "image_id": image_id})
+        self.bytes_freed += size
+        self.cache_size -= size
+        if self.free_space is not None:
+            self.free_space += size
+
+    def keep(self, f: cache_layout.CachedFile, reason: str) -> None:
+        self.kept.append({"file": f.path, "kind": f.kind, "reason": reason,
+                          "image_id": f.image_id})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- selection (pure) ---------------------------------------------------------
+
+def lru(files: list) -> list:
+    """``files`` least recently used first (ties by name)."""
+    return sorted(files, key=lambda f: (f.last_used, f.name.name))
+
+
+def expired(files: list, now: float, original_age: int,
+            resized_age: int) -> list[tuple[typing.Any, str]]:
+    """The unused ``files`` that go whatever the space: stale ones, and
+    those unused for at least their kind's minimum age; oldest first.
+    """
+    chosen = []
+    for f in lru(files):
+        if f.stale:
+            chosen.append((f, "stale (%s)" % f.stale_reason))
+            continue
+        limit = original_age if f.kind == "base" else resized_age
+        age = now - f.last_used
+        if age >= limit:
+            chosen.append((f, "unused for %d s (limit %d s)"
+                           % (age, limit)))
+    return chosen
+
+
+def space_to_free(cache_size: int, free: int | None, max_size: int,
+                  min_free: int) -> int:
+    """Bytes to remove to meet ``max_size`` and ``min_free`` (0 = no
+    limit).
+    """
+    need = 0
+    if max_size:
+        need = max(need, cache_size - max_size)
+    if min_free and free is not None:
+        need = max(need, min_free - free)
+    return need
+
+
+def space_limits(conf: cfg.ConfigOpts, fs_size: int) -> tuple[int, int]:
+    """``(max_size, min_free_space)`` in bytes.
+
+    :raises imagebackend.exception.ConfigurationError: a value is not a
+        size.
+    """
+    limits = []
+    for name in ("max_size", "min_free_space"):
+        value = str(getattr(conf.image_cache, name) or "0").strip()
+        try:
+            if value.endswith("%") and name == "min_free_space":
+                percent = float(value[:-1])
+                if not 0 <= percent <= 100:
+                    raise ValueError(value)
+                limits.append(int(fs_size * percent / 100))
+            else:
+                limits.append(qemu_img.parse_size(value))
+        except (ValueError, exception.InvalidSize) as exc:
+            raise exception.ConfigurationError(
+                reason="[image_cache] %s = %r is not a size; give bytes, a "
+                       "number with a K, M, G or T suffix%s, or 0"
+                       % (name, value, ", a percentage"
+                          if name == "min_free_space" else "")) from exc
+    return limits[0], limits[1]
+
+
+# -- prune --------------------------------------------------------------------
+
+def prune(c: "cache.ImageCache", *, dry_run: bool = False) -> PruneReport:
+    """Remove what the cache no longer needs (see the module docstring).
+
+    :param c: the :class:`imagebackend.cache.ImageCache`.
+    :param dry_run: report what would be removed; remove nothing.
+    :returns: a :class:`PruneReport`.
+    :raises imagebackend.exception.ConfigurationError: a size option is
+        invalid.
+    """
+    opts = c.conf.image_cache
+    report = PruneReport(dry_run=dry_run)
+    layout = cache_layout.scan(c.base_dir)
+    if not os.path.isdir(c.base_dir):
+        return report
+    vfs = os.statvfs(c.base_dir)
+    max_size, min_free = space_limits(c.conf, vfs.f_blocks * vfs.f_frsize)
+    report.free_space = vfs.f_bavail * vfs.f_frsize
+    report.cache_size = (sum(f.allocated for f in layout.bases)
+                         + sum(_allocated(p) for _, p in layout.scratch)
+                         + sum(st.st_blocks * 512
+                               for _, _, st in layout.aside))
+    usage = c.scanner.scan()
+    now = time.time()
+
+    remove_file = cache_remove.remove_file
+    for name, path in layout.scratch:
+        # Another host may lock elsewhere: only old scratch is a crash's.
+        age = _age(path, now)
+        if age is None or age < cache_layout.SCRATCH_MINIMUM_AGE:
+            continue
+        lock_name = name.base_name if name.size else name.cid
+        remove_file(c, path, "scratch", "orphaned (unmodified for %d s, "
+                    "its lock is free)" % age, _allocated(path), lock_name,
+                    report)
+    for path, st in layout.temp:
+        if now - st.st_mtime >= TEMP_FILE_AGE:
+            remove_file(c, path, "temporary", "left over",
+                        st.st_blocks * 512, None, report)
+    age = opts.remove_unused_original_minimum_age_seconds
+    for name, path, st in layout.aside:
+        if now - st.st_mtime >= age:
+            remove_file(c, path, "aside", "moved aside %d s ago"
+                        % (now - st.st_mtime), st.st_blocks * 512,
+                        name.cid, report)
+
+    unused = _unused(layout.bases, usage, report)
+    gone = set()
+    for f, reason in expired(unused, now, age,
+                             opts.remove_unused_resized_minimum_age_seconds):
+        if cache_remove.remove_base(c, f, reason, report):
+            gone.add(f.path)
+    need = space_to_free(report.cache_size, report.free_space, max_size,
+                         min_free)
+    for f in lru([f for f in unused if f.path not in gone]):
+        if need <= 0:
+            break
+        if cache_remove.remove_base(c, f, "least recently used; freeing "
+                                    "space", report):
+            need -= f.allocated
+    report.space_target_met = need <= 0
+    if not dry_run:
+        _collect(c, layout, report)
+    return report
+
+
+def _age(path: str, now: float) -> float | None:
+    """Seconds since ``path`` was last modified; None if it is gone."""
+    try:
+        return now - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _allocated(path: str) -> int:
+    try:
+        return fileio.allocated_bytes(path)
+    except FileNotFoundError:
+        return 0
+
+
+def _collect(c, layout, report) -> None:
+    """Records without bases, registry records of deleted disks, and lock
+    files of images that are gone.
+    """
+    for stem in layout.records:
+        cid = cache_layout.parse(stem).cid
+        try:
+            with cache_remove.exclusive_image(c, cid):
+                cache_remove.drop_record_if_alone(c, cid, stem)
+        except cache_locks.Busy:
+            pass
+    for sized in layout.sized_records:
+        cache_remove.drop_sized_record_if_alone(c, sized)
+    registry = c.scanner.registry
+    chains = cache_usage.Chains(c.base_dir)
+    raw = c.scanner.raw_disks()
+
+    def bases_of(path, st):
+        # A disk recorded as raw is never parsed; its record stays while
+        # the disk exists, so the walk never parses it either.
+        if (st.st_dev, st.st_ino) in raw:
+            return {"(a raw disk)"}
+        return chains.bases_of(path, st)
+
+    for cid in registry.cids():
+        try:
+            with cache_remove.exclusive_image(c, cid):
+                report.registry_records_removed += registry.collect(
+                    cid, bases_of)
+        except cache_locks.Busy:
+            pass
+    remaining = cache_layout.scan(c.base_dir).cids()
+    remaining.update(registry.cids())
+    try:
+        names = sorted(os.listdir(c.lock_dir))
+    except FileNotFoundError:
+        return
+    for file_name in names:
+        cid = _lock_cid(file_name)
+        if cid is not None and cid not in remaining:
+            if cache_locks.remove_lock_file(c.lock_dir, file_name):
+                report.lock_files_removed += 1
+
+
+def _lock_cid(file_name: str) -> str | None:
+    """The image a lock file of the cache belongs to, or None."""
+    if file_name.startswith(cache_locks.USE_PREFIX):
+        name = cache_layout.parse(file_name[len(cache_locks.USE_PREFIX):])
+    elif file_name.startswith(cache_locks.LOCK_PREFIX):
+        name = cache_layout.parse(file_name[len(cache_locks.LOCK_PREFIX):])
+    else:
+        return None
+    return name.cid if name is not None and not name.suffix else None
+
+
+# -- invalidate --------------------------------------------------------------
+
+def invalidate(c: "cache.ImageCache", image_id: str) -> dict:
+    """Mark every generation of ``image_id`` stale, so that the next use
+    fetches the image again, and remove the bases nothing uses.
+
+    Waits for a fetch of the image in progress to finish first.
+
+    :returns: ``image_id``, ``marked_stale`` (files), ``removed`` and
+        ``kept`` (as in :class:`PruneReport`), ``bytes_freed``.
+    """
+    cid = cache_layout.cache_id(image_id)
+    marked = []
+    with c.lock(cid):
+        for gen, kinds in sorted(cache_layout.generations(c.base_dir,
+                                                          cid).items()):
+            stem = cache_layout.stem(cid, gen)
+            path = c.base_path(stem) + ".json"
+            if "base" in kinds and not cache_layout.valid_record(
+                    cache_layout.read_record(path)):
+                # Never trusted again whatever happens to the record:
+                # give it one that says stale.
+                cache_layout.write_stale_record(path, image_id, gen,
+                                                "invalidated")
+                marked.append(c.base_path(stem))
+            elif c.mark_stale(stem, "invalidated"):
+                marked.append(c.base_path(stem))
+    report = PruneReport()
+    layout = cache_layout.scan(c.base_dir)
+    mine = [f for f in layout.bases if f.cid == cid]
+    usage = c.scanner.scan() if mine else None
+    for f in _unused(mine, usage, report) if mine else ():
+        cache_remove.remove_base(c, f, "invalidated", report)
+    return {"image_id": image_id, "marked_stale": marked,
+            "removed": report.removed, "kept": report.kept,
+            "bytes_freed": report.bytes_freed}
+
+
+def _unused(bases, usage, report):
+    """The bases no disk uses; the others are reported as kept.
+
+    When some disk directory could not be read, no base counts as unused:
+    a disk in it may be using any of them.
+    """
+    unused = []
+    for f in bases:
+        users = usage.of(f.name.name)
+        if users:
+            report.keep(f, "in use by %d disk(s)" % len(users))
+        elif usage.unreadable:
+            report.keep(f, _UNREADABLE % ", ".join(usage.unreadable))
+        else:
+            unused.append(f)
+    return unused

@@ -1,0 +1,285 @@
+"""Checking cached bases against their records: ``cache verify``.
+
+Each base's record keeps the checksum of the bytes the source served
+(``checksum``: algorithm and value).  A base renamed straight from the
+download holds exactly those bytes and is re-hashed with that algorithm.
+A converted base holds other bytes, so its record also keeps
+``base_checksum``: a hash over the base file's non-zero 64 KiB blocks,
+each prefixed with its offset (scheme ``sparse-64k-xxh3``, or
+``sparse-64k`` in records of earlier releases: see
+:mod:`imagebackend.common.digest`).  Holes and zero blocks are skipped, so the
+digest is cheap for sparse files and the same for a raw base and any sized
+base grown from it, which is how raw sized bases are verified.  Non-raw
+bases also go through ``qemu-img check``.
+
+A sized base has a record of its own (``<stem>_<size>.json``, kind
+``sized``) with the sparse digest of its bytes, so it stays verifiable
+after its original is pruned; without it, it is checked against its
+original's digest while that is known, and is otherwise unverifiable.
+
+A base without a valid record (missing, not JSON, a symlink, fields of the
+wrong type, no checksum) is ``unverified``: it is never used again (see
+:mod:`imagebackend.cache`).  ``cache verify`` exits non-zero for it as for
+a corrupt one.
+
+With ``repair``, under the image's fetch lock and use lock: a corrupt base
+nothing uses is moved aside (renamed to ``<name>.corrupt``) and its
+generation marked stale, so the next use fetches the image again; a
+corrupt base in use is only marked stale (moving it would break the disks
+using it, which are reported).  An unverifiable base is marked stale and
+never moved.
+"""
+
+import logging
+import os
+import typing
+
+from imagebackend.cache import layout as cache_layout
+from imagebackend.cache import locks as cache_locks
+from imagebackend.cache import remove as cache_remove
+from imagebackend.common import digest
+from imagebackend import exception
+from imagebackend import inspection
+
+if typing.TYPE_CHECKING:
+    from imagebackend import cache
+
+LOG = logging.getLogger(__name__)
+
+# The hash under the sparse scheme base_checksum records are written with.
+_SPARSE_HASH = "xxh3_128"
+
+
+def digests(path: str, algos: typing.Sequence[str] = (),
+            sparse: bool = True, scheme: str = digest.SPARSE) -> dict:
+    """Hash file ``path`` (never through a symlink) in one pass, reading
+    only its data extents: see :func:`imagebackend.common.digest.file_digests`.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return digest.file_digests(fd, algos, sparse, scheme)
+    finally:
+        os.close(fd)
+
+
+def sparse_digest(path: str) -> dict:
+    """The ``base_checksum`` record of file ``path``."""
+    return {"algo": _SPARSE_HASH, "scheme": digest.SPARSE,
+            "value": digests(path)["sparse"]}
+
+
+def _recorded_sparse(record: dict) -> tuple[str, str] | None:
+    """``(scheme, value)`` of a record's ``base_checksum``, if any."""
+    checksum = record.get("base_checksum") or {}
+    if checksum.get("value") is None:
+        return None
+    return checksum.get("scheme") or digest.SPARSE_SHA256, checksum["value"]
+
+
+def _converted(record: dict) -> bool:
+    if "converted" in record:
+        return bool(record["converted"])
+    try:
+        return inspection.qemu_format(record.get("source_format") or
+                                      "raw") != record.get("format")
+    except ValueError:
+        return True
+
+
+def check_base(c: "cache.ImageCache", f: cache_layout.CachedFile
+               ) -> tuple[str, str, str | None]:
+    """Verify original base ``f``.
+
+    :returns: ``(status, detail, (scheme, sparse digest) or None)``;
+        status is ``ok``, ``corrupt`` or ``unverified``.
+    """
+    record = f.record
+    if not f.trusted:
+        return ("unverified", "it has no valid metadata record (missing, "
+                "unreadable, a symlink or of the wrong shape), so nothing "
+                "can vouch for its bytes; it is never used again, and "
+                "'cache prune' removes it once no disk uses it", None)
+    fmt = record["format"]
+    checksum = record.get("checksum") or {}
+    converted = _converted(record)
+    algos = [] if converted or not checksum.get("value") else [
+        checksum.get("algo") or "sha256"]
+    recorded = _recorded_sparse(record) if not algos else None
+    scheme = recorded[0] if recorded else digest.SPARSE
+    try:
+        found = digests(f.path, algos, sparse=fmt == "raw", scheme=scheme)
+    except ValueError:
+        return ("unverified", "its record names an unknown hash algorithm "
+                "%r" % (algos[0] if algos else scheme), None)
+    problems = []
+    status = "ok"
+    if algos:
+        actual = found["full"][algos[0]]
+        if actual != checksum["value"].lower():
+            problems.append("its %s is %s, the image's is %s"
+                            % (algos[0], actual, checksum["value"]))
+    elif recorded is None:
+        status = "unverified"
+        problems.append("no digest of the converted base is recorded; "
+                        "invalidate the image to fetch it again")
+    elif found["sparse"] != recorded[1]:
+        problems.append("its content digest is %s, the record says %s"
+                        % (found["sparse"], recorded[1]))
+    if fmt == "raw" and record.get("virtual_size") not in (None,
+                                                           found["size"]):
+        problems.append("it is %d bytes long, the record says %d"
+                        % (found["size"], record["virtual_size"]))
+    problems += _qemu_check(c, f.path, fmt)
+    if problems and status == "ok":
+        status = "corrupt"
+    sparse = None
+    if status == "ok" and found["sparse"] is not None:
+        sparse = (scheme, found["sparse"])
+    return status, "; ".join(problems), sparse
+
+
+def check_sized(c: "cache.ImageCache", f: cache_layout.CachedFile,
+                expected: tuple[str, str] | None) -> tuple[str, str]:
+    """Verify sized base ``f`` against the digest in its own record, or
+    else its original's sparse digest ``expected`` (``(scheme, value)``).
+    """
+    own = f.own_record
+    fmt = (own or f.record).get("format") or "raw"
+    if own is not None:
+        expected = (own["digest"]["scheme"], own["digest"]["value"])
+    elif fmt != "raw" or expected is None:
+        return ("unverified", "it has no valid record of its own, and its "
+                "original base's digest is not known; invalidate the image "
+                "to make it again")
+    try:
+        found = digests(f.path, scheme=expected[0])
+    except ValueError:
+        return ("unverified", "its record names an unknown digest scheme "
+                "%r" % expected[0])
+    problems = []
+    if found["sparse"] != expected[1]:
+        problems.append("its content differs from what its %s records"
+                        % ("own record" if own is not None
+                           else "original base's record"))
+    if fmt == "raw" and found["size"] != f.name.size:
+        problems.append("it is %d bytes long, its name says %d"
+                        % (found["size"], f.name.size))
+    problems += _qemu_check(c, f.path, fmt)
+    return ("corrupt" if problems else "ok"), "; ".join(problems)
+
+
+def _qemu_check(c, path, fmt) -> list[str]:
+    if fmt == "raw":
+        return []
+    try:
+        result = c.qemu.check(path, fmt)
+    except exception.QemuImgError as exc:
+        return ["qemu-img check failed: %s" % exc.message]
+    if result.corruptions or result.check_errors:
+        return ["qemu-img check found %d corruption(s) and %d error(s)"
+                % (result.corruptions, result.check_errors)]
+    return []
+
+
+def verify(c: "cache.ImageCache", image_ids: list[str] | None = None, *,
+           repair: bool = False) -> list[dict]:
+    """Verify the bases of ``image_ids`` (default: every base).
+
+    :returns: one row per file: ``image_id``, ``kind``, ``generation``,
+        ``file``, ``status`` (``ok``, ``corrupt``, ``unverified``, ``not
+        cached``), ``detail`` and ``action`` (what ``repair`` did).
+    """
+    wanted = None
+    if image_ids:
+        wanted = {cache_layout.cache_id(i): i for i in image_ids}
+    layout = cache_layout.scan(c.base_dir)
+    files = [f for f in layout.bases if wanted is None or f.cid in wanted]
+    rows, sparse = [], {}
+    for f in sorted(files, key=lambda f: (f.kind != "base", f.name.name)):
+        try:
+            if f.kind == "base":
+                status, detail, digest = check_base(c, f)
+                if digest is not None:
+                    sparse[f.name.stem] = digest
+            else:
+                # A raw sized base has its original's sparse digest: the
+                # one just verified, or else the one recorded for a
+                # converted base.
+                expected = (sparse.get(f.name.stem)
+                            or (_recorded_sparse(f.record) if f.trusted
+                                else None))
+                status, detail = check_sized(c, f, expected)
+        except FileNotFoundError:
+            if os.path.lexists(f.path):
+                raise
+            # Pruned (or invalidated) while we read it: nothing to verify.
+            LOG.info("Cached %s %s was removed while it was being "
+                     "verified", f.kind, f.path)
+            continue
+        if status == "corrupt":
+            LOG.warning("Cached %s %s is corrupt: %s", f.kind, f.path,
+                        detail)
+        rows.append({"image_id": f.image_id, "kind": f.kind,
+                     "generation": f.generation, "file": f.path,
+                     "status": status, "detail": detail, "action": None,
+                     "_file": f})
+    present = {f.cid for f in files}
+    for cid, image_id in (wanted or {}).items():
+        if cid not in present:
+            rows.append({"image_id": image_id, "kind": None,
+                         "generation": None, "file": None,
+                         "status": "not cached", "detail": "",
+                         "action": None})
+    corrupt = [r for r in rows if r["status"] == "corrupt"]
+    if repair and corrupt:
+        usage = c.scanner.scan()
+        for row in corrupt:
+            users = usage.of(row["_file"].name.name)
+            if usage.unreadable and not users:
+                users = ["an unknown disk (cannot read %s)"
+                         % ", ".join(usage.unreadable)]
+            row["action"] = _repair(c, row["_file"], users)
+    if repair:
+        for row in rows:
+            if row["status"] == "unverified" and row.get("_file"):
+                row["action"] = _mark_unverifiable(c, row["_file"])
+    for row in rows:
+        row.pop("_file", None)
+    return rows
+
+
+def _mark_unverifiable(c, f) -> str | None:
+    """Mark the generation of an unverifiable file stale, under the
+    image's locks; nothing is moved.
+    """
+    if f.record.get("stale"):
+        return None     # already never used again
+    try:
+        with cache_remove.exclusive_image(c, f.cid):
+            record_path = c.base_path(f.name.stem) + ".json"
+            if f.trusted:
+                c.mark_stale(f.name.stem, "unverifiable")
+            else:
+                cache_layout.write_stale_record(
+                    record_path, f.image_id or "", f.generation,
+                    "unverifiable: no valid record")
+    except cache_locks.Busy:
+        return "busy (a disk is being made from it); run again"
+    return "marked stale, left in place; new disks use a fresh copy"
+
+
+def _repair(c, f, users) -> str:
+    try:
+        with cache_remove.exclusive_image(c, f.cid):
+            users = users or c.scanner.users_of(f.cid, f.name.name)
+            c.mark_stale(f.name.stem, "corrupt")
+            if users:
+                return ("in use by %s: left in place, marked stale; new "
+                        "disks use a fresh copy" % ", ".join(users))
+            aside = f.path + ".corrupt"
+            os.rename(f.path, aside)
+    except cache_locks.Busy:
+        return "busy (a disk is being made from it); run again"
+    LOG.warning("Moved corrupt cached %s %s aside to %s", f.kind, f.path,
+                aside)
+    return "moved aside to %s" % aside

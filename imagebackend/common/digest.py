@@ -1,0 +1,147 @@
+"""Digests of image content, including one that skips zeros.
+
+``sparse-64k-xxh3`` is an XXH3-128 hash over a file's non-zero 64 KiB
+blocks (aligned to the file), each prefixed with its offset as 8
+big-endian bytes; the last block may be shorter.  Zero blocks and holes
+contribute nothing, so the digest depends only on the content (not on
+which zeros are holes), and a reader that knows where the holes are never
+reads or hashes them.  It names content only together with a length: a
+file and the same file grown with zeros have the same digest.
+
+It is what the cache records to notice change and corruption in bytes
+that no image service vouches for: a local image's content and a
+converted base.  XXH3 is not a cryptographic hash, and does not need to
+be there: whoever could craft a collision can already write the image
+directory or ``_base`` itself.  It hashes about 9 GiB/s where SHA-256
+manages 1.2 (with the CPU's SHA instructions), and a cold disk creation
+hashes every byte once or twice.  Bytes from Glance are still checked
+against the hash Glance records, whatever its algorithm.
+
+``sparse-64k`` is the same over SHA-256, which records of earlier releases
+name; it is still verified, never written.
+
+:func:`new` makes a hasher for any :mod:`hashlib` algorithm or either
+sparse scheme, with ``update`` and ``hexdigest``.
+"""
+
+import hashlib
+import os
+
+import xxhash
+
+from imagebackend.common import fileio
+
+#: the sparse scheme new records use.
+SPARSE = "sparse-64k-xxh3"
+#: the SHA-256 sparse scheme of earlier records.
+SPARSE_SHA256 = "sparse-64k"
+_SCHEMES = {SPARSE: xxhash.xxh3_128, SPARSE_SHA256: hashlib.sha256}
+BLOCK = fileio.ZERO_BLOCK
+# Reads of a file's data extents, at most this much at a time.
+_READ = 4 * 1024 * 1024
+
+
+class SparseDigest:
+    """A streaming sparse digest: feed it the whole content with
+    :meth:`update` (any chunking), or skip known zeros with :meth:`zeros`.
+
+    :param scheme: :data:`SPARSE` or :data:`SPARSE_SHA256`.
+    """
+
+    def __init__(self, scheme: str = SPARSE) -> None:
+        self.name = scheme
+        self._hash = _SCHEMES[scheme]()
+        self._base = 0                  # offset of _pending's first byte
+        self._pending = bytearray()     # a block not yet complete
+
+    def update(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if self._pending:
+            take = min(BLOCK - len(self._pending), len(view))
+            self._pending += view[:take]
+            view = view[take:]
+            if len(self._pending) < BLOCK:
+                return
+            self._block(self._pending, self._base)
+            self._base += BLOCK
+            self._pending = bytearray()
+        whole = len(view) - len(view) % BLOCK
+        # A chunk of zeros (a hole read by the source) is skipped whole.
+        if whole and not fileio.all_zeros(view[:whole]):
+            for i in range(0, whole, BLOCK):
+                self._block(view[i:i + BLOCK], self._base + i)
+        self._base += whole
+        self._pending = bytearray(view[whole:])
+
+    def zeros(self, count: int) -> None:
+        """Account for ``count`` zero bytes without reading them."""
+        if self._pending:
+            take = min(BLOCK - len(self._pending), count)
+            self.update(memoryview(fileio.HOLE)[:take])
+            count -= take
+            if self._pending:       # still short of a whole block
+                return
+        whole = count - count % BLOCK
+        self._base += whole
+        self._pending = bytearray(count - whole)
+
+    def _block(self, block, offset: int) -> None:
+        if not fileio.all_zeros(block):
+            self._hash.update(offset.to_bytes(8, "big"))
+            self._hash.update(block)
+
+    def hexdigest(self) -> str:
+        final = self._hash.copy()
+        if self._pending and not fileio.all_zeros(self._pending):
+            final.update(self._base.to_bytes(8, "big"))
+            final.update(self._pending)
+        return final.hexdigest()
+
+
+def new(algo: str):
+    """A hasher for ``algo``: a sparse scheme or a :mod:`hashlib` name.
+
+    :raises ValueError: an unknown algorithm.
+    """
+    if algo in _SCHEMES:
+        return SparseDigest(algo)
+    return hashlib.new(algo)
+
+
+def file_digests(fd: int, algos=(), sparse: bool = True,
+                 scheme: str = SPARSE) -> dict:
+    """Hash the open file ``fd`` in one pass, reading only its data.
+
+    :param algos: algorithms for :func:`new`, over the whole byte stream
+        (holes read as zeros).
+    :param sparse: also compute the sparse digest of ``scheme``.
+    :returns: ``{"full": {algo: hex}, "sparse": hex or None, "size": n}``.
+    :raises ValueError: an unknown algorithm or scheme.
+    :raises OSError: the file cannot be read.
+    """
+    if scheme not in _SCHEMES:
+        raise ValueError("unknown sparse digest scheme %r" % scheme)
+    full = {algo: new(algo) for algo in algos}
+    hashers = list(full.values())
+    blocks = SparseDigest(scheme) if sparse else None
+    if blocks is not None:
+        hashers.append(blocks)
+    size = os.fstat(fd).st_size
+    for length, data in fileio.read_regions(fd, size, _READ):
+        if data is None:
+            _zeros(hashers, length)
+            continue
+        for h in hashers:
+            h.update(data)
+    return {"full": {a: h.hexdigest() for a, h in full.items()},
+            "sparse": blocks.hexdigest() if blocks is not None else None,
+            "size": size}
+
+
+def _zeros(hashers, count: int) -> None:
+    for h in hashers:
+        if isinstance(h, SparseDigest):
+            h.zeros(count)
+            continue
+        for piece in fileio.zero_chunks(count):
+            h.update(piece)

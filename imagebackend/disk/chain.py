@@ -1,0 +1,202 @@
+"""An instance disk's backing chain, read without letting qemu-img guess
+anything or open a file before it is checked.
+
+The disk's own format comes from
+:func:`imagebackend.disk.trust.known_format` (the caller or the cache's
+records, never a header).  The chain is then
+read one image at a time (:func:`read_chain`) with ``qemu-img info -f
+<format>`` and no ``--backing-chain``, so qemu-img opens no backing file
+before it is checked (:func:`check_backing`): it must have its format
+recorded in the image, be a regular local file that exists, not lead back
+into the chain, and lie in a directory disks may use:
+
+* anywhere under ``[imagebackend] instances_path`` or a directory of
+  ``[image_cache] disk_dirs`` (by real path, so through symlinks too);
+* directly in the directory of the disk at the top of the chain;
+* in ``_base`` only a base or sized base (not a symlink) with a valid
+  record whose format is the one the image records for it;
+* never in the lock directory or in the cache's own bookkeeping
+  (``_base/.disks``, records, scratch files).
+
+An image with an external data file is refused.  A command run afterwards
+on the disk makes qemu-img open the chain with these recorded formats only.
+"""
+
+import os
+import re
+import stat
+
+from imagebackend.disk import trust as disk_trust
+from imagebackend import exception
+from imagebackend.qemu import img as qemu_img
+
+#: Kept here for callers of earlier releases; see
+#: :mod:`imagebackend.disk.trust`.
+DISK_FORMATS = disk_trust.DISK_FORMATS
+BACKING_FORMATS = disk_trust.BACKING_FORMATS
+#: The deepest chain followed; deeper is a loop or a crafted image.
+MAX_CHAIN = 16
+# qemu takes "name:..." before any "/" as a protocol (nbd:, json:, ...).
+_PROTOCOL_RE = re.compile(r"^[^/]*:")
+
+
+# --- the backing chain -------------------------------------------------------
+
+def read_chain(qemu: qemu_img.QemuImg, path: str, fmt: str, *,
+               paths: disk_trust.CachePaths, top: str | None = None,
+               follow: bool = True,
+               force_share: bool = False) -> qemu_img.ImageInfo:
+    """Read disk ``path`` and its backing chain, one image at a time,
+    checking every backing file before it is opened.
+
+    :param path: an absolute path.
+    :param fmt: the disk's format, as
+        :func:`imagebackend.disk.trust.known_format` found it.
+    :param paths: the cache's directories.
+    :param top: the disk whose chain this is part of (its directory may
+        hold backing files); default ``path``.
+    :param follow: read the backing files too; without it only ``path`` is
+        read (its backing file need not exist).
+    :param force_share: read images another process (a running guest)
+        has open for writing, for a report; without it such a disk is
+        refused by qemu-img, as it must be before changing it.
+    :returns: the :class:`imagebackend.qemu.img.ImageInfo` of ``path``;
+        its ``chain`` is the chain read, ``path`` first, each image with
+        the absolute path and the format it is opened with.
+    :raises exception.DiskOperationError: the chain cannot be opened
+        safely; the message says why and how to fix it.
+    :raises exception.QemuImgError: qemu-img failed.
+    """
+    top = top or path
+    chain = []
+    seen = {file_id(path)}
+    current, current_fmt = path, fmt
+    while True:
+        info = qemu.info(current, current_fmt, force_share=force_share)
+        info.filename, info.format = current, current_fmt
+        if info.data_file:
+            raise exception.DiskOperationError(
+                path=top, reason="%s keeps its data in the external file "
+                "%s, which instance disks never do; it is not a disk these "
+                "operations handle" % (current, info.data_file))
+        chain.append(info)
+        if not follow or info.backing_file is None:
+            break
+        if len(chain) >= MAX_CHAIN:
+            raise exception.DiskOperationError(
+                path=top, reason="its backing chain is deeper than %d "
+                "images; flatten it with 'imagebackend disk extract'"
+                % MAX_CHAIN)
+        current, current_fmt = _backing(paths, top, current, info, seen)
+    for depth, info in enumerate(chain):
+        info.chain = chain[depth:]
+    return chain[0]
+
+
+def file_id(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of ``path``, None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _backing(paths, top, image, info, seen):
+    """The path and recorded format of the backing file of ``image``
+    (described by ``info``), checked so that qemu-img opens it without
+    guessing.
+    """
+    name = info.backing_file
+    if _PROTOCOL_RE.match(name):
+        raise exception.DiskOperationError(
+            path=top, reason="the backing file of %s is %r, which is not a "
+            "local file; refusing to let qemu-img open it" % (image, name))
+    backing = os.path.join(os.path.dirname(image), name)
+    if info.backing_format is None:
+        raise exception.DiskOperationError(
+            path=top, reason="%s has no recorded format, which qemu-img "
+            "would have to guess; record it with 'imagebackend disk rebase "
+            "%s %s --unsafe --backing-format FORMAT'" % (
+                _what(top, image, backing), image, backing))
+    check_backing(paths, top, image, backing, info.backing_format)
+    key = file_id(backing)
+    if key in seen:
+        raise exception.DiskOperationError(
+            path=top, reason="its backing chain loops: %s leads back to %s"
+            % (image, backing))
+    seen.add(key)
+    return backing, info.backing_format
+
+
+def _what(top, image, backing):
+    return ("its backing file %s" % backing if image == top
+            else "the backing file %s of %s" % (backing, image))
+
+
+def check_backing(paths: disk_trust.CachePaths, top: str, image: str,
+                  backing: str,
+                  fmt: str) -> None:
+    """Refuse ``backing`` as the backing file of ``image``, recorded as
+    ``fmt``, in the chain of disk ``top``, unless it is a file this
+    module's documentation allows.
+
+    :raises exception.DiskOperationError: it is not; the message says
+        what was found and how to fix it.
+    """
+    what = _what(top, image, backing)
+    fix = ("record another with 'imagebackend disk rebase %s NEW_BACKING "
+           "--unsafe'" % image)
+    if fmt not in disk_trust.BACKING_FORMATS:
+        raise exception.DiskOperationError(
+            path=top, reason="%s is recorded as %s, which cannot back a "
+            "disk (use one of %s)" % (
+                what, fmt, ", ".join(disk_trust.BACKING_FORMATS)))
+    if not os.path.lexists(backing):
+        raise exception.DiskOperationError(
+            path=top, reason="%s does not exist; if it moved, %s" % (
+                what, fix))
+    try:
+        name = disk_trust.cached_base(paths, backing)
+    except exception.DiskOperationError as exc:
+        raise exception.DiskOperationError(
+            path=top, reason="%s is refused: %s; %s" % (
+                what, exc.kwargs.get("reason", "it is missing"), fix)
+        ) from exc
+    if name is not None:
+        recorded = disk_trust.base_format(paths, name)
+        if recorded is None:
+            raise exception.DiskOperationError(
+                path=top, reason="%s is in the image cache without a valid "
+                "record, so its format is unknown; 'imagebackend cache "
+                "verify' checks it" % what)
+        if recorded != fmt:
+            raise exception.DiskOperationError(
+                path=top, reason="%s is recorded in %s as %s, but the image "
+                "cache records it as %s; record the right format with "
+                "'imagebackend disk rebase %s %s --unsafe'" % (
+                    what, image, fmt, recorded, image, backing))
+        return
+    try:
+        st = os.stat(backing)
+    except OSError as exc:
+        raise exception.DiskOperationError(
+            path=top, reason="%s cannot be read (%s); %s" % (
+                what, exc.strerror, fix)) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise exception.DiskOperationError(
+            path=top, reason="%s is not a regular file; %s" % (what, fix))
+    real = os.path.realpath(backing)
+    roots = [paths.instances_path] + list(paths.disk_dirs)
+    own = {os.path.realpath(os.path.dirname(top)),
+           os.path.dirname(os.path.realpath(top))}
+    if (any(disk_trust.inside(real, os.path.realpath(r)) for r in roots)
+            or os.path.dirname(real) in own):
+        return
+    raise exception.DiskOperationError(
+        path=top, reason="%s (really %s) is outside the directories backing "
+        "files may be in: under %s, directly in the disk's directory %s, "
+        "or under a directory of [image_cache] disk_dirs (%s); move it "
+        "there or list its directory in disk_dirs, then %s" % (
+            what, real, paths.instances_path, os.path.dirname(top),
+            ", ".join(paths.disk_dirs) or "none", fix))

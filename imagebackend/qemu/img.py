@@ -1,0 +1,705 @@
+"""qemu-img: the only place imagebackend runs it.
+
+:class:`QemuImg` offers one typed method per qemu-img command.  Every
+command gets ``-f`` for its input, so qemu-img never guesses a format, and
+every machine-readable answer is read from ``--output json``, never from
+human text.  Results are the dataclasses of
+:mod:`imagebackend.qemu.results`, re-exported here.
+
+Commands run through an injectable :class:`imagebackend.qemu.runner.Runner`.
+Failures become :class:`imagebackend.exception.QemuImgError` (or a
+subclass) with the useful line of qemu-img's standard error.  The fast path
+of the pipeline -- creating an overlay -- starts exactly one process: no
+version probe, no ``info``.
+"""
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import threading
+import typing
+
+from oslo_concurrency import processutils
+from oslo_config import cfg
+
+from imagebackend.common import fileio
+from imagebackend import exception
+from imagebackend.qemu import results as qemu_results
+from imagebackend.qemu import runner
+
+LOG = logging.getLogger(__name__)
+
+GROUP = "qemu_img"
+
+OPTIONS = [
+    cfg.StrOpt(
+        "binary", default="qemu-img",
+        help="The qemu-img program imagebackend runs: a name looked up on "
+             "PATH, or an absolute path.  Every qemu-img command uses it.  "
+             "The default, qemu-img, finds the distribution's binary "
+             "(package qemu-utils or qemu-img); versions 7.0 and later are "
+             "supported."),
+    cfg.IntOpt(
+        "info_address_space_limit", default=1024, min=0,
+        help="Address space, in MiB, that 'qemu-img info' may use while it "
+             "reads an image.  Images come from users, and a crafted image "
+             "can make qemu-img allocate without bound; the limit stops it "
+             "and the request fails with an error naming this option.  The "
+             "default, 1024, is ample for images of 100 GiB and more.  "
+             "Values below 64 make qemu-img fail on every image.  0 removes "
+             "the limit (not recommended)."),
+    cfg.IntOpt(
+        "info_cpu_time_limit", default=30, min=0,
+        help="CPU time, in seconds, that 'qemu-img info' may use while it "
+             "reads an image.  A crafted image can keep qemu-img busy "
+             "indefinitely; when the limit is reached qemu-img is killed "
+             "and the request fails with an error naming this option.  The "
+             "default, 30, is far above the fraction of a second a sound "
+             "image of 100 GiB needs.  The same limits apply to the "
+             "'qemu-img check' every non-raw image passes before it is "
+             "converted or cached.  0 removes the limit (not "
+             "recommended)."),
+    cfg.IntOpt(
+        "convert_address_space_limit", default=4096, min=0,
+        help="Address space, in MiB, that 'qemu-img convert' may use while "
+             "it converts a downloaded image to raw.  A crafted image can "
+             "make qemu-img allocate without bound; the limit stops it and "
+             "the request fails with an error naming the image and this "
+             "option.  qemu-img reserves address space for each of its "
+             "worker threads (stacks and allocator arenas), about 1 GiB on "
+             "a small host and more on hosts with many CPUs, so the default, "
+             "4096, leaves room for that.  0 removes the limit (not "
+             "recommended)."),
+    cfg.IntOpt(
+        "convert_cpu_seconds_per_gib", default=30, min=0,
+        help="CPU time, in seconds per GiB of the image's virtual size "
+             "(and at least 60 seconds in all), that 'qemu-img convert' may "
+             "use while it converts a downloaded image to raw.  A crafted "
+             "image (tiny clusters, heavily compressed data) can keep "
+             "qemu-img busy for a very long time; when the limit is "
+             "reached qemu-img is killed and the request fails with an "
+             "error naming the image and this option.  The default, 30, is "
+             "several times what decompressing a compressed qcow2 image "
+             "costs (about 5 s per GiB).  A conversion's output is also "
+             "limited to the image's checked virtual size.  0 removes the "
+             "CPU limit (not recommended)."),
+]
+
+#: the smallest CPU time limit of a conversion, in seconds.
+CONVERT_MIN_CPU_TIME = 60
+#: bytes a conversion's output may exceed the virtual size by (qemu-img
+#: rounds sizes up to whole sectors).
+CONVERT_OUTPUT_SLACK = 1024 * 1024
+# Commands on the warm path, started without copying this process: they
+# take milliseconds and read no image a user supplied.
+_QUICK = ("create", "--version", "-h")
+
+# Re-exported so callers need only this module.
+ImageInfo = qemu_results.ImageInfo
+Snapshot = qemu_results.Snapshot
+CheckResult = qemu_results.CheckResult
+MapEntry = qemu_results.MapEntry
+Measurement = qemu_results.Measurement
+CreateOption = qemu_results.CreateOption
+parse_size = qemu_results.parse_size
+useful_error = qemu_results.useful_error
+
+CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
+_CHECK_CODES = (CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED)
+# Cache modes that make qemu-img write through to stable storage itself;
+# with any other mode the converted file is fsynced afterwards.
+_DURABLE_CACHES = ("none", "directsync", "writethrough")
+_FMT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
+_VERSIONS: dict[str, tuple[int, int, int]] = {}
+# (is a conversion, limit hit) -> the option that sets the limit.
+_LIMIT_OPTIONS = {
+    (False, "cpu_time"): "info_cpu_time_limit",
+    (False, "address_space"): "info_address_space_limit",
+    (True, "cpu_time"): "convert_cpu_seconds_per_gib",
+    (True, "address_space"): "convert_address_space_limit",
+}
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register the ``[qemu_img]`` options on ``conf`` (idempotent)."""
+    conf.register_opts(OPTIONS, group=GROUP)
+
+
+class QemuImg:
+    """Typed access to qemu-img.
+
+    :param conf: a ConfigOpts carrying the ``[qemu_img]`` options (they are
+        registered on it); ``None`` uses the defaults.
+    :param execute: a ``qemu.runner.Runner`` (or an object with
+        its ``execute`` and ``stream`` methods), or a function with the
+        signature of :func:`oslo_concurrency.processutils.execute`;
+        ``None`` runs commands directly.
+    :param binary: the qemu-img program to run; ``None`` takes
+        ``[qemu_img] binary``.
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts | None = None,
+                 execute=None, binary: str | None = None) -> None:
+        if conf is None:
+            conf = cfg.ConfigOpts()
+        register_opts(conf)
+        self.conf = conf
+        if execute is None or callable(execute):
+            execute = runner.Runner(execute)
+        self.runner = execute
+        self.binary = binary or conf.qemu_img.binary
+        self._version = None
+
+    # --- creating and changing images -------------------------------------
+
+    def create(self, path: str, fmt: str, size: int | str | None = None, *,
+               backing_file: str | None = None,
+               backing_fmt: str | None = None,
+               options: dict | None = None,
+               preallocation: str | None = None) -> None:
+        """Create image ``path`` (an existing file is replaced).
+
+        :param size: the virtual size in bytes (or a size string, see
+            :func:`parse_size`); ``None`` takes the backing file's size.
+        :param backing_file: make a copy-on-write overlay over this image.
+        :param backing_fmt: the backing file's format; required with
+            ``backing_file``.
+        :param options: more ``-o`` options for the format, such as
+            ``{"cluster_size": 65536}``.
+        :param preallocation: ``off``, ``metadata``, ``falloc`` or ``full``.
+        :raises exception.QemuImgInvalidRequest: a bad combination of
+            arguments; nothing was run.
+        :raises exception.QemuImgError: qemu-img failed.
+        """
+        _check_fmt("create", path, fmt)
+        opts = dict(options or {})
+        extra = {"backing_file": backing_file, "backing_fmt": backing_fmt,
+                 "preallocation": preallocation}
+        for key, value in extra.items():
+            if value is not None:
+                if key in opts:
+                    raise _invalid("create", path, "%s is given twice" % key)
+                opts[key] = value
+        if opts.get("backing_file") is not None:
+            _check_fmt("create", path, opts.get("backing_fmt"), "backing_fmt")
+        elif opts.get("backing_fmt") is not None:
+            raise _invalid("create", path, "backing_fmt without backing_file")
+        elif size is None:
+            raise _invalid("create", path, "a size is needed without a "
+                           "backing file")
+        args = ["create", "-f", fmt]
+        if opts:
+            args += ["-o", _format_options("create", path, opts)]
+        args.append(path)
+        if size is not None:
+            args.append(str(parse_size(size)))
+        self._run("create", path, args)
+
+    def convert(self, source: str, source_fmt: str, target: str,
+                target_fmt: str, *, target_cache: str | None = None,
+                source_cache: str | None = None,
+                sparse_size: int | None = None, compress: bool = False,
+                parallel: int | None = None, out_of_order: bool = False,
+                rate_limit: int | None = None, options: dict | None = None,
+                progress: typing.Callable[[float], None] | None = None,
+                cancel: threading.Event | None = None,
+                durable: bool = True, limits: bool = False,
+                max_output_size: int | None = None) -> None:
+        """Convert ``source`` into a new image ``target``.
+
+        The target is durable when this returns: it is written with
+        ``O_DIRECT`` (cache mode ``none``) where its directory supports
+        that, and otherwise with ``writeback`` followed by an fsync of the
+        file and its directory.  Written through the page cache, its data
+        is sent to disk during the conversion (see
+        :class:`imagebackend.common.fileio.Writeback`), so the fsync at the end
+        has little left to do.  On any failure or cancellation the target
+        file is removed.
+
+        :param target_cache: a qemu cache mode for the target; ``None``
+            chooses as described above.
+        :param source_cache: a qemu cache mode for the source (``-T``).
+        :param sparse_size: bytes of zeros that make a hole (``-S``).
+        :param compress: compress the target (qcow2 targets only).
+        :param parallel: coroutines qemu-img runs in parallel (``-m``).
+        :param out_of_order: allow out-of-order writes (``-W``).
+        :param rate_limit: bytes per second qemu-img may write (``-r``).
+        :param options: ``-o`` options for the target format.
+        :param progress: called with the percentage done (0.0 to 100.0);
+            the last call is 100.0 when the conversion succeeded.
+        :param cancel: set it from another thread to stop the conversion.
+        :param durable: ``False`` leaves the final fsync of the target and
+            its directory to the caller, who may overlap it with other
+            work (pair it with a ``target_cache`` that does not flush,
+            such as ``unsafe``).
+        :param limits: run under the ``[qemu_img] convert_*`` CPU-time and
+            address-space limits, as any conversion of a user's image must
+            (the CPU time is scaled by ``max_output_size``).
+        :param max_output_size: the virtual size the source was checked to
+            have; qemu-img may not write a file larger than that (plus
+            :data:`CONVERT_OUTPUT_SLACK`), so a source that lies about its
+            size fails instead of filling the disk.
+        :raises exception.OperationCancelled: ``cancel`` was set.
+        :raises exception.QemuImgInvalidRequest: a bad combination of
+            arguments; nothing was run.
+        :raises exception.QemuImgLimitExceeded: a limit was hit.
+        :raises exception.QemuImgError: qemu-img failed.
+        :raises exception.DiskOperationError: the target could not be
+            flushed to disk.
+        """
+        _check_fmt("convert", source, source_fmt)
+        _check_fmt("convert", source, target_fmt, "target format")
+        if compress and target_fmt != "qcow2":
+            raise _invalid("convert", source, "compression needs a qcow2 "
+                           "target, not %s" % target_fmt)
+        if target_cache is None:
+            directory = os.path.dirname(os.path.abspath(target))
+            target_cache = ("none" if fileio.direct_io_supported(directory)
+                            else "writeback")
+        args = ["convert", "-f", source_fmt, "-O", target_fmt,
+                "-t", target_cache]
+        if source_cache is not None:
+            args += ["-T", source_cache]
+        flags = [("-S", sparse_size), ("-m", parallel), ("-r", rate_limit)]
+        args += [arg for flag, value in flags if value is not None
+                 for arg in (flag, str(value))]
+        if compress:
+            args.append("-c")
+        if out_of_order:
+            args.append("-W")
+        if options:
+            args += ["-o", _format_options("convert", source, options)]
+        through_page_cache = target_cache not in _DURABLE_CACHES
+        run_limits = self._convert_limits(limits, max_output_size)
+        try:
+            with _written_back(target, through_page_cache):
+                self._run_long(
+                    "convert", "Conversion", source, args + [source, target],
+                    progress, cancel,
+                    finish=(lambda: _flush(target, through_page_cache))
+                    if durable else None, limits=run_limits)
+        except BaseException:
+            fileio.remove_regular(target)
+            raise
+
+    def resize(self, path: str, fmt: str, size: int | str, *,
+               shrink: bool = False,
+               preallocation: str | None = None) -> None:
+        """Set the virtual size of ``path`` to ``size`` bytes.
+
+        :param shrink: allow a smaller size (data past it is lost).
+        :param preallocation: how to allocate the new space (``off``,
+            ``metadata``, ``falloc``, ``full``).
+        :raises exception.QemuImgError: qemu-img failed, for example when
+            shrinking without ``shrink``.
+        """
+        _check_fmt("resize", path, fmt)
+        args = ["resize", "-f", fmt]
+        if shrink:
+            args.append("--shrink")
+        if preallocation is not None:
+            args.append("--preallocation=%s" % preallocation)
+        args += [path, str(parse_size(size))]
+        self._run("resize", path, args)
+
+    def rebase(self, path: str, fmt: str, backing_file: str | None,
+               backing_fmt: str | None, unsafe: bool = False, *,
+               progress: typing.Callable[[float], None] | None = None,
+               cancel: threading.Event | None = None) -> None:
+        """Make ``backing_file`` the backing file of ``path``.
+
+        A cancelled rebase leaves ``path`` on its old backing file (qemu-img
+        rewrites the reference last); clusters it had already copied into
+        ``path`` hold what the guest saw there, so its content is intact.
+
+        :param backing_file: the new backing file; ``None`` removes it
+            (with ``unsafe=False`` its data is copied in first).
+        :param unsafe: only rewrite the reference, copying no data (for a
+            backing file that moved or was renamed).
+        :param progress: called with the percentage done (0.0 to 100.0).
+        :param cancel: set it from another thread to stop the rebase.
+        :raises exception.OperationCancelled: ``cancel`` was set.
+        :raises exception.QemuImgError: qemu-img failed.
+        """
+        _check_fmt("rebase", path, fmt)
+        args = ["rebase", "-f", fmt]
+        if unsafe:
+            args.append("-u")
+        args += ["-b", backing_file or ""]
+        if backing_file:
+            _check_fmt("rebase", path, backing_fmt, "backing_fmt")
+            args += ["-F", backing_fmt]
+        self._run_long("rebase", "Rebase", path, args + [path], progress,
+                       cancel)
+
+    def commit(self, path: str, fmt: str, *, base: str | None = None,
+               drop: bool = False,
+               progress: typing.Callable[[float], None] | None = None,
+               cancel: threading.Event | None = None) -> None:
+        """Write the changes held in overlay ``path`` into its backing file.
+
+        The changes go into ``base`` instead when it is given (an image
+        further down the chain).  A cancelled commit leaves ``path`` as it
+        was, and the backing file with part of the changes written.
+
+        :param drop: leave the overlay as it is instead of emptying it
+            (``-d``).
+        :param progress: called with the percentage done (0.0 to 100.0).
+        :param cancel: set it from another thread to stop the commit.
+        :raises exception.OperationCancelled: ``cancel`` was set.
+        :raises exception.QemuImgError: qemu-img failed.
+        """
+        _check_fmt("commit", path, fmt)
+        args = ["commit", "-f", fmt]
+        if base is not None:
+            args += ["-b", base]
+        if drop:
+            args.append("-d")
+        self._run_long("commit", "Commit", path, args + [path], progress,
+                       cancel)
+
+    def amend(self, path: str, fmt: str, options: dict) -> None:
+        """Change format options of an existing image (``-o``)."""
+        _check_fmt("amend", path, fmt)
+        if not options:
+            raise _invalid("amend", path, "no options to change")
+        self._run("amend", path, ["amend", "-f", fmt, "-o",
+                                  _format_options("amend", path, options),
+                                  path])
+
+    # --- snapshots ---------------------------------------------------------
+
+    def snapshot_create(self, path: str, fmt: str, name: str) -> None:
+        """Create internal snapshot ``name`` of image ``path``."""
+        self._snapshot("-c", path, fmt, name)
+
+    def snapshot_apply(self, path: str, fmt: str, name: str) -> None:
+        """Revert image ``path`` to snapshot ``name`` (a name or an id)."""
+        self._snapshot("-a", path, fmt, name)
+
+    def snapshot_delete(self, path: str, fmt: str, name: str) -> None:
+        """Delete snapshot ``name`` (a name or an id) of image ``path``."""
+        self._snapshot("-d", path, fmt, name)
+
+    def snapshot_list(self, path: str, fmt: str) -> list[Snapshot]:
+        """The internal snapshots of ``path``, read from ``info``."""
+        return self.info(path, fmt).snapshots
+
+    def _snapshot(self, flag, path, fmt, name):
+        # "qemu-img snapshot" has no -f; --image-opts names the driver.
+        _check_fmt("snapshot", path, fmt)
+        if not name:
+            raise _invalid("snapshot", path, "a snapshot needs a name")
+        self._run("snapshot", path, ["snapshot", "--image-opts", flag, name,
+                                     _image_opts(fmt, path)])
+
+    # --- reading images ----------------------------------------------------
+
+    def info(self, path: str, fmt: str, *, backing_chain: bool = False,
+             force_share: bool = False, limits: bool = True
+             ) -> ImageInfo:
+        """Read what qemu-img knows about ``path``.
+
+        :param backing_chain: also read every backing file; the result's
+            ``chain`` is then the whole chain, this image first.
+        :param force_share: read an image another process has open
+            (``-U``).
+        :param limits: run under the ``[qemu_img] info_*_limit`` process
+            limits, as any image from a user must be.
+        :returns: an :class:`ImageInfo`.
+        :raises exception.QemuImgLimitExceeded: a limit was hit.
+        :raises exception.QemuImgError: qemu-img failed.
+        """
+        _check_fmt("info", path, fmt)
+        args = ["info", "-f", fmt, "--output=json"]
+        if backing_chain:
+            args.append("--backing-chain")
+        if force_share:
+            args.append("-U")
+        result = self._run("info", path, args + [path],
+                           limits=self._info_limits() if limits else None)
+        return self._parse("info", path, result, ImageInfo.from_qemu,
+                           backing_chain)
+
+    def check(self, path: str, fmt: str, repair: str | None = None, *,
+              limits: bool = True) -> CheckResult:
+        """Check (and with ``repair``, fix) the consistency of ``path``.
+
+        :param repair: ``None``, ``"leaks"`` or ``"all"``.
+        :param limits: run under the ``[qemu_img] info_*_limit`` process
+            limits, as any image from a user must be.
+        :returns: a :class:`CheckResult`; for a format without checks its
+            ``supported`` is False.  Corruptions and leaks are results,
+            not exceptions.
+        :raises exception.QemuImgLimitExceeded: a limit was hit.
+        :raises exception.QemuImgError: the check could not complete.
+        """
+        _check_fmt("check", path, fmt)
+        if repair not in (None, "leaks", "all"):
+            raise _invalid("check", path, "repair must be 'leaks' or 'all', "
+                           "not %r" % repair)
+        args = ["check", "-f", fmt, "--output=json"]
+        if repair:
+            args += ["-r", repair]
+        result = self._run("check", path, args + [path],
+                           ok_codes=_CHECK_CODES,
+                           limits=self._info_limits() if limits else None)
+        if result.exit_code == CHECK_UNSUPPORTED:
+            return CheckResult(filename=path, format=fmt, supported=False,
+                               exit_code=CHECK_UNSUPPORTED)
+        return self._parse("check", path, result,
+                           CheckResult.from_qemu, result.exit_code)
+
+    def compare(self, path1: str, fmt1: str, path2: str, fmt2: str, *,
+                strict: bool = False) -> bool:
+        """Whether two images have the same guest-visible content.
+
+        :param strict: also fail when the sizes or allocation differ.
+        """
+        _check_fmt("compare", path1, fmt1)
+        _check_fmt("compare", path2, fmt2)
+        args = ["compare", "-f", fmt1, "-F", fmt2] + (["-s"] if strict
+                                                      else [])
+        result = self._run("compare", path1, args + [path1, path2],
+                           ok_codes=(0, 1))
+        return result.exit_code == 0
+
+    def measure(self, path: str | None, fmt: str | None, target_fmt: str,
+                *, size: int | None = None, options: dict | None = None
+                ) -> Measurement:
+        """Bytes an image in ``target_fmt`` would need.
+
+        It measures a conversion of ``path``, or with ``path`` None a new
+        image of ``size`` bytes.
+        """
+        _check_fmt("measure", path, target_fmt, "target format")
+        args = ["measure", "--output=json", "-O", target_fmt]
+        if options:
+            args += ["-o", _format_options("measure", path, options)]
+        if path is None:
+            args += ["--size", str(parse_size(size))]
+        else:
+            _check_fmt("measure", path, fmt)
+            args += ["-f", fmt, path]
+        return self._parse("measure", path, self._run("measure", path, args),
+                           Measurement.from_qemu)
+
+    def map(self, path: str, fmt: str, *, force_share: bool = False
+            ) -> list[MapEntry]:
+        """The allocation map of ``path``.
+
+        :returns: :class:`MapEntry` ranges saying which hold data, which
+            read as zeros, and at which depth of the chain.
+        """
+        _check_fmt("map", path, fmt)
+        args = ["map", "-f", fmt, "--output=json"] + (
+            ["-U"] if force_share else [])
+        return self._parse("map", path, self._run("map", path, args + [path]),
+                           MapEntry.list_from_qemu)
+
+    # --- the program itself ------------------------------------------------
+
+    def version(self) -> tuple[int, int, int]:
+        """qemu-img's version, asked once per binary and remembered."""
+        if self._version is None:
+            if self.binary not in _VERSIONS:
+                out = self._run("--version", self.binary,
+                                ["--version"]).stdout
+                match = _VERSION_RE.search(out)
+                if not match:
+                    raise _bad_output("--version", self.binary, out[:80])
+                _VERSIONS[self.binary] = tuple(int(part or 0)
+                                               for part in match.groups())
+            self._version = _VERSIONS[self.binary]
+        return self._version
+
+    def supported_formats(self) -> list[str]:
+        """The formats this qemu-img was built with (from ``-h``)."""
+        out = self._run("-h", self.binary, ["-h"], ok_codes=(0, 1)).stdout
+        for line in out.splitlines():
+            if line.startswith("Supported formats:"):
+                return line.split(":", 1)[1].split()
+        raise _bad_output("-h", self.binary, "no 'Supported formats' line")
+
+    def create_options_help(self, fmt: str) -> list[CreateOption]:
+        """The ``-o`` options ``create`` accepts for ``fmt``."""
+        _check_fmt("create", fmt, fmt)
+        out = self._run("create", fmt,
+                        ["create", "-f", fmt, "-o", "help"]).stdout
+        return CreateOption.parse_help(out)
+
+    # --- running -----------------------------------------------------------
+
+    def _run_long(self, operation, what, path, args, progress, cancel,
+                  finish=None, limits=None) -> None:
+        """Run a command that takes ``-p``: with ``progress``, its output
+        is parsed into percentages; with ``cancel``, it can be stopped.
+        ``finish`` runs after the command succeeded and before the last
+        progress report (100.0).
+        """
+        parser = qemu_results.ProgressParser(progress) if progress else None
+        if parser:
+            args = args[:1] + ["-p"] + args[1:]
+        if parser or cancel is not None:
+            result = self._run(operation, path, args, cancel=cancel,
+                               on_output=parser.feed if parser else None,
+                               limits=limits)
+            if result.cancelled:
+                raise exception.OperationCancelled(operation=what, path=path)
+        else:
+            self._run(operation, path, args, limits=limits)
+        if finish is not None:
+            finish()
+        if parser:
+            parser.finish()
+
+    def _run(self, operation, path, args, *, ok_codes=(0,), limits=None,
+             on_output=None, cancel=None) -> runner.ProcessResult:
+        # The runner logs each command at debug level.  Every command but
+        # the quick ones dies with its caller.
+        argv = [self.binary] + [os.fspath(arg) for arg in args]
+        if limits is None and operation not in _QUICK:
+            limits = runner.Limits()
+        preexec_fn = limits.preexec() if limits else None
+        try:
+            if on_output is not None or cancel is not None:
+                return self.runner.stream(
+                    argv, on_output or _ignore, cancel, ok_codes=ok_codes,
+                    preexec_fn=preexec_fn)
+            return self.runner.execute(argv, ok_codes=ok_codes,
+                                       preexec_fn=preexec_fn)
+        except processutils.ProcessExecutionError as exc:
+            kwargs = dict(operation=operation, path=path,
+                          exit_code=exc.exit_code,
+                          stderr=useful_error(exc.stderr or ""))
+            hit = limits and limits.exceeded(exc.exit_code, exc.stderr)
+            if hit == "file_size":
+                raise exception.QemuImgOutputTooLarge(
+                    size=limits.file_size, **kwargs) from exc
+            if hit:
+                value = getattr(limits, hit)
+                raise exception.QemuImgLimitExceeded(
+                    limit=("CPU time (%d s)" % value if hit == "cpu_time"
+                           else "address space (%d MiB)" % (value >> 20)),
+                    option=_LIMIT_OPTIONS[operation == "convert", hit],
+                    **kwargs) from exc
+            raise exception.QemuImgError(**kwargs) from exc
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise exception.QemuImgNotFound(
+                    reason="%s: %s" % (self.binary, exc.strerror),
+                    operation=operation, path=path, exit_code=None,
+                    stderr=str(exc)) from exc
+            raise exception.QemuImgError(
+                operation=operation, path=path, exit_code=None,
+                stderr=str(exc)) from exc
+
+    def _info_limits(self):
+        group = self.conf.qemu_img
+        return runner.Limits(
+            address_space=group.info_address_space_limit * 1024 ** 2 or None,
+            cpu_time=group.info_cpu_time_limit or None)
+
+    def _convert_limits(self, limits, max_output_size):
+        if not limits and max_output_size is None:
+            return None
+        group = self.conf.qemu_img
+        file_size = cpu_time = address_space = None
+        if max_output_size is not None:
+            file_size = max_output_size + CONVERT_OUTPUT_SLACK
+        if limits:
+            address_space = group.convert_address_space_limit * 1024 ** 2
+            per_gib = group.convert_cpu_seconds_per_gib
+            if per_gib:
+                gib = -(-(max_output_size or 0) // 1024 ** 3)
+                cpu_time = max(CONVERT_MIN_CPU_TIME, per_gib * gib)
+        return runner.Limits(address_space=address_space or None,
+                             cpu_time=cpu_time, file_size=file_size)
+
+    @staticmethod
+    def _parse(operation, path, result, parse, *args):
+        """Return ``parse(json, *args)`` of a command's output.
+
+        Any surprise in the output is a QemuImgError, never a KeyError.
+        """
+        try:
+            return parse(json.loads(result.stdout), *args)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise _bad_output(operation, path, exc) from exc
+
+
+@contextlib.contextmanager
+def _written_back(path, through_page_cache):
+    """Through the page cache, send a new image's data to disk while it
+    is being converted, not all of it in the flush at the end.
+    """
+    if not through_page_cache:
+        yield
+        return
+    try:
+        with fileio.Writeback(path=path):
+            yield
+    except exception.ImageBackendException:
+        # qemu-img's own errors (QemuImgNotFound is an OSError too).
+        raise
+    except OSError as exc:
+        raise exception.DiskOperationError(
+            path=path, reason="could not write the converted image to disk "
+            "(%s)" % exc) from exc
+
+
+def _flush(path, data):
+    """Make a new image's name durable, and with ``data`` its contents.
+
+    ``data`` is for contents qemu-img wrote through the page cache.
+    """
+    try:
+        if data:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fileio.fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except FileNotFoundError:
+        # Not a local file (a protocol target such as rbd:pool/image).
+        LOG.debug("Not flushing %s: not a local file", path)
+    except OSError as exc:
+        raise exception.DiskOperationError(
+            path=path, reason="could not flush the converted image to disk "
+            "(%s)" % exc) from exc
+
+
+def _format_options(operation, path, options):
+    try:
+        return qemu_results.format_options(options)
+    except ValueError as exc:
+        raise _invalid(operation, path, str(exc)) from exc
+
+
+def _image_opts(fmt, path):
+    return "driver=%s,file.filename=%s" % (fmt, path.replace(",", ",,"))
+
+
+def _check_fmt(operation, path, fmt, what="format"):
+    if not isinstance(fmt, str) or not _FMT_RE.match(fmt):
+        raise _invalid(operation, path, "invalid %s %r" % (what, fmt))
+
+
+def _invalid(operation, path, reason):
+    return exception.QemuImgInvalidRequest(operation=operation, path=path,
+                                           reason=reason)
+
+
+def _bad_output(operation, path, detail):
+    return exception.QemuImgError(
+        operation=operation, path=path, exit_code=0,
+        stderr="unexpected output from qemu-img (%s)" % detail)
+
+
+def _ignore(_text):
+    pass

@@ -1,0 +1,192 @@
+"""Digests of cached bases: whole-stream and sparse."""
+
+import hashlib
+import os
+
+import pytest
+
+from imagebackend import cache
+from imagebackend.cache import layout as cache_layout
+from imagebackend.cache import verify as cache_verify
+from imagebackend.common import fileio
+from tests import fakes
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def write(path, size, data):
+    """A sparse file of ``size`` bytes with ``data`` = {offset: bytes}."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, chunk in data.items():
+            f.seek(offset)
+            f.write(chunk)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_whole_stream_digest_reads_holes_as_zeros(tmp_path):
+    path = str(tmp_path / "f")
+    content = write(path, 5 * MiB + 3, {10: b"head", 3 * MiB + 7: b"mid",
+                                        5 * MiB: b"end"})
+    found = cache_verify.digests(path, ["sha256", "md5"])
+    assert found["full"] == {"sha256": hashlib.sha256(content).hexdigest(),
+                             "md5": hashlib.md5(content).hexdigest()}
+    assert found["size"] == len(content)
+
+
+def test_sparse_digest_ignores_allocation_and_trailing_zeros(tmp_path):
+    data = {100: b"x" * 70 * KiB, 2 * MiB: b"y"}
+    write(str(tmp_path / "a"), 3 * MiB, data)
+    write(str(tmp_path / "grown"), 8 * MiB, data)
+    zeros = {**data, MiB: bytes(256 * KiB)}     # allocated zeros
+    write(str(tmp_path / "allocated"), 3 * MiB, zeros)
+    digests = {name: cache_verify.digests(str(tmp_path / name))["sparse"]
+               for name in ("a", "grown", "allocated")}
+    assert len(set(digests.values())) == 1
+
+
+def test_a_flipped_byte_changes_both_digests(tmp_path):
+    path = str(tmp_path / "f")
+    write(path, 2 * MiB, {0: b"data" * 1000})
+    before = cache_verify.digests(path, ["sha256"])
+    for offset in (5, MiB + 5):         # in data, and in a hole
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(b"\x01")
+        after = cache_verify.digests(path, ["sha256"])
+        assert after["full"] != before["full"]
+        assert after["sparse"] != before["sparse"]
+        before = after
+
+
+def test_records_of_the_sha256_scheme_are_still_verified(tmp_path):
+    """A converted base recorded by an earlier release (``sparse-64k``,
+    over SHA-256) and a raw sized base of it verify against that digest,
+    and a flipped byte in either is found.
+    """
+    c = cache.ImageCache(
+        fakes.conf(tmp_path), fakes.FakeSource(
+            fakes.conf(tmp_path), images={"img": fakes.QCOW2_IMAGE}),
+        fakes.qemu())
+    entry, _ = c.get("img")
+    assert entry.record["base_checksum"]["scheme"] == "sparse-64k-xxh3"
+    with open(entry.path, "rb") as f:
+        content = f.read()
+    record = dict(entry.record, base_checksum={
+        "algo": "sha256", "scheme": "sparse-64k",
+        "value": fakes.sparse_digest(content, "sparse-64k")})
+    fileio.write_json_atomic(entry.path + ".json", record)
+    sized = c.sized_path(cache.cache_id("img"), len(content) + MiB)
+    write(sized, len(content) + MiB, {0: content})
+    assert [r["status"] for r in cache_verify.verify(c)] == ["ok", "ok"]
+
+    for path in (sized, entry.path):
+        with open(path, "r+b") as f:
+            f.seek(3)
+            f.write(b"\xff" if content[3:4] != b"\xff" else b"\x00")
+        rows = {r["kind"]: r for r in cache_verify.verify(c)}
+        assert rows["sized" if path == sized else "base"][
+            "status"] == "corrupt", rows
+
+
+def sized_record(c, sized, image_id, stem, size, /, **changes):
+    record = {"kind": "sized", "image_id": image_id, "base": stem,
+              "size": size, "format": "raw",
+              "digest": {"scheme": "sparse-64k-xxh3",
+                         "value": cache_verify.digests(sized)["sparse"]},
+              "created_at": "2026-01-01T00:00:00+00:00"}
+    record.update(changes)
+    fileio.write_json_atomic(sized + ".json", record)
+
+
+def raw_cache(tmp_path):
+    conf = fakes.conf(tmp_path)
+    return cache.ImageCache(conf, fakes.FakeSource(
+        conf, images={"img": fakes.RAW_IMAGE}), fakes.qemu())
+
+
+def test_a_sized_base_verifies_against_its_own_record(tmp_path):
+    c = raw_cache(tmp_path)
+    entry, _ = c.get("img")
+    size = len(fakes.RAW_IMAGE) + MiB
+    sized = c.sized_path(entry.cache_id, size)
+    write(sized, size, {0: fakes.RAW_IMAGE})
+    # An unconverted raw base records only the download's hash: once it
+    # is gone, only the sized base's own record can vouch for it.
+    os.unlink(entry.path)
+    rows = cache_verify.verify(c)
+    assert [(r["kind"], r["status"]) for r in rows] == [
+        ("sized", "unverified")]
+    sized_record(c, sized, "img", entry.cache_id, size)
+    assert [r["status"] for r in cache_verify.verify(c)] == ["ok"]
+    assert [(r["kind"], r["image_id"]) for r in c.list()] == [
+        ("sized", "img")]
+    with open(sized, "r+b") as f:
+        f.seek(len(fakes.RAW_IMAGE) + 10)
+        f.write(b"\x01")
+    assert [r["status"] for r in cache_verify.verify(c)] == ["corrupt"]
+
+
+@pytest.mark.parametrize("changes", [
+    {"kind": "base"}, {"size": 5}, {"base": "f" * 40}, {"digest": "x"},
+    {"image_id": None}])
+def test_a_sized_record_that_does_not_describe_its_base_is_ignored(
+        tmp_path, changes):
+    c = raw_cache(tmp_path)
+    entry, _ = c.get("img")
+    size = len(fakes.RAW_IMAGE) + MiB
+    sized = c.sized_path(entry.cache_id, size)
+    write(sized, size, {0: fakes.RAW_IMAGE})
+    sized_record(c, sized, "img", entry.cache_id, size, **changes)
+    os.unlink(entry.path)
+    assert [r["status"] for r in cache_verify.verify(c)] == ["unverified"]
+
+
+def test_prune_removes_a_sized_base_with_its_record(tmp_path):
+    c = raw_cache(tmp_path)
+    c.conf.set_override("remove_unused_resized_minimum_age_seconds", 0,
+                        group="image_cache")
+    entry, _ = c.get("img")
+    size = len(fakes.RAW_IMAGE) + MiB
+    sized = c.sized_path(entry.cache_id, size)
+    write(sized, size, {0: fakes.RAW_IMAGE})
+    sized_record(c, sized, "img", entry.cache_id, size)
+    assert [r["file"] for r in c.prune().removed] == [sized]
+    assert not os.path.exists(sized + ".json")
+    assert os.path.exists(entry.path + ".json")
+    # A record left alone (a crash after the base went) goes too.
+    fileio.write_json_atomic(sized + ".json", {"kind": "sized"})
+    c.prune()
+    assert not os.path.exists(sized + ".json")
+
+
+def test_repair_marks_an_unverifiable_base_stale_and_never_moves_it(
+        tmp_path):
+    c = raw_cache(tmp_path)
+    entry, _ = c.get("img")
+    os.unlink(entry.path + ".json")
+    rows = cache_verify.verify(c, repair=True)
+    assert [(r["status"], r["action"]) for r in rows] == [
+        ("unverified", "marked stale, left in place; new disks use a "
+                       "fresh copy")]
+    assert os.path.exists(entry.path)
+    assert cache_layout.read_record(entry.path + ".json")["stale"] is True
+    assert [r["action"] for r in cache_verify.verify(c, repair=True)] == [
+        None]
+
+
+def test_a_base_pruned_while_verify_reads_it_is_skipped(tmp_path,
+                                                        monkeypatch):
+    c = raw_cache(tmp_path)
+    entry, _ = c.get("img")
+    real = cache_verify.digests
+
+    def pruned_meanwhile(path, *args, **kwargs):
+        os.unlink(path)             # as a concurrent prune would
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_verify, "digests", pruned_meanwhile)
+    assert cache_verify.verify(c) == []
+    assert not os.path.exists(entry.path)

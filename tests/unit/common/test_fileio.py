@@ -1,0 +1,434 @@
+import errno
+import os
+import time
+from unittest import mock
+
+import pytest
+
+from imagebackend.common import fileio
+
+MiB = 1024 * 1024
+
+
+def test_sparse_writer_leaves_zero_blocks_as_holes(tmp_path):
+    path = tmp_path / "out"
+    data = b"x" * MiB + bytes(8 * MiB) + b"y" * 1000 + bytes(3 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        writer = fileio.SparseWriter(fd)
+        for i in range(0, len(data), 3 * MiB + 7):
+            writer.write(data[i:i + 3 * MiB + 7])
+        assert writer.finish() == len(data)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+    assert os.stat(path).st_blocks * 512 < 3 * MiB
+
+
+def test_sparse_writer_holes_do_not_depend_on_chunking(tmp_path):
+    block = fileio.ZERO_BLOCK
+    data = (bytes(3 * block) + b"d" * 10 + bytes(5 * block - 10)
+            + b"e" * block + bytes(4 * block))
+    for size in (len(data), block, 100 * 1024 + 3, 4097):
+        path = tmp_path / ("out-%d" % size)
+        with fileio.new_file(str(path)) as fd:
+            writer = fileio.SparseWriter(fd)
+            for i in range(0, len(data), size):
+                writer.write(data[i:i + size])
+            assert writer.finish() == len(data)
+        assert path.read_bytes() == data
+        # At most the two blocks holding data are written, however the
+        # stream is cut.
+        assert os.stat(path).st_blocks * 512 <= 2 * block, size
+
+
+def test_sparse_copy_copies_data_and_keeps_holes(tmp_path):
+    src = tmp_path / "src"
+    with open(src, "wb") as f:
+        f.truncate(64 * MiB)
+        f.seek(10 * MiB)
+        f.write(b"a" * MiB)
+        f.seek(40 * MiB)
+        f.write(b"b" * 12345)
+    dst = tmp_path / "dst"
+    with fileio.new_file(str(dst)) as fd:
+        assert fileio.sparse_copy(str(src), fd) == 64 * MiB
+    assert dst.read_bytes() == src.read_bytes()
+    assert os.stat(dst).st_blocks <= os.stat(src).st_blocks + 16
+
+
+def test_new_file_removes_the_file_on_error(tmp_path):
+    path = tmp_path / "f"
+    try:
+        with fileio.new_file(str(path)) as fd:
+            os.write(fd, b"half")
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert not path.exists()
+
+
+def test_new_file_never_follows_a_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    link = tmp_path / "link"
+    os.symlink(victim, link)
+    try:
+        with fileio.new_file(str(link)):
+            pass
+    except FileExistsError:
+        pass
+    else:
+        raise AssertionError("a symlink was opened for writing")
+    assert victim.read_text() == "keep"
+
+
+def test_write_json_atomic_round_trips(tmp_path):
+    path = str(tmp_path / "r.json")
+    fileio.write_json_atomic(path, {"a": 1})
+    assert fileio.read_json(path) == {"a": 1}
+    assert os.listdir(tmp_path) == ["r.json"]
+    (tmp_path / "bad.json").write_text("{not json")
+    assert fileio.read_json(str(tmp_path / "bad.json")) is None
+    assert fileio.read_json(str(tmp_path / "missing.json")) is None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_direct_io_answers():
+    fileio._DIRECT_IO.clear()
+    yield
+    fileio._DIRECT_IO.clear()
+
+
+def test_direct_io_is_probed_once_per_directory(tmp_path):
+    with mock.patch.object(fileio, "_probe_direct_io",
+                           return_value=True) as probe:
+        assert fileio.direct_io_supported(str(tmp_path))
+        assert fileio.direct_io_supported(str(tmp_path) + "/")
+        assert fileio.direct_io_supported(str(tmp_path / "."))
+    probe.assert_called_once_with(str(tmp_path))
+
+
+def test_an_undecided_probe_is_not_remembered(tmp_path):
+    with mock.patch.object(fileio, "_probe_direct_io",
+                           side_effect=[None, True]) as probe:
+        assert not fileio.direct_io_supported(str(tmp_path))
+        assert fileio.direct_io_supported(str(tmp_path))
+    assert probe.call_count == 2
+
+
+def test_a_filesystem_refusing_o_direct_answers_false(tmp_path):
+    with mock.patch.object(os, "open", side_effect=OSError(errno.EINVAL,
+                                                           "Invalid")):
+        assert not fileio.direct_io_supported(str(tmp_path))
+    assert fileio._DIRECT_IO == {str(tmp_path): False}
+
+
+def test_a_failed_aligned_write_answers_false_and_leaves_no_file(tmp_path):
+    with mock.patch.object(os, "write", side_effect=OSError(errno.EINVAL,
+                                                            "Invalid")):
+        assert fileio._probe_direct_io(str(tmp_path)) is False
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_directory_cannot_tell(tmp_path):
+    assert fileio._probe_direct_io(str(tmp_path / "missing")) is None
+
+
+# --- data regions ------------------------------------------------------------
+
+def open_half_sparse(tmp_path, data):
+    """A 1 MiB file, holes but for ``data`` at 512 KiB, opened for reading.
+    """
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.truncate(1024 * 1024)
+        f.seek(512 * 1024)
+        f.write(data)
+    return os.open(path, os.O_RDONLY)
+
+
+def test_data_extents_stop_at_the_size_asked_for(tmp_path):
+    fd = open_half_sparse(tmp_path, b"x" * 4096)
+    try:
+        assert list(fileio.data_extents(fd, 1024 * 1024)) == [
+            (512 * 1024, 4096)]
+        assert list(fileio.data_extents(fd, 512 * 1024 + 10)) == [
+            (512 * 1024, 10)]
+        assert list(fileio.data_extents(fd, 4096)) == []
+    finally:
+        os.close(fd)
+
+
+def test_data_extents_without_hole_support_is_all_data():
+    error = OSError(errno.EINVAL, "SEEK_DATA not supported")
+    with mock.patch.object(os, "lseek", autospec=True, side_effect=error):
+        assert list(fileio.data_extents(3, 100)) == [(0, 100)]
+
+
+def test_read_regions_reads_data_and_reports_holes(tmp_path):
+    fd = open_half_sparse(tmp_path, b"x" * 8192)
+    try:
+        regions = list(fileio.read_regions(fd, 1024 * 1024, 4096))
+    finally:
+        os.close(fd)
+    assert regions == [(512 * 1024, None), (4096, b"x" * 4096),
+                       (4096, b"x" * 4096), (512 * 1024 - 8192, None)]
+
+
+def test_read_regions_stops_when_a_read_finds_the_end(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"y" * 10000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # The file shrinks after its extents were found.
+        with mock.patch.object(fileio, "data_extents", autospec=True,
+                               return_value=[(0, 20000)]):
+            regions = list(fileio.read_regions(fd, 30000, 4096))
+    finally:
+        os.close(fd)
+    assert b"".join(data for _, data in regions) == b"y" * 10000
+    assert all(data is not None for _, data in regions)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"", True), (bytes(200000), True), (bytes(199999) + b"\x01", False),
+    (b"\x01" + bytes(10), False), (memoryview(bytes(70000)), True),
+])
+def test_all_zeros(data, expected):
+    assert fileio.all_zeros(data) is expected
+
+
+def _flushed_paths(calls):
+    """A fake fdatasync recording the path of each descriptor it gets."""
+    real = os.fdatasync
+
+    def fdatasync(fd):
+        calls.append(os.readlink("/proc/self/fd/%d" % fd))
+        real(fd)
+    return fdatasync
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_writeback_flushes_a_descriptor_while_it_is_written(tmp_path):
+    path = str(tmp_path / "f")
+    calls = []
+    with mock.patch.object(os, "fdatasync", side_effect=_flushed_paths(
+            calls)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        try:
+            with fileio.Writeback(fd=fd, batch=0, interval=0.001):
+                os.write(fd, b"x" * 4096)
+                _wait_for(lambda: len(calls) >= 2)
+        finally:
+            os.close(fd)
+        count = len(calls)
+        time.sleep(0.05)
+    assert set(calls) == {path}
+    assert len(calls) == count          # the thread stopped with the block
+
+
+def test_writeback_flushes_once_per_batch_of_new_data(tmp_path):
+    path = str(tmp_path / "f")
+    calls = []
+    block = os.urandom(64 * 1024)
+    with mock.patch.object(os, "fdatasync", side_effect=_flushed_paths(
+            calls)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        try:
+            with fileio.Writeback(fd=fd, batch=len(block) * 4,
+                                  interval=0.001):
+                time.sleep(0.05)
+                assert calls == []              # nothing new: no flush
+                for i in range(3):
+                    os.write(fd, block)
+                time.sleep(0.05)
+                assert calls == []              # not a whole batch yet
+                for i in range(5):
+                    os.write(fd, block)
+                _wait_for(lambda: calls)
+                time.sleep(0.05)
+                assert len(calls) <= 2          # 8 blocks: two batches
+        finally:
+            os.close(fd)
+
+
+def test_writeback_opens_a_path_once_another_process_creates_it(tmp_path):
+    path = str(tmp_path / "later")
+    calls = []
+    with mock.patch.object(os, "fdatasync", side_effect=_flushed_paths(
+            calls)):
+        with fileio.Writeback(path=path, batch=0, interval=0.001):
+            time.sleep(0.02)
+            assert calls == []
+            with open(path, "wb") as f:
+                f.write(b"data")
+            _wait_for(lambda: calls)
+    assert set(calls) == {path}
+
+
+@pytest.mark.parametrize("code,raised", [(errno.EIO, True),
+                                         (errno.ENOSPC, True),
+                                         (errno.EINVAL, False)])
+def test_writeback_raises_a_write_error_when_the_block_ends(tmp_path, code,
+                                                            raised):
+    fd = os.open(str(tmp_path / "f"), os.O_WRONLY | os.O_CREAT)
+    failed = []
+
+    def fdatasync(fd):
+        failed.append(fd)
+        raise OSError(code, os.strerror(code))
+    try:
+        with mock.patch.object(os, "fdatasync", side_effect=fdatasync):
+            writeback = fileio.Writeback(fd=fd, batch=0, interval=0.001)
+            if raised:
+                with pytest.raises(OSError) as info:
+                    with writeback:
+                        _wait_for(lambda: failed)
+                assert info.value.errno == code
+            else:
+                with writeback:
+                    _wait_for(lambda: failed)
+            assert len(failed) == 1     # no flush after the first error
+    finally:
+        os.close(fd)
+
+
+def test_writeback_does_not_hide_the_error_that_ended_the_block(tmp_path):
+    fd = os.open(str(tmp_path / "f"), os.O_WRONLY | os.O_CREAT)
+    try:
+        with mock.patch.object(os, "fdatasync",
+                               side_effect=OSError(errno.EIO, "I/O error")):
+            with pytest.raises(KeyError):
+                with fileio.Writeback(fd=fd, batch=0,
+                                      interval=0.001) as wb:
+                    _wait_for(lambda: wb._error is not None)
+                    raise KeyError("the writer's own error")
+    finally:
+        os.close(fd)
+
+
+def test_writeback_wants_exactly_one_of_fd_and_path():
+    for kwargs in ({}, {"fd": 3, "path": "/x"}):
+        with pytest.raises(ValueError):
+            fileio.Writeback(**kwargs)
+
+
+def test_all_zeros_knows_views_of_the_hole_buffer_without_looking():
+    view = memoryview(fileio.HOLE)[100:300000]
+    copy = bytes(view)
+    # With a comparison block that is not zeros, only the shortcut can
+    # answer True.
+    ones = b"\x01" * fileio.ZERO_BLOCK
+    with mock.patch.object(fileio, "_ZEROS", ones):
+        assert fileio.all_zeros(view)
+        assert fileio.all_zeros(view[7:])
+        assert not fileio.all_zeros(copy)
+    assert fileio.all_zeros(copy)
+
+
+# -- temp names, no-replace publish, made directories -------------------------
+
+def test_temp_beside_is_hidden_unique_and_within_name_max(tmp_path):
+    final = str(tmp_path / ("d" * 255))
+    paths = {fileio.temp_beside(final) for _ in range(20)}
+    assert len(paths) == 20
+    for path in paths:
+        name = os.path.basename(path)
+        assert name.startswith(".d") and name.endswith(".tmp")
+        assert len(name.encode()) <= 255
+        assert os.path.dirname(path) == str(tmp_path)
+        assert os.stat(path).st_size == 0
+        assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_publish_names_the_file_and_removes_the_temp(tmp_path):
+    tmp = tmp_path / ".t"
+    tmp.write_bytes(b"mine")
+    fileio.publish(str(tmp), str(tmp_path / "final"))
+    assert (tmp_path / "final").read_bytes() == b"mine"
+    assert not tmp.exists()
+
+
+def test_publish_never_replaces_an_existing_name(tmp_path):
+    tmp, final = tmp_path / ".t", tmp_path / "final"
+    tmp.write_bytes(b"mine")
+    final.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError):
+        fileio.publish(str(tmp), str(final))
+    assert final.read_bytes() == b"theirs"
+    assert tmp.read_bytes() == b"mine"
+    # A dangling symlink is a name too, and is not followed.
+    final.unlink()
+    os.symlink(str(tmp_path / "nowhere"), str(final))
+    with pytest.raises(FileExistsError):
+        fileio.publish(str(tmp), str(final))
+    assert not (tmp_path / "nowhere").exists()
+
+
+def _no_links(*args, **kwargs):
+    raise OSError(errno.EPERM, "Operation not permitted")
+
+
+def test_without_hard_links_publish_renames_without_replacing(tmp_path):
+    tmp, final = tmp_path / ".t", tmp_path / "final"
+    tmp.write_bytes(b"mine")
+    final.write_bytes(b"theirs")
+    with mock.patch("os.link", side_effect=_no_links):
+        with pytest.raises(FileExistsError):
+            fileio.publish(str(tmp), str(final))
+        assert final.read_bytes() == b"theirs"
+        final.unlink()
+        fileio.publish(str(tmp), str(final))
+    assert final.read_bytes() == b"mine" and not tmp.exists()
+
+
+def test_without_renameat2_publish_looks_before_renaming(tmp_path):
+    tmp, final = tmp_path / ".t", tmp_path / "final"
+    tmp.write_bytes(b"mine")
+    final.write_bytes(b"theirs")
+    with mock.patch("os.link", side_effect=_no_links), \
+            mock.patch.object(fileio, "_renameat2", return_value=None):
+        with pytest.raises(FileExistsError):
+            fileio.publish(str(tmp), str(final))
+        assert final.read_bytes() == b"theirs"
+        final.unlink()
+        fileio.publish(str(tmp), str(final))
+    assert final.read_bytes() == b"mine"
+
+
+def test_publish_undoes_its_name_if_it_cannot_be_made_durable(tmp_path):
+    tmp, final = tmp_path / ".t", tmp_path / "final"
+    tmp.write_bytes(b"mine")
+    with mock.patch.object(fileio, "fsync_dir",
+                           side_effect=OSError(errno.EIO, "I/O error")):
+        with pytest.raises(OSError):
+            fileio.publish(str(tmp), str(final))
+    assert not final.exists()
+
+
+def test_make_dirs_reports_and_undoes_only_what_it_made(tmp_path):
+    (tmp_path / "old").mkdir()
+    made = fileio.make_dirs(str(tmp_path / "old" / "a" / "b"))
+    assert made == [str(tmp_path / "old" / "a"),
+                    str(tmp_path / "old" / "a" / "b")]
+    assert fileio.make_dirs(str(tmp_path / "old" / "a" / "b")) == []
+    (tmp_path / "old" / "a" / "someone-elses").write_bytes(b"")
+    fileio.remove_made_dirs(made)
+    assert os.listdir(tmp_path / "old" / "a") == ["someone-elses"]
+    (tmp_path / "old" / "a" / "someone-elses").unlink()
+    fileio.remove_made_dirs(made)
+    assert os.listdir(tmp_path / "old") == []
+
+
+def test_make_dirs_refuses_a_symlink(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink(str(tmp_path / "real"), str(tmp_path / "link"))
+    with pytest.raises(NotADirectoryError):
+        fileio.make_dirs(str(tmp_path / "link"))

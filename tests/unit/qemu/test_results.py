@@ -1,0 +1,103 @@
+"""Sizes, option strings and qemu-img output parsed into typed values."""
+
+import pytest
+
+from imagebackend import exception
+from imagebackend.qemu import results as qemu_results
+
+KiB, MiB, GiB, TiB = 1024, 1024 ** 2, 1024 ** 3, 1024 ** 4
+
+
+@pytest.mark.parametrize("value,expected", [
+    (0, 0), (1024, 1024), ("1024", 1024), ("512M", 512 * MiB),
+    ("10G", 10 * GiB), ("10g", 10 * GiB), ("1.5G", 3 * GiB // 2),
+    ("2T", 2 * TiB), ("4k", 4 * KiB), ("4K", 4 * KiB), ("10GB", 10 * GiB),
+    ("10GiB", 10 * GiB), ("100b", 100), (" 8 M ", 8 * MiB),
+    (".5K", 512),
+])
+def test_parse_size_accepts(value, expected):
+    assert qemu_results.parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", [
+    "", "G", "-1G", "1.5", "0.3K", "10X", "1e3", "ten", "10 G B", "nan",
+    -1, 1.0, True, None, "1G2",
+])
+def test_parse_size_refuses(value):
+    with pytest.raises(exception.InvalidSize) as err:
+        qemu_results.parse_size(value)
+    assert isinstance(err.value, ValueError)
+    assert repr(value) in str(err.value)
+
+
+def test_format_options_escapes_commas_and_spells_booleans():
+    assert qemu_results.format_options(
+        {"backing_file": "/a,b/c", "lazy_refcounts": False, "x": None,
+         "cluster_size": 65536}) == (
+        "backing_file=/a,,b/c,lazy_refcounts=off,cluster_size=65536")
+
+
+@pytest.mark.parametrize("key", ["", "a,b", "a=b", "help", "?"])
+def test_format_options_refuses_names_qemu_would_misread(key):
+    with pytest.raises(ValueError):
+        qemu_results.format_options({key: "1"})
+
+
+@pytest.mark.parametrize("stderr,expected", [
+    ("qemu-img: Could not open 'x': Could not open 'x': No such file or "
+     "directory\n", "Could not open 'x': No such file or directory"),
+    ("qemu-img: warning: something\nqemu-img: the real error\n"
+     "qemu-img: warning: later warning\n", "the real error"),
+    ("some other program output\n\n", "some other program output"),
+    ("", "(no error message)"),
+])
+def test_useful_error(stderr, expected):
+    assert qemu_results.useful_error(stderr) == expected
+
+
+def test_useful_error_is_trimmed():
+    text = qemu_results.useful_error("qemu-img: " + "x" * 1000, limit=50)
+    assert len(text) == 50 and text.endswith("...")
+
+
+def test_progress_parser_never_goes_backwards():
+    seen = []
+    parser = qemu_results.ProgressParser(seen.append)
+    parser.feed("    (10.00/100%)\r    (5.00/100%)\r    (2")
+    parser.feed("0.00/100%)\r")
+    parser.finish()
+    assert seen == [10.0, 20.0, 100.0]
+
+
+def test_progress_parser_does_not_repeat_100():
+    seen = []
+    parser = qemu_results.ProgressParser(seen.append)
+    parser.feed("    (100.00/100%)\r    (100.00/100%)")
+    parser.finish()
+    assert seen == [100.0]
+
+
+def test_create_option_help_lines_without_description():
+    assert qemu_results.CreateOption.parse_help(
+        "Supported raw options:\n  size=<size>\n\nSome footer\n") == [
+        ("size", "size", "")]
+
+
+def test_image_info_properties_read_the_raw_json():
+    info = qemu_results.ImageInfo.from_qemu({
+        "filename": "d", "format": "qcow2", "virtual-size": 1,
+        "encrypted": True, "dirty-flag": True, "backing-filename": "b",
+        "full-backing-filename": "/dir/b",
+        "format-specific": {"type": "qcow2",
+                            "data": {"data-file": "/dir/data"}}})
+    assert info.encrypted and info.dirty
+    assert info.full_backing_file == "/dir/b"
+    assert info.data_file == "/dir/data"
+    assert info.actual_size is None
+
+
+def test_check_result_clean():
+    result = qemu_results.CheckResult.from_qemu(
+        {"filename": "d", "format": "qcow2", "check-errors": 0,
+         "corruptions": 2}, 2)
+    assert result.corruptions == 2 and not result.clean
