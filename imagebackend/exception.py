@@ -17,7 +17,7 @@ of output or rewrite a terminal.
 
 import os
 
-from imagebackend.common import textutils
+from imagebackend import textutils
 
 
 class _Shown(textutils.Escaped):

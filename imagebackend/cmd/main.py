@@ -22,10 +22,10 @@ from imagebackend.cmd import cache as cache_cmd
 from imagebackend.cmd import disk as disk_cmd
 from imagebackend.cmd import output
 from imagebackend.common import config_check
-from imagebackend.common import textutils
 from imagebackend import exception
 from imagebackend import opts
 from imagebackend.sources import base as source_base
+from imagebackend import textutils
 
 COMMAND_MODULES = (disk_cmd, cache_cmd)
 

@@ -2,7 +2,7 @@
 and a progress bar on a terminal for long steps.
 
 Text output shows every value through
-:func:`imagebackend.common.textutils.printable`: image ids, file names and
+:func:`imagebackend.textutils.printable`: image ids, file names and
 messages that a tenant or an image service chose are escaped and bounded,
 so one row is always one line.  JSON output keeps every value exact (JSON
 escapes control characters itself).
@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from imagebackend.common import textutils
+from imagebackend import textutils
 
 
 def add_format_argument(parser) -> None:

@@ -14,8 +14,8 @@ import typing
 
 from oslo_config import cfg
 
-from imagebackend.common import textutils
 from imagebackend import exception
+from imagebackend import textutils
 
 #: the longest image id accepted, in characters.
 MAX_IMAGE_ID_LENGTH = 255

@@ -132,7 +132,7 @@ def test_execute_of_a_missing_program_is_an_os_error(tmp_path):
 def test_a_child_dies_with_its_parent_and_has_its_own_group():
     # A parent that starts a long child, reports its pid, then is killed.
     code = ("import sys, time\n"
-            "from imagebackend import runner\n"
+            "from imagebackend.qemu import runner\n"
             "limits = runner.Limits()\n"
             "runner.Runner().stream([sys.executable, '-c', "
             "'import os, time; print(os.getpid(), os.getpgid(0), "

@@ -35,13 +35,13 @@ from oslo_config import cfg
 from oslo_utils import units
 import requests
 
-from imagebackend.common import textutils
 from imagebackend import exception
 from imagebackend.sources import base
 from imagebackend.sources.glance import client as glance_client
 from imagebackend.sources.glance import errors as glance_errors
 from imagebackend.sources.glance import record as glance_record
 from imagebackend.sources.glance import upload as glance_upload
+from imagebackend import textutils
 
 LOG = logging.getLogger(__name__)
 

@@ -60,8 +60,8 @@ from keystoneauth1 import exceptions as ks_exc
 import requests
 import urllib3
 
-from imagebackend.common import textutils
 from imagebackend.sources.glance import errors as glance_errors
+from imagebackend import textutils
 
 LOG = logging.getLogger(__name__)
 

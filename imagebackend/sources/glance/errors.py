@@ -23,8 +23,8 @@ from keystoneauth1 import exceptions as ks_exc
 from oslo_config import cfg
 import requests
 
-from imagebackend.common import textutils
 from imagebackend import exception
+from imagebackend import textutils
 
 _PASSWORD_PLUGINS = ("password", "v3password", "v2password")
 _TOKEN_PLUGINS = ("token", "v3token", "v2token", "admin_token")

@@ -27,10 +27,10 @@ import logging
 import os
 import typing
 
-from imagebackend.common import textutils
 from imagebackend import exception
 from imagebackend.sources.glance import client as glance_client
 from imagebackend.sources.glance import errors as glance_errors
+from imagebackend import textutils
 
 LOG = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import logging
 
 import pytest
 
-from imagebackend.common import textutils
 from imagebackend import exception
+from imagebackend import textutils
 
 
 @pytest.mark.parametrize("text, shown", [
