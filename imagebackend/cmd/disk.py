@@ -6,7 +6,7 @@ from imagebackend.backends import base as backends_base
 from imagebackend.cmd import disk_ops as disk_ops_cmd
 from imagebackend.cmd import output
 from imagebackend import exception
-from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import results as qemu_results
 
 
 def add_commands(groups) -> None:
@@ -41,7 +41,7 @@ def add_commands(groups) -> None:
 
 def _size(value: str) -> int:
     try:
-        return qemu_img.parse_size(value)
+        return qemu_results.parse_size(value)
     except exception.InvalidSize as exc:
         raise argparse.ArgumentTypeError(exc.message) from exc
 

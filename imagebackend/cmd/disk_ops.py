@@ -7,6 +7,7 @@ from imagebackend.cmd import output
 from imagebackend.disk import operations as disk_ops
 from imagebackend.disk import trust as disk_trust
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import results as qemu_results
 from imagebackend import sources
 
 SNAPSHOT_COLUMNS = ["id", "name", "vm_state_size", "date", "clock"]
@@ -236,7 +237,7 @@ def extract_disk(args, conf) -> dict:
     return row
 
 
-def extract_row(args, image: qemu_img.ImageInfo) -> dict:
+def extract_row(args, image: qemu_results.ImageInfo) -> dict:
     return {"path": image.filename, "format": image.format,
             "virtual_size": image.virtual_size,
             "actual_size": image.actual_size,
@@ -249,7 +250,7 @@ def resize_disk(args, conf) -> dict:
     return info_row(info, _json(args))
 
 
-def info_row(info: qemu_img.ImageInfo, structured: bool) -> dict:
+def info_row(info: qemu_results.ImageInfo, structured: bool) -> dict:
     """A disk's :class:`imagebackend.qemu.img.ImageInfo` as output data.
 
     :param structured: backing files and snapshots as objects (JSON);
@@ -271,7 +272,7 @@ def info_row(info: qemu_img.ImageInfo, structured: bool) -> dict:
             "cluster_size": info.cluster_size, "dirty": info.dirty}
 
 
-def snapshot_row(snap: qemu_img.Snapshot) -> dict:
+def snapshot_row(snap: qemu_results.Snapshot) -> dict:
     return {"id": snap.id, "name": snap.name,
             "vm_state_size": snap.vm_state_size,
             "date": snap.date.isoformat(timespec="seconds"),

@@ -29,6 +29,7 @@ import stat
 from imagebackend.disk import trust as disk_trust
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import results as qemu_results
 
 #: Kept here for callers of earlier releases; see
 #: :mod:`imagebackend.disk.trust`.
@@ -45,7 +46,7 @@ _PROTOCOL_RE = re.compile(r"^[^/]*:")
 def read_chain(qemu: qemu_img.QemuImg, path: str, fmt: str, *,
                paths: disk_trust.CachePaths, top: str | None = None,
                follow: bool = True,
-               force_share: bool = False) -> qemu_img.ImageInfo:
+               force_share: bool = False) -> qemu_results.ImageInfo:
     """Read disk ``path`` and its backing chain, one image at a time,
     checking every backing file before it is opened.
 

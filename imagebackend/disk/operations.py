@@ -28,6 +28,7 @@ from imagebackend.disk import chain as disk_chain
 from imagebackend.disk import trust as disk_trust
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import results as qemu_results
 
 LOG = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class DiskOperations:
     # -- reading -------------------------------------------------------------
 
     def info(self, path: str, *, fmt: str | None = None
-             ) -> qemu_img.ImageInfo:
+             ) -> qemu_results.ImageInfo:
         """What disk ``path`` is: format, virtual size, backing chain and
         snapshots.  It may be in use by a running guest.
 
@@ -106,7 +107,7 @@ class DiskOperations:
         return self._chain(path, fmt, force_share=True)
 
     def check(self, path: str, repair: str | None = None, *,
-              fmt: str | None = None) -> qemu_img.CheckResult:
+              fmt: str | None = None) -> qemu_results.CheckResult:
         """Check the consistency of disk ``path``, and with ``repair`` fix
         it.  The disk must not be in use by a running guest.
 
@@ -139,7 +140,7 @@ class DiskOperations:
     # -- snapshots -----------------------------------------------------------
 
     def snapshot_list(self, path: str, *, fmt: str | None = None
-                      ) -> list[qemu_img.Snapshot]:
+                      ) -> list[qemu_results.Snapshot]:
         """The internal snapshots of qcow2 disk ``path``, oldest first.
         It may be in use by a running guest.
 
@@ -149,7 +150,7 @@ class DiskOperations:
         return self._chain(path, fmt, force_share=True).snapshots
 
     def snapshot_create(self, path: str, name: str, *,
-                        fmt: str | None = None) -> qemu_img.Snapshot:
+                        fmt: str | None = None) -> qemu_results.Snapshot:
         """Save the current content of qcow2 disk ``path`` as snapshot
         ``name``.  The disk must not be in use by a running guest.
 
@@ -185,7 +186,7 @@ class DiskOperations:
         return new[0]
 
     def snapshot_apply(self, path: str, name: str, *,
-                       fmt: str | None = None) -> qemu_img.Snapshot:
+                       fmt: str | None = None) -> qemu_results.Snapshot:
         """Revert qcow2 disk ``path`` to snapshot ``name`` (a name, or an
         id).  What was written since is lost.  The disk must not be in use
         by a running guest.
@@ -202,7 +203,7 @@ class DiskOperations:
         return snap
 
     def snapshot_delete(self, path: str, name: str, *,
-                        fmt: str | None = None) -> qemu_img.Snapshot:
+                        fmt: str | None = None) -> qemu_results.Snapshot:
         """Delete snapshot ``name`` (a name, or an id) of qcow2 disk
         ``path``; the disk's current content is unchanged.
 
@@ -257,7 +258,7 @@ class DiskOperations:
                progress: ProgressCallback | None = None,
                cancel: threading.Event | None = None,
                fmt: str | None = None,
-               backing_fmt: str | None = None) -> qemu_img.ImageInfo:
+               backing_fmt: str | None = None) -> qemu_results.ImageInfo:
         """Make ``new_backing`` the backing file of qcow2 disk ``path``.
 
         The new backing file's path is recorded absolute, with its format:
@@ -345,7 +346,7 @@ class DiskOperations:
                 compress: bool = False,
                 progress: ProgressCallback | None = None,
                 cancel: threading.Event | None = None,
-                fmt: str | None = None) -> qemu_img.ImageInfo:
+                fmt: str | None = None) -> qemu_results.ImageInfo:
         """Write the guest-visible content of disk ``path`` -- its whole
         backing chain flattened -- to a new standalone image ``output``
         with no backing file, suitable for upload to an image service.
@@ -406,7 +407,7 @@ class DiskOperations:
         return dataclasses.replace(result, filename=output)
 
     def resize(self, path: str, size: int | str, *, shrink: bool = False,
-               fmt: str | None = None) -> qemu_img.ImageInfo:
+               fmt: str | None = None) -> qemu_results.ImageInfo:
         """Set the virtual size of disk ``path``.  The guest's partitions
         and filesystems are not changed.
 
@@ -421,7 +422,7 @@ class DiskOperations:
         :raises exception.QemuImgError: qemu-img refused the size (qcow2
             sizes must be a multiple of 512 bytes).
         """
-        size = qemu_img.parse_size(size)
+        size = qemu_results.parse_size(size)
         path, fmt = self._open(path, fmt, "resize", write=True)
         current = self._chain(path, fmt)
         if size == current.virtual_size:

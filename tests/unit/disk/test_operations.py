@@ -15,13 +15,14 @@ from imagebackend.backends import base as backends_base
 from imagebackend.disk import operations as disk_ops
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import results as qemu_results
 from tests import fakes
 
 MiB = 1024 * 1024
 
 
 def snap(id_, name):
-    return qemu_img.Snapshot(
+    return qemu_results.Snapshot(
         id=id_, name=name, vm_state_size=0,
         date=datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc),
         clock=datetime.timedelta(0))
@@ -29,10 +30,10 @@ def snap(id_, name):
 
 def image(fmt, size=8 * MiB, backing=None, backing_fmt=None, snapshots=(),
           raw=None):
-    return qemu_img.ImageInfo(filename="(qemu's name)", format=fmt,
-                              virtual_size=size, backing_file=backing,
-                              backing_format=backing_fmt,
-                              snapshots=list(snapshots), raw=raw or {})
+    return qemu_results.ImageInfo(filename="(qemu's name)", format=fmt,
+                                  virtual_size=size, backing_file=backing,
+                                  backing_format=backing_fmt,
+                                  snapshots=list(snapshots), raw=raw or {})
 
 
 class Disks:
@@ -271,7 +272,7 @@ def test_an_external_data_file_is_refused(disks):
 
 def test_check_passes_the_repair_mode(disks):
     top = disks.qcow2("top.qcow2")
-    disks.qemu.check.return_value = qemu_img.CheckResult(
+    disks.qemu.check.return_value = qemu_results.CheckResult(
         filename=top, format="qcow2", leaks_fixed=2)
     result = disks.ops.check(top, "leaks")
     disks.qemu.check.assert_called_once_with(top, "qcow2", "leaks")
@@ -538,7 +539,7 @@ def test_backends_offer_disk_operations_with_their_runner(tmp_path):
 def test_a_base_is_read_with_its_record_format(disks):
     base = disks.base(fmt="qcow2")
     assert disks.ops.info(base).format == "qcow2"
-    disks.qemu.check.return_value = qemu_img.CheckResult(
+    disks.qemu.check.return_value = qemu_results.CheckResult(
         filename=base, format="qcow2")
     disks.ops.check(base)
     disks.qemu.check.assert_called_once_with(base, "qcow2", None)

@@ -60,23 +60,6 @@ def test_useful_error_is_trimmed():
     assert len(text) == 50 and text.endswith("...")
 
 
-def test_progress_parser_never_goes_backwards():
-    seen = []
-    parser = qemu_results.ProgressParser(seen.append)
-    parser.feed("    (10.00/100%)\r    (5.00/100%)\r    (2")
-    parser.feed("0.00/100%)\r")
-    parser.finish()
-    assert seen == [10.0, 20.0, 100.0]
-
-
-def test_progress_parser_does_not_repeat_100():
-    seen = []
-    parser = qemu_results.ProgressParser(seen.append)
-    parser.feed("    (100.00/100%)\r    (100.00/100%)")
-    parser.finish()
-    assert seen == [100.0]
-
-
 def test_create_option_help_lines_without_description():
     assert qemu_results.CreateOption.parse_help(
         "Supported raw options:\n  size=<size>\n\nSome footer\n") == [
