@@ -3,6 +3,7 @@ operations on existing instance disks (registered by
 :mod:`imagebackend.cmd.disk`).
 """
 
+from imagebackend.cache import disk_records
 from imagebackend.cmd import output
 from imagebackend.disk import operations as disk_ops
 from imagebackend.disk import trust as disk_trust
@@ -165,7 +166,8 @@ def _disk_arguments(parser) -> None:
 
 
 def make_ops(conf) -> disk_ops.DiskOperations:
-    return disk_ops.DiskOperations(conf)
+    return disk_ops.DiskOperations(
+        conf, records=disk_records.DiskRecords(conf))
 
 
 def _json(args) -> bool:

@@ -31,10 +31,6 @@ from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
 from imagebackend.qemu import results as qemu_results
 
-#: Kept here for callers of earlier releases; see
-#: :mod:`imagebackend.disk.trust`.
-DISK_FORMATS = disk_trust.DISK_FORMATS
-BACKING_FORMATS = disk_trust.BACKING_FORMATS
 #: The deepest chain followed; deeper is a loop or a crafted image.
 MAX_CHAIN = 16
 # qemu takes "name:..." before any "/" as a protocol (nbd:, json:, ...).
@@ -44,7 +40,7 @@ _PROTOCOL_RE = re.compile(r"^[^/]*:")
 # --- the backing chain -------------------------------------------------------
 
 def read_chain(qemu: qemu_img.QemuImg, path: str, fmt: str, *,
-               paths: disk_trust.CachePaths, top: str | None = None,
+               records: disk_trust.FormatRecords, top: str | None = None,
                follow: bool = True,
                force_share: bool = False) -> qemu_results.ImageInfo:
     """Read disk ``path`` and its backing chain, one image at a time,
@@ -53,7 +49,7 @@ def read_chain(qemu: qemu_img.QemuImg, path: str, fmt: str, *,
     :param path: an absolute path.
     :param fmt: the disk's format, as
         :func:`imagebackend.disk.trust.known_format` found it.
-    :param paths: the cache's directories.
+    :param records: what the image cache records.
     :param top: the disk whose chain this is part of (its directory may
         hold backing files); default ``path``.
     :param follow: read the backing files too; without it only ``path`` is
@@ -88,7 +84,8 @@ def read_chain(qemu: qemu_img.QemuImg, path: str, fmt: str, *,
                 path=top, reason="its backing chain is deeper than %d "
                 "images; flatten it with 'imagebackend disk extract'"
                 % MAX_CHAIN)
-        current, current_fmt = _backing(paths, top, current, info, seen)
+        current, current_fmt = _backing(records, top, current, info,
+                                        seen)
     for depth, info in enumerate(chain):
         info.chain = chain[depth:]
     return chain[0]
@@ -103,7 +100,7 @@ def file_id(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _backing(paths, top, image, info, seen):
+def _backing(records, top, image, info, seen):
     """The path and recorded format of the backing file of ``image``
     (described by ``info``), checked so that qemu-img opens it without
     guessing.
@@ -120,7 +117,7 @@ def _backing(paths, top, image, info, seen):
             "would have to guess; record it with 'imagebackend disk rebase "
             "%s %s --unsafe --backing-format FORMAT'" % (
                 _what(top, image, backing), image, backing))
-    check_backing(paths, top, image, backing, info.backing_format)
+    check_backing(records, top, image, backing, info.backing_format)
     key = file_id(backing)
     if key in seen:
         raise exception.DiskOperationError(
@@ -135,9 +132,8 @@ def _what(top, image, backing):
             else "the backing file %s of %s" % (backing, image))
 
 
-def check_backing(paths: disk_trust.CachePaths, top: str, image: str,
-                  backing: str,
-                  fmt: str) -> None:
+def check_backing(records: disk_trust.FormatRecords, top: str, image: str,
+                  backing: str, fmt: str) -> None:
     """Refuse ``backing`` as the backing file of ``image``, recorded as
     ``fmt``, in the chain of disk ``top``, unless it is a file this
     module's documentation allows.
@@ -158,19 +154,19 @@ def check_backing(paths: disk_trust.CachePaths, top: str, image: str,
             path=top, reason="%s does not exist; if it moved, %s" % (
                 what, fix))
     try:
-        name = disk_trust.cached_base(paths, backing)
+        base = records.base_record(backing)
     except exception.DiskOperationError as exc:
         raise exception.DiskOperationError(
             path=top, reason="%s is refused: %s; %s" % (
                 what, exc.kwargs.get("reason", "it is missing"), fix)
         ) from exc
-    if name is not None:
-        recorded = disk_trust.base_format(paths, name)
+    if base is not None:
+        recorded = base.format
         if recorded is None:
             raise exception.DiskOperationError(
                 path=top, reason="%s is in the image cache without a valid "
-                "record, so its format is unknown; 'imagebackend cache "
-                "verify' checks it" % what)
+                "record, so its format is unknown %s" % (
+                    what, disk_trust.no_record(base)))
         if recorded != fmt:
             raise exception.DiskOperationError(
                 path=top, reason="%s is recorded in %s as %s, but the image "
@@ -187,6 +183,7 @@ def check_backing(paths: disk_trust.CachePaths, top: str, image: str,
     if not stat.S_ISREG(st.st_mode):
         raise exception.DiskOperationError(
             path=top, reason="%s is not a regular file; %s" % (what, fix))
+    paths = records.paths
     real = os.path.realpath(backing)
     roots = [paths.instances_path] + list(paths.disk_dirs)
     own = {os.path.realpath(os.path.dirname(top)),

@@ -5,8 +5,10 @@ extract and resize.
 make.  Before any qemu-img command touches a disk, its format and backing
 chain are established as :mod:`imagebackend.disk.trust` and
 :mod:`imagebackend.disk.chain` describe: the format comes from the caller
-or the cache's records, never from a header a guest may have written, and
-every backing file is checked before qemu-img opens it.  After an
+or the cache's records (given to it by its caller, see
+:class:`imagebackend.disk.trust.FormatRecords`), never from a header a
+guest may have written, and every backing file is checked before qemu-img
+opens it.  After an
 operation that changes a disk the chain is read and checked again.
 Nothing is ever written inside ``_base`` or the lock directory.
 """
@@ -18,12 +20,12 @@ import re
 import secrets
 import stat
 import threading
-import typing
 
 from oslo_config import cfg
+from oslo_utils import fileutils
 
-from imagebackend import cache
 from imagebackend.common import fileio
+from imagebackend.common import progress as progress_mod
 from imagebackend.disk import chain as disk_chain
 from imagebackend.disk import trust as disk_trust
 from imagebackend import exception
@@ -35,8 +37,6 @@ LOG = logging.getLogger(__name__)
 #: Formats :meth:`DiskOperations.extract` writes.
 EXTRACT_FORMATS = ("qcow2", "raw")
 
-ProgressCallback = typing.Callable[[str, int, int | None], None]
-
 _DIGITS_RE = re.compile(r"^[0-9]+$")
 
 
@@ -45,9 +45,9 @@ class DiskOperations:
 
     Every method takes the disk's path and, as ``fmt``, its format
     (``qcow2`` or ``raw``) when the caller knows it.  Without ``fmt`` the
-    format is the one the image cache records: a base or sized base in
-    ``_base`` has its record's format, a disk the library made has its
-    registry entry's; any other disk is refused with
+    format is the one the image cache records (``records``): a base or
+    sized base in ``_base`` has its record's format, a disk the library
+    made has its registry entry's; any other disk is refused with
     :class:`~imagebackend.exception.DiskFormatUnknown` (a guest can write
     any header into a raw disk, so a header never decides).
 
@@ -68,24 +68,30 @@ class DiskOperations:
     whatever can be checked beforehand is checked before qemu-img changes
     anything.
 
-    :param conf: a ConfigOpts with the library's options (the ones used
-        here are registered on it); ``None`` uses the defaults.
-    :param qemu: the qemu-img runner; ``None`` makes one from ``conf``.
+    :param conf: a ConfigOpts with the library's options registered
+        (:func:`imagebackend.opts.register_opts`); nothing is registered
+        here.
+    :param execute: runs the qemu-img commands, as
+        :class:`imagebackend.qemu.img.QemuImg` takes it; ``None`` runs
+        them directly.
+    :param records: what the image cache records about formats
+        (:class:`imagebackend.cache.disk_records.DiskRecords`); ``None``
+        trusts nothing from the cache, so the caller names every format.
+    :param qemu: a :class:`imagebackend.qemu.img.QemuImg` to share (a
+        backend's) instead of making one from ``conf`` and ``execute``.
     """
 
-    def __init__(self, conf: cfg.ConfigOpts | None = None,
+    def __init__(self, conf: cfg.ConfigOpts, execute=None,
+                 records: disk_trust.FormatRecords | None = None, *,
                  qemu: qemu_img.QemuImg | None = None) -> None:
-        if conf is None:
-            conf = cfg.ConfigOpts()
-        conf.register_opts(cache.OPTIONS, group="imagebackend")
-        cache.register_opts(conf)
         self.conf = conf
-        self.qemu = qemu or qemu_img.QemuImg(conf)
+        self.qemu = qemu or qemu_img.QemuImg(conf, execute)
+        self.records = records or disk_trust.NoRecords(conf)
 
     @property
     def paths(self) -> disk_trust.CachePaths:
         """The cache's directories, as the configuration sets them now."""
-        return disk_trust.cache_paths(self.conf)
+        return self.records.paths
 
     # -- reading -------------------------------------------------------------
 
@@ -255,7 +261,7 @@ class DiskOperations:
     # -- changing the chain --------------------------------------------------
 
     def rebase(self, path: str, new_backing: str, *, unsafe: bool = False,
-               progress: ProgressCallback | None = None,
+               progress: progress_mod.Progress | None = None,
                cancel: threading.Event | None = None,
                fmt: str | None = None,
                backing_fmt: str | None = None) -> qemu_results.ImageInfo:
@@ -297,7 +303,7 @@ class DiskOperations:
                 % new_backing)
         try:
             backing_fmt = disk_trust.known_format(
-                self.paths, new_backing, backing_fmt,
+                self.records, new_backing, backing_fmt,
                 flag="--backing-format",
                 formats=disk_trust.BACKING_FORMATS)
         except exception.UnsupportedDiskOperation as exc:
@@ -311,7 +317,7 @@ class DiskOperations:
             raise self._own_chain(path, new_backing)
         # Check the new backing file as this disk's backing file, and its
         # chain as part of this disk's, before anything changes.
-        disk_chain.check_backing(self.paths, path, path, new_backing,
+        disk_chain.check_backing(self.records, path, path, new_backing,
                                  backing_fmt)
         new_chain = self._chain(new_backing, backing_fmt, top=path)
         if own in {disk_chain.file_id(image.filename)
@@ -321,8 +327,8 @@ class DiskOperations:
         # the old backing file is gone.
         before = self._chain(path, fmt, follow=not unsafe)
         self.qemu.rebase(path, fmt, new_backing, backing_fmt, unsafe=unsafe,
-                         progress=_in_bytes(progress, "rebase",
-                                            before.virtual_size),
+                         progress=progress_mod.from_percent(
+                             progress, "rebase", before.virtual_size),
                          cancel=cancel)
         LOG.info("Rebased disk %s onto %s (%s)%s", path, new_backing,
                  backing_fmt, " without copying data" if unsafe else "")
@@ -344,7 +350,7 @@ class DiskOperations:
 
     def extract(self, path: str, output: str, output_fmt: str = "qcow2", *,
                 compress: bool = False,
-                progress: ProgressCallback | None = None,
+                progress: progress_mod.Progress | None = None,
                 cancel: threading.Event | None = None,
                 fmt: str | None = None) -> qemu_results.ImageInfo:
         """Write the guest-visible content of disk ``path`` -- its whole
@@ -395,12 +401,13 @@ class DiskOperations:
             name, secrets.token_hex(4)))
         try:
             self.qemu.convert(path, fmt, tmp, output_fmt, compress=compress,
-                              progress=_in_bytes(progress, "extract", size),
+                              progress=progress_mod.from_percent(
+                                  progress, "extract", size),
                               cancel=cancel)
             result = self.qemu.info(tmp, output_fmt)
             _publish(tmp, output)
         except BaseException:
-            fileio.remove_quietly(tmp)
+            fileutils.delete_if_exists(tmp)
             raise
         LOG.info("Extracted disk %s to %s (%s%s)", path, output, output_fmt,
                  ", compressed" if compress else "")
@@ -451,11 +458,10 @@ class DiskOperations:
         """
         path = os.path.abspath(path)
         _check_disk_file(path)
-        paths = self.paths
         if write:
-            disk_trust.refuse_cache_write(paths, path)
+            disk_trust.refuse_cache_write(self.paths, path)
         try:
-            fmt = disk_trust.known_format(paths, path, fmt,
+            fmt = disk_trust.known_format(self.records, path, fmt,
                                           flag="--input-format")
         except exception.UnsupportedDiskOperation as exc:
             raise exception.UnsupportedDiskOperation(
@@ -470,9 +476,9 @@ class DiskOperations:
         return path, fmt
 
     def _chain(self, path, fmt, follow=True, force_share=False, top=None):
-        return disk_chain.read_chain(self.qemu, path, fmt, paths=self.paths,
-                                     top=top, follow=follow,
-                                     force_share=force_share)
+        return disk_chain.read_chain(self.qemu, path, fmt,
+                                     records=self.records, top=top,
+                                     follow=follow, force_share=force_share)
 
     def _recheck(self, path, fmt, operation, undo=None):
         """Read and check the chain of ``path`` again after ``operation``
@@ -535,16 +541,6 @@ def _check_disk_file(path):
         raise exception.DiskOperationError(
             path=path, reason="it is not a disk image (not a regular file "
             "or a block device)")
-
-
-def _in_bytes(progress, stage, size):
-    """A qemu-img percentage callback that calls ``progress`` in bytes."""
-    if progress is None:
-        return None
-
-    def report(percent):
-        progress(stage, int(size * percent / 100), size)
-    return report
 
 
 def _publish(tmp, final):

@@ -12,6 +12,7 @@ from unittest import mock
 import pytest
 
 from imagebackend.backends import base as backends_base
+from imagebackend.cache import disk_records
 from imagebackend.disk import operations as disk_ops
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
@@ -55,7 +56,9 @@ class Disks:
         self.qemu.snapshot_list.side_effect = (
             lambda path, fmt: self._info(path, fmt).snapshots)
         self.qemu.snapshot_create.side_effect = self._snapshot_create
-        self.ops = disk_ops.DiskOperations(self.conf, qemu=self.qemu)
+        self.ops = disk_ops.DiskOperations(
+            self.conf, records=disk_records.DiskRecords(self.conf),
+            qemu=self.qemu)
 
     def _info(self, path, fmt, backing_chain=False, **kwargs):
         chain = []
