@@ -260,6 +260,8 @@ class QemuImg:
                     finish=(lambda: running.flush(target, through_page_cache))
                     if durable else None, limits=run_limits)
         except BaseException:
+            # Not oslo's fileutils.delete_if_exists: the target may be a
+            # device node, which a failed conversion must not unlink.
             fileio.remove_regular(target)
             raise
 

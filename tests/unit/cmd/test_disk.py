@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 
-from imagebackend.cmd import disk_ops as disk_ops_cmd
+from imagebackend.cmd import disk as disk_cmd
 from imagebackend.cmd import main
 from imagebackend.qemu import img as qemu_img
 from imagebackend.qemu import results as qemu_results
@@ -29,14 +29,14 @@ def parse_error(capsys, *argv):
 
 def test_every_operation_has_its_command():
     for argv, func in [
-            (("disk", "info", "d"), disk_ops_cmd.show_info),
-            (("disk", "check", "d"), disk_ops_cmd.check_disk),
-            (("disk", "snapshot", "list", "d"), disk_ops_cmd.list_snapshots),
+            (("disk", "info", "d"), disk_cmd.show_info),
+            (("disk", "check", "d"), disk_cmd.check_disk),
+            (("disk", "snapshot", "list", "d"), disk_cmd.list_snapshots),
             (("disk", "snapshot", "create", "d", "s"),
-             disk_ops_cmd.change_snapshot),
-            (("disk", "rebase", "d", "b"), disk_ops_cmd.rebase_disk),
-            (("disk", "extract", "d", "o"), disk_ops_cmd.extract_disk),
-            (("disk", "resize", "d", "1G"), disk_ops_cmd.resize_disk)]:
+             disk_cmd.change_snapshot),
+            (("disk", "rebase", "d", "b"), disk_cmd.rebase_disk),
+            (("disk", "extract", "d", "o"), disk_cmd.extract_disk),
+            (("disk", "resize", "d", "1G"), disk_cmd.resize_disk)]:
         args = parse(*argv)
         assert args.func is func
         assert (args.path, args.input_format) == ("d", None)
