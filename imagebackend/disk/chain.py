@@ -19,7 +19,9 @@ into the chain, and lie in a directory disks may use:
   (``_base/.disks``, records, scratch files).
 
 An image with an external data file is refused.  A command run afterwards
-on the disk makes qemu-img open the chain with these recorded formats only.
+on the disk makes qemu-img open the chain with these recorded formats only;
+after a command that changed the disk, :func:`recheck` reads and checks the
+chain again and confirms that qemu-img opens exactly the files checked.
 """
 
 import os
@@ -89,6 +91,59 @@ def read_chain(qemu: qemu_img.QemuImg, path: str, fmt: str, *,
     for depth, info in enumerate(chain):
         info.chain = chain[depth:]
     return chain[0]
+
+
+def recheck(qemu: qemu_img.QemuImg, path: str, fmt: str, operation: str,
+            *, records: disk_trust.FormatRecords,
+            undo=None) -> qemu_results.ImageInfo:
+    """Read and check the chain of disk ``path`` again after ``operation``
+    changed it, then have qemu-img open the whole chain with the recorded
+    formats and confirm it opens the images checked.
+
+    :param undo: called to revert the change when the chain is refused.
+    :returns: the :class:`imagebackend.qemu.results.ImageInfo` of
+        ``path``, as :func:`read_chain` returns it.
+    :raises exception.DiskOperationError: the chain is refused; the
+        message says whether the change was undone.
+    """
+    try:
+        info = read_chain(qemu, path, fmt, records=records)
+        _confirm(qemu, path, fmt, info)
+        return info
+    except (exception.DiskOperationError, exception.QemuImgError) as exc:
+        if undo is None:
+            outcome = "the change was kept; fix the chain as this says"
+        else:
+            try:
+                undo()
+                outcome = "the change was undone"
+            except exception.ImageBackendException as undo_exc:
+                outcome = ("undoing it failed too (%s); fix the chain as "
+                           "this says" % undo_exc)
+        raise exception.DiskOperationError(
+            path=path, reason="after %s its backing chain is refused (%s); "
+            "%s" % (operation, exc.kwargs.get("reason", exc), outcome)
+        ) from exc
+
+
+def _confirm(qemu, path, fmt, info):
+    """Refuse unless ``qemu-img info --backing-chain`` of ``path`` lists
+    the images of the checked ``info.chain``, with their formats.
+    """
+    opened = qemu.info(path, fmt, backing_chain=True,
+                       force_share=False).chain
+    expected = [(file_id(i.filename), i.format) for i in info.chain]
+    found = [(file_id(os.path.join(os.path.dirname(path), i.filename)),
+              i.format) for i in opened]
+    if found != expected:
+        raise exception.DiskOperationError(
+            path=path, reason="qemu-img opens the chain %s, not the chain "
+            "checked (%s); inspect it with 'qemu-img info -U "
+            "--backing-chain -f %s %s'" % (
+                " -> ".join("%s (%s)" % (i.filename, i.format)
+                            for i in opened),
+                " -> ".join("%s (%s)" % (i.filename, i.format)
+                            for i in info.chain), fmt, path))
 
 
 def file_id(path: str) -> tuple[int, int] | None:

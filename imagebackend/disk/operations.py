@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import secrets
-import stat
 import threading
 
 from oslo_config import cfg
@@ -451,29 +450,8 @@ class DiskOperations:
     # -- internals -----------------------------------------------------------
 
     def _open(self, path, fmt, operation, qcow2=False, write=False):
-        """The absolute path and the format of an existing disk.
-
-        :param write: the operation changes the disk, so it must not be in
-            ``_base`` or the lock directory.
-        """
-        path = os.path.abspath(path)
-        _check_disk_file(path)
-        if write:
-            disk_trust.refuse_cache_write(self.paths, path)
-        try:
-            fmt = disk_trust.known_format(self.records, path, fmt,
-                                          flag="--input-format")
-        except exception.UnsupportedDiskOperation as exc:
-            raise exception.UnsupportedDiskOperation(
-                path=path, operation=operation, fmt=exc.kwargs["fmt"],
-                hint="; instance disks are qcow2 or raw") from exc
-        if qcow2 and fmt != "qcow2":
-            raise exception.UnsupportedDiskOperation(
-                path=path, operation=operation, fmt=fmt,
-                hint="; internal snapshots and backing files need a qcow2 "
-                     "disk (extract it to qcow2 with 'imagebackend disk "
-                     "extract', or use the qcow2 or cached-base backend)")
-        return path, fmt
+        return disk_trust.open_disk(self.records, path, fmt, operation,
+                                    qcow2=qcow2, write=write)
 
     def _chain(self, path, fmt, follow=True, force_share=False, top=None):
         return disk_chain.read_chain(self.qemu, path, fmt,
@@ -481,66 +459,8 @@ class DiskOperations:
                                      follow=follow, force_share=force_share)
 
     def _recheck(self, path, fmt, operation, undo=None):
-        """Read and check the chain of ``path`` again after ``operation``
-        changed it, then have qemu-img open the whole chain with the
-        recorded formats and confirm it opens the images checked; on
-        refusal run ``undo`` (if any) and say so.
-        """
-        try:
-            info = self._chain(path, fmt)
-            self._confirm(path, fmt, info)
-            return info
-        except (exception.DiskOperationError,
-                exception.QemuImgError) as exc:
-            if undo is None:
-                outcome = "the change was kept; fix the chain as this says"
-            else:
-                try:
-                    undo()
-                    outcome = "the change was undone"
-                except exception.ImageBackendException as undo_exc:
-                    outcome = ("undoing it failed too (%s); fix the chain "
-                               "as this says" % undo_exc)
-            raise exception.DiskOperationError(
-                path=path, reason="after %s its backing chain is refused "
-                "(%s); %s" % (operation, exc.kwargs.get("reason", exc),
-                              outcome)) from exc
-
-    def _confirm(self, path, fmt, info):
-        """Refuse unless ``qemu-img info --backing-chain`` of ``path``
-        lists the images of the checked ``info.chain``, with their formats.
-        """
-        opened = self.qemu.info(path, fmt, backing_chain=True,
-                                force_share=False).chain
-        expected = [(disk_chain.file_id(i.filename), i.format)
-                    for i in info.chain]
-        found = [(disk_chain.file_id(
-            os.path.join(os.path.dirname(path), i.filename)), i.format)
-            for i in opened]
-        if found != expected:
-            raise exception.DiskOperationError(
-                path=path, reason="qemu-img opens the chain %s, not the "
-                "chain checked (%s); inspect it with 'qemu-img info -U "
-                "--backing-chain -f %s %s'" % (
-                    " -> ".join("%s (%s)" % (i.filename, i.format)
-                                for i in opened),
-                    " -> ".join("%s (%s)" % (i.filename, i.format)
-                                for i in info.chain), fmt, path))
-
-
-def _check_disk_file(path):
-    """Refuse a ``path`` that does not exist or is not a disk file."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError as exc:
-        raise exception.DiskNotFound(path=path) from exc
-    except OSError as exc:
-        raise exception.DiskOperationError(
-            path=path, reason="cannot open it: %s" % exc.strerror) from exc
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise exception.DiskOperationError(
-            path=path, reason="it is not a disk image (not a regular file "
-            "or a block device)")
+        return disk_chain.recheck(self.qemu, path, fmt, operation,
+                                  records=self.records, undo=undo)
 
 
 def _publish(tmp, final):

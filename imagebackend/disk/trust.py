@@ -288,3 +288,55 @@ def known_format(records: FormatRecords, path: str, given: str | None, *,
             path=path, operation="this operation", fmt=given,
             hint="; use one of %s" % ", ".join(formats))
     return given
+
+
+def open_disk(records: FormatRecords, path: str, fmt: str | None,
+              operation: str, *, qcow2: bool = False,
+              write: bool = False) -> tuple[str, str]:
+    """The absolute path and the format of an existing disk, before
+    ``operation`` runs on it.
+
+    :param fmt: the caller's format, or ``None`` (see
+        :func:`known_format`).
+    :param qcow2: the operation needs a qcow2 disk.
+    :param write: the operation changes the disk, so it must not be in
+        ``_base`` or the lock directory.
+    :raises exception.DiskNotFound: there is no such file.
+    :raises exception.DiskOperationError: it is not a disk file.
+    :raises exception.CachePathRefused: ``write`` into the cache.
+    :raises exception.DiskFormatUnknown: nothing says its format.
+    :raises exception.UnsupportedDiskOperation: a format the operation
+        does not handle.
+    """
+    path = os.path.abspath(path)
+    _check_disk_file(path)
+    if write:
+        refuse_cache_write(records.paths, path)
+    try:
+        fmt = known_format(records, path, fmt, flag="--input-format")
+    except exception.UnsupportedDiskOperation as exc:
+        raise exception.UnsupportedDiskOperation(
+            path=path, operation=operation, fmt=exc.kwargs["fmt"],
+            hint="; instance disks are qcow2 or raw") from exc
+    if qcow2 and fmt != "qcow2":
+        raise exception.UnsupportedDiskOperation(
+            path=path, operation=operation, fmt=fmt,
+            hint="; internal snapshots and backing files need a qcow2 "
+                 "disk (extract it to qcow2 with 'imagebackend disk "
+                 "extract', or use the qcow2 or cached-base backend)")
+    return path, fmt
+
+
+def _check_disk_file(path):
+    """Refuse a ``path`` that does not exist or is not a disk file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise exception.DiskNotFound(path=path) from exc
+    except OSError as exc:
+        raise exception.DiskOperationError(
+            path=path, reason="cannot open it: %s" % exc.strerror) from exc
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise exception.DiskOperationError(
+            path=path, reason="it is not a disk image (not a regular file "
+            "or a block device)")
