@@ -25,84 +25,18 @@ from oslo_config import cfg
 
 from imagebackend.common import fileio
 from imagebackend import exception
+from imagebackend.qemu import options as qemu_options
 from imagebackend.qemu import results
 from imagebackend.qemu import runner
 from imagebackend.qemu import running
 
 LOG = logging.getLogger(__name__)
 
-GROUP = "qemu_img"
-
-OPTIONS = [
-    cfg.StrOpt(
-        "binary", default="qemu-img",
-        help="The qemu-img program imagebackend runs: a name looked up on "
-             "PATH, or an absolute path.  Every qemu-img command uses it.  "
-             "The default, qemu-img, finds the distribution's binary "
-             "(package qemu-utils or qemu-img); versions 7.0 and later are "
-             "supported."),
-    cfg.IntOpt(
-        "info_address_space_limit", default=1024, min=0,
-        help="Address space, in MiB, that 'qemu-img info' may use while it "
-             "reads an image.  Images come from users, and a crafted image "
-             "can make qemu-img allocate without bound; the limit stops it "
-             "and the request fails with an error naming this option.  The "
-             "default, 1024, is ample for images of 100 GiB and more.  "
-             "Values below 64 make qemu-img fail on every image.  0 removes "
-             "the limit (not recommended)."),
-    cfg.IntOpt(
-        "info_cpu_time_limit", default=30, min=0,
-        help="CPU time, in seconds, that 'qemu-img info' may use while it "
-             "reads an image.  A crafted image can keep qemu-img busy "
-             "indefinitely; when the limit is reached qemu-img is killed "
-             "and the request fails with an error naming this option.  The "
-             "default, 30, is far above the fraction of a second a sound "
-             "image of 100 GiB needs.  The same limits apply to the "
-             "'qemu-img check' every non-raw image passes before it is "
-             "converted or cached.  0 removes the limit (not "
-             "recommended)."),
-    cfg.IntOpt(
-        "convert_address_space_limit", default=4096, min=0,
-        help="Address space, in MiB, that 'qemu-img convert' may use while "
-             "it converts a downloaded image to raw.  A crafted image can "
-             "make qemu-img allocate without bound; the limit stops it and "
-             "the request fails with an error naming the image and this "
-             "option.  qemu-img reserves address space for each of its "
-             "worker threads (stacks and allocator arenas), about 1 GiB on "
-             "a small host and more on hosts with many CPUs, so the default, "
-             "4096, leaves room for that.  0 removes the limit (not "
-             "recommended)."),
-    cfg.IntOpt(
-        "convert_cpu_seconds_per_gib", default=30, min=0,
-        help="CPU time, in seconds per GiB of the image's virtual size "
-             "(and at least 60 seconds in all), that 'qemu-img convert' may "
-             "use while it converts a downloaded image to raw.  A crafted "
-             "image (tiny clusters, heavily compressed data) can keep "
-             "qemu-img busy for a very long time; when the limit is "
-             "reached qemu-img is killed and the request fails with an "
-             "error naming the image and this option.  The default, 30, is "
-             "several times what decompressing a compressed qcow2 image "
-             "costs (about 5 s per GiB).  A conversion's output is also "
-             "limited to the image's checked virtual size.  0 removes the "
-             "CPU limit (not recommended)."),
-]
-
-#: the smallest CPU time limit of a conversion, in seconds.
-CONVERT_MIN_CPU_TIME = 60
-#: bytes a conversion's output may exceed the virtual size by (qemu-img
-#: rounds sizes up to whole sectors).
-CONVERT_OUTPUT_SLACK = 1024 * 1024
-
 CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
 _CHECK_CODES = (CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED)
 _FMT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
 _VERSIONS: dict[str, tuple[int, int, int]] = {}
-
-
-def register_opts(conf: cfg.ConfigOpts) -> None:
-    """Register the ``[qemu_img]`` options on ``conf`` (idempotent)."""
-    conf.register_opts(OPTIONS, group=GROUP)
 
 
 class QemuImg:
@@ -122,7 +56,7 @@ class QemuImg:
                  execute=None, binary: str | None = None) -> None:
         if conf is None:
             conf = cfg.ConfigOpts()
-        register_opts(conf)
+        qemu_options.register_opts(conf)
         self.conf = conf
         if execute is None or callable(execute):
             execute = runner.Runner(execute)
@@ -218,8 +152,9 @@ class QemuImg:
             (the CPU time is scaled by ``max_output_size``).
         :param max_output_size: the virtual size the source was checked to
             have; qemu-img may not write a file larger than that (plus
-            :data:`CONVERT_OUTPUT_SLACK`), so a source that lies about its
-            size fails instead of filling the disk.
+            :data:`imagebackend.qemu.options.CONVERT_OUTPUT_SLACK`), so a
+            source that lies about its size fails instead of filling the
+            disk.
         :raises exception.OperationCancelled: ``cancel`` was set.
         :raises exception.QemuImgInvalidRequest: a bad combination of
             arguments; nothing was run.
@@ -251,7 +186,8 @@ class QemuImg:
         if options:
             args += ["-o", _format_options("convert", source, options)]
         through_page_cache = target_cache not in running.DURABLE_CACHES
-        run_limits = self._convert_limits(limits, max_output_size)
+        run_limits = qemu_options.convert_limits(self.conf, limits,
+                                                 max_output_size)
         try:
             with running.written_back(target, through_page_cache):
                 self._cmd.run_long(
@@ -401,7 +337,8 @@ class QemuImg:
         if force_share:
             args.append("-U")
         result = self._cmd.run("info", path, args + [path],
-                               limits=self._info_limits() if limits else None)
+                               limits=(qemu_options.info_limits(self.conf)
+                                       if limits else None))
         return self._cmd.parse("info", path, result,
                                results.ImageInfo.from_qemu, backing_chain)
 
@@ -427,7 +364,8 @@ class QemuImg:
             args += ["-r", repair]
         result = self._cmd.run("check", path, args + [path],
                                ok_codes=_CHECK_CODES,
-                               limits=self._info_limits() if limits else None)
+                               limits=(qemu_options.info_limits(self.conf)
+                                       if limits else None))
         if result.exit_code == CHECK_UNSUPPORTED:
             return results.CheckResult(filename=path, format=fmt,
                                        supported=False,
@@ -517,28 +455,6 @@ class QemuImg:
         out = self._cmd.run("create", fmt,
                             ["create", "-f", fmt, "-o", "help"]).stdout
         return results.CreateOption.parse_help(out)
-
-    def _info_limits(self):
-        group = self.conf.qemu_img
-        return runner.Limits(
-            address_space=group.info_address_space_limit * 1024 ** 2 or None,
-            cpu_time=group.info_cpu_time_limit or None)
-
-    def _convert_limits(self, limits, max_output_size):
-        if not limits and max_output_size is None:
-            return None
-        group = self.conf.qemu_img
-        file_size = cpu_time = address_space = None
-        if max_output_size is not None:
-            file_size = max_output_size + CONVERT_OUTPUT_SLACK
-        if limits:
-            address_space = group.convert_address_space_limit * 1024 ** 2
-            per_gib = group.convert_cpu_seconds_per_gib
-            if per_gib:
-                gib = -(-(max_output_size or 0) // 1024 ** 3)
-                cpu_time = max(CONVERT_MIN_CPU_TIME, per_gib * gib)
-        return runner.Limits(address_space=address_space or None,
-                             cpu_time=cpu_time, file_size=file_size)
 
 
 def _format_options(operation, path, options):

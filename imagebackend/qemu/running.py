@@ -36,6 +36,7 @@ from oslo_concurrency import processutils
 
 from imagebackend.common import fileio
 from imagebackend import exception
+from imagebackend.qemu import options as qemu_options
 from imagebackend.qemu import results as qemu_results
 from imagebackend.qemu import runner
 
@@ -47,13 +48,6 @@ _QUICK = ("create", "--version", "-h")
 # Cache modes that make qemu-img write through to stable storage itself;
 # with any other mode the converted file is fsynced afterwards.
 DURABLE_CACHES = ("none", "directsync", "writethrough")
-# (is a conversion, limit hit) -> the option that sets the limit.
-_LIMIT_OPTIONS = {
-    (False, "cpu_time"): "info_cpu_time_limit",
-    (False, "address_space"): "info_address_space_limit",
-    (True, "cpu_time"): "convert_cpu_seconds_per_gib",
-    (True, "address_space"): "convert_address_space_limit",
-}
 _PROGRESS_RE = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 
@@ -197,7 +191,8 @@ def _failed(operation, path, limits, exc):
         return exception.QemuImgLimitExceeded(
             limit=("CPU time (%d s)" % value if hit == "cpu_time"
                    else "address space (%d MiB)" % (value >> 20)),
-            option=_LIMIT_OPTIONS[operation == "convert", hit], **kwargs)
+            option=qemu_options.LIMIT_OPTIONS[operation == "convert", hit],
+            **kwargs)
     return exception.QemuImgError(**kwargs)
 
 
