@@ -132,7 +132,9 @@ class ImageInfo:
     :param format: its format.
     :param virtual_size: the disk size the guest sees, in bytes.
     :param actual_size: bytes allocated on the host, when known.
-    :param backing_file: the backing file as recorded in the image.
+    :param backing_file: the backing file as recorded in the image (the
+        one reading of it: :func:`imagebackend.disk.chain.read_chain`
+        resolves and checks it before anything opens it).
     :param backing_format: the backing file's format as recorded.
     :param snapshots: the internal snapshots.
     :param raw: the whole JSON object qemu-img printed.
@@ -178,11 +180,6 @@ class ImageInfo:
             snapshots=[Snapshot.from_qemu(item)
                        for item in data.get("snapshots", [])],
             raw=data)
-
-    @property
-    def full_backing_file(self) -> str | None:
-        """The backing file resolved against this image's directory."""
-        return self.raw.get("full-backing-filename", self.backing_file)
 
     @property
     def format_specific(self) -> dict:

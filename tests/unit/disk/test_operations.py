@@ -143,6 +143,21 @@ def test_a_disk_the_library_made_has_its_registry_format(disks):
     assert disks.info_calls() == [(top, "qcow2"), (raw, "raw")]
 
 
+def test_without_the_cache_records_the_caller_names_every_format(disks):
+    ops = disk_ops.DiskOperations(disks.conf, qemu=disks.qemu)
+    top = disks.qcow2("top.qcow2")
+    base = disks.base(fmt="raw")
+    for path in (top, base):
+        with pytest.raises(exception.DiskFormatUnknown):
+            ops.info(path)
+    assert disks.qemu.method_calls == []
+    assert ops.info(top, fmt="qcow2").format == "qcow2"
+    assert ops.info(base, fmt="raw").format == "raw"
+    # Writing into the cache is refused all the same.
+    with pytest.raises(exception.CachePathRefused):
+        ops.resize(base, 16 * MiB, fmt="raw")
+
+
 @pytest.mark.parametrize("header", [fakes.qcow2_header(MiB),
                                     b"KDMV" + bytes(60), b"conectix",
                                     b"QED\x00", b"vhdxfile", b"guest data"])

@@ -74,7 +74,7 @@ def test_image_info_properties_read_the_raw_json():
         "format-specific": {"type": "qcow2",
                             "data": {"data-file": "/dir/data"}}})
     assert info.encrypted and info.dirty
-    assert info.full_backing_file == "/dir/b"
+    assert info.backing_file == "b"
     assert info.data_file == "/dir/data"
     assert info.actual_size is None
 
