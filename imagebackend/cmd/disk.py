@@ -304,7 +304,7 @@ def resize_disk(args, conf) -> dict:
 
 
 def info_row(info: qemu_results.ImageInfo, structured: bool) -> dict:
-    """A disk's :class:`imagebackend.qemu.img.ImageInfo` as output data.
+    """A disk's :class:`imagebackend.qemu.results.ImageInfo` as output data.
 
     :param structured: backing files and snapshots as objects (JSON);
         otherwise as short strings for a text listing.

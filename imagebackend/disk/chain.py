@@ -59,7 +59,7 @@ def read_chain(qemu: qemu_img.QemuImg, path: str, fmt: str, *,
     :param force_share: read images another process (a running guest)
         has open for writing, for a report; without it such a disk is
         refused by qemu-img, as it must be before changing it.
-    :returns: the :class:`imagebackend.qemu.img.ImageInfo` of ``path``;
+    :returns: the :class:`imagebackend.qemu.results.ImageInfo` of ``path``;
         its ``chain`` is the chain read, ``path`` first, each image with
         the absolute path and the format it is opened with.
     :raises exception.DiskOperationError: the chain cannot be opened

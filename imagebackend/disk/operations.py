@@ -99,7 +99,7 @@ class DiskOperations:
         """What disk ``path`` is: format, virtual size, backing chain and
         snapshots.  It may be in use by a running guest.
 
-        :returns: a :class:`imagebackend.qemu.img.ImageInfo` whose
+        :returns: a :class:`imagebackend.qemu.results.ImageInfo` whose
             ``chain`` is the whole backing chain, this disk first, each
             image with the format it is opened with.
         :raises exception.DiskFormatUnknown: no ``fmt`` and no record of
@@ -120,7 +120,7 @@ class DiskOperations:
             clusters: safe) or ``"all"`` (also fix corruptions, which may
             lose the data of the clusters concerned).  A base in ``_base``
             is only checked, never repaired.
-        :returns: a :class:`imagebackend.qemu.img.CheckResult`; for a raw
+        :returns: a :class:`imagebackend.qemu.results.CheckResult`; for a raw
             disk its ``supported`` is False.  Corruptions and leaks are
             results, not exceptions.
         :raises exception.InvalidDiskRequest: a bad ``repair`` value.
@@ -159,7 +159,7 @@ class DiskOperations:
         """Save the current content of qcow2 disk ``path`` as snapshot
         ``name``.  The disk must not be in use by a running guest.
 
-        :returns: the new :class:`imagebackend.qemu.img.Snapshot`.
+        :returns: the new :class:`imagebackend.qemu.results.Snapshot`.
         :raises exception.UnsupportedDiskOperation: a raw disk.
         :raises exception.InvalidDiskRequest: the disk already has a
             snapshot of that name, or the name is empty or all digits
@@ -369,7 +369,7 @@ class DiskOperations:
         :param progress: called as ``progress("extract", done, total)``
             with bytes of the virtual size.
         :param cancel: set it from another thread to stop.
-        :returns: the :class:`imagebackend.qemu.img.ImageInfo` of
+        :returns: the :class:`imagebackend.qemu.results.ImageInfo` of
             ``output``.
         :raises exception.TargetExists: ``output`` exists; nothing was run.
         :raises exception.CachePathRefused: ``output`` is in ``_base`` or
@@ -418,7 +418,7 @@ class DiskOperations:
         and filesystems are not changed.
 
         :param size: bytes, or a size string (see
-            :func:`imagebackend.qemu.img.parse_size`).
+            :func:`imagebackend.qemu.results.parse_size`).
         :param shrink: allow a smaller size; everything past the new end is
             lost.  Without it only growing is allowed.
         :returns: the disk's :meth:`info` afterwards.

@@ -40,7 +40,6 @@ into them is refused too.
 """
 
 import dataclasses
-import logging
 import os
 import stat
 import typing
@@ -49,8 +48,6 @@ from oslo_config import cfg
 
 from imagebackend import exception
 from imagebackend.inspection import signatures
-
-LOG = logging.getLogger(__name__)
 
 #: The formats of instance disks (what the backends make).
 DISK_FORMATS = ("qcow2", "raw")
@@ -146,8 +143,9 @@ class NoRecords:
         return cache_paths(self.conf)
 
     def base_record(self, path: str) -> BaseRecord | None:
-        return None if name_in_base(self.paths, path) is None else \
-            BaseRecord(format=None)
+        if name_in_base(self.paths, path) is None:
+            return None
+        return BaseRecord(format=None)
 
     def disk_format(self, path: str) -> str | None:
         return None

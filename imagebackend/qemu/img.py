@@ -10,12 +10,12 @@ Commands run through an injectable :class:`imagebackend.qemu.runner.Runner`
 by :class:`imagebackend.qemu.running.Command`: failures become
 :class:`imagebackend.exception.QemuImgError` (or a subclass) with the
 useful line of qemu-img's standard error, and long commands report their
-progress as a percentage.  The fast path
-of the pipeline -- creating an overlay -- starts exactly one process: no
+progress as a percentage.  The ``[qemu_img]`` options and the process
+limits they set are :mod:`imagebackend.qemu.options`.  The fast path of
+the pipeline -- creating an overlay -- starts exactly one process: no
 version probe, no ``info``.
 """
 
-import logging
 import os
 import re
 import threading
@@ -29,8 +29,6 @@ from imagebackend.qemu import options as qemu_options
 from imagebackend.qemu import results
 from imagebackend.qemu import runner
 from imagebackend.qemu import running
-
-LOG = logging.getLogger(__name__)
 
 CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
 _CHECK_CODES = (CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED)
