@@ -85,7 +85,8 @@ class DiskOperations:
                  qemu: qemu_img.QemuImg | None = None) -> None:
         self.conf = conf
         self.qemu = qemu or qemu_img.QemuImg(conf, execute)
-        self.records = records or disk_trust.NoRecords(conf)
+        self.records = (records if records is not None
+                        else disk_trust.NoRecords(conf))
 
     @property
     def paths(self) -> disk_trust.CachePaths:

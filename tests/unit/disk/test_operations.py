@@ -17,6 +17,7 @@ from imagebackend.disk import operations as disk_ops
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
 from imagebackend.qemu import results as qemu_results
+from imagebackend.qemu import runner as qemu_runner
 from tests import fakes
 
 MiB = 1024 * 1024
@@ -141,6 +142,18 @@ def test_a_disk_the_library_made_has_its_registry_format(disks):
     raw = disks.raw("disk.raw", data=fakes.qcow2_header(MiB))
     assert disks.ops.info(raw).format == "raw"
     assert disks.info_calls() == [(top, "qcow2"), (raw, "raw")]
+
+
+def test_commands_run_through_the_given_runner(disks):
+    runner = mock.create_autospec(qemu_runner.Runner, instance=True)
+    runner.execute.return_value = qemu_runner.ProcessResult(
+        0, json.dumps({"filename": "x", "format": "qcow2",
+                       "virtual-size": MiB}), "")
+    ops = disk_ops.DiskOperations(disks.conf, runner)
+    top = disks.qcow2("top.qcow2", registered=False)
+    assert ops.info(top, fmt="qcow2").virtual_size == MiB
+    assert runner.execute.call_args.args[0][1:] == [
+        "info", "-f", "qcow2", "--output=json", "-U", top]
 
 
 def test_without_the_cache_records_the_caller_names_every_format(disks):
