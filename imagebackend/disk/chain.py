@@ -93,6 +93,55 @@ def read_chain(qemu: qemu_img.QemuImg, path: str, fmt: str, *,
     return chain[0]
 
 
+def check_new_backing(qemu: qemu_img.QemuImg, path: str, new_backing: str,
+                      backing_fmt: str | None, *,
+                      records: disk_trust.FormatRecords) -> tuple[str, str]:
+    """Check ``new_backing`` as the next backing file of qcow2 disk
+    ``path``, and its own chain as part of the disk's, before anything
+    changes.
+
+    :param backing_fmt: the caller's format for it, or ``None`` for the
+        one the cache records (see
+        :func:`imagebackend.disk.trust.known_format`).
+    :returns: its absolute path and its format.
+    :raises exception.DiskFormatUnknown: nothing says its format.
+    :raises exception.InvalidDiskRequest: it cannot back a disk, or it is
+        the disk itself or has the disk in its own chain.
+    :raises exception.DiskOperationError: it, or a file in its chain, may
+        not back a disk.
+    """
+    new_backing = os.path.abspath(new_backing)
+    if not os.path.lexists(new_backing):
+        raise exception.DiskOperationError(
+            path=path, reason="the new backing file %s does not exist"
+            % new_backing)
+    try:
+        backing_fmt = disk_trust.known_format(
+            records, new_backing, backing_fmt, flag="--backing-format",
+            formats=disk_trust.BACKING_FORMATS)
+    except exception.UnsupportedDiskOperation as exc:
+        raise exception.InvalidDiskRequest(
+            path=path, reason="the new backing file %s is a %s image, "
+            "which cannot back a disk; use one of %s" % (
+                new_backing, exc.kwargs["fmt"],
+                ", ".join(disk_trust.BACKING_FORMATS))) from exc
+    own = file_id(path)
+    if file_id(new_backing) == own:
+        raise _own_chain(path, new_backing)
+    check_backing(records, path, path, new_backing, backing_fmt)
+    new_chain = read_chain(qemu, new_backing, backing_fmt, records=records,
+                           top=path)
+    if own in {file_id(image.filename) for image in new_chain.chain}:
+        raise _own_chain(path, new_backing)
+    return new_backing, backing_fmt
+
+
+def _own_chain(path, new_backing):
+    return exception.InvalidDiskRequest(
+        path=path, reason="%s cannot be its backing file: the disk would be "
+        "in its own backing chain" % new_backing)
+
+
 def recheck(qemu: qemu_img.QemuImg, path: str, fmt: str, operation: str,
             *, records: disk_trust.FormatRecords,
             undo=None) -> qemu_results.ImageInfo:

@@ -296,33 +296,8 @@ class DiskOperations:
             file in its chain, may not back a disk.
         """
         path, fmt = self._open(path, fmt, "rebase", qcow2=True, write=True)
-        new_backing = os.path.abspath(new_backing)
-        if not os.path.lexists(new_backing):
-            raise exception.DiskOperationError(
-                path=path, reason="the new backing file %s does not exist"
-                % new_backing)
-        try:
-            backing_fmt = disk_trust.known_format(
-                self.records, new_backing, backing_fmt,
-                flag="--backing-format",
-                formats=disk_trust.BACKING_FORMATS)
-        except exception.UnsupportedDiskOperation as exc:
-            raise exception.InvalidDiskRequest(
-                path=path, reason="the new backing file %s is a %s image, "
-                "which cannot back a disk; use one of %s" % (
-                    new_backing, exc.kwargs["fmt"],
-                    ", ".join(disk_trust.BACKING_FORMATS))) from exc
-        own = disk_chain.file_id(path)
-        if disk_chain.file_id(new_backing) == own:
-            raise self._own_chain(path, new_backing)
-        # Check the new backing file as this disk's backing file, and its
-        # chain as part of this disk's, before anything changes.
-        disk_chain.check_backing(self.records, path, path, new_backing,
-                                 backing_fmt)
-        new_chain = self._chain(new_backing, backing_fmt, top=path)
-        if own in {disk_chain.file_id(image.filename)
-                   for image in new_chain.chain}:
-            raise self._own_chain(path, new_backing)
+        new_backing, backing_fmt = disk_chain.check_new_backing(
+            self.qemu, path, new_backing, backing_fmt, records=self.records)
         # A safe rebase reads the old chain; an unsafe one must work when
         # the old backing file is gone.
         before = self._chain(path, fmt, follow=not unsafe)
@@ -341,12 +316,6 @@ class DiskOperations:
             self.qemu.rebase(path, fmt, before.backing_file,
                              before.backing_format, unsafe=True)
         return self._recheck(path, fmt, "rebase", undo=undo)
-
-    @staticmethod
-    def _own_chain(path, new_backing):
-        return exception.InvalidDiskRequest(
-            path=path, reason="%s cannot be its backing file: the disk "
-            "would be in its own backing chain" % new_backing)
 
     def extract(self, path: str, output: str, output_fmt: str = "qcow2", *,
                 compress: bool = False,
