@@ -46,7 +46,7 @@ if not __package__:
 
 from benchmarks import harness  # noqa: E402
 from benchmarks import scenarios  # noqa: E402
-from imagebackend.qemu import img as qemu_img  # noqa: E402
+from imagebackend.qemu import results as qemu_results  # noqa: E402
 
 GiB = harness.GiB
 MiB = harness.MiB
@@ -54,7 +54,7 @@ KiB = harness.KiB
 
 
 def parse_args(argv):
-    size = qemu_img.parse_size
+    size = qemu_results.parse_size
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=size, default=GiB,
                    help="virtual size of the test image (default 1G)")

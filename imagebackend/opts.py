@@ -14,7 +14,7 @@ from imagebackend.common import config_check
 from imagebackend.common import plugins
 from imagebackend import exception
 from imagebackend import inspection
-from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import options as qemu_options
 from imagebackend import sources
 
 GROUP = "imagebackend"
@@ -28,7 +28,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     """
     conf.register_opts(_core_opts(), group=GROUP)
     cache.register_opts(conf)
-    qemu_img.register_opts(conf)
+    qemu_options.register_opts(conf)
 
 
 def _core_opts() -> list[cfg.Opt]:
@@ -79,7 +79,7 @@ def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
     for group, opts in itertools.chain(
             [("oslo_concurrency", cache.lock_option_list())],
             [(cache.IMAGE_CACHE_GROUP, cache.IMAGE_CACHE_OPTIONS)],
-            [("qemu_img", qemu_img.OPTIONS)],
+            [(qemu_options.GROUP, qemu_options.OPTIONS)],
             _plugin_opts("imagebackend.sources")):
         groups.setdefault(group, []).extend(opts)
     return [(group, sorted(opts, key=lambda o: o.name))

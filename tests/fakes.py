@@ -9,6 +9,7 @@ import xxhash
 from imagebackend import exception
 from imagebackend import opts
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import results as qemu_results
 from imagebackend.sources import base
 from imagebackend.sources import local
 
@@ -41,7 +42,7 @@ def qemu():
     """An autospec QemuImg whose convert writes an 8 MiB raw target."""
     q = mock.create_autospec(qemu_img.QemuImg, instance=True)
     q.convert.side_effect = _converter
-    q.check.return_value = qemu_img.CheckResult(filename="", format="")
+    q.check.return_value = qemu_results.CheckResult(filename="", format="")
     return q
 
 

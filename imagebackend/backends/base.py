@@ -19,6 +19,7 @@ from oslo_config import cfg
 
 from imagebackend.backends import target as disk_target
 from imagebackend import cache as image_cache
+from imagebackend.cache import disk_records
 from imagebackend.common import fileio
 from imagebackend.common import plugins
 from imagebackend.disk import operations as disk_operations
@@ -128,7 +129,9 @@ class ImageBackend(abc.ABC):
         fmt=disk.format)``); see
         :class:`imagebackend.disk.operations.DiskOperations`.
         """
-        return disk_operations.DiskOperations(self.conf, self.qemu)
+        return disk_operations.DiskOperations(
+            self.conf, records=disk_records.DiskRecords(self.conf),
+            qemu=self.qemu)
 
     # -- the template method ---------------------------------------------
 

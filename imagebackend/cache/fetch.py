@@ -26,7 +26,7 @@ from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
 from imagebackend import exception
 from imagebackend import inspection
-from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import options as qemu_options
 
 if typing.TYPE_CHECKING:
     from imagebackend import cache
@@ -217,7 +217,7 @@ def fetch(c: "cache.ImageCache", meta, stem: str,
         if (base_digest is None and on_disk != size) or (
                 fmt == "raw" and result.virtual_size is not None
                 and on_disk > result.virtual_size
-                + qemu_img.CONVERT_OUTPUT_SLACK):
+                + qemu_options.CONVERT_OUTPUT_SLACK):
             raise exception.DiskOperationError(
                 path=source_file, reason="it is %d bytes long, not what "
                 "image %s was checked to be; check the filesystem of %s "

@@ -19,7 +19,7 @@ import stat
 
 from imagebackend.common import fileio
 from imagebackend import exception
-from imagebackend.inspection import rules
+from imagebackend.inspection import signatures
 
 LOG = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ PRIVATE_DIRS = (DISKS_DIR, SOURCES_DIR, GENERATIONS_DIR, LOCK_DIRS_DIR)
 #: a record larger than this is not one the cache wrote.
 MAX_RECORD_BYTES = 1024 * 1024
 #: formats a base's record may name (what qemu-img's ``-f`` takes).
-RECORD_FORMATS = frozenset(rules.QEMU_FORMATS.values())
+RECORD_FORMATS = frozenset(signatures.QEMU_FORMAT_NAMES)
 
 
 def cache_id(image_id: str) -> str:

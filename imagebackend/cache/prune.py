@@ -44,7 +44,7 @@ from imagebackend.cache import remove as cache_remove
 from imagebackend.cache import usage as cache_usage
 from imagebackend.common import fileio
 from imagebackend import exception
-from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import results as qemu_results
 
 if typing.TYPE_CHECKING:
     from imagebackend import cache
@@ -185,7 +185,7 @@ def space_limits(conf: cfg.ConfigOpts, fs_size: int) -> tuple[int, int]:
                     raise ValueError(value)
                 limits.append(int(fs_size * percent / 100))
             else:
-                limits.append(qemu_img.parse_size(value))
+                limits.append(qemu_results.parse_size(value))
         except (ValueError, exception.InvalidSize) as exc:
             raise exception.ConfigurationError(
                 reason="[image_cache] %s = %r is not a size; give bytes, a "

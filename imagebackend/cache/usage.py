@@ -38,7 +38,9 @@ from oslo_config import cfg
 
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import registry as cache_registry
+from imagebackend.disk import chain as disk_chain
 from imagebackend import exception
+from imagebackend.inspection import signatures
 
 LOG = logging.getLogger(__name__)
 
@@ -62,10 +64,8 @@ OPTIONS = [
 #: know it as ``cache_usage.Registry``).
 Registry = cache_registry.Registry
 
-QCOW2_MAGIC = b"QFI\xfb"
 #: qemu refuses backing file names longer than this.
 MAX_BACKING_NAME = 1023
-_MAX_CHAIN = 16
 
 
 def read_backing_file(path: str,
@@ -99,7 +99,7 @@ def parse_backing_file(pread) -> str | None:
     offset)``; see :func:`read_backing_file`.
     """
     head = pread(20, 0)
-    if len(head) < 20 or head[:4] != QCOW2_MAGIC:
+    if len(head) < 20 or not signatures.QCOW2.signed(head):
         return None
     if int.from_bytes(head[4:8], "big") not in (2, 3):
         return None
@@ -217,7 +217,7 @@ class Chains:
 
 def _filenames(spec, depth: int = 0):
     """The ``filename`` strings of a ``json:`` backing specification."""
-    if depth > _MAX_CHAIN:
+    if depth > disk_chain.MAX_CHAIN:
         return
     if isinstance(spec, dict):
         for key, value in spec.items():

@@ -5,8 +5,10 @@ extract and resize.
 make.  Before any qemu-img command touches a disk, its format and backing
 chain are established as :mod:`imagebackend.disk.trust` and
 :mod:`imagebackend.disk.chain` describe: the format comes from the caller
-or the cache's records, never from a header a guest may have written, and
-every backing file is checked before qemu-img opens it.  After an
+or the cache's records (given to it by its caller, see
+:class:`imagebackend.disk.trust.FormatRecords`), never from a header a
+guest may have written, and every backing file is checked before qemu-img
+opens it.  After an
 operation that changes a disk the chain is read and checked again.
 Nothing is ever written inside ``_base`` or the lock directory.
 """
@@ -16,25 +18,23 @@ import logging
 import os
 import re
 import secrets
-import stat
 import threading
-import typing
 
 from oslo_config import cfg
+from oslo_utils import fileutils
 
-from imagebackend import cache
 from imagebackend.common import fileio
+from imagebackend.common import progress as progress_mod
 from imagebackend.disk import chain as disk_chain
 from imagebackend.disk import trust as disk_trust
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import results as qemu_results
 
 LOG = logging.getLogger(__name__)
 
 #: Formats :meth:`DiskOperations.extract` writes.
 EXTRACT_FORMATS = ("qcow2", "raw")
-
-ProgressCallback = typing.Callable[[str, int, int | None], None]
 
 _DIGITS_RE = re.compile(r"^[0-9]+$")
 
@@ -44,9 +44,9 @@ class DiskOperations:
 
     Every method takes the disk's path and, as ``fmt``, its format
     (``qcow2`` or ``raw``) when the caller knows it.  Without ``fmt`` the
-    format is the one the image cache records: a base or sized base in
-    ``_base`` has its record's format, a disk the library made has its
-    registry entry's; any other disk is refused with
+    format is the one the image cache records (``records``): a base or
+    sized base in ``_base`` has its record's format, a disk the library
+    made has its registry entry's; any other disk is refused with
     :class:`~imagebackend.exception.DiskFormatUnknown` (a guest can write
     any header into a raw disk, so a header never decides).
 
@@ -67,33 +67,40 @@ class DiskOperations:
     whatever can be checked beforehand is checked before qemu-img changes
     anything.
 
-    :param conf: a ConfigOpts with the library's options (the ones used
-        here are registered on it); ``None`` uses the defaults.
-    :param qemu: the qemu-img runner; ``None`` makes one from ``conf``.
+    :param conf: a ConfigOpts with the library's options registered
+        (:func:`imagebackend.opts.register_opts`); nothing is registered
+        here.
+    :param execute: runs the qemu-img commands, as
+        :class:`imagebackend.qemu.img.QemuImg` takes it; ``None`` runs
+        them directly.
+    :param records: what the image cache records about formats
+        (:class:`imagebackend.cache.disk_records.DiskRecords`); ``None``
+        trusts nothing from the cache, so the caller names every format.
+    :param qemu: a :class:`imagebackend.qemu.img.QemuImg` to share (a
+        backend's) instead of making one from ``conf`` and ``execute``.
     """
 
-    def __init__(self, conf: cfg.ConfigOpts | None = None,
+    def __init__(self, conf: cfg.ConfigOpts, execute=None,
+                 records: disk_trust.FormatRecords | None = None, *,
                  qemu: qemu_img.QemuImg | None = None) -> None:
-        if conf is None:
-            conf = cfg.ConfigOpts()
-        conf.register_opts(cache.OPTIONS, group="imagebackend")
-        cache.register_opts(conf)
         self.conf = conf
-        self.qemu = qemu or qemu_img.QemuImg(conf)
+        self.qemu = qemu or qemu_img.QemuImg(conf, execute)
+        self.records = (records if records is not None
+                        else disk_trust.NoRecords(conf))
 
     @property
     def paths(self) -> disk_trust.CachePaths:
         """The cache's directories, as the configuration sets them now."""
-        return disk_trust.cache_paths(self.conf)
+        return self.records.paths
 
     # -- reading -------------------------------------------------------------
 
     def info(self, path: str, *, fmt: str | None = None
-             ) -> qemu_img.ImageInfo:
+             ) -> qemu_results.ImageInfo:
         """What disk ``path`` is: format, virtual size, backing chain and
         snapshots.  It may be in use by a running guest.
 
-        :returns: a :class:`imagebackend.qemu.img.ImageInfo` whose
+        :returns: a :class:`imagebackend.qemu.results.ImageInfo` whose
             ``chain`` is the whole backing chain, this disk first, each
             image with the format it is opened with.
         :raises exception.DiskFormatUnknown: no ``fmt`` and no record of
@@ -106,7 +113,7 @@ class DiskOperations:
         return self._chain(path, fmt, force_share=True)
 
     def check(self, path: str, repair: str | None = None, *,
-              fmt: str | None = None) -> qemu_img.CheckResult:
+              fmt: str | None = None) -> qemu_results.CheckResult:
         """Check the consistency of disk ``path``, and with ``repair`` fix
         it.  The disk must not be in use by a running guest.
 
@@ -114,7 +121,7 @@ class DiskOperations:
             clusters: safe) or ``"all"`` (also fix corruptions, which may
             lose the data of the clusters concerned).  A base in ``_base``
             is only checked, never repaired.
-        :returns: a :class:`imagebackend.qemu.img.CheckResult`; for a raw
+        :returns: a :class:`imagebackend.qemu.results.CheckResult`; for a raw
             disk its ``supported`` is False.  Corruptions and leaks are
             results, not exceptions.
         :raises exception.InvalidDiskRequest: a bad ``repair`` value.
@@ -139,7 +146,7 @@ class DiskOperations:
     # -- snapshots -----------------------------------------------------------
 
     def snapshot_list(self, path: str, *, fmt: str | None = None
-                      ) -> list[qemu_img.Snapshot]:
+                      ) -> list[qemu_results.Snapshot]:
         """The internal snapshots of qcow2 disk ``path``, oldest first.
         It may be in use by a running guest.
 
@@ -149,11 +156,11 @@ class DiskOperations:
         return self._chain(path, fmt, force_share=True).snapshots
 
     def snapshot_create(self, path: str, name: str, *,
-                        fmt: str | None = None) -> qemu_img.Snapshot:
+                        fmt: str | None = None) -> qemu_results.Snapshot:
         """Save the current content of qcow2 disk ``path`` as snapshot
         ``name``.  The disk must not be in use by a running guest.
 
-        :returns: the new :class:`imagebackend.qemu.img.Snapshot`.
+        :returns: the new :class:`imagebackend.qemu.results.Snapshot`.
         :raises exception.UnsupportedDiskOperation: a raw disk.
         :raises exception.InvalidDiskRequest: the disk already has a
             snapshot of that name, or the name is empty or all digits
@@ -185,7 +192,7 @@ class DiskOperations:
         return new[0]
 
     def snapshot_apply(self, path: str, name: str, *,
-                       fmt: str | None = None) -> qemu_img.Snapshot:
+                       fmt: str | None = None) -> qemu_results.Snapshot:
         """Revert qcow2 disk ``path`` to snapshot ``name`` (a name, or an
         id).  What was written since is lost.  The disk must not be in use
         by a running guest.
@@ -202,7 +209,7 @@ class DiskOperations:
         return snap
 
     def snapshot_delete(self, path: str, name: str, *,
-                        fmt: str | None = None) -> qemu_img.Snapshot:
+                        fmt: str | None = None) -> qemu_results.Snapshot:
         """Delete snapshot ``name`` (a name, or an id) of qcow2 disk
         ``path``; the disk's current content is unchanged.
 
@@ -254,10 +261,10 @@ class DiskOperations:
     # -- changing the chain --------------------------------------------------
 
     def rebase(self, path: str, new_backing: str, *, unsafe: bool = False,
-               progress: ProgressCallback | None = None,
+               progress: progress_mod.Progress | None = None,
                cancel: threading.Event | None = None,
                fmt: str | None = None,
-               backing_fmt: str | None = None) -> qemu_img.ImageInfo:
+               backing_fmt: str | None = None) -> qemu_results.ImageInfo:
         """Make ``new_backing`` the backing file of qcow2 disk ``path``.
 
         The new backing file's path is recorded absolute, with its format:
@@ -289,39 +296,14 @@ class DiskOperations:
             file in its chain, may not back a disk.
         """
         path, fmt = self._open(path, fmt, "rebase", qcow2=True, write=True)
-        new_backing = os.path.abspath(new_backing)
-        if not os.path.lexists(new_backing):
-            raise exception.DiskOperationError(
-                path=path, reason="the new backing file %s does not exist"
-                % new_backing)
-        try:
-            backing_fmt = disk_trust.known_format(
-                self.paths, new_backing, backing_fmt,
-                flag="--backing-format",
-                formats=disk_trust.BACKING_FORMATS)
-        except exception.UnsupportedDiskOperation as exc:
-            raise exception.InvalidDiskRequest(
-                path=path, reason="the new backing file %s is a %s image, "
-                "which cannot back a disk; use one of %s" % (
-                    new_backing, exc.kwargs["fmt"],
-                    ", ".join(disk_trust.BACKING_FORMATS))) from exc
-        own = disk_chain.file_id(path)
-        if disk_chain.file_id(new_backing) == own:
-            raise self._own_chain(path, new_backing)
-        # Check the new backing file as this disk's backing file, and its
-        # chain as part of this disk's, before anything changes.
-        disk_chain.check_backing(self.paths, path, path, new_backing,
-                                 backing_fmt)
-        new_chain = self._chain(new_backing, backing_fmt, top=path)
-        if own in {disk_chain.file_id(image.filename)
-                   for image in new_chain.chain}:
-            raise self._own_chain(path, new_backing)
+        new_backing, backing_fmt = disk_chain.check_new_backing(
+            self.qemu, path, new_backing, backing_fmt, records=self.records)
         # A safe rebase reads the old chain; an unsafe one must work when
         # the old backing file is gone.
         before = self._chain(path, fmt, follow=not unsafe)
         self.qemu.rebase(path, fmt, new_backing, backing_fmt, unsafe=unsafe,
-                         progress=_in_bytes(progress, "rebase",
-                                            before.virtual_size),
+                         progress=progress_mod.from_percent(
+                             progress, "rebase", before.virtual_size),
                          cancel=cancel)
         LOG.info("Rebased disk %s onto %s (%s)%s", path, new_backing,
                  backing_fmt, " without copying data" if unsafe else "")
@@ -335,17 +317,11 @@ class DiskOperations:
                              before.backing_format, unsafe=True)
         return self._recheck(path, fmt, "rebase", undo=undo)
 
-    @staticmethod
-    def _own_chain(path, new_backing):
-        return exception.InvalidDiskRequest(
-            path=path, reason="%s cannot be its backing file: the disk "
-            "would be in its own backing chain" % new_backing)
-
     def extract(self, path: str, output: str, output_fmt: str = "qcow2", *,
                 compress: bool = False,
-                progress: ProgressCallback | None = None,
+                progress: progress_mod.Progress | None = None,
                 cancel: threading.Event | None = None,
-                fmt: str | None = None) -> qemu_img.ImageInfo:
+                fmt: str | None = None) -> qemu_results.ImageInfo:
         """Write the guest-visible content of disk ``path`` -- its whole
         backing chain flattened -- to a new standalone image ``output``
         with no backing file, suitable for upload to an image service.
@@ -363,7 +339,7 @@ class DiskOperations:
         :param progress: called as ``progress("extract", done, total)``
             with bytes of the virtual size.
         :param cancel: set it from another thread to stop.
-        :returns: the :class:`imagebackend.qemu.img.ImageInfo` of
+        :returns: the :class:`imagebackend.qemu.results.ImageInfo` of
             ``output``.
         :raises exception.TargetExists: ``output`` exists; nothing was run.
         :raises exception.CachePathRefused: ``output`` is in ``_base`` or
@@ -394,24 +370,25 @@ class DiskOperations:
             name, secrets.token_hex(4)))
         try:
             self.qemu.convert(path, fmt, tmp, output_fmt, compress=compress,
-                              progress=_in_bytes(progress, "extract", size),
+                              progress=progress_mod.from_percent(
+                                  progress, "extract", size),
                               cancel=cancel)
             result = self.qemu.info(tmp, output_fmt)
             _publish(tmp, output)
         except BaseException:
-            fileio.remove_quietly(tmp)
+            fileutils.delete_if_exists(tmp)
             raise
         LOG.info("Extracted disk %s to %s (%s%s)", path, output, output_fmt,
                  ", compressed" if compress else "")
         return dataclasses.replace(result, filename=output)
 
     def resize(self, path: str, size: int | str, *, shrink: bool = False,
-               fmt: str | None = None) -> qemu_img.ImageInfo:
+               fmt: str | None = None) -> qemu_results.ImageInfo:
         """Set the virtual size of disk ``path``.  The guest's partitions
         and filesystems are not changed.
 
         :param size: bytes, or a size string (see
-            :func:`imagebackend.qemu.img.parse_size`).
+            :func:`imagebackend.qemu.results.parse_size`).
         :param shrink: allow a smaller size; everything past the new end is
             lost.  Without it only growing is allowed.
         :returns: the disk's :meth:`info` afterwards.
@@ -421,7 +398,7 @@ class DiskOperations:
         :raises exception.QemuImgError: qemu-img refused the size (qcow2
             sizes must be a multiple of 512 bytes).
         """
-        size = qemu_img.parse_size(size)
+        size = qemu_results.parse_size(size)
         path, fmt = self._open(path, fmt, "resize", write=True)
         current = self._chain(path, fmt)
         if size == current.virtual_size:
@@ -443,107 +420,17 @@ class DiskOperations:
     # -- internals -----------------------------------------------------------
 
     def _open(self, path, fmt, operation, qcow2=False, write=False):
-        """The absolute path and the format of an existing disk.
-
-        :param write: the operation changes the disk, so it must not be in
-            ``_base`` or the lock directory.
-        """
-        path = os.path.abspath(path)
-        _check_disk_file(path)
-        paths = self.paths
-        if write:
-            disk_trust.refuse_cache_write(paths, path)
-        try:
-            fmt = disk_trust.known_format(paths, path, fmt,
-                                          flag="--input-format")
-        except exception.UnsupportedDiskOperation as exc:
-            raise exception.UnsupportedDiskOperation(
-                path=path, operation=operation, fmt=exc.kwargs["fmt"],
-                hint="; instance disks are qcow2 or raw") from exc
-        if qcow2 and fmt != "qcow2":
-            raise exception.UnsupportedDiskOperation(
-                path=path, operation=operation, fmt=fmt,
-                hint="; internal snapshots and backing files need a qcow2 "
-                     "disk (extract it to qcow2 with 'imagebackend disk "
-                     "extract', or use the qcow2 or cached-base backend)")
-        return path, fmt
+        return disk_trust.open_disk(self.records, path, fmt, operation,
+                                    qcow2=qcow2, write=write)
 
     def _chain(self, path, fmt, follow=True, force_share=False, top=None):
-        return disk_chain.read_chain(self.qemu, path, fmt, paths=self.paths,
-                                     top=top, follow=follow,
-                                     force_share=force_share)
+        return disk_chain.read_chain(self.qemu, path, fmt,
+                                     records=self.records, top=top,
+                                     follow=follow, force_share=force_share)
 
     def _recheck(self, path, fmt, operation, undo=None):
-        """Read and check the chain of ``path`` again after ``operation``
-        changed it, then have qemu-img open the whole chain with the
-        recorded formats and confirm it opens the images checked; on
-        refusal run ``undo`` (if any) and say so.
-        """
-        try:
-            info = self._chain(path, fmt)
-            self._confirm(path, fmt, info)
-            return info
-        except (exception.DiskOperationError,
-                exception.QemuImgError) as exc:
-            if undo is None:
-                outcome = "the change was kept; fix the chain as this says"
-            else:
-                try:
-                    undo()
-                    outcome = "the change was undone"
-                except exception.ImageBackendException as undo_exc:
-                    outcome = ("undoing it failed too (%s); fix the chain "
-                               "as this says" % undo_exc)
-            raise exception.DiskOperationError(
-                path=path, reason="after %s its backing chain is refused "
-                "(%s); %s" % (operation, exc.kwargs.get("reason", exc),
-                              outcome)) from exc
-
-    def _confirm(self, path, fmt, info):
-        """Refuse unless ``qemu-img info --backing-chain`` of ``path``
-        lists the images of the checked ``info.chain``, with their formats.
-        """
-        opened = self.qemu.info(path, fmt, backing_chain=True,
-                                force_share=False).chain
-        expected = [(disk_chain.file_id(i.filename), i.format)
-                    for i in info.chain]
-        found = [(disk_chain.file_id(
-            os.path.join(os.path.dirname(path), i.filename)), i.format)
-            for i in opened]
-        if found != expected:
-            raise exception.DiskOperationError(
-                path=path, reason="qemu-img opens the chain %s, not the "
-                "chain checked (%s); inspect it with 'qemu-img info -U "
-                "--backing-chain -f %s %s'" % (
-                    " -> ".join("%s (%s)" % (i.filename, i.format)
-                                for i in opened),
-                    " -> ".join("%s (%s)" % (i.filename, i.format)
-                                for i in info.chain), fmt, path))
-
-
-def _check_disk_file(path):
-    """Refuse a ``path`` that does not exist or is not a disk file."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError as exc:
-        raise exception.DiskNotFound(path=path) from exc
-    except OSError as exc:
-        raise exception.DiskOperationError(
-            path=path, reason="cannot open it: %s" % exc.strerror) from exc
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise exception.DiskOperationError(
-            path=path, reason="it is not a disk image (not a regular file "
-            "or a block device)")
-
-
-def _in_bytes(progress, stage, size):
-    """A qemu-img percentage callback that calls ``progress`` in bytes."""
-    if progress is None:
-        return None
-
-    def report(percent):
-        progress(stage, int(size * percent / 100), size)
-    return report
+        return disk_chain.recheck(self.qemu, path, fmt, operation,
+                                  records=self.records, undo=undo)
 
 
 def _publish(tmp, final):

@@ -21,45 +21,39 @@ format of a file comes from, in order (:func:`known_format`):
 
 1. the caller (``fmt=`` / ``--input-format``; ``backing_fmt=`` /
    ``--backing-format`` for a new backing file);
-2. for a base in ``_base`` (``<cache_id>[-N]``) the ``format`` of its
-   record ``_base/<stem>.json``; a sized base (``<cache_id>[-N]_<size>``)
-   has the format of its own record if it has one, else of its base's
-   (a caller's format that disagrees with the record is refused);
+2. for a base in ``_base``, the format the cache records for it
+   (:meth:`FormatRecords.base_record`; a caller's format that disagrees
+   with the record is refused);
 3. for a disk the library made, the cache's registry of disks
-   (:func:`registered_format`);
+   (:meth:`FormatRecords.disk_format`);
 4. otherwise :class:`~imagebackend.exception.DiskFormatUnknown`, naming
    the flag to pass.
 
-Records and the registry are read without following any symlink inside
-``_base``.  Only the cache writes inside ``_base`` and the lock directory:
-:func:`refuse_cache_write` refuses any other writer there, judging by real
-paths so that a symlink (or a hard link) into them is refused too.
+The records come from whoever builds the disk operations, as an object
+with the :class:`FormatRecords` interface
+(:class:`imagebackend.cache.disk_records.DiskRecords` reads the image
+cache's); without one (:class:`NoRecords`) nothing is taken from the cache
+and the caller names every format.  Only the cache writes inside ``_base``
+and the lock directory: :func:`refuse_cache_write` refuses any other
+writer there, judging by real paths so that a symlink (or a hard link)
+into them is refused too.
 """
 
 import dataclasses
-import json
-import logging
 import os
-import re
 import stat
+import typing
 
 from oslo_config import cfg
 
-from imagebackend.cache import layout as cache_layout
-from imagebackend.cache import registry as cache_registry
 from imagebackend import exception
-
-LOG = logging.getLogger(__name__)
+from imagebackend.inspection import signatures
 
 #: The formats of instance disks (what the backends make).
 DISK_FORMATS = ("qcow2", "raw")
 #: Formats a backing file may have: those the cache can keep a base in
 #: (qemu-img's names).
-BACKING_FORMATS = ("qcow2", "raw", "vdi", "vhdx", "vmdk", "vpc")
-#: Records are small; anything larger is not one of ours.
-_MAX_RECORD = 1024 * 1024
-_CID_RE = re.compile(r"^[0-9a-f]{40}$")
-_FOLLOW_NOTHING = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+BACKING_FORMATS = signatures.QEMU_FORMAT_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +84,71 @@ def cache_paths(conf: cfg.ConfigOpts) -> CachePaths:
                                  or os.path.join(instances, "locks")),
         disk_dirs=tuple(os.path.abspath(d)
                         for d in conf.image_cache.disk_dirs or []))
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseRecord:
+    """What the cache records about a base (or sized base) in ``_base``.
+
+    :param format: the format recorded for it (qemu-img's name), or
+        ``None`` when no valid record says.
+    :param record: the file name of the record that should say it, for
+        messages; ``None`` when no records are consulted.
+    """
+
+    format: str | None
+    record: str | None = None
+
+
+class FormatRecords(typing.Protocol):
+    """What disk operations learn from the image cache: where it is and
+    the formats it recorded.  Nothing read here comes from a header.
+    """
+
+    @property
+    def paths(self) -> CachePaths:
+        """The cache's directories, as the configuration sets them now."""
+
+    def base_record(self, path: str) -> BaseRecord | None:
+        """What the cache records about ``path`` if it is in ``_base``.
+
+        :returns: ``None`` when ``path`` is not in ``_base`` (by its real
+            path or its directory's).
+        :raises exception.DiskOperationError: ``path`` is in ``_base`` but
+            is not a base (a record, scratch, bookkeeping, a symlink), or
+            is in the lock directory.
+        :raises exception.DiskNotFound: it does not exist.
+        """
+
+    def disk_format(self, path: str) -> str | None:
+        """The format of disk ``path`` (``qcow2`` or ``raw``) if the library
+        made the file that is there now, else ``None``.
+        """
+
+
+class NoRecords:
+    """:class:`FormatRecords` for disk operations given no cache records:
+    every file in ``_base`` is a base without a record, and no disk is
+    known, so the caller must name every format.
+
+    :param conf: a ConfigOpts with the cache's directory options
+        registered (:func:`imagebackend.opts.register_opts`).
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        self.conf = conf
+
+    @property
+    def paths(self) -> CachePaths:
+        return cache_paths(self.conf)
+
+    def base_record(self, path: str) -> BaseRecord | None:
+        if name_in_base(self.paths, path) is None:
+            return None
+        return BaseRecord(format=None)
+
+    def disk_format(self, path: str) -> str | None:
+        return None
 
 
 # --- where a file is ---------------------------------------------------------
@@ -149,14 +208,14 @@ def _hard_link_into_cache(paths, path):
     return None
 
 
-def cached_base(paths: CachePaths,
-                path: str) -> cache_layout.Name | None:
-    """The :class:`imagebackend.cache.layout.Name` of the base or sized
-    base ``path`` is (by real path), ``None`` when it is not in the cache.
+def name_in_base(paths: CachePaths, path: str) -> str | None:
+    """The file name ``path`` has in ``_base``, by its directory's real
+    path or by its own (a symlink to a base names that base).
 
-    :raises exception.DiskOperationError: ``path`` is in the cache but is
-        not a base (a record, scratch, bookkeeping, a symlink), or is in
-        the lock directory.
+    :returns: ``None`` when ``path`` is not in ``_base``; ``""`` when it
+        is deeper inside it (in the cache's bookkeeping).
+    :raises exception.DiskOperationError: ``path`` is in the lock
+        directory, which holds no disks.
     """
     base = os.path.realpath(paths.base_dir)
     locks = os.path.realpath(paths.lock_dir)
@@ -167,115 +226,29 @@ def cached_base(paths: CachePaths,
             path=path, reason="it is in the lock directory %s, which holds "
             "no disks" % paths.lock_dir)
     if parent == base:
-        name = os.path.basename(path)
-    elif os.path.dirname(real) == base:
-        name = os.path.basename(real)
-    elif inside(parent, base) or inside(real, base):
-        name = None
-    else:
-        return None
-    parsed = cache_layout.parse(name) if name else None
-    if parsed is None or parsed.suffix:
-        raise exception.DiskOperationError(
-            path=path, reason="it is in the image cache %s but is not a "
-            "base; only bases (<cache_id>[-N]) and sized bases "
-            "(<cache_id>[-N]_<size>) there are images" % paths.base_dir)
-    try:
-        st = os.lstat(os.path.join(base, name))
-    except FileNotFoundError as exc:
-        raise exception.DiskNotFound(path=path) from exc
-    if not stat.S_ISREG(st.st_mode):
-        raise exception.DiskOperationError(
-            path=path, reason="%s in the image cache is not a regular file; "
-            "nothing in the cache is followed through a symlink" % name)
-    return parsed
-
-
-# --- formats -----------------------------------------------------------------
-
-def _read_record(dir_fd, name):
-    """The JSON object in regular file ``name`` under ``dir_fd``, read
-    without following a symlink; ``None`` if missing or not a record.
-    """
-    try:
-        fd = os.open(name, _FOLLOW_NOTHING, dir_fd=dir_fd)
-    except OSError as exc:
-        if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
-            LOG.warning("Ignoring record %s: %s", name, exc.strerror)
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_RECORD:
-            LOG.warning("Ignoring record %s: not a small regular file", name)
-            return None
-        data = os.read(fd, _MAX_RECORD + 1)
-    except OSError as exc:
-        LOG.warning("Ignoring unreadable record %s: %s", name, exc.strerror)
-        return None
-    finally:
-        os.close(fd)
-    try:
-        record = json.loads(data)
-    except ValueError:
-        LOG.warning("Ignoring record %s: not JSON", name)
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _open_dir(name, dir_fd=None, follow=False):
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-    if not follow:
-        flags |= os.O_NOFOLLOW
-    try:
-        return os.open(name, flags, dir_fd=dir_fd)
-    except OSError:
-        return None
-
-
-def base_format(paths: CachePaths, name: cache_layout.Name) -> str | None:
-    """The format the cache records for base or sized base ``name``:
-    the sized base's own record's, else its base's record's.
-
-    :returns: ``None`` when no valid record says.
-    """
-    dir_fd = _open_dir(paths.base_dir, follow=True)
-    if dir_fd is None:
-        return None
-    try:
-        records = [name.base_name + ".json"]
-        if name.size is not None:
-            records.append(name.stem + ".json")
-        for record_name in records:
-            fmt = (_read_record(dir_fd, record_name) or {}).get("format")
-            if fmt in BACKING_FORMATS:
-                return fmt
-    finally:
-        os.close(dir_fd)
+        return os.path.basename(path)
+    if os.path.dirname(real) == base:
+        return os.path.basename(real)
+    if inside(parent, base) or inside(real, base):
+        return ""
     return None
 
 
-def registered_format(paths: CachePaths, disk: str) -> str | None:
-    """The format the cache's registry of disks records for ``disk``, if
-    the library made the file that is there now (see
-    :meth:`imagebackend.cache.registry.Registry.find`: a record is tied to
-    its file, so a file later put at a recorded path gets no format from
-    it).  The registry is read without following any symlink.  This is
-    the one place disk operations consult the registry.
-
-    :returns: ``None`` when no record describes ``disk``.
-    """
-    record = cache_registry.Registry(paths.base_dir, []).find(disk)
-    if record is None or record["format"] not in ("qcow2", "raw"):
-        return None
-    return record["format"]
+def no_record(base: BaseRecord) -> str:
+    """Which record is missing for ``base``, and what to do about it."""
+    if base.record is None:
+        return ("(these disk operations were given none of the cache's "
+                "records, so nothing there is trusted)")
+    return "(%s); 'imagebackend cache verify' checks it" % base.record
 
 
-def known_format(paths: CachePaths, path: str, given: str | None, *,
+def known_format(records: FormatRecords, path: str, given: str | None, *,
                  flag: str, formats: tuple[str, ...] = DISK_FORMATS) -> str:
     """The format of existing image ``path``, from the caller or the
     cache's records (see this module's documentation), never from its
     header.
 
+    :param records: what the cache records.
     :param given: the caller's format, or ``None``.
     :param flag: the command-line flag that gives it, for messages.
     :param formats: the formats allowed for a file outside ``_base``.
@@ -285,15 +258,14 @@ def known_format(paths: CachePaths, path: str, given: str | None, *,
     :raises exception.InvalidDiskRequest: ``given`` contradicts the
         cache's record.
     """
-    name = cached_base(paths, path)
-    if name is not None:
-        recorded = base_format(paths, name)
+    base = records.base_record(path)
+    if base is not None:
+        recorded = base.format
         if recorded is None:
             if given is None:
                 raise exception.DiskFormatUnknown(
                     path=path, flag=flag, reason="it is in the image cache "
-                    "but has no valid record (%s.json); 'imagebackend cache "
-                    "verify' checks it" % name.stem)
+                    "but has no valid record %s" % no_record(base))
             formats = BACKING_FORMATS
         elif given not in (None, recorded):
             raise exception.InvalidDiskRequest(
@@ -302,7 +274,7 @@ def known_format(paths: CachePaths, path: str, given: str | None, *,
         else:
             return recorded
     elif given is None:
-        given = registered_format(paths, path)
+        given = records.disk_format(path)
         if given is None:
             raise exception.DiskFormatUnknown(
                 path=path, flag=flag, reason="it is neither a base in the "
@@ -314,3 +286,55 @@ def known_format(paths: CachePaths, path: str, given: str | None, *,
             path=path, operation="this operation", fmt=given,
             hint="; use one of %s" % ", ".join(formats))
     return given
+
+
+def open_disk(records: FormatRecords, path: str, fmt: str | None,
+              operation: str, *, qcow2: bool = False,
+              write: bool = False) -> tuple[str, str]:
+    """The absolute path and the format of an existing disk, before
+    ``operation`` runs on it.
+
+    :param fmt: the caller's format, or ``None`` (see
+        :func:`known_format`).
+    :param qcow2: the operation needs a qcow2 disk.
+    :param write: the operation changes the disk, so it must not be in
+        ``_base`` or the lock directory.
+    :raises exception.DiskNotFound: there is no such file.
+    :raises exception.DiskOperationError: it is not a disk file.
+    :raises exception.CachePathRefused: ``write`` into the cache.
+    :raises exception.DiskFormatUnknown: nothing says its format.
+    :raises exception.UnsupportedDiskOperation: a format the operation
+        does not handle.
+    """
+    path = os.path.abspath(path)
+    _check_disk_file(path)
+    if write:
+        refuse_cache_write(records.paths, path)
+    try:
+        fmt = known_format(records, path, fmt, flag="--input-format")
+    except exception.UnsupportedDiskOperation as exc:
+        raise exception.UnsupportedDiskOperation(
+            path=path, operation=operation, fmt=exc.kwargs["fmt"],
+            hint="; instance disks are qcow2 or raw") from exc
+    if qcow2 and fmt != "qcow2":
+        raise exception.UnsupportedDiskOperation(
+            path=path, operation=operation, fmt=fmt,
+            hint="; internal snapshots and backing files need a qcow2 "
+                 "disk (extract it to qcow2 with 'imagebackend disk "
+                 "extract', or use the qcow2 or cached-base backend)")
+    return path, fmt
+
+
+def _check_disk_file(path):
+    """Refuse a ``path`` that does not exist or is not a disk file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise exception.DiskNotFound(path=path) from exc
+    except OSError as exc:
+        raise exception.DiskOperationError(
+            path=path, reason="cannot open it: %s" % exc.strerror) from exc
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise exception.DiskOperationError(
+            path=path, reason="it is not a disk image (not a regular file "
+            "or a block device)")

@@ -51,6 +51,7 @@ from oslo_utils import units
 
 from imagebackend import exception
 from imagebackend.inspection import rules
+from imagebackend.inspection import signatures
 
 LOG = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def qemu_format(result_or_name: "InspectionResult | str") -> str:
             if isinstance(result_or_name, InspectionResult)
             else result_or_name)
     try:
-        return rules.QEMU_FORMATS[name]
+        return signatures.QEMU_FORMATS[name]
     except KeyError:
         raise ValueError("no qemu-img format for %r" % (name,)) from None
 
@@ -399,7 +400,7 @@ class StreamInspector:
             if probe.judged and not probe.match:
                 self._mismatch(found or ("raw" if final else None))
         if not final:
-            if found is not None and rules.QEMU_FORMATS[found] != "raw":
+            if found is not None and signatures.QEMU_FORMATS[found] != "raw":
                 self._virtual_size(found)   # refuse a huge header now
             return None
         if found is None or (found == "gpt" and declared == "raw"):

@@ -13,6 +13,7 @@ import struct
 from oslo_utils.imageutils import format_inspector as fi
 
 from imagebackend import exception
+from imagebackend.inspection import signatures
 
 LOG = logging.getLogger(__name__)
 
@@ -30,30 +31,8 @@ INSPECTOR_ERRORS = (fi.ImageFormatError, fi.SafetyViolation,
                     LookupError, ValueError, TypeError, AttributeError,
                     RuntimeError)
 
-#: Inspected format -> the name qemu-img's -f takes.
-QEMU_FORMATS = {
-    "raw": "raw", "gpt": "raw", "iso": "raw", "qcow2": "qcow2",
-    "vmdk": "vmdk", "vhd": "vpc", "vhdx": "vhdx", "vdi": "vdi",
-}
-
-#: Declared disk format (Glance and qemu names) -> inspected format.
-DECLARED_FORMATS = {
-    "raw": "raw", "ami": "raw", "aki": "raw", "ari": "raw", "gpt": "gpt",
-    "iso": "iso", "qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vhd",
-    "vpc": "vhd", "vhdx": "vhdx", "vdi": "vdi",
-}
-
 #: The VMDK subformats whose data is inside the file itself.
 VMDK_SINGLE_FILE_TYPES = ("monolithicSparse", "streamOptimized")
-
-# Signature of each format: (offset, bytes).  Content that carries one but
-# does not parse as that format is refused rather than taken for raw.
-_MAGIC = {
-    "qcow2": (0, b"QFI\xfb"), "qed": (0, b"QED\x00"),
-    "vhd": (0, b"conectix"), "vhdx": (0, b"vhdxfile"),
-    "vmdk": (0, b"KDMV"), "vdi": (0x40, b"\x7f\x10\xda\xbe"),
-    "luks": (0, b"LUKS\xba\xbe"),
-}
 
 _QCOW2_CRYPT = {1: "AES", 2: "LUKS"}
 _VHD_DIFFERENCING = 4
@@ -94,8 +73,8 @@ def canonical_declared(image_id: str, declared: str | None) -> str | None:
     if declared is None or not str(declared).strip():
         return None
     name = str(declared).strip().lower()
-    if name in DECLARED_FORMATS:
-        return DECLARED_FORMATS[name]
+    if name in signatures.DECLARED_FORMATS:
+        return signatures.DECLARED_FORMATS[name]
     if name == "luks":
         raise exception.EncryptedImageRefused(
             image_id=image_id,
@@ -105,7 +84,8 @@ def canonical_declared(image_id: str, declared: str | None) -> str | None:
         image_id=image_id, declared_format=declared,
         reason="its declared format %r cannot be inspected safely (use one "
                "of %s); convert it to qcow2 or raw and correct its disk "
-               "format" % (declared, ", ".join(sorted(DECLARED_FORMATS))))
+               "format" % (declared,
+                           ", ".join(sorted(signatures.DECLARED_FORMATS))))
 
 
 class Probe:
@@ -244,8 +224,10 @@ class Policy:
         self.vmdk_types = vmdk_types
 
     def _has_magic(self, name):
-        offset, magic = _MAGIC.get(name, (0, None))
-        return magic is not None and self.head[offset:].startswith(magic)
+        # Content that carries a format's signature but does not parse as
+        # that format is refused rather than taken for raw.
+        known = signatures.FORMATS.get(name)
+        return known is not None and known.signed(self.head)
 
     def judge(self, name: str, insp: fi.FileInspector, state: str) -> bool:
         """Decide whether the content is format ``name``.
@@ -293,7 +275,7 @@ class Policy:
                 image_id=self.image_id, detected_format=name,
                 reason="it is a LUKS-encrypted image; upload an unencrypted "
                        "image")
-        if name not in QEMU_FORMATS:
+        if name not in signatures.QEMU_FORMATS:
             raise exception.UnsupportedFormat(
                 image_id=self.image_id, detected_format=name,
                 reason="it is a %s image, which is not supported; convert "

@@ -4,129 +4,37 @@
 command gets ``-f`` for its input, so qemu-img never guesses a format, and
 every machine-readable answer is read from ``--output json``, never from
 human text.  Results are the dataclasses of
-:mod:`imagebackend.qemu.results`, re-exported here.
+:mod:`imagebackend.qemu.results` (import them from there).
 
-Commands run through an injectable :class:`imagebackend.qemu.runner.Runner`.
-Failures become :class:`imagebackend.exception.QemuImgError` (or a
-subclass) with the useful line of qemu-img's standard error.  The fast path
-of the pipeline -- creating an overlay -- starts exactly one process: no
+Commands run through an injectable :class:`imagebackend.qemu.runner.Runner`
+by :class:`imagebackend.qemu.running.Command`: failures become
+:class:`imagebackend.exception.QemuImgError` (or a subclass) with the
+useful line of qemu-img's standard error, and long commands report their
+progress as a percentage.  The ``[qemu_img]`` options and the process
+limits they set are :mod:`imagebackend.qemu.options`.  The fast path of
+the pipeline -- creating an overlay -- starts exactly one process: no
 version probe, no ``info``.
 """
 
-import contextlib
-import errno
-import json
-import logging
 import os
 import re
 import threading
 import typing
 
-from oslo_concurrency import processutils
 from oslo_config import cfg
 
 from imagebackend.common import fileio
 from imagebackend import exception
-from imagebackend.qemu import results as qemu_results
+from imagebackend.qemu import options as qemu_options
+from imagebackend.qemu import results
 from imagebackend.qemu import runner
-
-LOG = logging.getLogger(__name__)
-
-GROUP = "qemu_img"
-
-OPTIONS = [
-    cfg.StrOpt(
-        "binary", default="qemu-img",
-        help="The qemu-img program imagebackend runs: a name looked up on "
-             "PATH, or an absolute path.  Every qemu-img command uses it.  "
-             "The default, qemu-img, finds the distribution's binary "
-             "(package qemu-utils or qemu-img); versions 7.0 and later are "
-             "supported."),
-    cfg.IntOpt(
-        "info_address_space_limit", default=1024, min=0,
-        help="Address space, in MiB, that 'qemu-img info' may use while it "
-             "reads an image.  Images come from users, and a crafted image "
-             "can make qemu-img allocate without bound; the limit stops it "
-             "and the request fails with an error naming this option.  The "
-             "default, 1024, is ample for images of 100 GiB and more.  "
-             "Values below 64 make qemu-img fail on every image.  0 removes "
-             "the limit (not recommended)."),
-    cfg.IntOpt(
-        "info_cpu_time_limit", default=30, min=0,
-        help="CPU time, in seconds, that 'qemu-img info' may use while it "
-             "reads an image.  A crafted image can keep qemu-img busy "
-             "indefinitely; when the limit is reached qemu-img is killed "
-             "and the request fails with an error naming this option.  The "
-             "default, 30, is far above the fraction of a second a sound "
-             "image of 100 GiB needs.  The same limits apply to the "
-             "'qemu-img check' every non-raw image passes before it is "
-             "converted or cached.  0 removes the limit (not "
-             "recommended)."),
-    cfg.IntOpt(
-        "convert_address_space_limit", default=4096, min=0,
-        help="Address space, in MiB, that 'qemu-img convert' may use while "
-             "it converts a downloaded image to raw.  A crafted image can "
-             "make qemu-img allocate without bound; the limit stops it and "
-             "the request fails with an error naming the image and this "
-             "option.  qemu-img reserves address space for each of its "
-             "worker threads (stacks and allocator arenas), about 1 GiB on "
-             "a small host and more on hosts with many CPUs, so the default, "
-             "4096, leaves room for that.  0 removes the limit (not "
-             "recommended)."),
-    cfg.IntOpt(
-        "convert_cpu_seconds_per_gib", default=30, min=0,
-        help="CPU time, in seconds per GiB of the image's virtual size "
-             "(and at least 60 seconds in all), that 'qemu-img convert' may "
-             "use while it converts a downloaded image to raw.  A crafted "
-             "image (tiny clusters, heavily compressed data) can keep "
-             "qemu-img busy for a very long time; when the limit is "
-             "reached qemu-img is killed and the request fails with an "
-             "error naming the image and this option.  The default, 30, is "
-             "several times what decompressing a compressed qcow2 image "
-             "costs (about 5 s per GiB).  A conversion's output is also "
-             "limited to the image's checked virtual size.  0 removes the "
-             "CPU limit (not recommended)."),
-]
-
-#: the smallest CPU time limit of a conversion, in seconds.
-CONVERT_MIN_CPU_TIME = 60
-#: bytes a conversion's output may exceed the virtual size by (qemu-img
-#: rounds sizes up to whole sectors).
-CONVERT_OUTPUT_SLACK = 1024 * 1024
-# Commands on the warm path, started without copying this process: they
-# take milliseconds and read no image a user supplied.
-_QUICK = ("create", "--version", "-h")
-
-# Re-exported so callers need only this module.
-ImageInfo = qemu_results.ImageInfo
-Snapshot = qemu_results.Snapshot
-CheckResult = qemu_results.CheckResult
-MapEntry = qemu_results.MapEntry
-Measurement = qemu_results.Measurement
-CreateOption = qemu_results.CreateOption
-parse_size = qemu_results.parse_size
-useful_error = qemu_results.useful_error
+from imagebackend.qemu import running
 
 CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
 _CHECK_CODES = (CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED)
-# Cache modes that make qemu-img write through to stable storage itself;
-# with any other mode the converted file is fsynced afterwards.
-_DURABLE_CACHES = ("none", "directsync", "writethrough")
 _FMT_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
 _VERSIONS: dict[str, tuple[int, int, int]] = {}
-# (is a conversion, limit hit) -> the option that sets the limit.
-_LIMIT_OPTIONS = {
-    (False, "cpu_time"): "info_cpu_time_limit",
-    (False, "address_space"): "info_address_space_limit",
-    (True, "cpu_time"): "convert_cpu_seconds_per_gib",
-    (True, "address_space"): "convert_address_space_limit",
-}
-
-
-def register_opts(conf: cfg.ConfigOpts) -> None:
-    """Register the ``[qemu_img]`` options on ``conf`` (idempotent)."""
-    conf.register_opts(OPTIONS, group=GROUP)
 
 
 class QemuImg:
@@ -146,12 +54,13 @@ class QemuImg:
                  execute=None, binary: str | None = None) -> None:
         if conf is None:
             conf = cfg.ConfigOpts()
-        register_opts(conf)
+        qemu_options.register_opts(conf)
         self.conf = conf
         if execute is None or callable(execute):
             execute = runner.Runner(execute)
         self.runner = execute
         self.binary = binary or conf.qemu_img.binary
+        self._cmd = running.Command(self.runner, self.binary)
         self._version = None
 
     # --- creating and changing images -------------------------------------
@@ -196,8 +105,8 @@ class QemuImg:
             args += ["-o", _format_options("create", path, opts)]
         args.append(path)
         if size is not None:
-            args.append(str(parse_size(size)))
-        self._run("create", path, args)
+            args.append(str(results.parse_size(size)))
+        self._cmd.run("create", path, args)
 
     def convert(self, source: str, source_fmt: str, target: str,
                 target_fmt: str, *, target_cache: str | None = None,
@@ -241,8 +150,9 @@ class QemuImg:
             (the CPU time is scaled by ``max_output_size``).
         :param max_output_size: the virtual size the source was checked to
             have; qemu-img may not write a file larger than that (plus
-            :data:`CONVERT_OUTPUT_SLACK`), so a source that lies about its
-            size fails instead of filling the disk.
+            :data:`imagebackend.qemu.options.CONVERT_OUTPUT_SLACK`), so a
+            source that lies about its size fails instead of filling the
+            disk.
         :raises exception.OperationCancelled: ``cancel`` was set.
         :raises exception.QemuImgInvalidRequest: a bad combination of
             arguments; nothing was run.
@@ -273,16 +183,19 @@ class QemuImg:
             args.append("-W")
         if options:
             args += ["-o", _format_options("convert", source, options)]
-        through_page_cache = target_cache not in _DURABLE_CACHES
-        run_limits = self._convert_limits(limits, max_output_size)
+        through_page_cache = target_cache not in running.DURABLE_CACHES
+        run_limits = qemu_options.convert_limits(self.conf, limits,
+                                                 max_output_size)
         try:
-            with _written_back(target, through_page_cache):
-                self._run_long(
+            with running.written_back(target, through_page_cache):
+                self._cmd.run_long(
                     "convert", "Conversion", source, args + [source, target],
                     progress, cancel,
-                    finish=(lambda: _flush(target, through_page_cache))
+                    finish=(lambda: running.flush(target, through_page_cache))
                     if durable else None, limits=run_limits)
         except BaseException:
+            # Not oslo's fileutils.delete_if_exists: the target may be a
+            # device node, which a failed conversion must not unlink.
             fileio.remove_regular(target)
             raise
 
@@ -303,8 +216,8 @@ class QemuImg:
             args.append("--shrink")
         if preallocation is not None:
             args.append("--preallocation=%s" % preallocation)
-        args += [path, str(parse_size(size))]
-        self._run("resize", path, args)
+        args += [path, str(results.parse_size(size))]
+        self._cmd.run("resize", path, args)
 
     def rebase(self, path: str, fmt: str, backing_file: str | None,
                backing_fmt: str | None, unsafe: bool = False, *,
@@ -333,8 +246,8 @@ class QemuImg:
         if backing_file:
             _check_fmt("rebase", path, backing_fmt, "backing_fmt")
             args += ["-F", backing_fmt]
-        self._run_long("rebase", "Rebase", path, args + [path], progress,
-                       cancel)
+        self._cmd.run_long("rebase", "Rebase", path, args + [path],
+                           progress, cancel)
 
     def commit(self, path: str, fmt: str, *, base: str | None = None,
                drop: bool = False,
@@ -359,17 +272,17 @@ class QemuImg:
             args += ["-b", base]
         if drop:
             args.append("-d")
-        self._run_long("commit", "Commit", path, args + [path], progress,
-                       cancel)
+        self._cmd.run_long("commit", "Commit", path, args + [path],
+                           progress, cancel)
 
     def amend(self, path: str, fmt: str, options: dict) -> None:
         """Change format options of an existing image (``-o``)."""
         _check_fmt("amend", path, fmt)
         if not options:
             raise _invalid("amend", path, "no options to change")
-        self._run("amend", path, ["amend", "-f", fmt, "-o",
-                                  _format_options("amend", path, options),
-                                  path])
+        self._cmd.run("amend", path, ["amend", "-f", fmt, "-o",
+                                      _format_options("amend", path, options),
+                                      path])
 
     # --- snapshots ---------------------------------------------------------
 
@@ -385,7 +298,8 @@ class QemuImg:
         """Delete snapshot ``name`` (a name or an id) of image ``path``."""
         self._snapshot("-d", path, fmt, name)
 
-    def snapshot_list(self, path: str, fmt: str) -> list[Snapshot]:
+    def snapshot_list(self, path: str, fmt: str
+                      ) -> list[results.Snapshot]:
         """The internal snapshots of ``path``, read from ``info``."""
         return self.info(path, fmt).snapshots
 
@@ -394,14 +308,14 @@ class QemuImg:
         _check_fmt("snapshot", path, fmt)
         if not name:
             raise _invalid("snapshot", path, "a snapshot needs a name")
-        self._run("snapshot", path, ["snapshot", "--image-opts", flag, name,
-                                     _image_opts(fmt, path)])
+        self._cmd.run("snapshot", path, ["snapshot", "--image-opts", flag,
+                                         name, _image_opts(fmt, path)])
 
     # --- reading images ----------------------------------------------------
 
     def info(self, path: str, fmt: str, *, backing_chain: bool = False,
              force_share: bool = False, limits: bool = True
-             ) -> ImageInfo:
+             ) -> results.ImageInfo:
         """Read what qemu-img knows about ``path``.
 
         :param backing_chain: also read every backing file; the result's
@@ -420,13 +334,14 @@ class QemuImg:
             args.append("--backing-chain")
         if force_share:
             args.append("-U")
-        result = self._run("info", path, args + [path],
-                           limits=self._info_limits() if limits else None)
-        return self._parse("info", path, result, ImageInfo.from_qemu,
-                           backing_chain)
+        result = self._cmd.run("info", path, args + [path],
+                               limits=(qemu_options.info_limits(self.conf)
+                                       if limits else None))
+        return self._cmd.parse("info", path, result,
+                               results.ImageInfo.from_qemu, backing_chain)
 
     def check(self, path: str, fmt: str, repair: str | None = None, *,
-              limits: bool = True) -> CheckResult:
+              limits: bool = True) -> results.CheckResult:
         """Check (and with ``repair``, fix) the consistency of ``path``.
 
         :param repair: ``None``, ``"leaks"`` or ``"all"``.
@@ -445,14 +360,17 @@ class QemuImg:
         args = ["check", "-f", fmt, "--output=json"]
         if repair:
             args += ["-r", repair]
-        result = self._run("check", path, args + [path],
-                           ok_codes=_CHECK_CODES,
-                           limits=self._info_limits() if limits else None)
+        result = self._cmd.run("check", path, args + [path],
+                               ok_codes=_CHECK_CODES,
+                               limits=(qemu_options.info_limits(self.conf)
+                                       if limits else None))
         if result.exit_code == CHECK_UNSUPPORTED:
-            return CheckResult(filename=path, format=fmt, supported=False,
-                               exit_code=CHECK_UNSUPPORTED)
-        return self._parse("check", path, result,
-                           CheckResult.from_qemu, result.exit_code)
+            return results.CheckResult(filename=path, format=fmt,
+                                       supported=False,
+                                       exit_code=CHECK_UNSUPPORTED)
+        return self._cmd.parse("check", path, result,
+                               results.CheckResult.from_qemu,
+                               result.exit_code)
 
     def compare(self, path1: str, fmt1: str, path2: str, fmt2: str, *,
                 strict: bool = False) -> bool:
@@ -464,13 +382,13 @@ class QemuImg:
         _check_fmt("compare", path2, fmt2)
         args = ["compare", "-f", fmt1, "-F", fmt2] + (["-s"] if strict
                                                       else [])
-        result = self._run("compare", path1, args + [path1, path2],
-                           ok_codes=(0, 1))
+        result = self._cmd.run("compare", path1, args + [path1, path2],
+                               ok_codes=(0, 1))
         return result.exit_code == 0
 
     def measure(self, path: str | None, fmt: str | None, target_fmt: str,
                 *, size: int | None = None, options: dict | None = None
-                ) -> Measurement:
+                ) -> results.Measurement:
         """Bytes an image in ``target_fmt`` would need.
 
         It measures a conversion of ``path``, or with ``path`` None a new
@@ -481,15 +399,16 @@ class QemuImg:
         if options:
             args += ["-o", _format_options("measure", path, options)]
         if path is None:
-            args += ["--size", str(parse_size(size))]
+            args += ["--size", str(results.parse_size(size))]
         else:
             _check_fmt("measure", path, fmt)
             args += ["-f", fmt, path]
-        return self._parse("measure", path, self._run("measure", path, args),
-                           Measurement.from_qemu)
+        return self._cmd.parse("measure", path,
+                               self._cmd.run("measure", path, args),
+                               results.Measurement.from_qemu)
 
     def map(self, path: str, fmt: str, *, force_share: bool = False
-            ) -> list[MapEntry]:
+            ) -> list[results.MapEntry]:
         """The allocation map of ``path``.
 
         :returns: :class:`MapEntry` ranges saying which hold data, which
@@ -498,8 +417,9 @@ class QemuImg:
         _check_fmt("map", path, fmt)
         args = ["map", "-f", fmt, "--output=json"] + (
             ["-U"] if force_share else [])
-        return self._parse("map", path, self._run("map", path, args + [path]),
-                           MapEntry.list_from_qemu)
+        return self._cmd.parse("map", path,
+                               self._cmd.run("map", path, args + [path]),
+                               results.MapEntry.list_from_qemu)
 
     # --- the program itself ------------------------------------------------
 
@@ -507,11 +427,12 @@ class QemuImg:
         """qemu-img's version, asked once per binary and remembered."""
         if self._version is None:
             if self.binary not in _VERSIONS:
-                out = self._run("--version", self.binary,
-                                ["--version"]).stdout
+                out = self._cmd.run("--version", self.binary,
+                                    ["--version"]).stdout
                 match = _VERSION_RE.search(out)
                 if not match:
-                    raise _bad_output("--version", self.binary, out[:80])
+                    raise running.bad_output("--version", self.binary,
+                                             out[:80])
                 _VERSIONS[self.binary] = tuple(int(part or 0)
                                                for part in match.groups())
             self._version = _VERSIONS[self.binary]
@@ -519,164 +440,24 @@ class QemuImg:
 
     def supported_formats(self) -> list[str]:
         """The formats this qemu-img was built with (from ``-h``)."""
-        out = self._run("-h", self.binary, ["-h"], ok_codes=(0, 1)).stdout
+        out = self._cmd.run("-h", self.binary, ["-h"], ok_codes=(0, 1)).stdout
         for line in out.splitlines():
             if line.startswith("Supported formats:"):
                 return line.split(":", 1)[1].split()
-        raise _bad_output("-h", self.binary, "no 'Supported formats' line")
+        raise running.bad_output("-h", self.binary,
+                                 "no 'Supported formats' line")
 
-    def create_options_help(self, fmt: str) -> list[CreateOption]:
+    def create_options_help(self, fmt: str) -> list[results.CreateOption]:
         """The ``-o`` options ``create`` accepts for ``fmt``."""
         _check_fmt("create", fmt, fmt)
-        out = self._run("create", fmt,
-                        ["create", "-f", fmt, "-o", "help"]).stdout
-        return CreateOption.parse_help(out)
-
-    # --- running -----------------------------------------------------------
-
-    def _run_long(self, operation, what, path, args, progress, cancel,
-                  finish=None, limits=None) -> None:
-        """Run a command that takes ``-p``: with ``progress``, its output
-        is parsed into percentages; with ``cancel``, it can be stopped.
-        ``finish`` runs after the command succeeded and before the last
-        progress report (100.0).
-        """
-        parser = qemu_results.ProgressParser(progress) if progress else None
-        if parser:
-            args = args[:1] + ["-p"] + args[1:]
-        if parser or cancel is not None:
-            result = self._run(operation, path, args, cancel=cancel,
-                               on_output=parser.feed if parser else None,
-                               limits=limits)
-            if result.cancelled:
-                raise exception.OperationCancelled(operation=what, path=path)
-        else:
-            self._run(operation, path, args, limits=limits)
-        if finish is not None:
-            finish()
-        if parser:
-            parser.finish()
-
-    def _run(self, operation, path, args, *, ok_codes=(0,), limits=None,
-             on_output=None, cancel=None) -> runner.ProcessResult:
-        # The runner logs each command at debug level.  Every command but
-        # the quick ones dies with its caller.
-        argv = [self.binary] + [os.fspath(arg) for arg in args]
-        if limits is None and operation not in _QUICK:
-            limits = runner.Limits()
-        preexec_fn = limits.preexec() if limits else None
-        try:
-            if on_output is not None or cancel is not None:
-                return self.runner.stream(
-                    argv, on_output or _ignore, cancel, ok_codes=ok_codes,
-                    preexec_fn=preexec_fn)
-            return self.runner.execute(argv, ok_codes=ok_codes,
-                                       preexec_fn=preexec_fn)
-        except processutils.ProcessExecutionError as exc:
-            kwargs = dict(operation=operation, path=path,
-                          exit_code=exc.exit_code,
-                          stderr=useful_error(exc.stderr or ""))
-            hit = limits and limits.exceeded(exc.exit_code, exc.stderr)
-            if hit == "file_size":
-                raise exception.QemuImgOutputTooLarge(
-                    size=limits.file_size, **kwargs) from exc
-            if hit:
-                value = getattr(limits, hit)
-                raise exception.QemuImgLimitExceeded(
-                    limit=("CPU time (%d s)" % value if hit == "cpu_time"
-                           else "address space (%d MiB)" % (value >> 20)),
-                    option=_LIMIT_OPTIONS[operation == "convert", hit],
-                    **kwargs) from exc
-            raise exception.QemuImgError(**kwargs) from exc
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                raise exception.QemuImgNotFound(
-                    reason="%s: %s" % (self.binary, exc.strerror),
-                    operation=operation, path=path, exit_code=None,
-                    stderr=str(exc)) from exc
-            raise exception.QemuImgError(
-                operation=operation, path=path, exit_code=None,
-                stderr=str(exc)) from exc
-
-    def _info_limits(self):
-        group = self.conf.qemu_img
-        return runner.Limits(
-            address_space=group.info_address_space_limit * 1024 ** 2 or None,
-            cpu_time=group.info_cpu_time_limit or None)
-
-    def _convert_limits(self, limits, max_output_size):
-        if not limits and max_output_size is None:
-            return None
-        group = self.conf.qemu_img
-        file_size = cpu_time = address_space = None
-        if max_output_size is not None:
-            file_size = max_output_size + CONVERT_OUTPUT_SLACK
-        if limits:
-            address_space = group.convert_address_space_limit * 1024 ** 2
-            per_gib = group.convert_cpu_seconds_per_gib
-            if per_gib:
-                gib = -(-(max_output_size or 0) // 1024 ** 3)
-                cpu_time = max(CONVERT_MIN_CPU_TIME, per_gib * gib)
-        return runner.Limits(address_space=address_space or None,
-                             cpu_time=cpu_time, file_size=file_size)
-
-    @staticmethod
-    def _parse(operation, path, result, parse, *args):
-        """Return ``parse(json, *args)`` of a command's output.
-
-        Any surprise in the output is a QemuImgError, never a KeyError.
-        """
-        try:
-            return parse(json.loads(result.stdout), *args)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise _bad_output(operation, path, exc) from exc
-
-
-@contextlib.contextmanager
-def _written_back(path, through_page_cache):
-    """Through the page cache, send a new image's data to disk while it
-    is being converted, not all of it in the flush at the end.
-    """
-    if not through_page_cache:
-        yield
-        return
-    try:
-        with fileio.Writeback(path=path):
-            yield
-    except exception.ImageBackendException:
-        # qemu-img's own errors (QemuImgNotFound is an OSError too).
-        raise
-    except OSError as exc:
-        raise exception.DiskOperationError(
-            path=path, reason="could not write the converted image to disk "
-            "(%s)" % exc) from exc
-
-
-def _flush(path, data):
-    """Make a new image's name durable, and with ``data`` its contents.
-
-    ``data`` is for contents qemu-img wrote through the page cache.
-    """
-    try:
-        if data:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fileio.fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except FileNotFoundError:
-        # Not a local file (a protocol target such as rbd:pool/image).
-        LOG.debug("Not flushing %s: not a local file", path)
-    except OSError as exc:
-        raise exception.DiskOperationError(
-            path=path, reason="could not flush the converted image to disk "
-            "(%s)" % exc) from exc
+        out = self._cmd.run("create", fmt,
+                            ["create", "-f", fmt, "-o", "help"]).stdout
+        return results.CreateOption.parse_help(out)
 
 
 def _format_options(operation, path, options):
     try:
-        return qemu_results.format_options(options)
+        return results.format_options(options)
     except ValueError as exc:
         raise _invalid(operation, path, str(exc)) from exc
 
@@ -693,13 +474,3 @@ def _check_fmt(operation, path, fmt, what="format"):
 def _invalid(operation, path, reason):
     return exception.QemuImgInvalidRequest(operation=operation, path=path,
                                            reason=reason)
-
-
-def _bad_output(operation, path, detail):
-    return exception.QemuImgError(
-        operation=operation, path=path, exit_code=0,
-        stderr="unexpected output from qemu-img (%s)" % detail)
-
-
-def _ignore(_text):
-    pass

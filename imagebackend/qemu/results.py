@@ -1,10 +1,10 @@
 """What goes into qemu-img and what comes out, as typed values.
 
-Sizes and ``-o`` option strings going in; JSON, progress and error text
-coming out, parsed into the dataclasses :class:`ImageInfo`,
+Sizes and ``-o`` option strings going in; JSON and error text coming
+out, parsed into the dataclasses :class:`ImageInfo`,
 :class:`Snapshot`, :class:`CheckResult`, :class:`MapEntry`,
 :class:`Measurement` and :class:`CreateOption`.  Nothing here runs a
-process; :mod:`imagebackend.qemu.img` does, and re-exports these names.
+process; :mod:`imagebackend.qemu.img` does.
 """
 
 import dataclasses
@@ -19,7 +19,6 @@ _SIZE_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])i?)?b?$",
                       re.IGNORECASE)
 _UNITS = {None: 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3,
           "t": 1024 ** 4}
-_PROGRESS_RE = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 _HELP_RE = re.compile(r"^\s+([^\s=]+)=<(.*?)>(?:\s+-\s+(.*))?$")
 
 
@@ -34,6 +33,8 @@ def parse_size(value: str | int) -> int:
 
     :raises exception.InvalidSize: not a size (also a ``ValueError``).
     """
+    # Not oslo_utils.strutils.string_to_bytes: it needs a B suffix ("10G"
+    # fails), reads a lower-case "b" as bits, and goes through a float.
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise exception.InvalidSize(value=value,
                                     reason="not a number or a string")
@@ -91,34 +92,6 @@ def useful_error(stderr: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-class ProgressParser:
-    """Turns ``qemu-img -p`` output into calls of a callback.
-
-    Output such as ``"    (12.34/100%)\\r"``, fed in pieces of any size,
-    becomes ``callback(12.34)``; the values never go backwards, and
-    :meth:`finish` reports 100.0 if qemu-img did not.
-    """
-
-    def __init__(self, callback: typing.Callable[[float], None]) -> None:
-        self._callback = callback
-        self._pending = ""
-        self._last = -1.0
-
-    def feed(self, text: str) -> None:
-        *complete, self._pending = re.split(r"[\r\n]", self._pending + text)
-        for piece in complete:
-            match = _PROGRESS_RE.search(piece)
-            if match and float(match.group(1)) > self._last:
-                self._last = float(match.group(1))
-                self._callback(self._last)
-
-    def finish(self) -> None:
-        self.feed("\n")
-        if self._last < 100.0:
-            self._last = 100.0
-            self._callback(100.0)
-
-
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
     """An internal snapshot of an image.
@@ -159,7 +132,9 @@ class ImageInfo:
     :param format: its format.
     :param virtual_size: the disk size the guest sees, in bytes.
     :param actual_size: bytes allocated on the host, when known.
-    :param backing_file: the backing file as recorded in the image.
+    :param backing_file: the backing file as recorded in the image (the
+        one reading of it: :func:`imagebackend.disk.chain.read_chain`
+        resolves and checks it before anything opens it).
     :param backing_format: the backing file's format as recorded.
     :param snapshots: the internal snapshots.
     :param raw: the whole JSON object qemu-img printed.
@@ -183,6 +158,10 @@ class ImageInfo:
     def from_qemu(cls, data: dict | list, backing_chain: bool = False
                   ) -> "ImageInfo":
         """Parse the JSON of ``info`` (a list with ``--backing-chain``)."""
+        # Not oslo_utils.imageutils.QemuImgInfo: it takes one image's JSON
+        # text, leaves a missing field None (a missing virtual-size must be
+        # an error here) and reads neither --backing-chain's list nor the
+        # snapshots' dates.
         if not backing_chain:
             return cls._one(data)
         chain = [cls._one(item) for item in data]
@@ -201,11 +180,6 @@ class ImageInfo:
             snapshots=[Snapshot.from_qemu(item)
                        for item in data.get("snapshots", [])],
             raw=data)
-
-    @property
-    def full_backing_file(self) -> str | None:
-        """The backing file resolved against this image's directory."""
-        return self.raw.get("full-backing-filename", self.backing_file)
 
     @property
     def format_specific(self) -> dict:

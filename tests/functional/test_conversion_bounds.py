@@ -27,6 +27,7 @@ import pytest
 from imagebackend.backends import base as backends_base
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import options as qemu_options
 from tests.functional.fixtures import env as fenv
 
 MiB = fenv.MiB
@@ -107,8 +108,8 @@ def test_a_conversion_cannot_write_past_the_checked_virtual_size(tmp_path):
     with pytest.raises(exception.QemuImgOutputTooLarge) as err:
         qemu.convert(source, "qcow2", target, "raw", limits=True,
                      max_output_size=8 * MiB)
-    assert "more than %d bytes" % (8 * MiB + qemu_img.CONVERT_OUTPUT_SLACK) \
-        in str(err.value)
+    limit = 8 * MiB + qemu_options.CONVERT_OUTPUT_SLACK
+    assert "more than %d bytes" % limit in str(err.value)
     assert not os.path.exists(target)
     # The same conversion within its bound succeeds.
     qemu.convert(source, "qcow2", target, "raw", limits=True,
@@ -119,6 +120,7 @@ def test_a_conversion_cannot_write_past_the_checked_virtual_size(tmp_path):
 _SLOW_CONVERT = """
 import sys
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import options as qemu_options
 qemu = qemu_img.QemuImg(binary=sys.argv[1])
 qemu.convert(sys.argv[2], "qcow2", sys.argv[3], "raw", rate_limit=65536)
 """

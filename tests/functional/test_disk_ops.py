@@ -11,6 +11,7 @@ import time
 import pytest
 
 from imagebackend.backends import base as backends_base
+from imagebackend.cache import disk_records
 from imagebackend.disk import operations as disk_ops
 from imagebackend import exception
 from tests.functional.fixtures import env as fenv
@@ -28,6 +29,13 @@ def dep(tmp_path):
     d = fenv.Deployment(str(tmp_path))
     fenv.make_qcow2(os.path.join(d.images, IMAGE), size=32 * MiB)
     return d
+
+
+def _ops(dep):
+    """Disk operations as a library caller makes them (with records)."""
+    conf = dep.conf()
+    return disk_ops.DiskOperations(conf,
+                                   records=disk_records.DiskRecords(conf))
 
 
 def make_disk(dep, name="disk", backend="qcow2", size=64 * MiB):
@@ -173,7 +181,7 @@ def test_safe_rebase_keeps_what_the_guest_sees(dep):
     with open(empty, "wb") as f:
         f.truncate(32 * MiB)
     seen = []
-    info = disk_ops.DiskOperations(dep.conf()).rebase(
+    info = _ops(dep).rebase(
         disk.path, empty, fmt="qcow2", backing_fmt="raw",
         progress=lambda *report: seen.append(report))
     assert info.backing_file == empty
@@ -208,7 +216,7 @@ def test_resize_grows_and_refuses_to_shrink_unless_told(dep):
 
 def test_extract_reports_progress_and_cancels_cleanly(dep):
     disk = make_disk(dep)
-    ops = disk_ops.DiskOperations(dep.conf())
+    ops = _ops(dep)
     calls = []
     out = os.path.join(dep.root, "out.qcow2")
     ops.extract(disk.path, out, progress=lambda *a: calls.append(a),

@@ -17,6 +17,7 @@ import pytest
 from imagebackend.common import fileio
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import options as qemu_options
 
 QEMU_IMG = shutil.which("qemu-img")
 MiB = 1024 * 1024
@@ -365,7 +366,7 @@ def test_info_runs_under_the_default_limits(qemu, tmp_path):
 
 def _conf(**limits):
     conf = cfg.ConfigOpts()
-    qemu_img.register_opts(conf)
+    qemu_options.register_opts(conf)
     for name, value in limits.items():
         conf.set_override(name, value, group="qemu_img")
     return conf

@@ -15,7 +15,7 @@ from imagebackend.cache import fetch as cache_fetch
 from imagebackend.cache import verify as cache_verify
 from imagebackend.common import fileio
 from imagebackend import exception
-from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import results as qemu_results
 from imagebackend.sources import local
 from tests import fakes
 
@@ -325,7 +325,7 @@ def test_a_refused_download_leaves_no_hash_thread(tmp_path, qemu):
 def test_a_corrupt_non_raw_image_is_refused_before_conversion(
         tmp_path, qemu, force_raw):
     c = make_cache(tmp_path, qemu, force_raw_images=force_raw)
-    qemu.check.return_value = qemu_img.CheckResult(
+    qemu.check.return_value = qemu_results.CheckResult(
         filename="", format="qcow2", exit_code=2, corruptions=4095)
     with pytest.raises(exception.CorruptImageRefused) as err:
         c.get("qcow2-img")

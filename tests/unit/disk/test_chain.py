@@ -20,6 +20,7 @@ import os
 
 import pytest
 
+from imagebackend.cache import disk_records
 from imagebackend.disk import chain as disk_chain
 from imagebackend.disk import trust as disk_trust
 from imagebackend import exception
@@ -77,8 +78,21 @@ def base(paths, name=CID, fmt="raw", record=True):
     return path
 
 
-def known(paths, path, given=None):
-    return disk_trust.known_format(paths, path, given, flag="--input-format")
+class Records(disk_records.DiskRecords):
+    """The cache's records, in the directories ``paths`` names."""
+
+    def __init__(self, paths):
+        super().__init__(conf=None)
+        self._paths = paths
+
+    @property
+    def paths(self):
+        return self._paths
+
+
+def known(paths, path, given=None, records=Records):
+    return disk_trust.known_format(records(paths), path, given,
+                                   flag="--input-format")
 
 
 # --- the cache's directories -------------------------------------------------
@@ -219,8 +233,8 @@ def test_lock_files_are_not_disks(paths):
 
 # --- backing files -----------------------------------------------------------
 
-def check(paths, top, backing, fmt="raw"):
-    disk_chain.check_backing(paths, top, top, backing, fmt)
+def check(paths, top, backing, fmt="raw", records=Records):
+    disk_chain.check_backing(records(paths), top, top, backing, fmt)
 
 
 def test_backing_files_may_be_in_the_instances_tree_and_disk_dirs(
@@ -287,6 +301,56 @@ def test_only_regular_files_back_a_disk(paths):
     with pytest.raises(exception.DiskOperationError) as err:
         check(paths, top, directory)
     assert "not a regular file" in str(err.value)
+
+
+# --- without the cache's records ---------------------------------------------
+
+class Unrecorded(disk_trust.NoRecords):
+    """No records, in the directories ``paths`` names."""
+
+    def __init__(self, paths):
+        super().__init__(conf=None)
+        self._paths = paths
+
+    @property
+    def paths(self):
+        return self._paths
+
+
+no_records = Unrecorded
+
+
+def test_without_records_the_paths_are_the_configured_ones(tmp_path):
+    conf = fakes.conf(tmp_path)
+    assert disk_trust.NoRecords(conf).paths == disk_trust.cache_paths(conf)
+    assert disk_records.DiskRecords(conf).paths == \
+        disk_trust.cache_paths(conf)
+
+
+def test_without_records_nothing_in_the_cache_is_trusted(paths):
+    qcow2_disk = disk(paths)
+    register(paths, qcow2_disk)
+    cached = base(paths, fmt="qcow2")
+    assert known(paths, cached) == "qcow2"
+    assert known(paths, qcow2_disk) == "qcow2"
+    with pytest.raises(exception.DiskFormatUnknown) as err:
+        known(paths, cached, records=no_records)
+    assert "none of the cache's records" in str(err.value)
+    with pytest.raises(exception.DiskFormatUnknown):
+        known(paths, qcow2_disk, records=no_records)
+    # The caller names the formats instead.
+    assert known(paths, cached, "raw", records=no_records) == "raw"
+    assert known(paths, qcow2_disk, "qcow2", records=no_records) == "qcow2"
+    # A base backs a disk only when its record says what it is.
+    check(paths, qcow2_disk, cached, "qcow2")
+    with pytest.raises(exception.DiskOperationError) as err:
+        check(paths, qcow2_disk, cached, "qcow2", records=no_records)
+    assert "without a valid record" in str(err.value)
+    # Locks are still no disks.
+    lock = write(os.path.join(paths.lock_dir, "x"))
+    with pytest.raises(exception.DiskOperationError) as err:
+        known(paths, lock, "raw", records=no_records)
+    assert "lock directory" in str(err.value)
 
 
 # --- writing -----------------------------------------------------------------

@@ -12,16 +12,19 @@ from unittest import mock
 import pytest
 
 from imagebackend.backends import base as backends_base
+from imagebackend.cache import disk_records
 from imagebackend.disk import operations as disk_ops
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import results as qemu_results
+from imagebackend.qemu import runner as qemu_runner
 from tests import fakes
 
 MiB = 1024 * 1024
 
 
 def snap(id_, name):
-    return qemu_img.Snapshot(
+    return qemu_results.Snapshot(
         id=id_, name=name, vm_state_size=0,
         date=datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc),
         clock=datetime.timedelta(0))
@@ -29,10 +32,10 @@ def snap(id_, name):
 
 def image(fmt, size=8 * MiB, backing=None, backing_fmt=None, snapshots=(),
           raw=None):
-    return qemu_img.ImageInfo(filename="(qemu's name)", format=fmt,
-                              virtual_size=size, backing_file=backing,
-                              backing_format=backing_fmt,
-                              snapshots=list(snapshots), raw=raw or {})
+    return qemu_results.ImageInfo(filename="(qemu's name)", format=fmt,
+                                  virtual_size=size, backing_file=backing,
+                                  backing_format=backing_fmt,
+                                  snapshots=list(snapshots), raw=raw or {})
 
 
 class Disks:
@@ -54,7 +57,9 @@ class Disks:
         self.qemu.snapshot_list.side_effect = (
             lambda path, fmt: self._info(path, fmt).snapshots)
         self.qemu.snapshot_create.side_effect = self._snapshot_create
-        self.ops = disk_ops.DiskOperations(self.conf, qemu=self.qemu)
+        self.ops = disk_ops.DiskOperations(
+            self.conf, records=disk_records.DiskRecords(self.conf),
+            qemu=self.qemu)
 
     def _info(self, path, fmt, backing_chain=False, **kwargs):
         chain = []
@@ -137,6 +142,33 @@ def test_a_disk_the_library_made_has_its_registry_format(disks):
     raw = disks.raw("disk.raw", data=fakes.qcow2_header(MiB))
     assert disks.ops.info(raw).format == "raw"
     assert disks.info_calls() == [(top, "qcow2"), (raw, "raw")]
+
+
+def test_commands_run_through_the_given_runner(disks):
+    runner = mock.create_autospec(qemu_runner.Runner, instance=True)
+    runner.execute.return_value = qemu_runner.ProcessResult(
+        0, json.dumps({"filename": "x", "format": "qcow2",
+                       "virtual-size": MiB}), "")
+    ops = disk_ops.DiskOperations(disks.conf, runner)
+    top = disks.qcow2("top.qcow2", registered=False)
+    assert ops.info(top, fmt="qcow2").virtual_size == MiB
+    assert runner.execute.call_args.args[0][1:] == [
+        "info", "-f", "qcow2", "--output=json", "-U", top]
+
+
+def test_without_the_cache_records_the_caller_names_every_format(disks):
+    ops = disk_ops.DiskOperations(disks.conf, qemu=disks.qemu)
+    top = disks.qcow2("top.qcow2")
+    base = disks.base(fmt="raw")
+    for path in (top, base):
+        with pytest.raises(exception.DiskFormatUnknown):
+            ops.info(path)
+    assert disks.qemu.method_calls == []
+    assert ops.info(top, fmt="qcow2").format == "qcow2"
+    assert ops.info(base, fmt="raw").format == "raw"
+    # Writing into the cache is refused all the same.
+    with pytest.raises(exception.CachePathRefused):
+        ops.resize(base, 16 * MiB, fmt="raw")
 
 
 @pytest.mark.parametrize("header", [fakes.qcow2_header(MiB),
@@ -271,7 +303,7 @@ def test_an_external_data_file_is_refused(disks):
 
 def test_check_passes_the_repair_mode(disks):
     top = disks.qcow2("top.qcow2")
-    disks.qemu.check.return_value = qemu_img.CheckResult(
+    disks.qemu.check.return_value = qemu_results.CheckResult(
         filename=top, format="qcow2", leaks_fixed=2)
     result = disks.ops.check(top, "leaks")
     disks.qemu.check.assert_called_once_with(top, "qcow2", "leaks")
@@ -538,7 +570,7 @@ def test_backends_offer_disk_operations_with_their_runner(tmp_path):
 def test_a_base_is_read_with_its_record_format(disks):
     base = disks.base(fmt="qcow2")
     assert disks.ops.info(base).format == "qcow2"
-    disks.qemu.check.return_value = qemu_img.CheckResult(
+    disks.qemu.check.return_value = qemu_results.CheckResult(
         filename=base, format="qcow2")
     disks.ops.check(base)
     disks.qemu.check.assert_called_once_with(base, "qcow2", None)

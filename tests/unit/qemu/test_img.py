@@ -17,6 +17,7 @@ import pytest
 from imagebackend.common import fileio
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import options as qemu_options
 from imagebackend.qemu import runner as runner_mod
 
 GiB = 1024 ** 3
@@ -459,7 +460,7 @@ def in_child():
 
 def test_info_runs_under_the_configured_limits(runner):
     conf = cfg.ConfigOpts()
-    qemu_img.register_opts(conf)
+    qemu_options.register_opts(conf)
     conf.set_override("info_address_space_limit", 512, group="qemu_img")
     conf.set_override("info_cpu_time_limit", 10, group="qemu_img")
     runner.execute.return_value = ok(json.dumps(INFO_RAW))
@@ -673,18 +674,18 @@ def test_an_execute_function_is_wrapped_in_a_runner():
 
 def test_the_binary_comes_from_the_configuration(runner):
     conf = cfg.ConfigOpts()
-    qemu_img.register_opts(conf)
+    qemu_options.register_opts(conf)
     conf.set_override("binary", "/usr/local/bin/qemu-img", group="qemu_img")
     qemu_img.QemuImg(conf, execute=runner).create("/i/d", "raw", 512)
     assert argv(runner)[0] == "/usr/local/bin/qemu-img"
 
 
 def test_options_are_listed_for_the_sample_config():
-    names = {opt.name for opt in qemu_img.OPTIONS}
+    names = {opt.name for opt in qemu_options.OPTIONS}
     assert names == {"binary", "info_address_space_limit",
                      "info_cpu_time_limit", "convert_address_space_limit",
                      "convert_cpu_seconds_per_gib"}
-    for opt in qemu_img.OPTIONS:
+    for opt in qemu_options.OPTIONS:
         assert opt.help.endswith(".") and str(opt.default) in opt.help
 
 
@@ -705,7 +706,7 @@ def test_a_limited_conversion_runs_under_cpu_space_and_size_limits(
     preexec_fn = runner.execute.call_args.kwargs["preexec_fn"]
     with in_child() as (setrlimit, _setpgid):
         preexec_fn()
-    limit = virtual_size + qemu_img.CONVERT_OUTPUT_SLACK
+    limit = virtual_size + qemu_options.CONVERT_OUTPUT_SLACK
     assert setrlimit.call_args_list == [
         mock.call(resource.RLIMIT_AS, (4096 << 20, 4096 << 20)),
         mock.call(resource.RLIMIT_CPU, (cpu, cpu)),

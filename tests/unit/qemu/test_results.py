@@ -60,23 +60,6 @@ def test_useful_error_is_trimmed():
     assert len(text) == 50 and text.endswith("...")
 
 
-def test_progress_parser_never_goes_backwards():
-    seen = []
-    parser = qemu_results.ProgressParser(seen.append)
-    parser.feed("    (10.00/100%)\r    (5.00/100%)\r    (2")
-    parser.feed("0.00/100%)\r")
-    parser.finish()
-    assert seen == [10.0, 20.0, 100.0]
-
-
-def test_progress_parser_does_not_repeat_100():
-    seen = []
-    parser = qemu_results.ProgressParser(seen.append)
-    parser.feed("    (100.00/100%)\r    (100.00/100%)")
-    parser.finish()
-    assert seen == [100.0]
-
-
 def test_create_option_help_lines_without_description():
     assert qemu_results.CreateOption.parse_help(
         "Supported raw options:\n  size=<size>\n\nSome footer\n") == [
@@ -91,7 +74,7 @@ def test_image_info_properties_read_the_raw_json():
         "format-specific": {"type": "qcow2",
                             "data": {"data-file": "/dir/data"}}})
     assert info.encrypted and info.dirty
-    assert info.full_backing_file == "/dir/b"
+    assert info.backing_file == "b"
     assert info.data_file == "/dir/data"
     assert info.actual_size is None
 

@@ -7,9 +7,10 @@ from unittest import mock
 
 import pytest
 
-from imagebackend.cmd import disk_ops as disk_ops_cmd
+from imagebackend.cmd import disk as disk_cmd
 from imagebackend.cmd import main
 from imagebackend.qemu import img as qemu_img
+from imagebackend.qemu import results as qemu_results
 from tests import fakes
 
 GiB = 1024 ** 3
@@ -28,14 +29,14 @@ def parse_error(capsys, *argv):
 
 def test_every_operation_has_its_command():
     for argv, func in [
-            (("disk", "info", "d"), disk_ops_cmd.show_info),
-            (("disk", "check", "d"), disk_ops_cmd.check_disk),
-            (("disk", "snapshot", "list", "d"), disk_ops_cmd.list_snapshots),
+            (("disk", "info", "d"), disk_cmd.show_info),
+            (("disk", "check", "d"), disk_cmd.check_disk),
+            (("disk", "snapshot", "list", "d"), disk_cmd.list_snapshots),
             (("disk", "snapshot", "create", "d", "s"),
-             disk_ops_cmd.change_snapshot),
-            (("disk", "rebase", "d", "b"), disk_ops_cmd.rebase_disk),
-            (("disk", "extract", "d", "o"), disk_ops_cmd.extract_disk),
-            (("disk", "resize", "d", "1G"), disk_ops_cmd.resize_disk)]:
+             disk_cmd.change_snapshot),
+            (("disk", "rebase", "d", "b"), disk_cmd.rebase_disk),
+            (("disk", "extract", "d", "o"), disk_cmd.extract_disk),
+            (("disk", "resize", "d", "1G"), disk_cmd.resize_disk)]:
         args = parse(*argv)
         assert args.func is func
         assert (args.path, args.input_format) == ("d", None)
@@ -111,7 +112,7 @@ def disk(tmp_path):
 
 
 def check_result(path, **counts):
-    return qemu_img.CheckResult(filename=path, format="qcow2", **counts)
+    return qemu_results.CheckResult(filename=path, format="qcow2", **counts)
 
 
 @pytest.mark.parametrize("counts,status", [
@@ -119,7 +120,7 @@ def check_result(path, **counts):
     ({"leaks_fixed": 4}, 0)])
 def test_check_exits_like_qemu_img_check(qemu, disk, capsys, counts,
                                          status):
-    qemu.info.return_value = qemu_img.ImageInfo(disk, "qcow2", GiB)
+    qemu.info.return_value = qemu_results.ImageInfo(disk, "qcow2", GiB)
     qemu.check.return_value = check_result(disk, **counts)
     assert main.main(["disk", "check", disk, "--input-format", "qcow2",
                       "-f", "json"]) == status
@@ -135,9 +136,9 @@ def test_info_prints_the_chain_as_json_and_text(qemu, disk, tmp_path,
     with open(base, "wb") as f:
         f.write(b"raw data")
     qemu.info.side_effect = [
-        qemu_img.ImageInfo(disk, "qcow2", GiB, backing_file=base,
-                           backing_format="raw"),
-        qemu_img.ImageInfo(base, "raw", 8)] * 2
+        qemu_results.ImageInfo(disk, "qcow2", GiB, backing_file=base,
+                               backing_format="raw"),
+        qemu_results.ImageInfo(base, "raw", 8)] * 2
     assert main.main(["disk", "info", disk, "--input-format", "qcow2", "-f",
                       "json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -168,9 +169,10 @@ def test_rebase_passes_the_backing_format(qemu, disk, tmp_path, capsys):
 
     def info(path, fmt, backing_chain=False, **kwargs):
         # The disk as qemu-img reads it after the rebase.
-        found = [qemu_img.ImageInfo(disk, "qcow2", GiB, backing_file=base,
-                                    backing_format="raw"),
-                 qemu_img.ImageInfo(base, "raw", 8)]
+        found = [qemu_results.ImageInfo(disk, "qcow2", GiB,
+                                        backing_file=base,
+                                        backing_format="raw"),
+                 qemu_results.ImageInfo(base, "raw", 8)]
         found = found[1:] if path == base else found
         found[0].chain = found if backing_chain else []
         return found[0]

@@ -1,0 +1,20 @@
+"""qemu-img's progress output, parsed into percentages."""
+
+from imagebackend.qemu import running
+
+
+def test_progress_parser_never_goes_backwards():
+    seen = []
+    parser = running.ProgressParser(seen.append)
+    parser.feed("    (10.00/100%)\r    (5.00/100%)\r    (2")
+    parser.feed("0.00/100%)\r")
+    parser.finish()
+    assert seen == [10.0, 20.0, 100.0]
+
+
+def test_progress_parser_does_not_repeat_100():
+    seen = []
+    parser = running.ProgressParser(seen.append)
+    parser.feed("    (100.00/100%)\r    (100.00/100%)")
+    parser.finish()
+    assert seen == [100.0]
