@@ -58,10 +58,6 @@ OPTIONS = [
                      "made by other tools. Default: empty."),
 ]
 
-#: the registry of disks the library made (kept here for callers that
-#: know it as ``cache_usage.Registry``).
-Registry = cache_registry.Registry
-
 QCOW2_MAGIC = b"QFI\xfb"
 #: qemu refuses backing file names longer than this.
 MAX_BACKING_NAME = 1023
@@ -243,7 +239,7 @@ class UsageScanner:
         self.base_dir = os.path.abspath(base_dir)
         self.roots = [os.path.abspath(r) for r in roots]
         self.skip = {os.path.abspath(s) for s in skip}
-        self.registry = Registry(base_dir, self.roots)
+        self.registry = cache_registry.Registry(base_dir, self.roots)
 
     def scan(self) -> Usage:
         """Search the registry and every root."""

@@ -20,6 +20,7 @@ against the hash Glance records, whatever its algorithm.
 ``sparse-64k`` is the same over SHA-256, which records of earlier releases
 name; it is still verified, never written.
 
+:func:`cache_id` names an image in the cache (the sha1 of its id).
 :func:`new` makes a hasher for any :mod:`hashlib` algorithm or either
 sparse scheme, with ``update`` and ``hexdigest``.
 """
@@ -96,6 +97,14 @@ class SparseDigest:
             final.update(self._base.to_bytes(8, "big"))
             final.update(self._pending)
         return final.hexdigest()
+
+
+def cache_id(image_id: str) -> str:
+    """The name the cache (and an image source's memo) gives image
+    ``image_id``: the sha1 of its id (UTF-8), in hex.  A name of fixed
+    length and alphabet whatever the id holds.
+    """
+    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()
 
 
 def new(algo: str):
