@@ -19,6 +19,7 @@ from oslo_config import cfg
 
 from imagebackend.backends import target as disk_target
 from imagebackend import cache as image_cache
+from imagebackend.cache import lookup as cache_lookup
 from imagebackend.common import fileio
 from imagebackend.common import plugins
 from imagebackend.common import progress as common_progress
@@ -254,7 +255,7 @@ class ImageBackend(abc.ABC):
     #: whether disks of this backend keep a backing file.
     uses_backing_file = True
 
-    def prepare_base(self, entry: image_cache.CacheEntry,
+    def prepare_base(self, entry: cache_lookup.CacheEntry,
                      size: int) -> tuple[str, str]:
         """Extend hook: the base the disk is made from, and its format.
 

@@ -56,7 +56,6 @@ opened with ``O_NOFOLLOW`` or checked with ``lstat`` and refused.
 
 
 import contextlib
-import dataclasses
 import logging
 import os
 import time
@@ -86,54 +85,9 @@ from imagebackend.sources import base as source_base
 
 LOG = logging.getLogger(__name__)
 
-OPTIONS = [
-    cfg.StrOpt("instances_path",
-               default="/var/lib/imagebackend/instances",
-               help="Directory under which instance disks and the shared "
-                    "base-image cache live. The cache is the subdirectory "
-                    "named by base_dir_name; inter-process locks go to a "
-                    "'locks' subdirectory unless [oslo_concurrency] "
-                    "lock_path is set. Disks anywhere under it keep the "
-                    "bases they use from being pruned. Default: "
-                    "/var/lib/imagebackend/instances."),
-    cfg.StrOpt("base_dir_name",
-               default="_base",
-               help="Name of the base-image cache directory inside "
-                    "instances_path: a plain name (no '/', not '.' or "
-                    "'..'), checked before anything is created. Several "
-                    "compute hosts may share it over a filesystem with "
-                    "working POSIX locks; they must "
-                    "then also share one lock directory (the default "
-                    "'locks' beside it, or one [oslo_concurrency] lock_path "
-                    "on that shared filesystem), or they download and "
-                    "convert each image in duplicate. The cache records "
-                    "which lock directory each host uses in "
-                    "<base_dir_name>/.lock-dirs/ and refuses to start with "
-                    "a different one. Default: _base."),
-    cfg.BoolOpt("force_raw_images",
-                default=True,
-                help="Convert every non-raw image to raw when it is "
-                     "cached. Raw bases cost disk space but make instance "
-                     "disks faster and let the raw backend copy them "
-                     "without qemu-img. When false, a base keeps the "
-                     "format it was downloaded in. Default: true."),
-    cfg.IntOpt("lock_wait_timeout",
-               default=600, min=0,
-               help="Longest wait, in seconds, for one of the cache's "
-                    "locks without progress from its holder: an image "
-                    "being downloaded and converted by another request "
-                    "(the wait goes on while the holder's scratch file in "
-                    "the cache keeps changing), a sized base being built, "
-                    "or a base being pruned. A waiter logs a warning every "
-                    "30 seconds naming the holder (host, pid and command, "
-                    "recorded in the lock file), and when the time is up "
-                    "the request fails with an error naming the image and "
-                    "the holder. Raise it if a sound holder can go that "
-                    "long without writing (a very slow image service). "
-                    "0 waits without limit (not "
-                    "recommended: a stuck process then blocks every "
-                    "request for its image). Default: 600."),
-]
+#: the ``[imagebackend]`` options of the cache: where it lives and how
+#: long its locks are waited for, and whether bases are converted to raw.
+OPTIONS = cache_store.OPTIONS + cache_fetch.OPTIONS
 
 #: the ``[image_cache]`` options: in-use tracking, pruning.
 IMAGE_CACHE_OPTIONS = cache_usage.OPTIONS + cache_prune.OPTIONS
@@ -151,53 +105,6 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     # options: get_lock_path() registers them on ``conf`` (idempotently)
     # before it reads lock_path, whose value is not needed here.
     lockutils.get_lock_path(conf)
-
-
-def lock_dir(conf: cfg.ConfigOpts) -> str:
-    """The cache's lock directory: ``[oslo_concurrency] lock_path``, by
-    default ``<instances_path>/locks`` (absolute).
-    """
-    instances = os.path.abspath(conf.imagebackend.instances_path)
-    return os.path.abspath(lockutils.get_lock_path(conf)
-                           or os.path.join(instances, "locks"))
-
-
-def check_base_dir_name(name) -> None:
-    """Refuse an ``[imagebackend] base_dir_name`` that is not a plain
-    directory name: the cache must sit directly inside instances_path.
-
-    :raises imagebackend.exception.ConfigurationError: it is not.
-    """
-    if (not isinstance(name, str) or name in ("", ".", "..")
-            or "/" in name or "\0" in name):
-        raise exception.ConfigurationError(
-            reason="[imagebackend] base_dir_name = %r is not a plain "
-                   "directory name; give a name without '/' that is not "
-                   "'.' or '..', such as the default '_base'" % (name,))
-
-
-@dataclasses.dataclass
-class CacheEntry:
-    """One published base image.
-
-    :param cache_id: the base's file name in ``_base``: ``sha1(image_id)``
-        for generation 1, ``sha1(image_id)-<N>`` for generation N.
-    """
-
-    image_id: str
-    cache_id: str
-    path: str
-    format: str
-    virtual_size: int
-    record: dict
-    generation: int = 1
-
-    @property
-    def last_used(self) -> float | None:
-        try:
-            return os.stat(self.path + ".json").st_mtime
-        except FileNotFoundError:
-            return None
 
 
 class ImageCache:
@@ -218,14 +125,10 @@ class ImageCache:
         self.conf = conf
         self.source = source
         self.qemu = qemu or qemu_img.QemuImg(conf)
-        opts = conf.imagebackend
-        check_base_dir_name(opts.base_dir_name)
-        instances_path = os.path.abspath(opts.instances_path)
-        base_dir = os.path.join(instances_path, opts.base_dir_name)
-        self.store = cache_store.Store(instances_path, base_dir,
-                                       lock_dir(conf),
-                                       opts.lock_wait_timeout)
-        roots = [instances_path] + list(conf.image_cache.disk_dirs or [])
+        self.store = cache_store.Store.from_conf(conf)
+        base_dir = self.store.base_dir
+        roots = [self.store.instances_path] + list(
+            conf.image_cache.disk_dirs or [])
         self.scanner = cache_usage.UsageScanner(
             base_dir, roots, [base_dir, self.store.lock_dir])
         self.sized = cache_sized.SizedBases(self.store)
@@ -283,7 +186,7 @@ class ImageCache:
 
     # -- lookup --------------------------------------------------------------
 
-    def lookup(self, image_id: str) -> CacheEntry | None:
+    def lookup(self, image_id: str) -> cache_lookup.CacheEntry | None:
         """The newest usable generation of ``image_id``, without asking the
         source, locking or spawning anything; ``None`` when none is cached
         (missing, stale, or recorded under an older inspection policy).
@@ -292,12 +195,10 @@ class ImageCache:
         return self._find(image_id, None)
 
     def _find(self, image_id, identity):
-        found = cache_lookup.find(self.store, image_id,
-                                  content_digest.cache_id(image_id),
-                                  identity)
-        return self._entry(image_id, *found) if found else None
+        return cache_lookup.find(self.store, image_id,
+                                 content_digest.cache_id(image_id), identity)
 
-    def touch(self, entry: CacheEntry) -> None:
+    def touch(self, entry: cache_lookup.CacheEntry) -> None:
         """Record a use of ``entry`` (the record's mtime is last-used)."""
         try:
             os.utime(entry.path + ".json", follow_symlinks=False)
@@ -306,7 +207,8 @@ class ImageCache:
 
     def get(self, image_id: str, *, requested_size: int | None = None,
             progress: common_progress.Progress | None = None,
-            timings: dict | None = None) -> tuple[CacheEntry, bool]:
+            timings: dict | None = None
+            ) -> tuple[cache_lookup.CacheEntry, bool]:
         """The cached base for ``image_id``, fetching it if needed.
 
         The source is always asked for the image's metadata first, so an
@@ -353,13 +255,15 @@ class ImageCache:
                 record = cache_reinspect.reinspect(
                     self.store, self.conf, meta, stem,
                     lambda name: self.scanner.users_of(cid, name))
-                return self._entry(image_id, stem, record), True
+                return cache_lookup.entry(self.store, image_id, stem,
+                                          record), True
             record = fetcher.fetch(meta, stem, requested_size, progress,
                                    timings)
             self.store.check_shared(record=True)
             # Another fetch may have taken that generation meanwhile.
             stem = cache_layout.stem(cid, record["generation"])
-            return self._entry(image_id, stem, record), False
+            return cache_lookup.entry(self.store, image_id, stem,
+                                      record), False
 
     def _fetcher(self) -> cache_fetch.Fetcher:
         """The fetcher, if this cache has a source to fetch from."""
@@ -369,12 +273,6 @@ class ImageCache:
                        "so it can list, prune and verify but not fetch; "
                        "give ImageCache a source")
         return self.fetcher
-
-    def _entry(self, image_id, stem, record):
-        return CacheEntry(image_id=image_id, cache_id=stem,
-                          path=self.base_path(stem), format=record["format"],
-                          virtual_size=record["virtual_size"], record=record,
-                          generation=cache_layout.parse(stem).generation)
 
     # -- disks made from bases -----------------------------------------------
 
@@ -389,7 +287,7 @@ class ImageCache:
         """
         return self.sized.publish(final, lock_name, build)
 
-    def register_disk(self, disk: str, entry: CacheEntry,
+    def register_disk(self, disk: str, entry: cache_lookup.CacheEntry,
                       backing_file: str | None, *, tmp: str | None = None,
                       disk_format: str = "qcow2",
                       st: os.stat_result | None = None) -> str:

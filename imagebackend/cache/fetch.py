@@ -45,6 +45,18 @@ from imagebackend.sources import base as source_base
 
 LOG = logging.getLogger(__name__)
 
+#: the ``[imagebackend]`` option read here (registered through
+#: :data:`imagebackend.cache.OPTIONS`).
+OPTIONS = [
+    cfg.BoolOpt("force_raw_images",
+                default=True,
+                help="Convert every non-raw image to raw when it is "
+                     "cached. Raw bases cost disk space but make instance "
+                     "disks faster and let the raw backend copy them "
+                     "without qemu-img. When false, a base keeps the "
+                     "format it was downloaded in. Default: true."),
+]
+
 
 def precheck_size(meta, requested_size: int | None) -> None:
     """Refuse, before downloading, an image the source says is larger

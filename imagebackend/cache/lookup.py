@@ -17,10 +17,48 @@ is not stale, describes the content the source now serves, and was
 recorded under the current inspection policy (or is raw).
 """
 
+import dataclasses
+import os
+
 from imagebackend.cache import generations as cache_generations
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import reinspect as cache_reinspect
 from imagebackend.cache import store as cache_store
+
+
+@dataclasses.dataclass
+class CacheEntry:
+    """One published base image.
+
+    :param cache_id: the base's file name in ``_base``: ``sha1(image_id)``
+        for generation 1, ``sha1(image_id)-<N>`` for generation N.
+    """
+
+    image_id: str
+    cache_id: str
+    path: str
+    format: str
+    virtual_size: int
+    record: dict
+    generation: int = 1
+
+    @property
+    def last_used(self) -> float | None:
+        try:
+            return os.stat(self.path + ".json").st_mtime
+        except FileNotFoundError:
+            return None
+
+
+def entry(store: cache_store.Store, image_id: str, stem: str,
+          record: dict) -> CacheEntry:
+    """The entry of base ``stem`` of image ``image_id``, as ``record``
+    describes it.
+    """
+    return CacheEntry(image_id=image_id, cache_id=stem,
+                      path=store.base_path(stem), format=record["format"],
+                      virtual_size=record["virtual_size"], record=record,
+                      generation=cache_layout.parse(stem).generation)
 
 
 def same_identity(record: dict, identity: str | None) -> bool:
@@ -34,11 +72,11 @@ def same_identity(record: dict, identity: str | None) -> bool:
 
 
 def find(store: cache_store.Store, image_id: str, cid: str,
-         identity: str | None) -> tuple[str, dict] | None:
+         identity: str | None) -> CacheEntry | None:
     """The newest usable generation of image ``image_id`` (cache id
     ``cid``) whose content is ``identity`` (None: any).
 
-    :returns: ``(stem, record)``, or None when none is usable.
+    :returns: its entry, or None when none is usable.
     :raises imagebackend.exception.UnsafeCachePath: a base is not a
         regular file.
     """
@@ -69,4 +107,4 @@ def _usable(store, image_id, cid, gen, identity):
         return None
     if cache_reinspect.needs_reinspection(record):
         return None
-    return stem, record
+    return entry(store, image_id, stem, record)

@@ -22,11 +22,74 @@ import os
 import stat
 import time
 
+from oslo_concurrency import lockutils
+from oslo_config import cfg
+
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import lockdirs
 from imagebackend.cache import locks as cache_locks
 from imagebackend.common import fileio
 from imagebackend import exception
+
+
+#: the ``[imagebackend]`` options read here (registered by
+#: :func:`imagebackend.opts.register_opts` through
+#: :data:`imagebackend.cache.OPTIONS`).
+OPTIONS = [
+    cfg.StrOpt("instances_path",
+               default="/var/lib/imagebackend/instances",
+               help="Directory under which instance disks and the shared "
+                    "base-image cache live. The cache is the subdirectory "
+                    "named by base_dir_name; inter-process locks go to a "
+                    "'locks' subdirectory unless [oslo_concurrency] "
+                    "lock_path is set. Disks anywhere under it keep the "
+                    "bases they use from being pruned. Default: "
+                    "/var/lib/imagebackend/instances."),
+    cfg.StrOpt("base_dir_name",
+               default="_base",
+               help="Name of the base-image cache directory inside "
+                    "instances_path: a plain name (no '/', not '.' or "
+                    "'..'), checked before anything is created. Several "
+                    "compute hosts may share it over a filesystem with "
+                    "working POSIX locks; they must "
+                    "then also share one lock directory (the default "
+                    "'locks' beside it, or one [oslo_concurrency] lock_path "
+                    "on that shared filesystem), or they download and "
+                    "convert each image in duplicate. The cache records "
+                    "which lock directory each host uses in "
+                    "<base_dir_name>/.lock-dirs/ and refuses to start with "
+                    "a different one. Default: _base."),
+    cfg.IntOpt("lock_wait_timeout",
+               default=600, min=0,
+               help="Longest wait, in seconds, for one of the cache's "
+                    "locks without progress from its holder: an image "
+                    "being downloaded and converted by another request "
+                    "(the wait goes on while the holder's scratch file in "
+                    "the cache keeps changing), a sized base being built, "
+                    "or a base being pruned. A waiter logs a warning every "
+                    "30 seconds naming the holder (host, pid and command, "
+                    "recorded in the lock file), and when the time is up "
+                    "the request fails with an error naming the image and "
+                    "the holder. Raise it if a sound holder can go that "
+                    "long without writing (a very slow image service). "
+                    "0 waits without limit (not "
+                    "recommended: a stuck process then blocks every "
+                    "request for its image). Default: 600."),
+]
+
+
+def check_base_dir_name(name) -> None:
+    """Refuse an ``[imagebackend] base_dir_name`` that is not a plain
+    directory name: the cache must sit directly inside instances_path.
+
+    :raises imagebackend.exception.ConfigurationError: it is not.
+    """
+    if (not isinstance(name, str) or name in ("", ".", "..")
+            or "/" in name or "\0" in name):
+        raise exception.ConfigurationError(
+            reason="[imagebackend] base_dir_name = %r is not a plain "
+                   "directory name; give a name without '/' that is not "
+                   "'.' or '..', such as the default '_base'" % (name,))
 
 
 class Store:
@@ -47,6 +110,27 @@ class Store:
         self.lock_timeout = lock_timeout
         self._shared_checked = 0.0
         self._dirs_ready = False
+
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> "Store":
+        """The store ``conf`` describes: ``_base`` is ``[imagebackend]
+        base_dir_name`` inside ``instances_path``; locks go to
+        ``[oslo_concurrency] lock_path``, by default
+        ``<instances_path>/locks``.
+
+        :raises imagebackend.exception.ConfigurationError:
+            ``base_dir_name`` is not a plain directory name.
+        """
+        opts = conf.imagebackend
+        check_base_dir_name(opts.base_dir_name)
+        instances_path = os.path.abspath(opts.instances_path)
+        # get_lock_path() is oslo.concurrency's public way to read its
+        # option (it registers it on ``conf`` if needed).
+        lock_dir = os.path.abspath(lockutils.get_lock_path(conf)
+                                   or os.path.join(instances_path, "locks"))
+        return cls(instances_path,
+                   os.path.join(instances_path, opts.base_dir_name),
+                   lock_dir, opts.lock_wait_timeout)
 
     # -- names ---------------------------------------------------------------
 
