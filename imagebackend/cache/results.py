@@ -18,17 +18,48 @@ import typing
 
 
 @dataclasses.dataclass
-class PruneReport:
-    """What a prune removed (or would remove, on a dry run) and kept.
+class Removed:
+    """A file a prune or an invalidation removed (or would remove, on a
+    dry run).
 
-    Each of :attr:`removed` is a dict with ``file``, ``kind``,
-    ``reason``, ``bytes`` and ``image_id``; each of :attr:`kept`
-    has ``file``, ``kind``, ``reason`` and ``image_id``.
+    :param kind: ``base``, ``sized``, ``scratch``, ``temporary`` or
+        ``aside``.
+    :param size: the bytes it took on disk.
     """
 
+    file: str
+    kind: str
+    reason: str
+    size: int
+    image_id: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "kind": self.kind, "reason": self.reason,
+                "bytes": self.size, "image_id": self.image_id}
+
+
+@dataclasses.dataclass
+class Kept:
+    """A base or sized base a prune or an invalidation left in place, and
+    why (in use, busy, used since the scan...).
+    """
+
+    file: str
+    kind: str
+    reason: str
+    image_id: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What a prune removed (or would remove, on a dry run) and kept."""
+
     dry_run: bool = False
-    removed: list[dict] = dataclasses.field(default_factory=list)
-    kept: list[dict] = dataclasses.field(default_factory=list)
+    removed: list[Removed] = dataclasses.field(default_factory=list)
+    kept: list[Kept] = dataclasses.field(default_factory=list)
     bytes_freed: int = 0
     cache_size: int = 0
     free_space: int | None = None
@@ -39,8 +70,8 @@ class PruneReport:
     def add(self, path: str, kind: str, reason: str, size: int,
             image_id: str | None = None) -> None:
         """Count file ``path`` of ``size`` bytes as removed."""
-        self.removed.append({"file": path, "kind": kind, "reason": reason,
-                             "bytes": size, "image_id": image_id})
+        self.removed.append(Removed(file=path, kind=kind, reason=reason,
+                                    size=size, image_id=image_id))
         self.bytes_freed += size
         self.cache_size -= size
         if self.free_space is not None:
@@ -50,11 +81,14 @@ class PruneReport:
         """Report cached file ``f`` (a
         :class:`imagebackend.cache.scan.CachedFile`) as kept.
         """
-        self.kept.append({"file": f.path, "kind": f.kind, "reason": reason,
-                          "image_id": f.image_id})
+        self.kept.append(Kept(file=f.path, kind=f.kind, reason=reason,
+                              image_id=f.image_id))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        found = dataclasses.asdict(self)
+        found["removed"] = [r.to_dict() for r in self.removed]
+        found["kept"] = [k.to_dict() for k in self.kept]
+        return found
 
 
 @dataclasses.dataclass
@@ -65,12 +99,16 @@ class Invalidation:
 
     image_id: str
     marked_stale: list[str] = dataclasses.field(default_factory=list)
-    removed: list[dict] = dataclasses.field(default_factory=list)
-    kept: list[dict] = dataclasses.field(default_factory=list)
+    removed: list[Removed] = dataclasses.field(default_factory=list)
+    kept: list[Kept] = dataclasses.field(default_factory=list)
     bytes_freed: int = 0
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"image_id": self.image_id,
+                "marked_stale": list(self.marked_stale),
+                "removed": [r.to_dict() for r in self.removed],
+                "kept": [k.to_dict() for k in self.kept],
+                "bytes_freed": self.bytes_freed}
 
 
 #: verification statuses that make ``cache verify`` fail.

@@ -186,7 +186,7 @@ def _prune_in_child(config_file, stop, ready, queue):
 def _prune_until(c, stop, ready):
     runs, removed = 0, []
     while not stop.is_set():
-        removed += [r["file"] for r in c.prune().removed]
+        removed += [r.file for r in c.prune().removed]
         runs += 1
         ready.set()
         time.sleep(0.02)
@@ -242,7 +242,7 @@ def test_prune_racing_sixteen_creates_removes_nothing_in_use(dep):
     # Whatever the pruners removed, no disk was using it.
     assert not backing & set(removed + local_removed)
     final = cache.ImageCache(dep.conf()).prune()
-    assert not backing & {r["file"] for r in final.removed}
+    assert not backing & {r.file for r in final.removed}
 
 
 def test_space_eviction_removes_least_recently_used_first(dep):
@@ -261,8 +261,8 @@ def test_space_eviction_removes_least_recently_used_first(dep):
 
     report = cache.ImageCache(conf).prune()
     # q is the oldest but in use; r then s are the least recently used.
-    assert [r["file"] for r in report.removed] == [base(dep, "r.raw"),
-                                                   base(dep, "s.raw")]
+    assert [r.file for r in report.removed] == [base(dep, "r.raw"),
+                                                base(dep, "s.raw")]
     assert report.bytes_freed == 2 * one
     assert report.space_target_met is True
     assert os.path.exists(base(dep, "q.raw"))
@@ -270,7 +270,7 @@ def test_space_eviction_removes_least_recently_used_first(dep):
 
     conf.set_override("max_size", "1", group="image_cache")
     report = cache.ImageCache(conf).prune()
-    assert [r["file"] for r in report.removed] == [base(dep, "p.raw")]
+    assert [r.file for r in report.removed] == [base(dep, "p.raw")]
     assert report.space_target_met is False
 
 

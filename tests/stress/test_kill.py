@@ -176,7 +176,7 @@ def test_sigkill_at_random_instants_loses_nothing(tmp_path, source_image,
             os.unlink(run.live.pop(0))
         report = dep.cache().prune()
         for row in report.removed:
-            harness.STATS.add("prune after kills", "%s removed" % row["kind"])
+            harness.STATS.add("prune after kills", "%s removed" % row.kind)
         for disk in run.live + [anchor]:
             fmt = "qcow2" if disk == anchor or run.fmt == "qcow2" else "raw"
             image = source_image

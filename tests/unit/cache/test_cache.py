@@ -320,7 +320,7 @@ def test_invalidate_marks_stale_and_removes_what_nothing_uses(tmp_path,
     first, _ = c.get("raw-img")
     result = c.invalidate("raw-img")
     assert result.marked_stale == [first.path]
-    assert [r["file"] for r in result.removed] == [first.path]
+    assert [r.file for r in result.removed] == [first.path]
     assert result.to_dict()["marked_stale"] == [first.path]
     assert c.lookup("raw-img") is None
     entry, hit = c.get("raw-img")

@@ -142,7 +142,7 @@ def test_a_disk_registered_after_the_scan_keeps_its_base(c):
     c.register_disk(disk, entry, entry.path)
     report = cache_results.PruneReport()
     assert c.remover.remove_base(f, "test", report) is False
-    assert report.kept[0]["reason"] == "in use by %s" % os.path.abspath(disk)
+    assert report.kept[0].reason == "in use by %s" % os.path.abspath(disk)
     assert os.path.exists(entry.path)
 
 
@@ -152,7 +152,7 @@ def test_a_base_used_since_the_scan_is_kept(c):
     os.utime(entry.path + ".json", (NOW, NOW))
     report = cache_results.PruneReport()
     assert c.remover.remove_base(f, "test", report) is False
-    assert report.kept[0]["reason"] == "used since the scan"
+    assert report.kept[0].reason == "used since the scan"
 
 
 def test_a_base_is_not_removed_while_a_disk_is_being_made(c):
@@ -170,7 +170,7 @@ def test_a_base_is_not_removed_while_a_disk_is_being_made(c):
     try:
         report = cache_results.PruneReport()
         assert c.remover.remove_base(f, "test", report) is False
-        assert report.kept[0]["reason"].startswith("busy")
+        assert report.kept[0].reason.startswith("busy")
     finally:
         release.set()
         thread.join()
@@ -186,10 +186,10 @@ def test_dry_run_removes_nothing(c):
     c.conf.set_override("remove_unused_original_minimum_age_seconds", 0,
                         group="image_cache")
     report = c.prune(dry_run=True)
-    assert [r["file"] for r in report.removed] == [entry.path]
+    assert [r.file for r in report.removed] == [entry.path]
     assert os.path.exists(entry.path)
     report = c.prune()
-    assert [r["file"] for r in report.removed] == [entry.path]
+    assert [r.file for r in report.removed] == [entry.path]
     assert not os.path.exists(entry.path)
 
 
@@ -203,11 +203,11 @@ def test_nothing_is_removed_while_a_disk_directory_is_missing(c, tmp_path):
     report = c2.prune()
     assert report.removed == []
     assert "could not read %s" % (tmp_path / "unmounted") in (
-        report.kept[0]["reason"])
+        report.kept[0].reason)
     assert os.path.exists(entry.path)
     assert c2.invalidate("img").removed == []
     os.mkdir(tmp_path / "unmounted")
-    assert [r["file"] for r in c2.prune().removed] == [entry.path]
+    assert [r.file for r in c2.prune().removed] == [entry.path]
 
 
 def test_the_record_of_an_existing_raw_disk_is_kept_and_never_parsed(c):
@@ -248,6 +248,6 @@ def test_a_base_without_a_valid_record_goes_once_nothing_uses_it(
         with open(record, "w") as f:
             f.write("{")
     report = c.prune()      # whatever its age
-    assert [(r["file"], r["reason"]) for r in report.removed] == [
+    assert [(r.file, r.reason) for r in report.removed] == [
         (entry.path, "stale (it has no valid record)")]
     assert (tmp_path / "decoy.json").exists() == (damage == "symlink")

@@ -154,7 +154,7 @@ def test_prune_removes_a_sized_base_with_its_record(tmp_path):
     sized = c.sized_path(entry.cache_id, size)
     write(sized, size, {0: fakes.RAW_IMAGE})
     sized_record(c, sized, "img", entry.cache_id, size)
-    assert [r["file"] for r in c.prune().removed] == [sized]
+    assert [r.file for r in c.prune().removed] == [sized]
     assert not os.path.exists(sized + ".json")
     assert os.path.exists(entry.path + ".json")
     # A record left alone (a crash after the base went) goes too.
