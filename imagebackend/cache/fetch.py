@@ -234,25 +234,7 @@ class Fetcher:
                 self._convert(meta, part, fmt, converted, result.virtual_size,
                               progress)
                 fileio.remove_quietly(part)
-                # The base's bytes are not the source's: record their own
-                # digest so that 'cache verify' can check them.  It reads the
-                # page cache while the last of the data goes to disk, from the
-                # very file that is then published.
-                try:
-                    fd = _open_scratch(converted)
-                    with fileio.Writeback(path=converted):
-                        base_digest = cache_verify.sparse_digest(converted)
-                    os.fsync(fd)
-                    if not os.path.samestat(os.fstat(fd),
-                                            os.lstat(converted)):
-                        raise OSError(errno.ESTALE, "replaced while it was "
-                                      "being read", converted)
-                except OSError as exc:
-                    raise exception.DiskOperationError(
-                        path=converted, reason="could not read back or "
-                        "flush the conversion of image %s (%s); check the "
-                        "filesystem of %s (free space, I/O errors) and retry"
-                        % (meta.image_id, exc, self.store.base_dir)) from exc
+                fd, base_digest = self._read_back(meta, converted)
                 timings["convert"] = time.monotonic() - start
                 source_file, fmt = converted, "raw"
             else:
@@ -261,15 +243,8 @@ class Fetcher:
             on_disk = os.fstat(fd).st_size
             if fmt == "raw":
                 virtual_size = on_disk
-            if (base_digest is None and on_disk != size) or (
-                    fmt == "raw" and result.virtual_size is not None
-                    and on_disk > result.virtual_size
-                    + qemu_img.CONVERT_OUTPUT_SLACK):
-                raise exception.DiskOperationError(
-                    path=source_file, reason="it is %d bytes long, not what "
-                    "image %s was checked to be; check the filesystem of %s "
-                    "and retry"
-                    % (on_disk, meta.image_id, self.store.base_dir))
+            self._check_length(meta, source_file, fmt, on_disk, size,
+                               result, converted=base_digest is not None)
             record = {
                 "image_id": meta.image_id,
                 "generation": cache_layout.parse(stem).generation,
@@ -305,6 +280,56 @@ class Fetcher:
                      cache_layout.parse(stem).cid, gen)), fmt, virtual_size)
         self._supersede(meta.image_id, gen)
         return record
+
+    def _read_back(self, meta, converted: str) -> tuple[int, dict]:
+        """Open the conversion ``converted``, hash it and make it durable.
+
+        The base's bytes are not the source's: their own digest is
+        recorded so that 'cache verify' can check them.  It reads the page
+        cache while the last of the data goes to disk, from the very file
+        that is then published.
+
+        :returns: ``(open descriptor, base_checksum record)``.
+        :raises imagebackend.exception.DiskOperationError: it cannot be
+            read back or flushed, or was replaced meanwhile.
+        """
+        fd = _open_scratch(converted)
+        try:
+            with fileio.Writeback(path=converted):
+                base_digest = cache_verify.sparse_digest(converted)
+            os.fsync(fd)
+            if not os.path.samestat(os.fstat(fd), os.lstat(converted)):
+                raise OSError(errno.ESTALE, "replaced while it was being "
+                              "read", converted)
+        except OSError as exc:
+            os.close(fd)
+            raise exception.DiskOperationError(
+                path=converted, reason="could not read back or flush the "
+                "conversion of image %s (%s); check the filesystem of %s "
+                "(free space, I/O errors) and retry"
+                % (meta.image_id, exc, self.store.base_dir)) from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, base_digest
+
+    def _check_length(self, meta, path, fmt, on_disk, size, result, *,
+                      converted: bool) -> None:
+        """Refuse file ``path`` (of format ``fmt``, ``on_disk`` bytes long)
+        to publish if its length is not what was checked: a download
+        (not ``converted``) of other than ``size`` bytes, or a raw base
+        longer than the checked virtual size allows.
+
+        :raises imagebackend.exception.DiskOperationError: it is.
+        """
+        if (not converted and on_disk != size) or (
+                fmt == "raw" and result.virtual_size is not None
+                and on_disk > result.virtual_size
+                + qemu_img.CONVERT_OUTPUT_SLACK):
+            raise exception.DiskOperationError(
+                path=path, reason="it is %d bytes long, not what image %s "
+                "was checked to be; check the filesystem of %s and retry"
+                % (on_disk, meta.image_id, self.store.base_dir))
 
     def _check(self, meta, path, fmt) -> None:
         """Refuse a non-raw image whose metadata ``qemu-img check`` finds
