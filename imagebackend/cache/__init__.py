@@ -344,9 +344,11 @@ class ImageCache:
         :param dry_run: report what would be removed; remove nothing.
         :raises imagebackend.exception.ConfigurationError: a size option
             is invalid.
+        :raises imagebackend.exception.CacheError: the filesystem failed.
         """
-        return self.pruner.prune(cache_prune.Policy.from_conf(self.conf),
-                                 dry_run=dry_run)
+        policy = cache_prune.Policy.from_conf(self.conf)
+        with self._upkeep_errors("pruning"):
+            return self.pruner.prune(policy, dry_run=dry_run)
 
     def invalidate(self, image_id: str) -> results.Invalidation:
         """Mark every base of ``image_id`` stale, so the next use fetches
@@ -357,8 +359,9 @@ class ImageCache:
             that id; nothing is changed.
         """
         source_base.check_image_id(image_id)
-        return self.pruner.invalidate(image_id,
-                                      content_digest.cache_id(image_id))
+        with self._upkeep_errors("invalidating image %s" % image_id):
+            return self.pruner.invalidate(image_id,
+                                          content_digest.cache_id(image_id))
 
     def verify(self, image_ids: list[str] | None = None, *,
                repair: bool = False) -> results.Verification:
@@ -375,7 +378,8 @@ class ImageCache:
         wanted = None
         if image_ids:
             wanted = {content_digest.cache_id(i): i for i in image_ids}
-        return self.verifier.verify(wanted, repair=repair)
+        with self._upkeep_errors("verifying"):
+            return self.verifier.verify(wanted, repair=repair)
 
     def prefetch(self, image_ids: list[str], *, parallel: int = 4,
                  progress: common_progress.Progress | None = None
@@ -401,6 +405,25 @@ class ImageCache:
         generation, file, size on disk, virtual size, format, last used,
         number of disks using it, stale or not.
         """
-        layout = cache_scan.scan(self.base_dir)
-        usage = self.scanner.scan() if layout.bases else None
-        return cache_scan.listing(layout, usage.of if usage else None)
+        with self._upkeep_errors("listing"):
+            layout = cache_scan.scan(self.base_dir)
+            usage = self.scanner.scan() if layout.bases else None
+            return cache_scan.listing(layout, usage.of if usage else None)
+
+    @contextlib.contextmanager
+    def _upkeep_errors(self, what: str):
+        """Report a filesystem error of an upkeep call as a
+        :class:`~imagebackend.exception.CacheError` naming the cache (the
+        library's own errors pass unchanged).
+        """
+        try:
+            yield
+        except exception.ImageBackendException:
+            raise
+        except OSError as exc:
+            raise exception.CacheError(
+                path=self.base_dir,
+                reason="%s the cache failed on %s (%s); check the "
+                       "permissions and the filesystem there, then retry"
+                       % (what, exc.filename or "the cache directory",
+                          exc.strerror or exc)) from exc

@@ -86,10 +86,10 @@ SOURCES_DIR = ".sources"
 #: generation number ever claimed (``.generations/<cache_id>/<N>``); never
 #: pruned, so a generation number is never used twice.
 GENERATIONS_DIR = ".generations"
-#: the cache's private directories in ``_base``.
 #: hidden directory in ``_base`` naming the lock directories its users
-#: lock in (see :func:`imagebackend.cache.locks.check_shared`).
+#: lock in (see :func:`imagebackend.cache.lockdirs.check_shared`).
 LOCK_DIRS_DIR = ".lock-dirs"
+#: the cache's private directories in ``_base``.
 PRIVATE_DIRS = (DISKS_DIR, SOURCES_DIR, GENERATIONS_DIR, LOCK_DIRS_DIR)
 #: a record larger than this is not one the cache wrote.
 MAX_RECORD_BYTES = 1024 * 1024

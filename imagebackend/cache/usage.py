@@ -42,8 +42,6 @@ from imagebackend import exception
 
 LOG = logging.getLogger(__name__)
 
-GROUP = "image_cache"
-
 OPTIONS = [
     cfg.ListOpt("disk_dirs",
                 default=[],

@@ -1,5 +1,6 @@
 """Digests of cached bases: whole-stream and sparse."""
 
+import errno
 import hashlib
 import os
 
@@ -10,6 +11,7 @@ from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import verify as cache_verify
 from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
+from imagebackend import exception
 from tests import fakes
 
 KiB = 1024
@@ -191,3 +193,19 @@ def test_a_base_pruned_while_verify_reads_it_is_skipped(tmp_path,
     monkeypatch.setattr(cache_verify, "digests", pruned_meanwhile)
     assert c.verify().files == []
     assert not os.path.exists(entry.path)
+
+
+def test_a_filesystem_error_is_a_library_error_naming_the_file(
+        tmp_path, monkeypatch):
+    c = raw_cache(tmp_path)
+    entry, _ = c.get("img")
+
+    def unreadable(path, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(cache_verify, "digests", unreadable)
+    with pytest.raises(exception.CacheError) as err:
+        c.verify()
+    assert entry.path in str(err.value)
+    assert "Input/output error" in str(err.value)
+    assert isinstance(err.value.__cause__, OSError)
