@@ -52,8 +52,22 @@ record, refreshed with ``utime`` on every use (a use never rewrites it);
 that of a sized base is its own modification time.  No symlink is followed
 in ``_base``: records, ``.disks``, ``.sources`` and ``.generations`` are
 opened with ``O_NOFOLLOW`` or checked with ``lstat`` and refused.
-"""
 
+:class:`ImageCache` is a facade over collaborators it owns, each given
+only the paths and locks (:class:`~imagebackend.cache.store.Store`), the
+source, the qemu-img runner, option values or callbacks it needs, and none
+of them knows the facade: the miss path
+(:class:`~imagebackend.cache.fetch.Fetcher`, with
+:mod:`~imagebackend.cache.download` and
+:mod:`~imagebackend.cache.reinspect`), :mod:`~imagebackend.cache.lookup`,
+:class:`~imagebackend.cache.sized.SizedBases`, the usage scanner and its
+:class:`~imagebackend.cache.registry.Registry` of disks,
+:class:`~imagebackend.cache.remove.Remover`,
+:class:`~imagebackend.cache.prune.Pruner`,
+:class:`~imagebackend.cache.verify.Verifier` and
+:mod:`~imagebackend.cache.prefetch`.  What they return is in
+:mod:`~imagebackend.cache.results`.
+"""
 
 import contextlib
 import logging
