@@ -7,6 +7,7 @@ import os
 import re
 from unittest import mock
 
+from oslo_config import cfg
 import pytest
 
 from imagebackend import cache
@@ -225,6 +226,53 @@ def test_lock_path_defaults_beside_base_and_can_be_overridden(tmp_path,
     assert c2.lock_dir == str(tmp_path / "elsewhere")
     c2.store.ensure_dirs()
     assert os.path.isdir(tmp_path / "elsewhere")
+
+
+def _registered(conf):
+    """Every (group, option) registered on ``conf``."""
+    found = set()
+    for key in conf:
+        value = conf[key]
+        if isinstance(value, cfg.ConfigOpts.GroupAttr):
+            found.update((key, name) for name in value)
+        else:
+            found.add((None, key))
+    return found
+
+
+def test_the_cache_registers_no_option_when_it_is_made(tmp_path, qemu):
+    conf = fakes.conf(tmp_path)
+    before = _registered(conf)
+    groups = []
+
+    def spy(real):
+        def register(*args, **kwargs):
+            group = kwargs.get("group", args[1] if len(args) > 1 else None)
+            groups.append(getattr(group, "name", group))
+            return real(*args, **kwargs)
+        return register
+
+    with mock.patch.object(conf, "register_opts",
+                           spy(conf.register_opts)), \
+            mock.patch.object(conf, "register_opt", spy(conf.register_opt)):
+        cache.ImageCache(conf, fakes.FakeSource(conf), qemu)
+    # Only oslo.concurrency's own get_lock_path() (its public way to read
+    # lock_path) registers its group, idempotently.
+    assert set(groups) <= {"oslo_concurrency"}
+    assert _registered(conf) == before
+
+
+def test_register_opts_registers_the_cache_groups_only():
+    conf = cfg.ConfigOpts()
+    conf([])
+    before = _registered(conf)
+    cache.register_opts(conf)
+    added = _registered(conf) - before
+    assert {group for group, _ in added} == {"image_cache",
+                                             "oslo_concurrency"}
+    assert ("oslo_concurrency", "lock_path") in added
+    assert conf.image_cache.max_size == "0"
+    assert conf.image_cache.disk_dirs == []
 
 
 # -- generations -------------------------------------------------------------
