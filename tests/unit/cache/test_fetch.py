@@ -349,3 +349,33 @@ def test_a_raw_image_is_not_checked(tmp_path, qemu):
     c = make_cache(tmp_path, qemu)
     c.get("raw-img")
     qemu.check.assert_not_called()
+
+
+def test_progress_is_one_protocol_in_bytes(tmp_path, qemu):
+    """The download reports bytes received of the image's size, and the
+    conversion qemu-img's percentages as bytes of the virtual size.
+    """
+    def converting(source, source_fmt, target, target_fmt, *, progress,
+                   **kwargs):
+        for percent in (0.0, 50.0, 100.0):
+            progress(percent)
+        with open(target, "wb") as f:
+            f.truncate(8 * fakes.MiB)
+
+    qemu.convert.side_effect = converting
+    c = make_cache(tmp_path, qemu)
+    seen = []
+    c.get("qcow2-img", progress=lambda *args: seen.append(args))
+    downloads = [s for s in seen if s[0] == "download"]
+    assert downloads[-1] == ("download", len(QCOW2), len(QCOW2))
+    assert all(done <= total for _, done, total in downloads)
+    size = 8 * fakes.MiB            # the image's virtual size
+    assert [s for s in seen if s[0] == "convert"] == [
+        ("convert", 0, size), ("convert", size // 2, size),
+        ("convert", size, size)]
+    # Silence costs nothing: no callback is handed to qemu-img.
+    qemu.convert.side_effect = fakes.qemu().convert.side_effect
+    c.get("qcow2-img")
+    c.invalidate("qcow2-img")
+    c.get("qcow2-img")
+    assert qemu.convert.call_args.kwargs["progress"] is None
