@@ -77,7 +77,6 @@ def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
     """
     groups = {GROUP: _core_opts()}
     for group, opts in itertools.chain(
-            [("oslo_concurrency", cache.lock_option_list())],
             [(cache.IMAGE_CACHE_GROUP, cache.IMAGE_CACHE_OPTIONS)],
             [(qemu_options.GROUP, qemu_options.OPTIONS)],
             _plugin_opts("imagebackend.sources")):

@@ -20,8 +20,10 @@ from oslo_config import cfg
 from imagebackend.backends import target as disk_target
 from imagebackend import cache as image_cache
 from imagebackend.cache import disk_records
+from imagebackend.cache import lookup as cache_lookup
 from imagebackend.common import fileio
 from imagebackend.common import plugins
+from imagebackend.common import progress as common_progress
 from imagebackend.disk import operations as disk_operations
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
@@ -136,7 +138,7 @@ class ImageBackend(abc.ABC):
     # -- the template method ---------------------------------------------
 
     def create_image(self, image_id: str, target: str, size: int, *,
-                     progress: image_cache.ProgressCallback | None = None
+                     progress: common_progress.Progress | None = None
                      ) -> Disk:
         """Make the instance disk ``target`` of ``size`` bytes from image
         ``image_id``.
@@ -155,7 +157,7 @@ class ImageBackend(abc.ABC):
         :param size: the disk's virtual size in bytes; at least the image's
             virtual size.
         :param progress: called as ``progress(stage, done, total)`` during
-            long steps (``fetch``, ``convert``).
+            long steps (``download``, ``convert``), in bytes.
         :returns: a :class:`Disk` describing the result.
         :raises imagebackend.exception.InvalidImageId: the source refuses
             the id (not UTF-8 text, control characters...); nothing is
@@ -256,7 +258,7 @@ class ImageBackend(abc.ABC):
     #: whether disks of this backend keep a backing file.
     uses_backing_file = True
 
-    def prepare_base(self, entry: image_cache.CacheEntry,
+    def prepare_base(self, entry: cache_lookup.CacheEntry,
                      size: int) -> tuple[str, str]:
         """Extend hook: the base the disk is made from, and its format.
 

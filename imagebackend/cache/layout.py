@@ -1,16 +1,46 @@
-"""Names in ``_base``, and reading the whole cache directory at once.
+"""Names in ``_base``, and the records that describe what they hold.
 
 A base's *stem* is its file name: ``<cache_id>`` for an image's first
 generation, ``<cache_id>-<N>`` (N = 2, 3, ...) for the later ones.  Every
-other file of that generation is named after the stem (see
-:mod:`imagebackend.cache` for the layout).  This module only reads; the
-cache, the pruner and the verifier decide what to do with what it finds.
+other file of that generation is named after the stem.
+
+The layout (``cache_id`` is
+:func:`imagebackend.common.digest.cache_id`, the sha1 of the image id)::
+
+    _base/<cache_id>             generation 1 of an image: a complete,
+                                 verified base; it only appears by rename
+    _base/<cache_id>-<N>         generation N (2, 3, ...) of the same image
+    _base/<stem>.json            the generation's metadata record (written
+                                 before the base is renamed into place)
+    _base/<stem>_<size>          a sized base for the cached-base backend:
+                                 the base grown to <size> bytes (decimal)
+    _base/<stem>_<size>.json     the sized base's own record ("kind":
+                                 "sized", its digest), written before the
+                                 sized base is published, so it stays
+                                 verifiable after its original is pruned
+    _base/<stem>.part-<hex>      scratch: a download in progress
+    _base/<stem>.converted-<hex> scratch: a conversion in progress
+    _base/<stem>_<size>.part-<hex>  scratch: a sized base being built
+    _base/<name>.corrupt         moved aside by ``cache verify --repair``
+    _base/<name>.refused         moved aside by earlier releases
+    _base/.disks/<cache_id>/     the disks the library made from the image,
+                                 one record per creation attempt
+                                 (:mod:`imagebackend.cache.registry`)
+    _base/.generations/<cache_id>/<N>
+                                 one empty file per generation number ever
+                                 claimed; never pruned
+    _base/.sources/              small facts image sources remember
+    _base/.lock-dirs/            which lock directories use this _base
+    locks/                       inter-process lock files (beside _base)
+
+A generation's record is read without following a symlink and checked
+(:func:`valid_record`) before anything trusts it.  Reading the whole
+directory at once is :mod:`imagebackend.cache.scan`; generation numbers
+are :mod:`imagebackend.cache.generations`.
 """
 
 import dataclasses
 import datetime
-import errno
-import hashlib
 import logging
 import os
 import re
@@ -56,20 +86,15 @@ SOURCES_DIR = ".sources"
 #: generation number ever claimed (``.generations/<cache_id>/<N>``); never
 #: pruned, so a generation number is never used twice.
 GENERATIONS_DIR = ".generations"
-#: the cache's private directories in ``_base``.
 #: hidden directory in ``_base`` naming the lock directories its users
-#: lock in (see :func:`imagebackend.cache.locks.check_shared`).
+#: lock in (see :func:`imagebackend.cache.lockdirs.check_shared`).
 LOCK_DIRS_DIR = ".lock-dirs"
+#: the cache's private directories in ``_base``.
 PRIVATE_DIRS = (DISKS_DIR, SOURCES_DIR, GENERATIONS_DIR, LOCK_DIRS_DIR)
 #: a record larger than this is not one the cache wrote.
 MAX_RECORD_BYTES = 1024 * 1024
 #: formats a base's record may name (what qemu-img's ``-f`` takes).
 RECORD_FORMATS = frozenset(signatures.QEMU_FORMAT_NAMES)
-
-
-def cache_id(image_id: str) -> str:
-    """The cache's name for an image: the sha1 of its id, in hex."""
-    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()
 
 
 def stem(cid: str, generation: int) -> str:
@@ -112,192 +137,6 @@ def parse(name: str) -> Name | None:
                 generation=int(match.group("gen") or 1),
                 size=int(size) if size else None,
                 suffix=match.group("suffix") or "")
-
-
-@dataclasses.dataclass
-class CachedFile:
-    """A base or sized base found in ``_base``."""
-
-    name: Name
-    path: str
-    st: os.stat_result
-    #: the generation's record (the original base's), ``{}`` if it has
-    #: none that can be read
-    record: dict
-    record_mtime: float | None
-    #: a sized base's own record (``<stem>_<size>.json``), if valid
-    own_record: dict | None = None
-
-    @property
-    def kind(self) -> str:
-        return "base" if self.name.size is None else "sized"
-
-    @property
-    def described(self) -> dict:
-        """The record that describes this file best: a sized base's own
-        record when its original's is gone.
-        """
-        if self.record or self.own_record is None:
-            return self.record
-        return self.own_record
-
-    @property
-    def cid(self) -> str:
-        return self.name.cid
-
-    @property
-    def generation(self) -> int:
-        return self.name.generation
-
-    @property
-    def image_id(self) -> str | None:
-        image_id = self.described.get("image_id")
-        return image_id if isinstance(image_id, str) else None
-
-    @property
-    def allocated(self) -> int:
-        return self.st.st_blocks * 512
-
-    @property
-    def trusted(self) -> bool:
-        """Whether the generation has a valid record (see
-        :func:`valid_record`); a base without one is never used again.
-        """
-        return valid_record(self.record)
-
-    @property
-    def stale(self) -> bool:
-        return bool(self.record.get("stale")) or not self.trusted
-
-    @property
-    def stale_reason(self) -> str:
-        if not self.trusted and not self.record.get("stale"):
-            return "it has no valid record"
-        return str(self.record.get("stale_reason") or "marked")
-
-    @property
-    def last_used(self) -> float:
-        """The record's mtime for a base (refreshed on every use), the
-        file's mtime for a sized base.
-        """
-        if self.name.size is None and self.record_mtime is not None:
-            return self.record_mtime
-        return self.st.st_mtime
-
-
-@dataclasses.dataclass
-class Layout:
-    """Everything :func:`scan` found in ``_base``."""
-
-    base_dir: str
-    bases: list[CachedFile] = dataclasses.field(default_factory=list)
-    #: stem -> (record, record mtime), for every record file found; the
-    #: record is ``{}`` when it cannot be read (it may not be
-    #: :func:`valid_record`)
-    records: dict = dataclasses.field(default_factory=dict)
-    #: sized base name -> its own record (``{}`` if not valid), by file
-    sized_records: dict = dataclasses.field(default_factory=dict)
-    scratch: list[tuple[Name, str]] = dataclasses.field(default_factory=list)
-    aside: list[tuple[Name, str, os.stat_result]] = dataclasses.field(
-        default_factory=list)
-    #: leftover temporary files of atomic JSON writes: (path, stat)
-    temp: list[tuple[str, os.stat_result]] = dataclasses.field(
-        default_factory=list)
-
-    def cids(self) -> set[str]:
-        """Every image with any file in the cache."""
-        found = {f.cid for f in self.bases}
-        found.update(parse(s).cid for s in self.records)
-        found.update(parse(s).cid for s in self.sized_records)
-        found.update(n.cid for n, _ in self.scratch)
-        found.update(n.cid for n, _, _ in self.aside)
-        return found
-
-    def of_stem(self, stem_name: str) -> list[CachedFile]:
-        return [f for f in self.bases if f.name.stem == stem_name]
-
-
-def scan(base_dir: str) -> Layout:
-    """Read ``base_dir`` once: bases, records, scratch and moved-aside
-    files.  Symlinks and other non-regular files are ignored.
-    """
-    layout = Layout(base_dir=base_dir)
-    try:
-        entries = sorted(os.scandir(base_dir), key=lambda e: e.name)
-    except FileNotFoundError:
-        return layout
-    found = []
-    for entry in entries:
-        if entry.name.startswith(".") and entry.name.endswith(".json.tmp"):
-            st = _regular(entry)
-            if st is not None:
-                layout.temp.append((entry.path, st))
-            continue
-        name = parse(entry.name)
-        if name is None:
-            continue
-        st = _regular(entry)
-        if st is None:
-            continue
-        if name.suffix == ".json":
-            if name.size is None:
-                record = read_record(entry.path) or {}
-                layout.records[name.stem] = (record, st.st_mtime)
-            else:
-                record = read_record(entry.path)
-                if not valid_sized_record(record, name):
-                    record = {}
-                layout.sized_records[name.base_name] = record
-        elif name.is_scratch:
-            layout.scratch.append((name, entry.path))
-        elif name.suffix in ASIDE_SUFFIXES:
-            layout.aside.append((name, entry.path, st))
-        else:
-            found.append((name, entry.path, st))
-    for name, path, st in found:
-        record, mtime = layout.records.get(name.stem, ({}, None))
-        own = layout.sized_records.get(name.name) if name.size else None
-        layout.bases.append(CachedFile(name=name, path=path, st=st,
-                                       record=record, record_mtime=mtime,
-                                       own_record=own or None))
-    return layout
-
-
-def _regular(entry: os.DirEntry) -> os.stat_result | None:
-    try:
-        st = entry.stat(follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    return st if stat.S_ISREG(st.st_mode) else None
-
-
-def generations(base_dir: str, cid: str) -> dict[int, set[str]]:
-    """The generations of image ``cid`` with any file in ``base_dir``.
-
-    :returns: generation -> the kinds of file it has: ``base``, ``sized``,
-        ``record``, ``sized_record``, ``scratch``, ``aside``.
-    """
-    found: dict[int, set[str]] = {}
-    try:
-        names = os.listdir(base_dir)
-    except FileNotFoundError:
-        return found
-    for entry in names:
-        if not entry.startswith(cid):
-            continue
-        name = parse(entry)
-        if name is None or name.cid != cid:
-            continue
-        kinds = found.setdefault(name.generation, set())
-        if name.suffix == ".json":
-            kinds.add("record" if name.size is None else "sized_record")
-        elif name.is_scratch:
-            kinds.add("scratch")
-        elif name.suffix in ASIDE_SUFFIXES:
-            kinds.add("aside")
-        else:
-            kinds.add("base" if name.size is None else "sized")
-    return found
 
 
 def update_record(path: str, changes: dict) -> dict | None:
@@ -450,111 +289,6 @@ def valid_sized_record(record, name: "Name") -> bool:
             and _digest_ok(record.get("digest"), ("scheme", "value")))
 
 
-# -- generation numbers: claimed once, never reused ------------------------
-
-def _open_dir(parent_fd: int | None, path: str, create: bool) -> int | None:
-    """Open directory ``path`` (relative to ``parent_fd`` if given)
-    without following a symlink; ``None`` if it is missing and not to be
-    created.
-
-    :raises imagebackend.exception.UnsafeCachePath: it is a symlink or
-        not a directory.
-    """
-    if create:
-        try:
-            os.mkdir(path, 0o755, dir_fd=parent_fd)
-            if parent_fd is not None:
-                os.fsync(parent_fd)
-        except FileExistsError:
-            pass
-    try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                       | os.O_CLOEXEC, dir_fd=parent_fd)
-    except FileNotFoundError:
-        if create:
-            raise
-        return None
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise exception.UnsafeCachePath(
-                path=path, reason="it is a symlink or not a directory (the "
-                                  "cache never follows symlinks)") from exc
-        raise
-
-
-def _generation_dir(base_dir: str, cid: str, create: bool) -> int | None:
-    base_fd = _open_dir(None, base_dir, False)
-    if base_fd is None:
-        return None
-    try:
-        try:
-            top = _open_dir(base_fd, GENERATIONS_DIR, create)
-        except exception.UnsafeCachePath as exc:
-            raise exception.UnsafeCachePath(
-                path=os.path.join(base_dir, GENERATIONS_DIR),
-                reason=exc.kwargs["reason"]) from exc
-    finally:
-        os.close(base_fd)
-    if top is None:
-        return None
-    try:
-        try:
-            return _open_dir(top, cid, create)
-        except exception.UnsafeCachePath as exc:
-            raise exception.UnsafeCachePath(
-                path=os.path.join(base_dir, GENERATIONS_DIR, cid),
-                reason=exc.kwargs["reason"]) from exc
-    finally:
-        os.close(top)
-
-
-def claimed_generation(base_dir: str, cid: str) -> int:
-    """The highest generation number ever claimed for image ``cid``
-    (0 if none).
-
-    :raises imagebackend.exception.UnsafeCachePath: the claims directory
-        is a symlink or not a directory.
-    """
-    fd = _generation_dir(base_dir, cid, create=False)
-    if fd is None:
-        return 0
-    try:
-        names = os.listdir(fd)
-    finally:
-        os.close(fd)
-    return max((int(n) for n in names if n.isdigit() and len(n) < 10),
-               default=0)
-
-
-def claim_generation(base_dir: str, cid: str, floor: int) -> int:
-    """Claim a generation number for image ``cid`` no lower than ``floor``
-    and higher than any claimed before, durably, before anything of that
-    generation is written.  The claim is an exclusive create, so two
-    claimers never get the same number, even without a shared lock.
-
-    :returns: the number claimed.
-    """
-    fd = _generation_dir(base_dir, cid, create=True)
-    try:
-        number = max(floor, 1)
-        for name in os.listdir(fd):
-            if name.isdigit() and len(name) < 10:
-                number = max(number, int(name) + 1)
-        while True:
-            try:
-                claim = os.open(str(number), os.O_WRONLY | os.O_CREAT
-                                | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                0o644, dir_fd=fd)
-            except FileExistsError:
-                number += 1
-                continue
-            os.close(claim)
-            os.fsync(fd)
-            return number
-    finally:
-        os.close(fd)
-
-
 def scratch_name(final: str, kind: str = ".part") -> str:
     """A new scratch path for ``final`` (a path in ``_base``), unique to
     this attempt: ``<final><kind>-<12 hex digits>``.
@@ -571,26 +305,3 @@ def isotime(ts: float) -> str:
     """``ts`` (seconds since the epoch) as an ISO 8601 UTC time."""
     return datetime.datetime.fromtimestamp(
         ts, datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def rows(layout: Layout, users_of=None) -> list[dict]:
-    """The ``cache list`` rows of ``layout``.
-
-    :param users_of: ``users_of(file name)`` -> the disks using that base.
-    """
-    found = []
-    for f in layout.bases:
-        found.append({
-            "image_id": f.image_id,
-            "kind": f.kind,
-            "generation": f.generation,
-            "file": f.path,
-            "size_on_disk": f.allocated,
-            "virtual_size": (f.name.size if f.kind == "sized"
-                             else f.record.get("virtual_size")),
-            "format": f.described.get("format"),
-            "last_used": isotime(f.last_used),
-            "disks": len(users_of(f.name.name)) if users_of else 0,
-            "stale": f.stale,
-        })
-    return found

@@ -23,8 +23,8 @@ starts again if not; the file is only ever removed by a holder of its lock.
 Locks only save duplicate work: the cache publishes nothing that depends on
 them (see :mod:`imagebackend.cache.publish`).  Still, every user of one
 ``_base`` must lock in one directory they all share, or they download and
-convert in duplicate; :func:`check_shared` refuses a configuration it can
-tell is split.
+convert in duplicate; :func:`imagebackend.cache.lockdirs.check_shared`
+refuses a configuration it can tell is split.
 
 A waiter logs while it waits and gives up after ``timeout`` seconds with an
 error naming what it waited for and who holds it: an exclusive holder
@@ -34,42 +34,33 @@ writes its host, pid and command into the lock file while it holds it.
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import socket
 import sys
-import tempfile
 import time
 import typing
-import uuid
 
 from oslo_concurrency import lockutils
 
-from imagebackend.cache import layout as cache_layout
-from imagebackend.cache import publish as cache_publish
-from imagebackend.common import fileio
 from imagebackend import exception
 
 LOG = logging.getLogger(__name__)
 
 LOCK_PREFIX = "imagebackend-"
 USE_PREFIX = LOCK_PREFIX + "use-"
-#: a file in the lock directory holding its identity (a random UUID).
-LOCK_DIR_ID = ".imagebackend-lock-dir-id"
-#: a directory in ``_base`` with one file per (host, lock directory) that
-#: uses it: see :func:`check_shared`.
-LOCK_DIRS = cache_layout.LOCK_DIRS_DIR
-#: an entry of :data:`LOCK_DIRS` not refreshed for this long (seconds) is
-#: from a configuration no longer in use.
-LOCK_DIR_ENTRY_AGE = 86400
-#: how often (seconds) a running cache refreshes its entry.
-LOCK_DIR_REFRESH = 3600
 
 
-class Busy(Exception):
-    """A lock asked for without waiting is held by someone else."""
+class Busy(exception.ImageBackendException):
+    """A lock asked for without waiting is held by someone else.
+
+    The cache catches it where it skips a busy image; a caller that sees
+    it may retry later.
+    """
+
+    msg_fmt = ("The lock %(name)s is held by another process or thread; "
+               "try again once it is done.")
 
 
 #: the longest pause between two tries of a held lock: a waiter starts at
@@ -118,8 +109,10 @@ def _open(path: str) -> int:
             reason=exc.strerror or str(exc)) from exc
 
 
-def _clean(text, limit: int = 200) -> str:
-    """``text`` from a lock file, safe for one line of a message."""
+def printable_field(text, limit: int = 200) -> str:
+    """``text`` read from a lock file or a lock-directory entry, safe for
+    one line of a message.
+    """
     text = str(text)[:limit]
     return text.encode("unicode_escape").decode("ascii")
 
@@ -160,8 +153,10 @@ def holder(path: str) -> str:
     try:
         info = json.loads(data)
         return "pid %s on host %s (%s) since %s" % (
-            _clean(info["pid"], 20), _clean(info["host"], 100),
-            _clean(info["command"]), _clean(info["since"], 40))
+            printable_field(info["pid"], 20),
+            printable_field(info["host"], 100),
+            printable_field(info["command"]),
+            printable_field(info["since"], 40))
     except (ValueError, KeyError, TypeError):
         return "an unknown process (it records no holder)"
 
@@ -242,7 +237,7 @@ def exclusive(lock_dir: str, name: str, *, blocking: bool = True,
     semaphore = lockutils.internal_lock(path)
     if not blocking:
         if not semaphore.acquire(blocking=False):
-            raise Busy(name)
+            raise Busy(name=name)
     else:
         while not semaphore.acquire(timeout=_slice(wait)):
             wait.check(_in_process)
@@ -284,7 +279,7 @@ def _acquire_file(path, lock, operation, blocking, wait) -> int:
                                      errno.EACCES):
                     raise
                 if not blocking:
-                    raise Busy(path) from exc
+                    raise Busy(name=path) from exc
                 wait.check(lambda: holder(path))
                 # Poll rather than block in the kernel, so that green
                 # threads (eventlet) of the same process keep running
@@ -358,79 +353,3 @@ def remove_lock_file(lock_dir: str, file_name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def _lock_dir_id(lock_dir: str, create: bool) -> str | None:
-    """The identity of ``lock_dir``: a UUID in a file in it, made once
-    (with ``create``; otherwise None until then).  The file appears
-    complete or not at all, so every reader sees one identity.
-    """
-    path = os.path.join(lock_dir, LOCK_DIR_ID)
-    try:
-        with open(path, "rb") as f:
-            return f.read(64).decode("ascii", "replace").strip()
-    except FileNotFoundError:
-        if not create:
-            return None
-    fd, tmp = tempfile.mkstemp(dir=lock_dir, prefix=".", suffix=".tmp")
-    try:
-        os.write(fd, (str(uuid.uuid4()) + "\n").encode())
-        os.fchmod(fd, 0o644)
-        os.fsync(fd)
-        cache_publish.publish_fd(fd, tmp, path)
-    finally:
-        os.close(fd)
-        fileio.remove_quietly(tmp)
-    with open(path, "rb") as f:
-        return f.read(64).decode("ascii", "replace").strip()
-
-
-def check_shared(base_dir: str, lock_dir: str, *,
-                 record: bool = False) -> None:
-    """Refuse to lock in ``lock_dir`` for ``base_dir`` when another
-    configuration (on this host or another) uses ``base_dir`` with
-    another lock directory.
-
-    Each (host, lock directory) that has published into ``base_dir``
-    keeps a file in ``base_dir/.lock-dirs/`` naming its lock directory's
-    identity: a UUID kept in the lock directory itself, so that one shared
-    directory has one identity on every host, and two host-local
-    directories of the same path have two.  Entries not refreshed for
-    :data:`LOCK_DIR_ENTRY_AGE` seconds are ignored (a configuration no
-    longer in use).
-
-    :param record: also write (refresh) this configuration's entry, then
-        check (the caller is about to publish, or just did).
-    :raises imagebackend.exception.SplitLockDirectory: a split is seen.
-    :raises OSError: the entries cannot be read or written.
-    """
-    entries = os.path.join(base_dir, LOCK_DIRS)
-    if not record and not os.path.lexists(entries):
-        return
-    my_id = _lock_dir_id(lock_dir, create=record)
-    host = socket.gethostname()
-    mine = hashlib.sha1(("%s\0%s" % (host, lock_dir)).encode(
-        "utf-8", "surrogateescape")).hexdigest() + ".json"
-    now = time.time()
-    if record:
-        fileio.ensure_dir(entries)
-        fileio.write_json_atomic(
-            os.path.join(entries, mine),
-            {"host": host, "lock_dir": lock_dir, "id": my_id, "seen": now},
-            durable=False)
-    for name in sorted(os.listdir(entries)):
-        if name == mine or not name.endswith(".json"):
-            continue
-        path = os.path.join(entries, name)
-        if os.path.islink(path):
-            continue
-        entry = fileio.read_json(path) or {}
-        seen = entry.get("seen")
-        if (entry.get("id") is None or entry.get("id") == my_id
-                or not isinstance(seen, (int, float))
-                or now - seen > LOCK_DIR_ENTRY_AGE):
-            continue
-        raise exception.SplitLockDirectory(
-            base_dir=base_dir, lock_dir=lock_dir,
-            other=_clean(entry.get("lock_dir")),
-            host=_clean(entry.get("host"), 100), marker=path)

@@ -1,7 +1,19 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS,
+#    WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+#    See the License for the specific language governing permissions and
+#    limitations under the License.
+
 """Keeping the base-image cache small: prune and invalidate.
 
-:func:`prune` (``imagebackend cache prune``, or a periodic task) removes,
-in this order:
+:meth:`Pruner.prune` (``imagebackend cache prune``, or a periodic task)
+removes, in this order:
 
 1. scratch files (``.part-<hex>``, ``.converted-<hex>``) unmodified for
    ``cache_layout.SCRATCH_MINIMUM_AGE`` (a day) whose lock nobody holds --
@@ -38,16 +50,17 @@ import typing
 
 from oslo_config import cfg
 
+from imagebackend.cache import generations as cache_generations
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import locks as cache_locks
 from imagebackend.cache import remove as cache_remove
+from imagebackend.cache import results
+from imagebackend.cache import scan as cache_scan
+from imagebackend.cache import store as cache_store
 from imagebackend.cache import usage as cache_usage
 from imagebackend.common import fileio
 from imagebackend import exception
 from imagebackend.qemu import results as qemu_results
-
-if typing.TYPE_CHECKING:
-    from imagebackend import cache
 
 LOG = logging.getLogger(__name__)
 
@@ -100,35 +113,28 @@ _UNREADABLE = ("not removed: the search for disks could not read %s, so "
                "any base may be in use; fix that and prune again")
 
 
-@dataclasses.dataclass
-class PruneReport:
-    """What :func:`prune` removed (or would remove, on a dry run)."""
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The ``[image_cache]`` values pruning follows (see :data:`OPTIONS`).
 
-    dry_run: bool = False
-    removed: list[dict] = dataclasses.field(default_factory=list)
-    kept: list[dict] = dataclasses.field(default_factory=list)
-    bytes_freed: int = 0
-    cache_size: int = 0
-    free_space: int | None = None
-    space_target_met: bool = True
-    registry_records_removed: int = 0
-    lock_files_removed: int = 0
+    :param max_size: as configured: bytes or a size with a suffix.
+    :param min_free_space: as configured: also a percentage.
+    """
 
-    def add(self, path: str, kind: str, reason: str, size: int,
-            image_id: str | None = None) -> None:
-        self.removed.append({"file": path, "kind": kind, "reason": reason,
-                             "bytes": size, "image_id": image_id})
-        self.bytes_freed += size
-        self.cache_size -= size
-        if self.free_space is not None:
-            self.free_space += size
+    original_age: int = 86400
+    resized_age: int = 3600
+    max_size: str = "0"
+    min_free_space: str = "0"
 
-    def keep(self, f: cache_layout.CachedFile, reason: str) -> None:
-        self.kept.append({"file": f.path, "kind": f.kind, "reason": reason,
-                          "image_id": f.image_id})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    @classmethod
+    def from_conf(cls, conf: cfg.ConfigOpts) -> "Policy":
+        """The policy ``conf`` sets (its ``[image_cache]`` group)."""
+        opts = conf.image_cache
+        return cls(
+            original_age=opts.remove_unused_original_minimum_age_seconds,
+            resized_age=opts.remove_unused_resized_minimum_age_seconds,
+            max_size=str(opts.max_size or "0"),
+            min_free_space=str(opts.min_free_space or "0"))
 
 
 # -- selection (pure) ---------------------------------------------------------
@@ -169,15 +175,16 @@ def space_to_free(cache_size: int, free: int | None, max_size: int,
     return need
 
 
-def space_limits(conf: cfg.ConfigOpts, fs_size: int) -> tuple[int, int]:
-    """``(max_size, min_free_space)`` in bytes.
+def space_limits(policy: Policy, fs_size: int) -> tuple[int, int]:
+    """``(max_size, min_free_space)`` of ``policy`` in bytes, on a
+    filesystem of ``fs_size`` bytes.
 
     :raises imagebackend.exception.ConfigurationError: a value is not a
         size.
     """
     limits = []
     for name in ("max_size", "min_free_space"):
-        value = str(getattr(conf.image_cache, name) or "0").strip()
+        value = str(getattr(policy, name) or "0").strip()
         try:
             if value.endswith("%") and name == "min_free_space":
                 percent = float(value[:-1])
@@ -195,71 +202,164 @@ def space_limits(conf: cfg.ConfigOpts, fs_size: int) -> tuple[int, int]:
     return limits[0], limits[1]
 
 
-# -- prune --------------------------------------------------------------------
+class Pruner:
+    """Prunes and invalidates one cache.
 
-def prune(c: "cache.ImageCache", *, dry_run: bool = False) -> PruneReport:
-    """Remove what the cache no longer needs (see the module docstring).
-
-    :param c: the :class:`imagebackend.cache.ImageCache`.
-    :param dry_run: report what would be removed; remove nothing.
-    :returns: a :class:`PruneReport`.
-    :raises imagebackend.exception.ConfigurationError: a size option is
-        invalid.
+    :param store: the cache's paths and locks.
+    :param scanner: finds the disks that use bases.
+    :param remover: removes files under the image's locks.
     """
-    opts = c.conf.image_cache
-    report = PruneReport(dry_run=dry_run)
-    layout = cache_layout.scan(c.base_dir)
-    if not os.path.isdir(c.base_dir):
+
+    def __init__(self, store: cache_store.Store,
+                 scanner: cache_usage.UsageScanner,
+                 remover: cache_remove.Remover) -> None:
+        self.store = store
+        self.scanner = scanner
+        self.remover = remover
+
+    def prune(self, policy: Policy, *,
+              dry_run: bool = False) -> results.PruneReport:
+        """Remove what the cache no longer needs (see the module
+        docstring).
+
+        :param policy: the ages and space limits to prune by.
+        :param dry_run: report what would be removed; remove nothing.
+        :raises imagebackend.exception.ConfigurationError: a size option
+            is invalid.
+        """
+        base_dir = self.store.base_dir
+        report = results.PruneReport(dry_run=dry_run)
+        layout = cache_scan.scan(base_dir)
+        if not os.path.isdir(base_dir):
+            return report
+        vfs = os.statvfs(base_dir)
+        max_size, min_free = space_limits(policy,
+                                          vfs.f_blocks * vfs.f_frsize)
+        report.free_space = vfs.f_bavail * vfs.f_frsize
+        report.cache_size = (sum(f.allocated for f in layout.bases)
+                             + sum(_allocated(p) for _, p in layout.scratch)
+                             + sum(st.st_blocks * 512
+                                   for _, _, st in layout.aside))
+        usage = self.scanner.scan()
+        now = time.time()
+        self._leftovers(layout, now, policy.original_age, report)
+        unused = _unused(layout.bases, usage, report)
+        gone = set()
+        for f, reason in expired(unused, now, policy.original_age,
+                                 policy.resized_age):
+            if self.remover.remove_base(f, reason, report):
+                gone.add(f.path)
+        need = space_to_free(report.cache_size, report.free_space,
+                             max_size, min_free)
+        for f in lru([f for f in unused if f.path not in gone]):
+            if need <= 0:
+                break
+            if self.remover.remove_base(f, "least recently used; freeing "
+                                        "space", report):
+                need -= f.allocated
+        report.space_target_met = need <= 0
+        if not dry_run:
+            self._collect(layout, report)
         return report
-    vfs = os.statvfs(c.base_dir)
-    max_size, min_free = space_limits(c.conf, vfs.f_blocks * vfs.f_frsize)
-    report.free_space = vfs.f_bavail * vfs.f_frsize
-    report.cache_size = (sum(f.allocated for f in layout.bases)
-                         + sum(_allocated(p) for _, p in layout.scratch)
-                         + sum(st.st_blocks * 512
-                               for _, _, st in layout.aside))
-    usage = c.scanner.scan()
-    now = time.time()
 
-    remove_file = cache_remove.remove_file
-    for name, path in layout.scratch:
-        # Another host may lock elsewhere: only old scratch is a crash's.
-        age = _age(path, now)
-        if age is None or age < cache_layout.SCRATCH_MINIMUM_AGE:
-            continue
-        lock_name = name.base_name if name.size else name.cid
-        remove_file(c, path, "scratch", "orphaned (unmodified for %d s, "
-                    "its lock is free)" % age, _allocated(path), lock_name,
-                    report)
-    for path, st in layout.temp:
-        if now - st.st_mtime >= TEMP_FILE_AGE:
-            remove_file(c, path, "temporary", "left over",
-                        st.st_blocks * 512, None, report)
-    age = opts.remove_unused_original_minimum_age_seconds
-    for name, path, st in layout.aside:
-        if now - st.st_mtime >= age:
-            remove_file(c, path, "aside", "moved aside %d s ago"
-                        % (now - st.st_mtime), st.st_blocks * 512,
-                        name.cid, report)
+    def _leftovers(self, layout, now, aside_age, report) -> None:
+        """Orphaned scratch, old temporary files, old moved-aside files."""
+        remove_file = self.remover.remove_file
+        for name, path in layout.scratch:
+            # Another host may lock elsewhere: only old scratch is a
+            # crash's.
+            age = _age(path, now)
+            if age is None or age < cache_layout.SCRATCH_MINIMUM_AGE:
+                continue
+            lock_name = name.base_name if name.size else name.cid
+            remove_file(path, "scratch", "orphaned (unmodified for %d s, "
+                        "its lock is free)" % age, _allocated(path),
+                        lock_name, report)
+        for path, st in layout.temp:
+            if now - st.st_mtime >= TEMP_FILE_AGE:
+                remove_file(path, "temporary", "left over",
+                            st.st_blocks * 512, None, report)
+        for name, path, st in layout.aside:
+            if now - st.st_mtime >= aside_age:
+                remove_file(path, "aside", "moved aside %d s ago"
+                            % (now - st.st_mtime), st.st_blocks * 512,
+                            name.cid, report)
 
-    unused = _unused(layout.bases, usage, report)
-    gone = set()
-    for f, reason in expired(unused, now, age,
-                             opts.remove_unused_resized_minimum_age_seconds):
-        if cache_remove.remove_base(c, f, reason, report):
-            gone.add(f.path)
-    need = space_to_free(report.cache_size, report.free_space, max_size,
-                         min_free)
-    for f in lru([f for f in unused if f.path not in gone]):
-        if need <= 0:
-            break
-        if cache_remove.remove_base(c, f, "least recently used; freeing "
-                                    "space", report):
-            need -= f.allocated
-    report.space_target_met = need <= 0
-    if not dry_run:
-        _collect(c, layout, report)
-    return report
+    def _collect(self, layout, report) -> None:
+        """Records without bases, registry records of deleted disks, and
+        lock files of images that are gone.
+        """
+        store = self.store
+        for stem in layout.records:
+            cid = cache_layout.parse(stem).cid
+            try:
+                with store.exclusive_image(cid):
+                    self.remover.drop_record_if_alone(cid, stem)
+            except cache_locks.Busy:
+                pass
+        for sized in layout.sized_records:
+            self.remover.drop_sized_record_if_alone(sized)
+        registry = self.scanner.registry
+        chains = cache_usage.Chains(store.base_dir)
+        raw = self.scanner.raw_disks()
+
+        def bases_of(path, st):
+            # A disk recorded as raw is never parsed; its record stays
+            # while the disk exists, so the walk never parses it either.
+            if (st.st_dev, st.st_ino) in raw:
+                return {"(a raw disk)"}
+            return chains.bases_of(path, st)
+
+        for cid in registry.cids():
+            try:
+                with store.exclusive_image(cid):
+                    report.registry_records_removed += registry.collect(
+                        cid, bases_of)
+            except cache_locks.Busy:
+                pass
+        remaining = cache_scan.scan(store.base_dir).cids()
+        remaining.update(registry.cids())
+        try:
+            names = sorted(os.listdir(store.lock_dir))
+        except FileNotFoundError:
+            return
+        for file_name in names:
+            cid = _lock_cid(file_name)
+            if cid is not None and cid not in remaining:
+                if cache_locks.remove_lock_file(store.lock_dir, file_name):
+                    report.lock_files_removed += 1
+
+    def invalidate(self, image_id: str, cid: str) -> results.Invalidation:
+        """Mark every generation of ``image_id`` (cache id ``cid``) stale,
+        so that the next use fetches the image again, and remove the bases
+        nothing uses.  Waits for a fetch of the image in progress to
+        finish first.
+        """
+        store = self.store
+        marked = []
+        with store.lock(cid):
+            found = cache_generations.generations(store.base_dir, cid)
+            for gen, kinds in sorted(found.items()):
+                stem = cache_layout.stem(cid, gen)
+                path = store.base_path(stem) + ".json"
+                if "base" in kinds and not cache_layout.valid_record(
+                        cache_layout.read_record(path)):
+                    # Never trusted again whatever happens to the record:
+                    # give it one that says stale.
+                    cache_layout.write_stale_record(path, image_id, gen,
+                                                    "invalidated")
+                    marked.append(store.base_path(stem))
+                elif store.mark_stale(stem, "invalidated"):
+                    marked.append(store.base_path(stem))
+        report = results.PruneReport()
+        layout = cache_scan.scan(store.base_dir)
+        mine = [f for f in layout.bases if f.cid == cid]
+        usage = self.scanner.scan() if mine else None
+        for f in _unused(mine, usage, report) if mine else ():
+            self.remover.remove_base(f, "invalidated", report)
+        return results.Invalidation(
+            image_id=image_id, marked_stale=marked, removed=report.removed,
+            kept=report.kept, bytes_freed=report.bytes_freed)
 
 
 def _age(path: str, now: float) -> float | None:
@@ -277,50 +377,6 @@ def _allocated(path: str) -> int:
         return 0
 
 
-def _collect(c, layout, report) -> None:
-    """Records without bases, registry records of deleted disks, and lock
-    files of images that are gone.
-    """
-    for stem in layout.records:
-        cid = cache_layout.parse(stem).cid
-        try:
-            with cache_remove.exclusive_image(c, cid):
-                cache_remove.drop_record_if_alone(c, cid, stem)
-        except cache_locks.Busy:
-            pass
-    for sized in layout.sized_records:
-        cache_remove.drop_sized_record_if_alone(c, sized)
-    registry = c.scanner.registry
-    chains = cache_usage.Chains(c.base_dir)
-    raw = c.scanner.raw_disks()
-
-    def bases_of(path, st):
-        # A disk recorded as raw is never parsed; its record stays while
-        # the disk exists, so the walk never parses it either.
-        if (st.st_dev, st.st_ino) in raw:
-            return {"(a raw disk)"}
-        return chains.bases_of(path, st)
-
-    for cid in registry.cids():
-        try:
-            with cache_remove.exclusive_image(c, cid):
-                report.registry_records_removed += registry.collect(
-                    cid, bases_of)
-        except cache_locks.Busy:
-            pass
-    remaining = cache_layout.scan(c.base_dir).cids()
-    remaining.update(registry.cids())
-    try:
-        names = sorted(os.listdir(c.lock_dir))
-    except FileNotFoundError:
-        return
-    for file_name in names:
-        cid = _lock_cid(file_name)
-        if cid is not None and cid not in remaining:
-            if cache_locks.remove_lock_file(c.lock_dir, file_name):
-                report.lock_files_removed += 1
-
-
 def _lock_cid(file_name: str) -> str | None:
     """The image a lock file of the cache belongs to, or None."""
     if file_name.startswith(cache_locks.USE_PREFIX):
@@ -330,44 +386,6 @@ def _lock_cid(file_name: str) -> str | None:
     else:
         return None
     return name.cid if name is not None and not name.suffix else None
-
-
-# -- invalidate --------------------------------------------------------------
-
-def invalidate(c: "cache.ImageCache", image_id: str) -> dict:
-    """Mark every generation of ``image_id`` stale, so that the next use
-    fetches the image again, and remove the bases nothing uses.
-
-    Waits for a fetch of the image in progress to finish first.
-
-    :returns: ``image_id``, ``marked_stale`` (files), ``removed`` and
-        ``kept`` (as in :class:`PruneReport`), ``bytes_freed``.
-    """
-    cid = cache_layout.cache_id(image_id)
-    marked = []
-    with c.lock(cid):
-        for gen, kinds in sorted(cache_layout.generations(c.base_dir,
-                                                          cid).items()):
-            stem = cache_layout.stem(cid, gen)
-            path = c.base_path(stem) + ".json"
-            if "base" in kinds and not cache_layout.valid_record(
-                    cache_layout.read_record(path)):
-                # Never trusted again whatever happens to the record:
-                # give it one that says stale.
-                cache_layout.write_stale_record(path, image_id, gen,
-                                                "invalidated")
-                marked.append(c.base_path(stem))
-            elif c.mark_stale(stem, "invalidated"):
-                marked.append(c.base_path(stem))
-    report = PruneReport()
-    layout = cache_layout.scan(c.base_dir)
-    mine = [f for f in layout.bases if f.cid == cid]
-    usage = c.scanner.scan() if mine else None
-    for f in _unused(mine, usage, report) if mine else ():
-        cache_remove.remove_base(c, f, "invalidated", report)
-    return {"image_id": image_id, "marked_stale": marked,
-            "removed": report.removed, "kept": report.kept,
-            "bytes_freed": report.bytes_freed}
 
 
 def _unused(bases, usage, report):

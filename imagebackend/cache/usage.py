@@ -44,8 +44,6 @@ from imagebackend.inspection import signatures
 
 LOG = logging.getLogger(__name__)
 
-GROUP = "image_cache"
-
 OPTIONS = [
     cfg.ListOpt("disk_dirs",
                 default=[],
@@ -59,10 +57,6 @@ OPTIONS = [
                      "cache itself, so list a directory here only for disks "
                      "made by other tools. Default: empty."),
 ]
-
-#: the registry of disks the library made (kept here for callers that
-#: know it as ``cache_usage.Registry``).
-Registry = cache_registry.Registry
 
 #: qemu refuses backing file names longer than this.
 MAX_BACKING_NAME = 1023
@@ -243,7 +237,7 @@ class UsageScanner:
         self.base_dir = os.path.abspath(base_dir)
         self.roots = [os.path.abspath(r) for r in roots]
         self.skip = {os.path.abspath(s) for s in skip}
-        self.registry = Registry(base_dir, self.roots)
+        self.registry = cache_registry.Registry(base_dir, self.roots)
 
     def scan(self) -> Usage:
         """Search the registry and every root."""

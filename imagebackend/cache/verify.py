@@ -1,3 +1,15 @@
+#    Licensed under the Apache License, Version 2.0 (the "License"); you may
+#    not use this file except in compliance with the License. You may obtain
+#    a copy of the License at
+#
+#         http://www.apache.org/licenses/LICENSE-2.0
+#
+#    Unless required by applicable law or agreed to in writing, software
+#    distributed under the License is distributed on an "AS IS" BASIS,
+#    WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+#    See the License for the specific language governing permissions and
+#    limitations under the License.
+
 """Checking cached bases against their records: ``cache verify``.
 
 Each base's record keeps the checksum of the bytes the source served
@@ -36,13 +48,14 @@ import typing
 
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import locks as cache_locks
-from imagebackend.cache import remove as cache_remove
+from imagebackend.cache import results
+from imagebackend.cache import scan as cache_scan
+from imagebackend.cache import store as cache_store
+from imagebackend.cache import usage as cache_usage
 from imagebackend.common import digest
 from imagebackend import exception
 from imagebackend import inspection
-
-if typing.TYPE_CHECKING:
-    from imagebackend import cache
+from imagebackend.qemu import img as qemu_img
 
 LOG = logging.getLogger(__name__)
 
@@ -86,200 +99,209 @@ def _converted(record: dict) -> bool:
         return True
 
 
-def check_base(c: "cache.ImageCache", f: cache_layout.CachedFile
-               ) -> tuple[str, str, str | None]:
-    """Verify original base ``f``.
+class Verifier:
+    """Checks the bases of one cache against their records, and repairs.
 
-    :returns: ``(status, detail, (scheme, sparse digest) or None)``;
-        status is ``ok``, ``corrupt`` or ``unverified``.
+    :param store: the cache's paths and locks.
+    :param qemu: runs ``qemu-img check`` on non-raw bases.
+    :param scanner: finds the disks that use a corrupt base.
     """
-    record = f.record
-    if not f.trusted:
-        return ("unverified", "it has no valid metadata record (missing, "
-                "unreadable, a symlink or of the wrong shape), so nothing "
-                "can vouch for its bytes; it is never used again, and "
-                "'cache prune' removes it once no disk uses it", None)
-    fmt = record["format"]
-    checksum = record.get("checksum") or {}
-    converted = _converted(record)
-    algos = [] if converted or not checksum.get("value") else [
-        checksum.get("algo") or "sha256"]
-    recorded = _recorded_sparse(record) if not algos else None
-    scheme = recorded[0] if recorded else digest.SPARSE
-    try:
-        found = digests(f.path, algos, sparse=fmt == "raw", scheme=scheme)
-    except ValueError:
-        return ("unverified", "its record names an unknown hash algorithm "
-                "%r" % (algos[0] if algos else scheme), None)
-    problems = []
-    status = "ok"
-    if algos:
-        actual = found["full"][algos[0]]
-        if actual != checksum["value"].lower():
-            problems.append("its %s is %s, the image's is %s"
-                            % (algos[0], actual, checksum["value"]))
-    elif recorded is None:
-        status = "unverified"
-        problems.append("no digest of the converted base is recorded; "
-                        "invalidate the image to fetch it again")
-    elif found["sparse"] != recorded[1]:
-        problems.append("its content digest is %s, the record says %s"
-                        % (found["sparse"], recorded[1]))
-    if fmt == "raw" and record.get("virtual_size") not in (None,
-                                                           found["size"]):
-        problems.append("it is %d bytes long, the record says %d"
-                        % (found["size"], record["virtual_size"]))
-    problems += _qemu_check(c, f.path, fmt)
-    if problems and status == "ok":
-        status = "corrupt"
-    sparse = None
-    if status == "ok" and found["sparse"] is not None:
-        sparse = (scheme, found["sparse"])
-    return status, "; ".join(problems), sparse
 
+    def __init__(self, store: cache_store.Store, qemu: qemu_img.QemuImg,
+                 scanner: cache_usage.UsageScanner) -> None:
+        self.store = store
+        self.qemu = qemu
+        self.scanner = scanner
 
-def check_sized(c: "cache.ImageCache", f: cache_layout.CachedFile,
-                expected: tuple[str, str] | None) -> tuple[str, str]:
-    """Verify sized base ``f`` against the digest in its own record, or
-    else its original's sparse digest ``expected`` (``(scheme, value)``).
-    """
-    own = f.own_record
-    fmt = (own or f.record).get("format") or "raw"
-    if own is not None:
-        expected = (own["digest"]["scheme"], own["digest"]["value"])
-    elif fmt != "raw" or expected is None:
-        return ("unverified", "it has no valid record of its own, and its "
-                "original base's digest is not known; invalidate the image "
-                "to make it again")
-    try:
-        found = digests(f.path, scheme=expected[0])
-    except ValueError:
-        return ("unverified", "its record names an unknown digest scheme "
-                "%r" % expected[0])
-    problems = []
-    if found["sparse"] != expected[1]:
-        problems.append("its content differs from what its %s records"
-                        % ("own record" if own is not None
-                           else "original base's record"))
-    if fmt == "raw" and found["size"] != f.name.size:
-        problems.append("it is %d bytes long, its name says %d"
-                        % (found["size"], f.name.size))
-    problems += _qemu_check(c, f.path, fmt)
-    return ("corrupt" if problems else "ok"), "; ".join(problems)
+    def check_base(self, f: cache_scan.CachedFile
+                   ) -> tuple[str, str, tuple[str, str] | None]:
+        """Verify original base ``f``.
 
-
-def _qemu_check(c, path, fmt) -> list[str]:
-    if fmt == "raw":
-        return []
-    try:
-        result = c.qemu.check(path, fmt)
-    except exception.QemuImgError as exc:
-        return ["qemu-img check failed: %s" % exc.message]
-    if result.corruptions or result.check_errors:
-        return ["qemu-img check found %d corruption(s) and %d error(s)"
-                % (result.corruptions, result.check_errors)]
-    return []
-
-
-def verify(c: "cache.ImageCache", image_ids: list[str] | None = None, *,
-           repair: bool = False) -> list[dict]:
-    """Verify the bases of ``image_ids`` (default: every base).
-
-    :returns: one row per file: ``image_id``, ``kind``, ``generation``,
-        ``file``, ``status`` (``ok``, ``corrupt``, ``unverified``, ``not
-        cached``), ``detail`` and ``action`` (what ``repair`` did).
-    """
-    wanted = None
-    if image_ids:
-        wanted = {cache_layout.cache_id(i): i for i in image_ids}
-    layout = cache_layout.scan(c.base_dir)
-    files = [f for f in layout.bases if wanted is None or f.cid in wanted]
-    rows, sparse = [], {}
-    for f in sorted(files, key=lambda f: (f.kind != "base", f.name.name)):
+        :returns: ``(status, detail, (scheme, sparse digest) or None)``;
+            status is ``ok``, ``corrupt`` or ``unverified``.
+        """
+        record = f.record
+        if not f.trusted:
+            return ("unverified", "it has no valid metadata record (missing, "
+                    "unreadable, a symlink or of the wrong shape), so nothing "
+                    "can vouch for its bytes; it is never used again, and "
+                    "'cache prune' removes it once no disk uses it", None)
+        fmt = record["format"]
+        checksum = record.get("checksum") or {}
+        converted = _converted(record)
+        algos = [] if converted or not checksum.get("value") else [
+            checksum.get("algo") or "sha256"]
+        recorded = _recorded_sparse(record) if not algos else None
+        scheme = recorded[0] if recorded else digest.SPARSE
         try:
-            if f.kind == "base":
-                status, detail, digest = check_base(c, f)
-                if digest is not None:
-                    sparse[f.name.stem] = digest
-            else:
-                # A raw sized base has its original's sparse digest: the
-                # one just verified, or else the one recorded for a
-                # converted base.
-                expected = (sparse.get(f.name.stem)
-                            or (_recorded_sparse(f.record) if f.trusted
-                                else None))
-                status, detail = check_sized(c, f, expected)
-        except FileNotFoundError:
-            if os.path.lexists(f.path):
-                raise
-            # Pruned (or invalidated) while we read it: nothing to verify.
-            LOG.info("Cached %s %s was removed while it was being "
-                     "verified", f.kind, f.path)
-            continue
-        if status == "corrupt":
-            LOG.warning("Cached %s %s is corrupt: %s", f.kind, f.path,
-                        detail)
-        rows.append({"image_id": f.image_id, "kind": f.kind,
-                     "generation": f.generation, "file": f.path,
-                     "status": status, "detail": detail, "action": None,
-                     "_file": f})
-    present = {f.cid for f in files}
-    for cid, image_id in (wanted or {}).items():
-        if cid not in present:
-            rows.append({"image_id": image_id, "kind": None,
-                         "generation": None, "file": None,
-                         "status": "not cached", "detail": "",
-                         "action": None})
-    corrupt = [r for r in rows if r["status"] == "corrupt"]
-    if repair and corrupt:
-        usage = c.scanner.scan()
-        for row in corrupt:
-            users = usage.of(row["_file"].name.name)
-            if usage.unreadable and not users:
-                users = ["an unknown disk (cannot read %s)"
-                         % ", ".join(usage.unreadable)]
-            row["action"] = _repair(c, row["_file"], users)
-    if repair:
-        for row in rows:
-            if row["status"] == "unverified" and row.get("_file"):
-                row["action"] = _mark_unverifiable(c, row["_file"])
-    for row in rows:
-        row.pop("_file", None)
-    return rows
+            found = digests(f.path, algos, sparse=fmt == "raw", scheme=scheme)
+        except ValueError:
+            return ("unverified", "its record names an unknown hash algorithm "
+                    "%r" % (algos[0] if algos else scheme), None)
+        problems = []
+        status = "ok"
+        if algos:
+            actual = found["full"][algos[0]]
+            if actual != checksum["value"].lower():
+                problems.append("its %s is %s, the image's is %s"
+                                % (algos[0], actual, checksum["value"]))
+        elif recorded is None:
+            status = "unverified"
+            problems.append("no digest of the converted base is recorded; "
+                            "invalidate the image to fetch it again")
+        elif found["sparse"] != recorded[1]:
+            problems.append("its content digest is %s, the record says %s"
+                            % (found["sparse"], recorded[1]))
+        if fmt == "raw" and record.get("virtual_size") not in (None,
+                                                               found["size"]):
+            problems.append("it is %d bytes long, the record says %d"
+                            % (found["size"], record["virtual_size"]))
+        problems += self._qemu_check(f.path, fmt)
+        if problems and status == "ok":
+            status = "corrupt"
+        sparse = None
+        if status == "ok" and found["sparse"] is not None:
+            sparse = (scheme, found["sparse"])
+        return status, "; ".join(problems), sparse
 
+    def check_sized(self, f: cache_scan.CachedFile,
+                    expected: tuple[str, str] | None) -> tuple[str, str]:
+        """Verify sized base ``f`` against the digest in its own record, or
+        else its original's sparse digest ``expected`` (``(scheme, value)``).
+        """
+        own = f.own_record
+        fmt = (own or f.record).get("format") or "raw"
+        if own is not None:
+            expected = (own["digest"]["scheme"], own["digest"]["value"])
+        elif fmt != "raw" or expected is None:
+            return ("unverified", "it has no valid record of its own, and "
+                    "its original base's digest is not known; invalidate the "
+                    "image to make it again")
+        try:
+            found = digests(f.path, scheme=expected[0])
+        except ValueError:
+            return ("unverified", "its record names an unknown digest scheme "
+                    "%r" % expected[0])
+        problems = []
+        if found["sparse"] != expected[1]:
+            problems.append("its content differs from what its %s records"
+                            % ("own record" if own is not None
+                               else "original base's record"))
+        if fmt == "raw" and found["size"] != f.name.size:
+            problems.append("it is %d bytes long, its name says %d"
+                            % (found["size"], f.name.size))
+        problems += self._qemu_check(f.path, fmt)
+        return ("corrupt" if problems else "ok"), "; ".join(problems)
 
-def _mark_unverifiable(c, f) -> str | None:
-    """Mark the generation of an unverifiable file stale, under the
-    image's locks; nothing is moved.
-    """
-    if f.record.get("stale"):
-        return None     # already never used again
-    try:
-        with cache_remove.exclusive_image(c, f.cid):
-            record_path = c.base_path(f.name.stem) + ".json"
-            if f.trusted:
-                c.mark_stale(f.name.stem, "unverifiable")
-            else:
-                cache_layout.write_stale_record(
-                    record_path, f.image_id or "", f.generation,
-                    "unverifiable: no valid record")
-    except cache_locks.Busy:
-        return "busy (a disk is being made from it); run again"
-    return "marked stale, left in place; new disks use a fresh copy"
+    def _qemu_check(self, path, fmt) -> list[str]:
+        if fmt == "raw":
+            return []
+        try:
+            result = self.qemu.check(path, fmt)
+        except exception.QemuImgError as exc:
+            return ["qemu-img check failed: %s" % exc.message]
+        if result.corruptions or result.check_errors:
+            return ["qemu-img check found %d corruption(s) and %d error(s)"
+                    % (result.corruptions, result.check_errors)]
+        return []
 
+    def verify(self, wanted: dict[str, str] | None = None, *,
+               repair: bool = False) -> results.Verification:
+        """Verify the bases of the images ``wanted`` (cache id -> image id;
+        default: every base).
 
-def _repair(c, f, users) -> str:
-    try:
-        with cache_remove.exclusive_image(c, f.cid):
-            users = users or c.scanner.users_of(f.cid, f.name.name)
-            c.mark_stale(f.name.stem, "corrupt")
-            if users:
-                return ("in use by %s: left in place, marked stale; new "
-                        "disks use a fresh copy" % ", ".join(users))
-            aside = f.path + ".corrupt"
-            os.rename(f.path, aside)
-    except cache_locks.Busy:
-        return "busy (a disk is being made from it); run again"
-    LOG.warning("Moved corrupt cached %s %s aside to %s", f.kind, f.path,
-                aside)
-    return "moved aside to %s" % aside
+        :returns: one :class:`~imagebackend.cache.results.VerifiedFile` per
+            file, and one per wanted image that is not cached.
+        """
+        layout = cache_scan.scan(self.store.base_dir)
+        files = [f for f in layout.bases if wanted is None or f.cid in wanted]
+        rows: list = []
+        sparse: dict = {}
+        for f in sorted(files, key=lambda f: (f.kind != "base", f.name.name)):
+            try:
+                if f.kind == "base":
+                    status, detail, found = self.check_base(f)
+                    if found is not None:
+                        sparse[f.name.stem] = found
+                else:
+                    # A raw sized base has its original's sparse digest: the
+                    # one just verified, or else the one recorded for a
+                    # converted base.
+                    expected = (sparse.get(f.name.stem)
+                                or (_recorded_sparse(f.record) if f.trusted
+                                    else None))
+                    status, detail = self.check_sized(f, expected)
+            except FileNotFoundError:
+                if os.path.lexists(f.path):
+                    raise
+                # Pruned (or invalidated) while we read it: nothing to verify.
+                LOG.info("Cached %s %s was removed while it was being "
+                         "verified", f.kind, f.path)
+                continue
+            if status == "corrupt":
+                LOG.warning("Cached %s %s is corrupt: %s", f.kind, f.path,
+                            detail)
+            rows.append((results.VerifiedFile(
+                image_id=f.image_id, kind=f.kind, generation=f.generation,
+                file=f.path, status=status, detail=detail), f))
+        present = {f.cid for f in files}
+        for cid, image_id in (wanted or {}).items():
+            if cid not in present:
+                rows.append((results.VerifiedFile(
+                    image_id=image_id, kind=None, generation=None, file=None,
+                    status="not cached"), None))
+        if repair:
+            self._repair_all(rows)
+        return results.Verification(files=[row for row, _ in rows])
+
+    def _repair_all(self, rows) -> None:
+        """Repair the corrupt files of ``rows`` (``(VerifiedFile,
+        CachedFile)`` pairs), then mark the unverifiable ones stale.
+        """
+        corrupt = [(row, f) for row, f in rows if row.status == "corrupt"]
+        if corrupt:
+            usage = self.scanner.scan()
+            for row, f in corrupt:
+                users = usage.of(f.name.name)
+                if usage.unreadable and not users:
+                    users = ["an unknown disk (cannot read %s)"
+                             % ", ".join(usage.unreadable)]
+                row.action = self._repair(f, users)
+        for row, f in rows:
+            if row.status == "unverified" and f is not None:
+                row.action = self._mark_unverifiable(f)
+
+    def _mark_unverifiable(self, f) -> str | None:
+        """Mark the generation of an unverifiable file stale, under the
+        image's locks; nothing is moved.
+        """
+        if f.record.get("stale"):
+            return None     # already never used again
+        try:
+            with self.store.exclusive_image(f.cid):
+                record_path = self.store.base_path(f.name.stem) + ".json"
+                if f.trusted:
+                    self.store.mark_stale(f.name.stem, "unverifiable")
+                else:
+                    cache_layout.write_stale_record(
+                        record_path, f.image_id or "", f.generation,
+                        "unverifiable: no valid record")
+        except cache_locks.Busy:
+            return "busy (a disk is being made from it); run again"
+        return "marked stale, left in place; new disks use a fresh copy"
+
+    def _repair(self, f, users) -> str:
+        try:
+            with self.store.exclusive_image(f.cid):
+                users = users or self.scanner.users_of(f.cid, f.name.name)
+                self.store.mark_stale(f.name.stem, "corrupt")
+                if users:
+                    return ("in use by %s: left in place, marked stale; new "
+                            "disks use a fresh copy" % ", ".join(users))
+                aside = f.path + ".corrupt"
+                os.rename(f.path, aside)
+        except cache_locks.Busy:
+            return "busy (a disk is being made from it); run again"
+        LOG.warning("Moved corrupt cached %s %s aside to %s", f.kind, f.path,
+                    aside)
+        return "moved aside to %s" % aside

@@ -101,7 +101,7 @@ def make_cache(conf, with_source: bool = False) -> image_cache.ImageCache:
 
 
 def list_cache(args, conf) -> list[dict]:
-    return make_cache(conf).list()
+    return [entry.to_dict() for entry in make_cache(conf).entries()]
 
 
 def _json(args) -> bool:
@@ -132,7 +132,7 @@ def prune_cache(args, conf):
 
 
 def invalidate_image(args, conf):
-    result = make_cache(conf).invalidate(args.image_id)
+    result = make_cache(conf).invalidate(args.image_id).to_dict()
     if _json(args):
         return result
     rows = [{"action": "marked stale", "file": path}
@@ -145,11 +145,11 @@ def invalidate_image(args, conf):
 
 
 def verify_cache(args, conf) -> list[dict]:
-    rows = make_cache(conf).verify(args.image_ids or None,
-                                   repair=args.repair)
-    if any(row["status"] in ("corrupt", "unverified") for row in rows):
+    report = make_cache(conf).verify(args.image_ids or None,
+                                     repair=args.repair)
+    if report.failed:
         args.exit_status = 1
-    return rows
+    return [checked.to_dict() for checked in report.files]
 
 
 def prefetch_images(args, conf) -> list[dict]:
@@ -157,18 +157,20 @@ def prefetch_images(args, conf) -> list[dict]:
     bar = output.ProgressBar(args)
     progress = _PrefetchProgress(bar, len(set(args.image_ids)))
     try:
-        rows = cache.prefetch(args.image_ids, parallel=args.parallel,
-                              progress=progress)
+        report = cache.prefetch(args.image_ids, parallel=args.parallel,
+                                progress=progress)
     finally:
         bar.close()
-    if any(row.get("error") for row in rows):
+    if report.failed:
         args.exit_status = 1
-    return rows
+    return [image.to_dict() for image in report.images]
 
 
 class _PrefetchProgress:
     """Adds the downloads running in parallel into one progress line,
-    labelled with the number of images started.
+    labelled with the number of images started.  Called with the stages
+    the cache labels with their image (``"download <image id>"``, see
+    :func:`imagebackend.common.progress.labelled`).
     """
 
     def __init__(self, bar, count: int) -> None:
@@ -177,8 +179,9 @@ class _PrefetchProgress:
         self.done: dict[str, tuple[int, int | None]] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, image_id, stage, done, total) -> None:
-        if stage != "fetch":
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        operation, _, image_id = stage.partition(" ")
+        if operation != "download":
             return
         with self._lock:
             self.done[image_id] = (done, total)

@@ -20,6 +20,7 @@ against the hash Glance records, whatever its algorithm.
 ``sparse-64k`` is the same over SHA-256, which records of earlier releases
 name; it is still verified, never written.
 
+:func:`cache_id` names an image in the cache (the sha1 of its id).
 :func:`new` makes a hasher for any :mod:`hashlib` algorithm or either
 sparse scheme, with ``update`` and ``hexdigest``.
 """
@@ -36,7 +37,9 @@ SPARSE = "sparse-64k-xxh3"
 #: the SHA-256 sparse scheme of earlier records.
 SPARSE_SHA256 = "sparse-64k"
 _SCHEMES = {SPARSE: xxhash.xxh3_128, SPARSE_SHA256: hashlib.sha256}
-BLOCK = fileio.ZERO_BLOCK
+# The digest's block is the unit in which zeros are skipped: the one the
+# sparse writer leaves holes in.
+_BLOCK = fileio.ZERO_BLOCK
 # Reads of a file's data extents, at most this much at a time.
 _READ = 4 * 1024 * 1024
 
@@ -57,31 +60,31 @@ class SparseDigest:
     def update(self, data) -> None:
         view = memoryview(data).cast("B")
         if self._pending:
-            take = min(BLOCK - len(self._pending), len(view))
+            take = min(_BLOCK - len(self._pending), len(view))
             self._pending += view[:take]
             view = view[take:]
-            if len(self._pending) < BLOCK:
+            if len(self._pending) < _BLOCK:
                 return
             self._block(self._pending, self._base)
-            self._base += BLOCK
+            self._base += _BLOCK
             self._pending = bytearray()
-        whole = len(view) - len(view) % BLOCK
+        whole = len(view) - len(view) % _BLOCK
         # A chunk of zeros (a hole read by the source) is skipped whole.
         if whole and not fileio.all_zeros(view[:whole]):
-            for i in range(0, whole, BLOCK):
-                self._block(view[i:i + BLOCK], self._base + i)
+            for i in range(0, whole, _BLOCK):
+                self._block(view[i:i + _BLOCK], self._base + i)
         self._base += whole
         self._pending = bytearray(view[whole:])
 
     def zeros(self, count: int) -> None:
         """Account for ``count`` zero bytes without reading them."""
         if self._pending:
-            take = min(BLOCK - len(self._pending), count)
+            take = min(_BLOCK - len(self._pending), count)
             self.update(memoryview(fileio.HOLE)[:take])
             count -= take
             if self._pending:       # still short of a whole block
                 return
-        whole = count - count % BLOCK
+        whole = count - count % _BLOCK
         self._base += whole
         self._pending = bytearray(count - whole)
 
@@ -96,6 +99,14 @@ class SparseDigest:
             final.update(self._base.to_bytes(8, "big"))
             final.update(self._pending)
         return final.hexdigest()
+
+
+def cache_id(image_id: str) -> str:
+    """The name the cache (and an image source's memo) gives image
+    ``image_id``: the sha1 of its id (UTF-8), in hex.  A name of fixed
+    length and alphabet whatever the id holds.
+    """
+    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()
 
 
 def new(algo: str):

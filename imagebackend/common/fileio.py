@@ -412,6 +412,60 @@ def publish(tmp: str, final: str) -> None:
         raise
 
 
+# Errors of linkat() by descriptor that mean "no hard link here" (or no
+# /proc to link through), not "the name exists": then a no-replace rename
+# is tried instead.
+_NO_FD_LINK = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV,
+               errno.EMLINK, errno.ENOENT, errno.EACCES)
+
+
+def publish_fd(fd: int, path: str, final: str) -> bool:
+    """Give the open file ``fd`` (whose name is ``path``, in the same
+    directory as ``final``) the name ``final`` unless ``final`` exists,
+    never replacing anything and never after a look-then-rename.
+
+    The file is linked by its descriptor, so what is published is exactly
+    the inode the caller checked, whatever happened to ``path``; ``path`` is
+    then removed.  Where the filesystem has no hard links,
+    ``renameat2(RENAME_NOREPLACE)`` of ``path`` is used, after checking
+    that ``path`` is still that inode.  Unlike :func:`publish`, there is
+    no fallback that a concurrent writer could race, and the directory is
+    not fsynced (the caller does it once).
+
+    :returns: True when published, False when ``final`` exists (``path``
+        is left for the caller to remove).
+    :raises OSError: neither a hard link nor a no-replace rename is
+        possible on this filesystem (``EINVAL``/``ENOSYS``), or another
+        error.
+    """
+    directory, name = os.path.split(final)
+    dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY
+                     | os.O_CLOEXEC)
+    try:
+        # dst_dir_fd makes Python call linkat(..., AT_SYMLINK_FOLLOW), which
+        # links the file /proc/self/fd/N refers to.
+        os.link("/proc/self/fd/%d" % fd, name, dst_dir_fd=dir_fd)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_FD_LINK:
+            raise
+        LOG.debug("Cannot hard-link into %s (%s); renaming without "
+                  "replacing instead", directory, exc)
+        if not os.path.samestat(os.fstat(fd), os.lstat(path)):
+            raise OSError(errno.ESTALE, "scratch file was replaced",
+                          path) from exc
+        try:
+            renameat2_noreplace(path, final)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.close(dir_fd)
+    remove_quietly(path)
+    return True
+
+
 def remove_if_same(path: str, st: os.stat_result) -> bool:
     """Remove ``path`` only if it is the file ``st`` describes.
 

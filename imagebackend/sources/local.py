@@ -17,7 +17,6 @@ hash is verified against the download.
 """
 
 import errno
-import hashlib
 import logging
 import os
 import stat
@@ -224,7 +223,7 @@ class LocalSource(base.ImageSource):
             os.path.abspath(imagebackend.instances_path),
             imagebackend.base_dir_name,
             ".sources", "local",
-            hashlib.sha1(image_id.encode("utf-8")).hexdigest() + ".json")
+            content_digest.cache_id(image_id) + ".json")
 
     def _remembered(self, image_id, st):
         known = fileio.read_json(self._memo_path(image_id)) or {}

@@ -17,6 +17,7 @@ import pytest
 from imagebackend.backends import base as backends_base
 from imagebackend import cache
 from imagebackend.cache import layout as cache_layout
+from imagebackend.common import digest as content_digest
 from imagebackend import sources
 from tests.functional.fixtures import env as fenv
 
@@ -54,11 +55,11 @@ def create(dep, image_id, name, backend="qcow2", size=DISK, path=None):
 
 def base(dep, image_id, generation=1):
     return os.path.join(dep.base_dir, cache_layout.stem(
-        cache.cache_id(image_id), generation))
+        content_digest.cache_id(image_id), generation))
 
 
 def converts(dep, image_id):
-    cid = cache.cache_id(image_id)
+    cid = content_digest.cache_id(image_id)
     return [c for c in dep.qemu_calls()
             if c.startswith("convert") and cid in c]
 
@@ -185,7 +186,7 @@ def _prune_in_child(config_file, stop, ready, queue):
 def _prune_until(c, stop, ready):
     runs, removed = 0, []
     while not stop.is_set():
-        removed += [r["file"] for r in c.prune().removed]
+        removed += [r.file for r in c.prune().removed]
         runs += 1
         ready.set()
         time.sleep(0.02)
@@ -241,7 +242,7 @@ def test_prune_racing_sixteen_creates_removes_nothing_in_use(dep):
     # Whatever the pruners removed, no disk was using it.
     assert not backing & set(removed + local_removed)
     final = cache.ImageCache(dep.conf()).prune()
-    assert not backing & {r["file"] for r in final.removed}
+    assert not backing & {r.file for r in final.removed}
 
 
 def test_space_eviction_removes_least_recently_used_first(dep):
@@ -260,8 +261,8 @@ def test_space_eviction_removes_least_recently_used_first(dep):
 
     report = cache.ImageCache(conf).prune()
     # q is the oldest but in use; r then s are the least recently used.
-    assert [r["file"] for r in report.removed] == [base(dep, "r.raw"),
-                                                   base(dep, "s.raw")]
+    assert [r.file for r in report.removed] == [base(dep, "r.raw"),
+                                                base(dep, "s.raw")]
     assert report.bytes_freed == 2 * one
     assert report.space_target_met is True
     assert os.path.exists(base(dep, "q.raw"))
@@ -269,13 +270,13 @@ def test_space_eviction_removes_least_recently_used_first(dep):
 
     conf.set_override("max_size", "1", group="image_cache")
     report = cache.ImageCache(conf).prune()
-    assert [r["file"] for r in report.removed] == [base(dep, "p.raw")]
+    assert [r.file for r in report.removed] == [base(dep, "p.raw")]
     assert report.space_target_met is False
 
 
 def test_orphaned_scratch_and_lock_files_go_unless_their_lock_is_held(dep):
     c = cache.ImageCache(dep.conf())
-    c.ensure_dirs()
+    c.store.ensure_dirs()
     orphans = [base(dep, "gone.raw") + ".part",
                base(dep, "gone.qcow2", 3) + ".converted",
                base(dep, "x.raw") + "_%d.part" % DISK]
@@ -289,15 +290,16 @@ def test_orphaned_scratch_and_lock_files_go_unless_their_lock_is_held(dep):
             f.write(b"half a download")
         if path != running:
             os.utime(path, (old, old))
-    gone = cache.cache_id("old.raw")
+    gone = content_digest.cache_id("old.raw")
     stale_locks = [os.path.join(c.lock_dir, "imagebackend-" + gone),
                    os.path.join(c.lock_dir, "imagebackend-use-" + gone)]
     for path in stale_locks:
         open(path, "w").close()
     busy_lock = os.path.join(c.lock_dir, "imagebackend-" +
-                             cache.cache_id("busy.raw"))
+                             content_digest.cache_id("busy.raw"))
 
-    with c.lock(cache.cache_id("busy.raw")):    # a download in progress
+    # A download in progress:
+    with c.store.lock(content_digest.cache_id("busy.raw")):
         report = dep.cli_json("cache", "prune")
         assert os.path.exists(busy) and os.path.exists(busy_lock)
     assert sorted(r["file"] for r in report["removed"]) == sorted(orphans)

@@ -25,9 +25,9 @@ import time
 import pytest
 
 from imagebackend.backends import base as backends_base
-from imagebackend import cache
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import verify as cache_verify
+from imagebackend.common import digest as content_digest
 from tests.functional.fixtures import env as fenv
 
 MiB = fenv.MiB
@@ -53,7 +53,7 @@ def dep(tmp_path):
 
 def base(dep, image_id, generation=1):
     return os.path.join(dep.base_dir, cache_layout.stem(
-        cache.cache_id(image_id), generation))
+        content_digest.cache_id(image_id), generation))
 
 
 def target(dep, name):
@@ -127,7 +127,7 @@ def register_raw(dep, image_id, disk):
     """The registry's record of raw disk ``disk``, as the raw backend
     writes it: ``format`` raw.
     """
-    cid = cache.cache_id(image_id)
+    cid = content_digest.cache_id(image_id)
     directory = os.path.join(dep.base_dir, ".disks", cid)
     os.makedirs(directory, exist_ok=True)
     key = hashlib.sha1(disk.encode("utf-8")).hexdigest()
@@ -166,7 +166,7 @@ def test_a_pruned_generation_number_is_never_reused(dep):
     assert not os.path.exists(first)
     assert same(source, "raw", disk.path)
     claims = os.path.join(dep.base_dir, ".generations",
-                          cache.cache_id("g.raw"))
+                          content_digest.cache_id("g.raw"))
     assert sorted(os.listdir(claims)) == ["1", "2"]
     # The claims survive any prune.
     run(dep, "cache", "invalidate", "g.raw")
@@ -266,7 +266,7 @@ def test_a_planted_header_in_a_registered_raw_disk_pins_nothing(dep):
         assert f.read(len(header)) == header     # never touched
     # The registry keeps the record while the disk exists.
     assert os.listdir(os.path.join(dep.base_dir, ".disks",
-                                   cache.cache_id("guest.raw")))
+                                   content_digest.cache_id("guest.raw")))
 
 
 @pytest.mark.parametrize("planted", [
@@ -370,7 +370,7 @@ def test_a_sized_base_stays_verifiable_after_its_original_is_pruned(dep):
     disk = create(dep, "s.raw", "vm1", "cached-base")
     sized = disk.backing_file
     assert sized == base(dep, "s.raw") + "_%d" % DISK
-    _write_sized_record(sized, "s.raw", cache.cache_id("s.raw"), DISK)
+    _write_sized_record(sized, "s.raw", content_digest.cache_id("s.raw"), DISK)
     code, report = run_json(dep, "cache", "prune")
     assert [r["file"] for r in report["removed"]] == [base(dep, "s.raw")]
 
@@ -390,7 +390,7 @@ def test_a_sized_base_stays_verifiable_after_its_original_is_pruned(dep):
     code, rows = run_json(dep, "cache", "verify")
     assert (code, [r["status"] for r in rows]) == (1, ["unverified"])
 
-    _write_sized_record(sized, "s.raw", cache.cache_id("s.raw"), DISK)
+    _write_sized_record(sized, "s.raw", content_digest.cache_id("s.raw"), DISK)
     os.unlink(disk.path)
     code, report = run_json(dep, "cache", "prune")
     assert [r["file"] for r in report["removed"]] == [sized]

@@ -27,6 +27,7 @@ import time
 import pytest
 
 from imagebackend import cache
+from imagebackend.common import digest as content_digest
 from tests.functional.fixtures import env as fenv
 
 MiB = fenv.MiB
@@ -249,8 +250,8 @@ def test_targets_inside_the_cache_are_refused(dep):
     os.symlink(dep.base_dir, os.path.join(dep.instances, "vm-link"))
     for target in (os.path.join(dep.base_dir, "x"),
                    os.path.join(dep.base_dir, "new", "x"),
-                   os.path.join(dep.base_dir, cache.cache_id("guest.raw")
-                                + "-9"),
+                   os.path.join(dep.base_dir,
+                                content_digest.cache_id("guest.raw") + "-9"),
                    os.path.join(dep.instances, "locks", "x"),
                    os.path.join(dep.instances, "vm-link", "x")):
         message = _fails_cleanly(dep, "guest.raw", target, "--size", "1G")

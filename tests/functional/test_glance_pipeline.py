@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from imagebackend.backends import base as backends_base
-from imagebackend import cache
+from imagebackend.common import digest as content_digest
 from imagebackend import exception
 from imagebackend.sources import glance
 from tests.functional.fixtures import env as fenv
@@ -54,7 +54,7 @@ def test_disk_from_glance_image(deployment, images, backend_name, fmt):
     assert disk.cache_hit is False
     assert disk.virtual_size == GiB
     assert fenv.images_identical(original, fmt, target, disk.format)
-    base = os.path.join(deployment.base_dir, cache.cache_id(image_id))
+    base = os.path.join(deployment.base_dir, content_digest.cache_id(image_id))
     assert fenv.images_identical(original, fmt, base, "raw")
 
 

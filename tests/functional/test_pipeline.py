@@ -11,7 +11,7 @@ import os
 import pytest
 
 from imagebackend.backends import base as backends_base
-from imagebackend import cache
+from imagebackend.common import digest as content_digest
 from imagebackend import exception
 from tests import fakes
 from tests.functional.fixtures import env as fenv
@@ -58,7 +58,7 @@ class BackendContract:
         return os.path.join(self.dep.instances, name, "disk")
 
     def expected_backing(self, image_id, size):
-        cid = cache.cache_id(image_id)
+        cid = content_digest.cache_id(image_id)
         image_vsize = 64 * MiB
         if self.backend_name == "cached-base" and size != image_vsize:
             return os.path.join(self.dep.base_dir, "%s_%d" % (cid, size))
@@ -90,7 +90,7 @@ class BackendContract:
 
     def test_base_is_raw_with_a_metadata_record(self):
         self.backend().create_image("guest.qcow2", self.target(), GiB)
-        cid = cache.cache_id("guest.qcow2")
+        cid = content_digest.cache_id("guest.qcow2")
         base = os.path.join(self.dep.base_dir, cid)
         assert fenv.qemu_info(base, "raw")["virtual-size"] == 64 * MiB
         assert fenv.images_identical(self.qcow2_image, "qcow2", base, "raw")
@@ -164,7 +164,7 @@ class BackendContract:
     def test_force_raw_images_false_keeps_the_format(self):
         disk = self.backend(force_raw_images=False).create_image(
             "guest.qcow2", self.target(), GiB)
-        cid = cache.cache_id("guest.qcow2")
+        cid = content_digest.cache_id("guest.qcow2")
         base = os.path.join(self.dep.base_dir, cid)
         assert fenv.qemu_info(base, "qcow2")["format"] == "qcow2"
         assert fenv.images_identical(self.qcow2_image, "qcow2",
@@ -220,7 +220,7 @@ class TestCachedBaseBackend(BackendContract):
         backend.create_image("guest.qcow2", self.target("a"), GiB)
         backend.create_image("guest.qcow2", self.target("b"), GiB)
         backend.create_image("guest.qcow2", self.target("c"), 2 * GiB)
-        cid = cache.cache_id("guest.qcow2")
+        cid = content_digest.cache_id("guest.qcow2")
         sized = [n for n in self.dep.base_listing()
                  if "_" in n and not n.endswith(".json")]
         assert sized == ["%s_%d" % (cid, GiB), "%s_%d" % (cid, 2 * GiB)]
@@ -236,7 +236,7 @@ class TestRawBackend(BackendContract):
 
     def test_copy_keeps_holes(self):
         disk = self.backend().create_image("guest.qcow2", self.target(), GiB)
-        cid = cache.cache_id("guest.qcow2")
+        cid = content_digest.cache_id("guest.qcow2")
         base = os.path.join(self.dep.base_dir, cid)
         assert (os.stat(disk.path).st_blocks
                 <= os.stat(base).st_blocks + 16)

@@ -27,6 +27,8 @@ import pytest
 from imagebackend import cache
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import locks as cache_locks
+from imagebackend.cache import verify as cache_verify
+from imagebackend.common import digest as content_digest
 from imagebackend import exception
 from imagebackend import sources
 from tests.functional.fixtures import env as fenv
@@ -46,12 +48,12 @@ def _fetch_in_child(config_file, lock_path, image_id, size, barrier, queue,
     locks in ``lock_path``; report what happened.
     """
     from imagebackend.backends import base as child_backends
-    from imagebackend.cache import locks as child_locks
+    from imagebackend.cache import lockdirs as child_lockdirs
     from imagebackend import exception as child_exc
     from imagebackend import opts
     if not detect_split:
         # Another host whose entry has expired: a split nobody can see.
-        child_locks.check_shared = lambda *args, **kwargs: None
+        child_lockdirs.check_shared = lambda *args, **kwargs: None
     conf = opts.new_conf(["--config-file", config_file])
     conf.set_override("lock_path", lock_path, group="oslo_concurrency")
     backend = child_backends.load(conf, "cached-base")
@@ -100,8 +102,8 @@ def test_two_lock_directories_never_publish_a_corrupt_base(dep, name):
         unclean = [r for r in results if r[0] != "ok"]
         assert not unclean, "round %d: %r" % (round_, unclean)
         c = cache.ImageCache(dep.conf())
-        rows = c.verify()
-        assert rows and all(r["status"] == "ok" for r in rows), rows
+        rows = c.verify().files
+        assert rows and all(r.status == "ok" for r in rows), rows
         for _, base, sized in results:
             assert fenv.images_identical(path, fmt, base, "raw")
             assert fenv.images_identical(path, fmt, sized, "raw")
@@ -110,7 +112,7 @@ def test_two_lock_directories_never_publish_a_corrupt_base(dep, name):
             assert record["size"] == 2 * SIZE
             assert record["base"] == os.path.basename(base)
             assert record["digest"]["scheme"] == "sparse-64k-xxh3"
-            assert record["digest"]["value"] == cache.cache_verify.digests(
+            assert record["digest"]["value"] == cache_verify.digests(
                 sized)["sparse"]
         # Nothing half-made under a final name, no scratch left behind.
         names = dep.base_listing()
@@ -150,8 +152,8 @@ def test_different_bytes_published_at_once_get_their_own_generations(
                            fenv.images_identical(theirs, "raw", b, "raw"))
                           for b in bases)
         assert contents == [(False, True), (True, False)], round_
-        rows = cache.ImageCache(dep.conf()).verify()
-        assert {r["status"] for r in rows} == {"ok"}, rows
+        rows = cache.ImageCache(dep.conf()).verify().files
+        assert {r.status for r in rows} == {"ok"}, rows
         for n in dep.base_listing():
             os.unlink(os.path.join(dep.base_dir, n))
 
@@ -186,7 +188,7 @@ def test_a_split_seen_only_after_both_published_is_still_refused(dep):
     refused = [r for r in results if r[0] == "clean error"]
     assert refused and all(r[1] == "SplitLockDirectory" for r in refused)
     c = cache.ImageCache(dep.conf())
-    assert all(r["status"] == "ok" for r in c.verify())
+    assert all(r.status == "ok" for r in c.verify())
 
 
 # -- bounded waits --------------------------------------------------------
@@ -205,11 +207,11 @@ def test_a_held_lock_is_waited_for_with_log_lines_then_refused(
     fenv.make_raw(os.path.join(dep.images, "a.raw"), SIZE)
     dep.write_config(imagebackend={"lock_wait_timeout": 2})
     c = cache.ImageCache(dep.conf(), sources.load(dep.conf()))
-    c.ensure_dirs()
+    c.store.ensure_dirs()
     ctx = multiprocessing.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()
     holder = ctx.Process(target=_hold_lock, args=(
-        c.lock_dir, cache.cache_id("a.raw"), ready, release))
+        c.lock_dir, content_digest.cache_id("a.raw"), ready, release))
     holder.start()
     try:
         assert ready.wait(30)

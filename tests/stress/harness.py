@@ -255,9 +255,8 @@ def base_problems(base_dir: str, images: dict[str, str]) -> list[str]:
 
 def verify_problems(dep: Deployment) -> list[str]:
     """``ImageCache.verify`` must find every base and sized base ``ok``."""
-    return ["verify: %s is %s (%s)" % (row["file"], row["status"],
-                                       row["detail"])
-            for row in dep.cache().verify() if row["status"] != "ok"]
+    return ["verify: %s is %s (%s)" % (row.file, row.status, row.detail)
+            for row in dep.cache().verify() if row.status != "ok"]
 
 
 def clean_error_problems(result, names: tuple[str, ...] = ()) -> list[str]:

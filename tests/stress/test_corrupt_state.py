@@ -28,8 +28,8 @@ import socket
 
 import pytest
 
-from imagebackend import cache
 from imagebackend.cache import verify as cache_verify
+from imagebackend.common import digest as content_digest
 from tests.stress import faults
 from tests.stress import harness
 
@@ -52,7 +52,8 @@ class _Cache:
         with open(self.secret, "w") as f:
             f.write('{"image_id": "%s", "secret": true}\n' % IMAGE)
         self.watch = faults.OpenWatch(self.secret)
-        self.base = os.path.join(self.dep.base_dir, cache.cache_id(IMAGE))
+        self.base = os.path.join(self.dep.base_dir,
+                                 content_digest.cache_id(IMAGE))
         self.problems = harness.Problems("corrupted cache state")
 
     def disk(self, name):
@@ -201,20 +202,18 @@ def test_bookkeeping_directories_replaced_by_symlinks(state):
     harness.write_image(os.path.join(dep.images, other), VIRTUAL, 2 * MiB,
                         seed=10)
     dep.cli("cache", "prefetch", other)
-    other_base = os.path.join(dep.base_dir, cache.cache_id(other))
+    other_base = os.path.join(dep.base_dir, content_digest.cache_id(other))
     victim = os.path.join(state.outside, "victim")
     # A record of this host for a disk that is gone (a pruner following
     # the link would delete it), and one of another host "using" the
     # other image's base (a pruner following it would keep that base).
     for cid, record in (
-            (cache.cache_id(IMAGE), {"disk": "/nonexistent/disk",
-                                     "host": socket.gethostname(),
-                                     "base": state.base,
-                                     "image_id": IMAGE}),
-            (cache.cache_id(other), {"disk": "/elsewhere/disk",
-                                     "host": "another-host",
-                                     "base": other_base,
-                                     "image_id": other})):
+            (content_digest.cache_id(IMAGE),
+             {"disk": "/nonexistent/disk", "host": socket.gethostname(),
+              "base": state.base, "image_id": IMAGE}),
+            (content_digest.cache_id(other),
+             {"disk": "/elsewhere/disk", "host": "another-host",
+              "base": other_base, "image_id": other})):
         os.makedirs(os.path.join(victim, cid))
         with open(os.path.join(victim, cid, "planted.json"), "w") as f:
             json.dump(record, f)
@@ -296,7 +295,7 @@ def test_nothing_but_the_cache_writes_in_base(state):
     other = "other.qcow2"
     harness.write_image(os.path.join(dep.images, other), VIRTUAL, 2 * MiB,
                         seed=12)
-    planted = os.path.join(dep.base_dir, cache.cache_id(other))
+    planted = os.path.join(dep.base_dir, content_digest.cache_id(other))
     attempts = [
         ("disk create under another image's final name",
          ("disk", "create", other, planted, "--size", VIRTUAL), planted),

@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from imagebackend import cache
+from imagebackend.common import digest as content_digest
 from tests.stress import harness
 
 MiB = harness.MiB
@@ -167,7 +167,7 @@ def test_full_filesystem_fails_cleanly_and_loses_nothing(tmp_path, small_fs,
         counter[0] += 1
         name = "f%04d.qcow2" % counter[0]
         os.link(source, os.path.join(dep.images, name))
-        images[cache.cache_id(name)] = source
+        images[content_digest.cache_id(name)] = source
         return name
 
     def argv(image_id, target):

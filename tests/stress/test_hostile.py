@@ -26,7 +26,7 @@ import subprocess
 
 import pytest
 
-from imagebackend import cache
+from imagebackend.common import digest as content_digest
 from tests.stress import faults
 from tests.stress import harness
 
@@ -69,7 +69,8 @@ class _Host:
                                    head=head)
 
     def base(self, image_id):
-        return os.path.join(self.dep.base_dir, cache.cache_id(image_id))
+        return os.path.join(self.dep.base_dir,
+                            content_digest.cache_id(image_id))
 
     def run(self, context, *argv, expect_ok=False):
         """Run the command line; it may succeed or fail cleanly, and must

@@ -27,7 +27,7 @@ import os
 
 import pytest
 
-from imagebackend import cache
+from imagebackend.common import digest as content_digest
 from tests.stress import faults
 from tests.stress import harness
 
@@ -64,7 +64,7 @@ class _Run:
     def add_image(self, name):
         path = os.path.join(self.dep.images, name)
         os.link(self.source, path)
-        self.images[cache.cache_id(name)] = self.source
+        self.images[content_digest.cache_id(name)] = self.source
         return name
 
     def target(self, i, inside):
@@ -77,7 +77,7 @@ class _Run:
 
     def watch(self, image_id, target):
         return faults.StepWatch(self.dep.base_dir, target,
-                                cache.cache_id(image_id))
+                                content_digest.cache_id(image_id))
 
 
 def _plan(i, line, rand, start):
@@ -176,7 +176,7 @@ def test_sigkill_at_random_instants_loses_nothing(tmp_path, source_image,
             os.unlink(run.live.pop(0))
         report = dep.cache().prune()
         for row in report.removed:
-            harness.STATS.add("prune after kills", "%s removed" % row["kind"])
+            harness.STATS.add("prune after kills", "%s removed" % row.kind)
         for disk in run.live + [anchor]:
             fmt = "qcow2" if disk == anchor or run.fmt == "qcow2" else "raw"
             image = source_image

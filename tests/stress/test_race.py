@@ -29,7 +29,7 @@ import time
 import pytest
 
 from imagebackend.backends import base as backends_base
-from imagebackend import cache
+from imagebackend.common import digest as content_digest
 from imagebackend import exception
 from imagebackend.sources import local
 from tests.stress import harness
@@ -92,11 +92,11 @@ def test_concurrent_creates_of_one_target_exactly_one_wins(tmp_path, image,
         os.link(image, os.path.join(dep.images, image_id))
         top = dep.instances if r % 2 == 0 else os.path.join(dep.root, "out")
         target = os.path.join(top, "vm%d" % r, "disk")
-        cid = cache.cache_id(image_id)
+        cid = content_digest.cache_id(image_id)
         lock_file = os.path.join(c.lock_dir, "imagebackend-" + cid)
         argv = ("disk", "create", image_id, target, "--size", SIZES[1],
                 "--backend", backend)
-        with c.lock(cid):
+        with c.store.lock(cid):
             running = [dep.popen(*argv) for _ in range(procs)]
             deadline = time.monotonic() + 120
             waiting = set()

@@ -7,7 +7,7 @@ from unittest import mock
 import pytest
 
 from imagebackend.backends import base
-from imagebackend import cache
+from imagebackend.common import digest as content_digest
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
 from tests import fakes
@@ -37,7 +37,7 @@ def test_qcow2_overlay_names_backing_file_and_format(tmp_path, qemu):
     backend = load(tmp_path, qemu, "qcow2")
     target = str(tmp_path / "vm" / "disk")
     disk = backend.create_image("img", target, 10 * MiB)
-    base_path = backend.cache.base_path(cache.cache_id("img"))
+    base_path = backend.cache.base_path(content_digest.cache_id("img"))
     # Built under a hidden temporary name beside the target, then named.
     qemu.create.assert_called_once_with(mock.ANY, "qcow2", 10 * MiB,
                                         backing_file=base_path,
@@ -113,7 +113,7 @@ def records_of(backend, target):
 def test_intent_is_recorded_before_the_overlay_names_a_base(tmp_path, qemu):
     backend = load(tmp_path, qemu, "qcow2")
     target = tmp_path / "vm" / "disk"
-    base_path = backend.cache.base_path(cache.cache_id("img"))
+    base_path = backend.cache.base_path(content_digest.cache_id("img"))
     seen = []
 
     def create(path, fmt, size=None, **kwargs):
@@ -158,7 +158,7 @@ def test_a_target_taken_meanwhile_is_left_alone(tmp_path, qemu, name):
 
     def racing(base_path, base_format, path, size):
         target.write_bytes(b"theirs")
-        theirs.append(registry.add(cache.cache_id("img"), "img",
+        theirs.append(registry.add(content_digest.cache_id("img"), "img",
                                    str(target), base_path))
         create_disk(base_path, base_format, path, size)
     backend.create_disk = racing
@@ -211,7 +211,7 @@ def test_prune_during_a_creation_keeps_its_record_and_base(tmp_path, qemu):
 def test_target_inside_the_cache_or_lock_directory_is_refused(tmp_path,
                                                               qemu):
     backend = load(tmp_path, qemu, "raw")
-    backend.cache.ensure_dirs()
+    backend.cache.store.ensure_dirs()
     base_dir = backend.cache.base_dir
     os.symlink(base_dir, str(tmp_path / "link"))
     targets = [os.path.join(base_dir, "x"), base_dir,

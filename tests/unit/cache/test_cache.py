@@ -7,10 +7,13 @@ import os
 import re
 from unittest import mock
 
+from oslo_config import cfg
 import pytest
 
 from imagebackend import cache
+from imagebackend.cache import generations as cache_generations
 from imagebackend.cache import layout as cache_layout
+from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
 from imagebackend import exception
 from imagebackend import inspection
@@ -42,10 +45,6 @@ def base_files(c):
     return sorted(n for n in os.listdir(c.base_dir) if not n.startswith("."))
 
 
-def test_cache_id_is_sha1_of_the_image_id():
-    assert cache.cache_id("abc") == "a9993e364706816aba3e25717850c26c9cd0d89d"
-
-
 def test_raw_image_is_published_by_rename_without_qemu(tmp_path, qemu):
     c, source = make_cache(tmp_path, qemu)
     entry, hit = c.get("raw-img")
@@ -55,7 +54,7 @@ def test_raw_image_is_published_by_rename_without_qemu(tmp_path, qemu):
     with open(entry.path, "rb") as f:
         assert f.read() == RAW
     qemu.convert.assert_not_called()
-    cid = cache.cache_id("raw-img")
+    cid = content_digest.cache_id("raw-img")
     assert base_files(c) == [cid, cid + ".json"]
     assert entry.record["checksum"]["algo"] == "sha512"
 
@@ -63,7 +62,7 @@ def test_raw_image_is_published_by_rename_without_qemu(tmp_path, qemu):
 def test_qcow2_image_is_converted_with_its_detected_format(tmp_path, qemu):
     c, source = make_cache(tmp_path, qemu)
     entry, hit = c.get("qcow2-img")
-    base = c.base_path(cache.cache_id("qcow2-img"))
+    base = c.base_path(content_digest.cache_id("qcow2-img"))
     qemu.convert.assert_called_once()
     args, kwargs = qemu.convert.call_args
     assert re.fullmatch(re.escape(base) + r"\.part-[0-9a-f]{12}", args[0])
@@ -130,8 +129,8 @@ def test_leftover_scratch_files_are_left_to_prune(tmp_path, qemu):
     locks elsewhere may be writing it.
     """
     c, source = make_cache(tmp_path, qemu)
-    c.ensure_dirs()
-    base = c.base_path(cache.cache_id("raw-img"))
+    c.store.ensure_dirs()
+    base = c.base_path(content_digest.cache_id("raw-img"))
     with open(base + ".part", "wb") as f:
         f.write(b"crashed download")
     entry, hit = c.get("raw-img")
@@ -143,10 +142,10 @@ def test_leftover_scratch_files_are_left_to_prune(tmp_path, qemu):
 
 def test_symlinked_base_is_refused(tmp_path, qemu):
     c, source = make_cache(tmp_path, qemu)
-    c.ensure_dirs()
+    c.store.ensure_dirs()
     victim = tmp_path / "victim"
     victim.write_bytes(b"host file")
-    os.symlink(victim, c.base_path(cache.cache_id("raw-img")))
+    os.symlink(victim, c.base_path(content_digest.cache_id("raw-img")))
     with pytest.raises(exception.UnsafeCachePath):
         c.get("raw-img")
     assert victim.read_bytes() == b"host file"
@@ -198,20 +197,21 @@ def test_base_without_a_valid_record_is_never_trusted_again(
     assert os.path.exists(entry.path)      # a disk may still use it
     if damage == "symlink":
         assert json.loads(decoy.read_text()) == good     # not followed
-    rows = {r["generation"]: r for r in c.verify()}
-    assert rows[1]["status"] == "unverified"
-    assert rows[2]["status"] == "ok"
+    rows = {r.generation: r for r in c.verify()}
+    assert rows[1].status == "unverified"
+    assert rows[2].status == "ok"
 
 
 def test_list_reports_bases(tmp_path, qemu):
     c, source = make_cache(tmp_path, qemu)
-    assert c.list() == []
+    assert c.entries() == []
     c.get("raw-img")
-    rows = c.list()
+    rows = c.entries()
     assert len(rows) == 1
-    assert rows[0]["image_id"] == "raw-img"
-    assert rows[0]["virtual_size"] == len(RAW)
-    assert rows[0]["format"] == "raw"
+    assert rows[0].image_id == "raw-img"
+    assert rows[0].virtual_size == len(RAW)
+    assert rows[0].format == "raw"
+    assert rows[0].to_dict()["file"] == rows[0].file
 
 
 def test_lock_path_defaults_beside_base_and_can_be_overridden(tmp_path,
@@ -224,8 +224,55 @@ def test_lock_path_defaults_beside_base_and_can_be_overridden(tmp_path,
                       group="oslo_concurrency")
     c2 = cache.ImageCache(conf, fakes.FakeSource(conf), qemu)
     assert c2.lock_dir == str(tmp_path / "elsewhere")
-    c2.ensure_dirs()
+    c2.store.ensure_dirs()
     assert os.path.isdir(tmp_path / "elsewhere")
+
+
+def _registered(conf):
+    """Every (group, option) registered on ``conf``."""
+    found = set()
+    for key in conf:
+        value = conf[key]
+        if isinstance(value, cfg.ConfigOpts.GroupAttr):
+            found.update((key, name) for name in value)
+        else:
+            found.add((None, key))
+    return found
+
+
+def test_the_cache_registers_no_option_when_it_is_made(tmp_path, qemu):
+    conf = fakes.conf(tmp_path)
+    before = _registered(conf)
+    groups = []
+
+    def spy(real):
+        def register(*args, **kwargs):
+            group = kwargs.get("group", args[1] if len(args) > 1 else None)
+            groups.append(getattr(group, "name", group))
+            return real(*args, **kwargs)
+        return register
+
+    with mock.patch.object(conf, "register_opts",
+                           spy(conf.register_opts)), \
+            mock.patch.object(conf, "register_opt", spy(conf.register_opt)):
+        cache.ImageCache(conf, fakes.FakeSource(conf), qemu)
+    # Only oslo.concurrency's own get_lock_path() (its public way to read
+    # lock_path) registers its group, idempotently.
+    assert set(groups) <= {"oslo_concurrency"}
+    assert _registered(conf) == before
+
+
+def test_register_opts_registers_the_cache_groups_only():
+    conf = cfg.ConfigOpts()
+    conf([])
+    before = _registered(conf)
+    cache.register_opts(conf)
+    added = _registered(conf) - before
+    assert {group for group, _ in added} == {"image_cache",
+                                             "oslo_concurrency"}
+    assert ("oslo_concurrency", "lock_path") in added
+    assert conf.image_cache.max_size == "0"
+    assert conf.image_cache.disk_dirs == []
 
 
 # -- generations -------------------------------------------------------------
@@ -240,7 +287,7 @@ def test_changed_image_is_published_as_a_new_generation(tmp_path, qemu):
     first, _ = c.get("raw-img")
     source.images["raw-img"] = b"new content" + RAW[11:]
     second, hit = c.get("raw-img")
-    cid = cache.cache_id("raw-img")
+    cid = content_digest.cache_id("raw-img")
     assert hit is False
     assert (second.cache_id, second.generation) == (cid + "-2", 2)
     assert second.path == c.base_path(cid + "-2")
@@ -300,17 +347,17 @@ def test_a_generation_number_is_never_reused_even_when_all_is_pruned(
 def test_generation_claims_are_durable_and_never_followed(tmp_path, qemu):
     c, source = make_cache(tmp_path, qemu)
     c.get("raw-img")
-    cid = cache.cache_id("raw-img")
+    cid = content_digest.cache_id("raw-img")
     claims = os.path.join(c.base_dir, ".generations", cid)
     assert os.listdir(claims) == ["1"]
-    assert cache_layout.claim_generation(c.base_dir, cid, 1) == 2
+    assert cache_generations.claim_generation(c.base_dir, cid, 1) == 2
     assert sorted(os.listdir(claims)) == ["1", "2"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     os.rename(claims, str(elsewhere / cid))
     os.symlink(elsewhere / cid, claims)
     with pytest.raises(exception.UnsafeCachePath) as err:
-        cache_layout.claim_generation(c.base_dir, cid, 1)
+        cache_generations.claim_generation(c.base_dir, cid, 1)
     assert claims in str(err.value)
     assert sorted(os.listdir(elsewhere / cid)) == ["1", "2"]
 
@@ -320,8 +367,9 @@ def test_invalidate_marks_stale_and_removes_what_nothing_uses(tmp_path,
     c, source = make_cache(tmp_path, qemu)
     first, _ = c.get("raw-img")
     result = c.invalidate("raw-img")
-    assert result["marked_stale"] == [first.path]
-    assert [r["file"] for r in result["removed"]] == [first.path]
+    assert result.marked_stale == [first.path]
+    assert [r.file for r in result.removed] == [first.path]
+    assert result.to_dict()["marked_stale"] == [first.path]
     assert c.lookup("raw-img") is None
     entry, hit = c.get("raw-img")
     assert (entry.generation, hit) == (2, False)
@@ -334,7 +382,7 @@ def test_invalidate_covers_a_base_without_record(tmp_path, qemu):
     os.unlink(first.path + ".json")
     with c.use("raw-img"):              # a disk is being made: kept
         result = c.invalidate("raw-img")
-    assert result["removed"] == []
+    assert result.removed == []
     assert fileio.read_json(first.path + ".json")["stale"] is True
     entry, hit = c.get("raw-img")       # not re-inspected and trusted
     assert (entry.generation, hit) == (2, False)
@@ -344,16 +392,24 @@ def test_prefetch_fetches_each_image_once_and_reports_failures(tmp_path,
                                                                qemu):
     c, source = make_cache(tmp_path, qemu)
     seen = []
-    rows = c.prefetch(["raw-img", "qcow2-img", "raw-img", "missing"],
-                      parallel=3,
-                      progress=lambda *args: seen.append(args[:2]))
-    ids = [r["image_id"] for r in rows]
+    report = c.prefetch(["raw-img", "qcow2-img", "raw-img", "missing"],
+                        parallel=3,
+                        progress=lambda *args: seen.append(args))
+    rows = report.images
+    ids = [r.image_id for r in rows]
     assert ids == ["raw-img", "qcow2-img", "missing"]
-    assert [r.get("cache_hit") for r in rows[:2]] == [False, False]
-    assert "missing" in rows[2]["error"]
+    assert [r.cache_hit for r in rows[:2]] == [False, False]
+    assert "missing" in rows[2].error
+    assert report.failed
+    assert set(rows[2].to_dict()) == {"image_id", "error", "seconds"}
+    assert set(rows[0].to_dict()) == {"image_id", "file", "generation",
+                                      "cache_hit", "seconds"}
     assert source.opened == 2
-    assert ("raw-img", "fetch") in seen
-    assert c.prefetch(["raw-img"])[0]["cache_hit"] is True
+    # One protocol: (stage, done, total) in bytes, the stage labelled
+    # with the image.
+    assert ("download raw-img", len(RAW), len(RAW)) in seen
+    again = c.prefetch(["raw-img"])
+    assert again.images[0].cache_hit is True and not again.failed
 
 
 def test_list_shows_generation_disks_and_staleness(tmp_path, qemu):
@@ -361,8 +417,8 @@ def test_list_shows_generation_disks_and_staleness(tmp_path, qemu):
     first, _ = c.get("raw-img")
     source.images["raw-img"] = b"other" + RAW[5:]
     c.get("raw-img")
-    rows = c.list()
-    assert [(r["generation"], r["stale"], r["disks"]) for r in rows] == [
+    rows = c.entries()
+    assert [(r.generation, r.stale, r.disks) for r in rows] == [
         (1, True, 0), (2, False, 0)]
 
 
@@ -491,10 +547,10 @@ def test_a_symlinked_private_directory_is_refused(tmp_path, qemu, private):
 
 def test_a_failed_generation_claim_is_a_cache_error(tmp_path, qemu):
     c, source = make_cache(tmp_path, qemu)
-    c.ensure_dirs()
+    c.store.ensure_dirs()
     # A file where the claims directory belongs.
     (tmp_path / "instances" / "_base" / ".generations").write_text("x")
-    c._dirs_ready = True
+    c.store._dirs_ready = True
     with pytest.raises(exception.UnsafeCachePath) as err:
         c.get("raw-img")
     assert ".generations" in str(err.value)

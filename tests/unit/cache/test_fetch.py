@@ -11,8 +11,9 @@ from unittest import mock
 import pytest
 
 from imagebackend import cache
-from imagebackend.cache import fetch as cache_fetch
+from imagebackend.cache import download as cache_download
 from imagebackend.cache import verify as cache_verify
+from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
 from imagebackend import exception
 from imagebackend.qemu import results as qemu_results
@@ -55,7 +56,7 @@ def test_a_raw_download_is_fsynced_before_it_is_published(tmp_path, qemu,
                                                           synced):
     c = make_cache(tmp_path, qemu)
     entry, _ = c.get("raw-img")
-    cid = cache.cache_id("raw-img")
+    cid = content_digest.cache_id("raw-img")
     assert "_base" in synced[synced.index(cid + ".part"):]
 
 
@@ -83,7 +84,7 @@ def test_a_part_to_be_published_goes_to_disk_while_it_streams(
 def test_a_download_to_be_converted_is_not_fsynced(tmp_path, qemu, synced):
     c = make_cache(tmp_path, qemu)
     entry, _ = c.get("qcow2-img")
-    cid = cache.cache_id("qcow2-img")
+    cid = content_digest.cache_id("qcow2-img")
     assert cid + ".part" not in synced
     # The conversion is fsynced before the rename that publishes it, and
     # the rename is durable.
@@ -99,7 +100,7 @@ def test_an_unconverted_non_raw_download_is_fsynced(tmp_path, qemu, synced):
     c = make_cache(tmp_path, qemu, force_raw_images=False)
     entry, _ = c.get("qcow2-img")
     assert entry.format == "qcow2"
-    assert cache.cache_id("qcow2-img") + ".part" in synced
+    assert content_digest.cache_id("qcow2-img") + ".part" in synced
     qemu.convert.assert_not_called()
 
 
@@ -201,13 +202,13 @@ def test_a_file_rewritten_during_its_download_is_refused(local_cache):
     assert "img.raw changed while it was being read" in str(err.value)
     assert "try again" in str(err.value)
     assert [n for n in os.listdir(c.base_dir)
-            if n.startswith(cache.cache_id("img.raw"))] == []
+            if n.startswith(content_digest.cache_id("img.raw"))] == []
 
 
 def test_a_stage_sees_every_chunk_in_order():
     chunks = [os.urandom(n) for n in (1, 4096, 70000, 0, 5)] * 20
     hasher = hashlib.sha256()
-    stage = cache_fetch._Stage(hasher.update, "hash")
+    stage = cache_download._Stage(hasher.update, "hash")
     for chunk in chunks:
         stage.put(chunk)
     stage.close()
@@ -223,7 +224,7 @@ def test_at_most_two_chunks_wait_for_a_stage():
         started.set()
         release.wait(10)
 
-    stage = cache_fetch._Stage(slow, "hash")
+    stage = cache_download._Stage(slow, "hash")
     fed = []
 
     def feed():
@@ -235,7 +236,7 @@ def test_at_most_two_chunks_wait_for_a_stage():
     feeder.start()
     assert started.wait(10)
     time.sleep(0.2)
-    assert len(fed) == 1 + cache_fetch._QUEUE       # one being worked on
+    assert len(fed) == 1 + cache_download._QUEUE       # one being worked on
     release.set()
     feeder.join(10)
     stage.close()
@@ -249,7 +250,7 @@ def test_a_failing_stage_stops_the_download_and_never_blocks_it():
         calls.append(chunk)
         raise ValueError("bad chunk")
 
-    stage = cache_fetch._Stage(broken, "write")
+    stage = cache_download._Stage(broken, "write")
     with pytest.raises(ValueError):
         for _ in range(100):
             stage.put(b"x")
@@ -348,3 +349,33 @@ def test_a_raw_image_is_not_checked(tmp_path, qemu):
     c = make_cache(tmp_path, qemu)
     c.get("raw-img")
     qemu.check.assert_not_called()
+
+
+def test_progress_is_one_protocol_in_bytes(tmp_path, qemu):
+    """The download reports bytes received of the image's size, and the
+    conversion qemu-img's percentages as bytes of the virtual size.
+    """
+    def converting(source, source_fmt, target, target_fmt, *, progress,
+                   **kwargs):
+        for percent in (0.0, 50.0, 100.0):
+            progress(percent)
+        with open(target, "wb") as f:
+            f.truncate(8 * fakes.MiB)
+
+    qemu.convert.side_effect = converting
+    c = make_cache(tmp_path, qemu)
+    seen = []
+    c.get("qcow2-img", progress=lambda *args: seen.append(args))
+    downloads = [s for s in seen if s[0] == "download"]
+    assert downloads[-1] == ("download", len(QCOW2), len(QCOW2))
+    assert all(done <= total for _, done, total in downloads)
+    size = 8 * fakes.MiB            # the image's virtual size
+    assert [s for s in seen if s[0] == "convert"] == [
+        ("convert", 0, size), ("convert", size // 2, size),
+        ("convert", size, size)]
+    # Silence costs nothing: no callback is handed to qemu-img.
+    qemu.convert.side_effect = fakes.qemu().convert.side_effect
+    c.get("qcow2-img")
+    c.invalidate("qcow2-img")
+    c.get("qcow2-img")
+    assert qemu.convert.call_args.kwargs["progress"] is None

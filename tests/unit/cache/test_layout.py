@@ -4,7 +4,9 @@ import os
 
 import pytest
 
+from imagebackend.cache import generations as cache_generations
 from imagebackend.cache import layout as cache_layout
+from imagebackend.cache import scan as cache_scan
 
 CID = "0123456789abcdef0123456789abcdef01234567"
 
@@ -42,9 +44,9 @@ def test_generations_lists_what_each_generation_has(tmp_path):
     for name in (CID, CID + ".json", CID + "-2_1048576", CID + "-3.part",
                  CID + "-4.corrupt", "f" * 40):
         (tmp_path / name).write_bytes(b"")
-    assert cache_layout.generations(str(tmp_path), CID) == {
+    assert cache_generations.generations(str(tmp_path), CID) == {
         1: {"base", "record"}, 2: {"sized"}, 3: {"scratch"}, 4: {"aside"}}
-    assert cache_layout.generations(str(tmp_path / "none"), CID) == {}
+    assert cache_generations.generations(str(tmp_path / "none"), CID) == {}
 
 
 def test_updating_a_record_keeps_its_last_used_time(tmp_path):
@@ -54,7 +56,7 @@ def test_updating_a_record_keeps_its_last_used_time(tmp_path):
     assert cache_layout.mark_stale(path, "invalidated") is True
     assert cache_layout.mark_stale(path, "again") is False
     assert os.stat(path).st_mtime == 2000
-    record = cache_layout.scan(str(tmp_path)).records[CID][0]
+    record = cache_scan.scan(str(tmp_path)).records[CID][0]
     assert record == {"image_id": "img", "stale": True,
                       "stale_reason": "invalidated"}
 
@@ -84,7 +86,7 @@ def test_a_scan_lists_new_scratch_as_scratch(tmp_path):
     for name in (CID, CID + ".json", CID + ".part-0123456789ab",
                  CID + "_4096.part-ba9876543210"):
         (tmp_path / name).write_bytes(b"")
-    layout = cache_layout.scan(str(tmp_path))
+    layout = cache_scan.scan(str(tmp_path))
     assert sorted(n.name for n, _ in layout.scratch) == [
         CID + ".part-0123456789ab", CID + "_4096.part-ba9876543210"]
     assert [f.name.name for f in layout.bases] == [CID]

@@ -13,6 +13,7 @@ from unittest import mock
 
 import pytest
 
+from imagebackend.cache import lockdirs
 from imagebackend.cache import locks as cache_locks
 from imagebackend import exception
 
@@ -50,6 +51,33 @@ def test_exclusive_lock_excludes_other_threads(tmp_path):
         assert in_thread(lambda: try_exclusive(str(tmp_path),
                                                "other")) == "got it"
     assert in_thread(lambda: try_exclusive(str(tmp_path), "img")) == "got it"
+
+
+def test_a_caller_catching_library_errors_catches_a_held_lock(tmp_path):
+    """A lock asked for without waiting, and held, is an
+    ImageBackendException naming the lock: no third-party or bare error
+    escapes to a caller.
+    """
+    lock_dir = str(tmp_path)
+    path = cache_locks.use_lock_file(lock_dir, "c" * 40)
+
+    def take(lock):
+        try:
+            with lock:
+                return "got it"
+        except exception.ImageBackendException as exc:
+            return exc
+
+    with cache_locks.exclusive(lock_dir, "img"):
+        caught = in_thread(lambda: take(
+            cache_locks.exclusive(lock_dir, "img", blocking=False)))
+    assert isinstance(caught, cache_locks.Busy)
+    assert "img" in caught.message and "try again" in caught.message
+    with cache_locks.flocked(path):
+        caught = in_thread(lambda: take(
+            cache_locks.flocked(path, shared=True, blocking=False)))
+    assert isinstance(caught, cache_locks.Busy)
+    assert path in caught.message
 
 
 def test_use_lock_is_shared_by_creators_and_excludes_the_pruner(tmp_path):
@@ -200,15 +228,15 @@ def test_lock_directories_sharing_a_base_must_be_one(tmp_path):
     shared, other = str(tmp_path / "locks"), str(tmp_path / "local")
     os.mkdir(shared)
     os.mkdir(other)
-    cache_locks.check_shared(base, shared)          # nothing recorded yet
-    cache_locks.check_shared(base, shared, record=True)
-    cache_locks.check_shared(base, shared, record=True)
+    lockdirs.check_shared(base, shared)          # nothing recorded yet
+    lockdirs.check_shared(base, shared, record=True)
+    lockdirs.check_shared(base, shared, record=True)
     with pytest.raises(exception.SplitLockDirectory) as err:
-        cache_locks.check_shared(base, other)
+        lockdirs.check_shared(base, other)
     assert shared in str(err.value) and other in str(err.value)
     # Another host sharing the same directory has the same identity.
     with mock.patch.object(socket, "gethostname", return_value="other"):
-        cache_locks.check_shared(base, shared, record=True)
+        lockdirs.check_shared(base, shared, record=True)
 
 
 def test_an_entry_not_refreshed_for_a_day_is_ignored(tmp_path):
@@ -217,10 +245,10 @@ def test_an_entry_not_refreshed_for_a_day_is_ignored(tmp_path):
     old, new = str(tmp_path / "old"), str(tmp_path / "new")
     os.mkdir(old)
     os.mkdir(new)
-    cache_locks.check_shared(base, old, record=True)
-    later = time.time() + cache_locks.LOCK_DIR_ENTRY_AGE + 60
+    lockdirs.check_shared(base, old, record=True)
+    later = time.time() + lockdirs.LOCK_DIR_ENTRY_AGE + 60
     with mock.patch.object(time, "time", return_value=later):
-        cache_locks.check_shared(base, new, record=True)
+        lockdirs.check_shared(base, new, record=True)
 
 
 def test_a_holder_making_progress_is_waited_for_past_the_timeout(tmp_path):

@@ -9,10 +9,11 @@ from unittest import mock
 import pytest
 
 from imagebackend import cache
-from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import prune as cache_prune
-from imagebackend.cache import remove as cache_remove
+from imagebackend.cache import results as cache_results
+from imagebackend.cache import scan as cache_scan
 from imagebackend.cache import usage as cache_usage
+from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
@@ -89,14 +90,19 @@ def test_space_to_free(size, free, max_size, min_free, need):
     assert cache_prune.space_to_free(size, free, max_size, min_free) == need
 
 
+def limits(conf, fs_size):
+    return cache_prune.space_limits(cache_prune.Policy.from_conf(conf),
+                                    fs_size)
+
+
 def test_space_limits_take_suffixes_and_percentages(tmp_path):
     conf = fakes.conf(tmp_path)
-    assert cache_prune.space_limits(conf, 1000) == (0, 0)
+    assert limits(conf, 1000) == (0, 0)
     conf.set_override("max_size", "2G", group="image_cache")
     conf.set_override("min_free_space", "10%", group="image_cache")
-    assert cache_prune.space_limits(conf, 1000) == (2 << 30, 100)
+    assert limits(conf, 1000) == (2 << 30, 100)
     conf.set_override("min_free_space", "512M", group="image_cache")
-    assert cache_prune.space_limits(conf, 1000)[1] == 512 * MiB
+    assert limits(conf, 1000)[1] == 512 * MiB
 
 
 @pytest.mark.parametrize("option, value", [
@@ -107,7 +113,7 @@ def test_bad_space_limits_name_the_option(tmp_path, option, value):
     conf = fakes.conf(tmp_path)
     conf.set_override(option, value, group="image_cache")
     with pytest.raises(exception.ConfigurationError) as err:
-        cache_prune.space_limits(conf, 1000)
+        limits(conf, 1000)
     assert "[image_cache] %s" % option in str(err.value)
 
 
@@ -122,7 +128,7 @@ def c(tmp_path):
 
 
 def scanned(c, name):
-    layout = cache_layout.scan(c.base_dir)
+    layout = cache_scan.scan(c.base_dir)
     return next(f for f in layout.bases if f.name.name == name)
 
 
@@ -134,9 +140,9 @@ def test_a_disk_registered_after_the_scan_keeps_its_base(c):
     disk = test_usage.overlay(
         os.path.join(c.instances_path, "..", "vm", "disk"), entry.path)
     c.register_disk(disk, entry, entry.path)
-    report = cache_prune.PruneReport()
-    assert cache_remove.remove_base(c, f, "test", report) is False
-    assert report.kept[0]["reason"] == "in use by %s" % os.path.abspath(disk)
+    report = cache_results.PruneReport()
+    assert c.remover.remove_base(f, "test", report) is False
+    assert report.kept[0].reason == "in use by %s" % os.path.abspath(disk)
     assert os.path.exists(entry.path)
 
 
@@ -144,9 +150,9 @@ def test_a_base_used_since_the_scan_is_kept(c):
     entry, _ = c.get("img")
     f = scanned(c, entry.cache_id)
     os.utime(entry.path + ".json", (NOW, NOW))
-    report = cache_prune.PruneReport()
-    assert cache_remove.remove_base(c, f, "test", report) is False
-    assert report.kept[0]["reason"] == "used since the scan"
+    report = cache_results.PruneReport()
+    assert c.remover.remove_base(f, "test", report) is False
+    assert report.kept[0].reason == "used since the scan"
 
 
 def test_a_base_is_not_removed_while_a_disk_is_being_made(c):
@@ -162,14 +168,14 @@ def test_a_base_is_not_removed_while_a_disk_is_being_made(c):
     thread.start()
     holding.wait(10)
     try:
-        report = cache_prune.PruneReport()
-        assert cache_remove.remove_base(c, f, "test", report) is False
-        assert report.kept[0]["reason"].startswith("busy")
+        report = cache_results.PruneReport()
+        assert c.remover.remove_base(f, "test", report) is False
+        assert report.kept[0].reason.startswith("busy")
     finally:
         release.set()
         thread.join()
-    report = cache_prune.PruneReport()
-    assert cache_remove.remove_base(c, f, "unused", report) is True
+    report = cache_results.PruneReport()
+    assert c.remover.remove_base(f, "unused", report) is True
     assert not os.path.exists(entry.path)
     assert not os.path.exists(entry.path + ".json")
     assert report.bytes_freed == f.allocated
@@ -180,10 +186,10 @@ def test_dry_run_removes_nothing(c):
     c.conf.set_override("remove_unused_original_minimum_age_seconds", 0,
                         group="image_cache")
     report = c.prune(dry_run=True)
-    assert [r["file"] for r in report.removed] == [entry.path]
+    assert [r.file for r in report.removed] == [entry.path]
     assert os.path.exists(entry.path)
     report = c.prune()
-    assert [r["file"] for r in report.removed] == [entry.path]
+    assert [r.file for r in report.removed] == [entry.path]
     assert not os.path.exists(entry.path)
 
 
@@ -197,16 +203,16 @@ def test_nothing_is_removed_while_a_disk_directory_is_missing(c, tmp_path):
     report = c2.prune()
     assert report.removed == []
     assert "could not read %s" % (tmp_path / "unmounted") in (
-        report.kept[0]["reason"])
+        report.kept[0].reason)
     assert os.path.exists(entry.path)
-    assert c2.invalidate("img")["removed"] == []
+    assert c2.invalidate("img").removed == []
     os.mkdir(tmp_path / "unmounted")
-    assert [r["file"] for r in c2.prune().removed] == [entry.path]
+    assert [r.file for r in c2.prune().removed] == [entry.path]
 
 
 def test_the_record_of_an_existing_raw_disk_is_kept_and_never_parsed(c):
     entry, _ = c.get("img")
-    cid = cache.cache_id("img")
+    cid = content_digest.cache_id("img")
     disk = os.path.join(c.instances_path, "vm", "disk")
     os.makedirs(os.path.dirname(disk))
     with open(disk, "wb") as f:
@@ -242,6 +248,6 @@ def test_a_base_without_a_valid_record_goes_once_nothing_uses_it(
         with open(record, "w") as f:
             f.write("{")
     report = c.prune()      # whatever its age
-    assert [(r["file"], r["reason"]) for r in report.removed] == [
+    assert [(r.file, r.reason) for r in report.removed] == [
         (entry.path, "stale (it has no valid record)")]
     assert (tmp_path / "decoy.json").exists() == (damage == "symlink")

@@ -13,7 +13,6 @@
 """Publishing never replaces: records first, bases by no-replace link, a
 name taken meanwhile adopted or skipped."""
 
-import errno
 import json
 import os
 from unittest import mock
@@ -21,9 +20,9 @@ from unittest import mock
 import pytest
 
 from imagebackend import cache
-from imagebackend.cache import fetch as cache_fetch
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import publish as cache_publish
+from imagebackend.common import fileio
 from imagebackend import exception
 from tests import fakes
 
@@ -38,52 +37,15 @@ def c(tmp_path, fake_qemu):
 
 
 def scratch(c, data=b"x" * 4096):
-    c.ensure_dirs()
+    c.store.ensure_dirs()
     path = cache_layout.scratch_name(c.base_path("s"), ".part")
     with open(path, "wb") as f:
         f.write(data)
     return path, os.open(path, os.O_RDONLY)
 
 
-def test_publish_fd_links_the_open_file_and_never_replaces(c):
-    path, fd = scratch(c)
-    final = c.base_path("final")
-    try:
-        assert cache_publish.publish_fd(fd, path, final) is True
-        assert not os.path.exists(path)
-        assert os.path.samestat(os.fstat(fd), os.stat(final))
-        other, fd2 = scratch(c, b"other")
-        assert cache_publish.publish_fd(fd2, other, final) is False
-        os.close(fd2)
-    finally:
-        os.close(fd)
-    with open(final, "rb") as f:
-        assert f.read() == b"x" * 4096
-    assert os.path.exists(other)        # left for its owner to remove
-
-
-@pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP])
-def test_without_hard_links_a_no_replace_rename_is_used(c, code):
-    path, fd = scratch(c)
-    final = c.base_path("final")
-
-    def no_links(*args, **kwargs):
-        raise OSError(code, os.strerror(code))
-
-    try:
-        with mock.patch.object(os, "link", side_effect=no_links):
-            assert cache_publish.publish_fd(fd, path, final) is True
-            other, fd2 = scratch(c, b"other")
-            assert cache_publish.publish_fd(fd2, other, final) is False
-            os.close(fd2)
-    finally:
-        os.close(fd)
-    with open(final, "rb") as f:
-        assert f.read() == b"x" * 4096
-
-
 def test_a_record_is_published_only_where_none_is(c):
-    c.ensure_dirs()
+    c.store.ensure_dirs()
     path = c.base_path("r.json")
     assert cache_publish.publish_record(path, {"a": 1}) is None
     assert cache_publish.publish_record(path, {"a": 2}) == {"a": 1}
@@ -101,8 +63,8 @@ def test_a_base_published_meanwhile_with_the_same_bytes_is_adopted(c):
     entry, record = _record(c)
     path, fd = scratch(c, RAW)
     try:
-        got = cache_fetch._publish(c, entry.cache_id, fd, path,
-                                   dict(record, created_at="later"))
+        got = cache_publish.publish_base(c.store, entry.cache_id, fd, path,
+                                         dict(record, created_at="later"))
     finally:
         os.close(fd)
     assert got["created_at"] == entry.record["created_at"]
@@ -118,7 +80,8 @@ def test_other_bytes_under_a_taken_name_go_to_the_next_generation(c):
     other = dict(record, identity="changed", virtual_size=11,
                  checksum={"algo": "sha512", "value": "0" * 128})
     try:
-        got = cache_fetch._publish(c, entry.cache_id, fd, path, other)
+        got = cache_publish.publish_base(c.store, entry.cache_id, fd, path,
+                                         other)
     finally:
         os.close(fd)
     assert got["generation"] == 2
@@ -131,12 +94,12 @@ def test_other_bytes_under_a_taken_name_go_to_the_next_generation(c):
 def test_a_stale_record_is_never_replaced(c):
     entry, record = _record(c)
     os.unlink(entry.path)           # moved aside, its record marked stale
-    c.mark_stale(entry.cache_id, "corrupt")
+    c.store.mark_stale(entry.cache_id, "corrupt")
     stale = json.load(open(entry.path + ".json"))
     path, fd = scratch(c, RAW)
     try:
-        got = cache_fetch._publish(c, entry.cache_id, fd, path,
-                                   dict(record))
+        got = cache_publish.publish_base(c.store, entry.cache_id, fd, path,
+                                         dict(record))
     finally:
         os.close(fd)
     assert got["generation"] == 2
@@ -149,11 +112,12 @@ def test_publishing_gives_up_cleanly_when_every_name_is_taken(c):
     path, fd = scratch(c, b"other bytes")
     other = dict(record, identity="changed")
     try:
-        with mock.patch.object(cache_fetch, "_adopt", return_value=None), \
+        with mock.patch.object(cache_publish, "_adopt", return_value=None), \
                 mock.patch.object(cache_publish, "publish_record",
                                   return_value={"identity": "theirs"}):
             with pytest.raises(exception.CachePublishConflict) as err:
-                cache_fetch._publish(c, entry.cache_id, fd, path, other)
+                cache_publish.publish_base(c.store, entry.cache_id, fd,
+                                           path, other)
     finally:
         os.close(fd)
     assert "img" in str(err.value) and "retry" in str(err.value)
@@ -163,7 +127,7 @@ def test_a_sized_base_gets_its_own_record_before_it_is_published(c):
     entry, _ = c.get("img")
     final = c.sized_path(entry.cache_id, 4 * fakes.MiB)
     seen = []
-    real = cache_publish.publish_fd
+    real = fileio.publish_fd
 
     def spy(fd, path, name):
         if name == final:
@@ -174,7 +138,7 @@ def test_a_sized_base_gets_its_own_record_before_it_is_published(c):
         os.write(fd, RAW[:4096])
         os.ftruncate(fd, 4 * fakes.MiB)
 
-    with mock.patch.object(cache_publish, "publish_fd", side_effect=spy):
+    with mock.patch.object(fileio, "publish_fd", side_effect=spy):
         assert c.publish_derived(final, os.path.basename(final),
                                  build) is False
     record = json.load(open(final + ".json"))

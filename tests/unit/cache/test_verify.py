@@ -1,5 +1,6 @@
 """Digests of cached bases: whole-stream and sparse."""
 
+import errno
 import hashlib
 import os
 
@@ -8,7 +9,9 @@ import pytest
 from imagebackend import cache
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import verify as cache_verify
+from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
+from imagebackend import exception
 from tests import fakes
 
 KiB = 1024
@@ -78,17 +81,17 @@ def test_records_of_the_sha256_scheme_are_still_verified(tmp_path):
         "algo": "sha256", "scheme": "sparse-64k",
         "value": fakes.sparse_digest(content, "sparse-64k")})
     fileio.write_json_atomic(entry.path + ".json", record)
-    sized = c.sized_path(cache.cache_id("img"), len(content) + MiB)
+    sized = c.sized_path(content_digest.cache_id("img"), len(content) + MiB)
     write(sized, len(content) + MiB, {0: content})
-    assert [r["status"] for r in cache_verify.verify(c)] == ["ok", "ok"]
+    assert [r.status for r in c.verify()] == ["ok", "ok"]
 
     for path in (sized, entry.path):
         with open(path, "r+b") as f:
             f.seek(3)
             f.write(b"\xff" if content[3:4] != b"\xff" else b"\x00")
-        rows = {r["kind"]: r for r in cache_verify.verify(c)}
-        assert rows["sized" if path == sized else "base"][
-            "status"] == "corrupt", rows
+        rows = {r.kind: r for r in c.verify()}
+        assert rows["sized" if path == sized
+                    else "base"].status == "corrupt", rows
 
 
 def sized_record(c, sized, image_id, stem, size, /, **changes):
@@ -116,17 +119,17 @@ def test_a_sized_base_verifies_against_its_own_record(tmp_path):
     # An unconverted raw base records only the download's hash: once it
     # is gone, only the sized base's own record can vouch for it.
     os.unlink(entry.path)
-    rows = cache_verify.verify(c)
-    assert [(r["kind"], r["status"]) for r in rows] == [
+    rows = c.verify()
+    assert [(r.kind, r.status) for r in rows] == [
         ("sized", "unverified")]
     sized_record(c, sized, "img", entry.cache_id, size)
-    assert [r["status"] for r in cache_verify.verify(c)] == ["ok"]
-    assert [(r["kind"], r["image_id"]) for r in c.list()] == [
+    assert [r.status for r in c.verify()] == ["ok"]
+    assert [(r.kind, r.image_id) for r in c.entries()] == [
         ("sized", "img")]
     with open(sized, "r+b") as f:
         f.seek(len(fakes.RAW_IMAGE) + 10)
         f.write(b"\x01")
-    assert [r["status"] for r in cache_verify.verify(c)] == ["corrupt"]
+    assert [r.status for r in c.verify()] == ["corrupt"]
 
 
 @pytest.mark.parametrize("changes", [
@@ -141,7 +144,7 @@ def test_a_sized_record_that_does_not_describe_its_base_is_ignored(
     write(sized, size, {0: fakes.RAW_IMAGE})
     sized_record(c, sized, "img", entry.cache_id, size, **changes)
     os.unlink(entry.path)
-    assert [r["status"] for r in cache_verify.verify(c)] == ["unverified"]
+    assert [r.status for r in c.verify()] == ["unverified"]
 
 
 def test_prune_removes_a_sized_base_with_its_record(tmp_path):
@@ -153,7 +156,7 @@ def test_prune_removes_a_sized_base_with_its_record(tmp_path):
     sized = c.sized_path(entry.cache_id, size)
     write(sized, size, {0: fakes.RAW_IMAGE})
     sized_record(c, sized, "img", entry.cache_id, size)
-    assert [r["file"] for r in c.prune().removed] == [sized]
+    assert [r.file for r in c.prune().removed] == [sized]
     assert not os.path.exists(sized + ".json")
     assert os.path.exists(entry.path + ".json")
     # A record left alone (a crash after the base went) goes too.
@@ -167,13 +170,13 @@ def test_repair_marks_an_unverifiable_base_stale_and_never_moves_it(
     c = raw_cache(tmp_path)
     entry, _ = c.get("img")
     os.unlink(entry.path + ".json")
-    rows = cache_verify.verify(c, repair=True)
-    assert [(r["status"], r["action"]) for r in rows] == [
+    rows = c.verify(repair=True)
+    assert [(r.status, r.action) for r in rows] == [
         ("unverified", "marked stale, left in place; new disks use a "
                        "fresh copy")]
     assert os.path.exists(entry.path)
     assert cache_layout.read_record(entry.path + ".json")["stale"] is True
-    assert [r["action"] for r in cache_verify.verify(c, repair=True)] == [
+    assert [r.action for r in c.verify(repair=True)] == [
         None]
 
 
@@ -188,5 +191,21 @@ def test_a_base_pruned_while_verify_reads_it_is_skipped(tmp_path,
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(cache_verify, "digests", pruned_meanwhile)
-    assert cache_verify.verify(c) == []
+    assert c.verify().files == []
     assert not os.path.exists(entry.path)
+
+
+def test_a_filesystem_error_is_a_library_error_naming_the_file(
+        tmp_path, monkeypatch):
+    c = raw_cache(tmp_path)
+    entry, _ = c.get("img")
+
+    def unreadable(path, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(cache_verify, "digests", unreadable)
+    with pytest.raises(exception.CacheError) as err:
+        c.verify()
+    assert entry.path in str(err.value)
+    assert "Input/output error" in str(err.value)
+    assert isinstance(err.value.__cause__, OSError)

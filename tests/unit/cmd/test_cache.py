@@ -12,13 +12,14 @@ def test_prefetch_progress_adds_up_parallel_downloads():
     calls = []
     progress = cache_cmd._PrefetchProgress(
         lambda *args: calls.append(args), count=3)
-    progress("a", "fetch", 10, 100)
-    progress("b", "fetch", 5, 50)
-    progress("b", "convert", 1, 2)          # not a download
-    progress("a", "fetch", 100, 100)
+    progress("download a", 10, 100)
+    progress("download b", 5, 50)
+    progress("convert b", 1, 2)             # not a download
+    progress("download a", 100, 100)
     assert calls == [("1/3", 10, 100), ("2/3", 15, 150), ("2/3", 105, 150)]
-    progress("c", "fetch", 1, None)         # size unknown
+    progress("download c d", 1, None)       # size unknown; a space in the id
     assert calls[-1] == ("3/3", 106, None)
+    assert set(progress.done) == {"a", "b", "c d"}
 
 
 @pytest.mark.parametrize("argv", [

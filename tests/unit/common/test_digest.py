@@ -108,3 +108,11 @@ def test_file_digests_read_only_data_and_match_full_hashes(tmp_path):
     assert found["full"]["sha256"] == hashlib.sha256(data).hexdigest()
     assert found["sparse"] == fakes.sparse_digest(data)
     assert found["full"]["sparse-64k-xxh3"] == found["sparse"]
+
+
+def test_cache_id_is_sha1_of_the_image_id():
+    assert (digest.cache_id("abc")
+            == "a9993e364706816aba3e25717850c26c9cd0d89d")
+    # Any text an id may hold, encoded as UTF-8.
+    assert digest.cache_id("\u00e9") == hashlib.sha1(
+        "\u00e9".encode("utf-8")).hexdigest()
