@@ -21,6 +21,7 @@ from imagebackend.backends import target as disk_target
 from imagebackend import cache as image_cache
 from imagebackend.common import fileio
 from imagebackend.common import plugins
+from imagebackend.common import progress as common_progress
 from imagebackend.disk import operations as disk_operations
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
@@ -56,40 +57,81 @@ OPTIONS = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class LibvirtDisk:
+    """What a libvirt driver writes in a disk's ``<disk>`` element.
+
+    The values, not a libvirt config object: the driver builds its own
+    (Nova's ``LibvirtConfigGuestDisk``) from them.
+    """
+
+    #: ``<disk type=...>``: always ``file`` for these backends.
+    source_type: str
+    #: ``<source file=...>``: the disk's absolute path.
+    source_path: str
+    #: ``<driver name=...>``: ``qemu``.
+    driver_name: str
+    #: ``<driver type=...>``: ``qcow2`` or ``raw``.
+    driver_type: str
+    #: the backing files, nearest first (empty for a raw disk).
+    backing_chain: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (the chain as a list)."""
+        data = dataclasses.asdict(self)
+        data["backing_chain"] = list(self.backing_chain)
+        return data
+
+
 @dataclasses.dataclass
 class Disk:
     """An instance disk made by :meth:`ImageBackend.create_image`."""
 
+    #: the disk's absolute path.
     path: str
+    #: its format: ``qcow2`` or ``raw``.
     format: str
+    #: its virtual size in bytes (the size asked for).
     virtual_size: int
     image_id: str
+    #: the backend that made it (``[imagebackend] images_type``).
     backend: str
+    #: the backing files, nearest first (empty for a raw disk).
     backing_chain: list[str]
+    #: whether the base was already in the cache.
     cache_hit: bool
+    #: seconds spent per step (``fetch``, ``convert``, ``extend``,
+    #: ``overlay``...).
     timings: dict[str, float]
 
     @property
     def backing_file(self) -> str | None:
+        """The nearest backing file, or None."""
         return self.backing_chain[0] if self.backing_chain else None
 
-    def libvirt_info(self) -> dict:
-        """What a libvirt driver needs for the disk's ``<disk>`` element:
-        ``source_type`` (``file``), ``source_path``, ``driver_type``
-        (``qcow2`` or ``raw``) and the backing chain, nearest first.
-        """
-        return {
-            "source_type": "file",
-            "source_path": self.path,
-            "driver_name": "qemu",
-            "driver_type": self.format,
-            "backing_chain": list(self.backing_chain),
-        }
+    def libvirt_disk(self) -> LibvirtDisk:
+        """The values of the disk's libvirt ``<disk>`` element."""
+        return LibvirtDisk(source_type="file", source_path=self.path,
+                           driver_name="qemu", driver_type=self.format,
+                           backing_chain=tuple(self.backing_chain))
 
     def to_dict(self) -> dict:
+        """The fields (and ``backing_file``) as a JSON-ready dict."""
         data = dataclasses.asdict(self)
         data["backing_file"] = self.backing_file
         return data
+
+
+def copy_sparse_grown(base_path: str, fd: int, size: int) -> None:
+    """Copy the raw file ``base_path`` into the open, empty file ``fd``
+    keeping its holes, grow it to ``size`` bytes and fsync it: how every
+    backend makes a raw disk or a raw sized base without qemu-img.
+
+    :raises OSError: the copy failed (the caller removes ``fd``'s file).
+    """
+    fileio.sparse_copy(base_path, fd)
+    os.ftruncate(fd, size)
+    os.fsync(fd)
 
 
 class ImageBackend(abc.ABC):
@@ -97,7 +139,8 @@ class ImageBackend(abc.ABC):
     ``imagebackend.backends``).
 
     :param conf: a ConfigOpts with the library's options registered
-        (:func:`imagebackend.opts.new_conf` or
+        (:func:`imagebackend.load_backend` does it; else
+        :func:`imagebackend.opts.new_conf` or
         :func:`imagebackend.opts.register_opts`).
     :param source: the image source; by default the one named by
         ``[imagebackend] image_source``.
@@ -133,7 +176,7 @@ class ImageBackend(abc.ABC):
     # -- the template method ---------------------------------------------
 
     def create_image(self, image_id: str, target: str, size: int, *,
-                     progress: image_cache.ProgressCallback | None = None
+                     progress: common_progress.Progress | None = None
                      ) -> Disk:
         """Make the instance disk ``target`` of ``size`` bytes from image
         ``image_id``.
@@ -151,8 +194,10 @@ class ImageBackend(abc.ABC):
             call fails).
         :param size: the disk's virtual size in bytes; at least the image's
             virtual size.
-        :param progress: called as ``progress(stage, done, total)`` during
-            long steps (``fetch``, ``convert``).
+        :param progress: called as ``progress(stage, done, total)``, done
+            and total in bytes (total None when unknown), during long
+            steps (download, convert); see
+            :mod:`imagebackend.common.progress`.
         :returns: a :class:`Disk` describing the result.
         :raises imagebackend.exception.InvalidImageId: the source refuses
             the id (not UTF-8 text, control characters...); nothing is
@@ -289,7 +334,9 @@ class ImageBackend(abc.ABC):
 def load(conf: cfg.ConfigOpts, name: str | None = None,
          **kwargs: typing.Any) -> ImageBackend:
     """Build the backend named ``name`` (default: ``[imagebackend]
-    images_type``) from the ``imagebackend.backends`` entry points.
+    images_type``) from the ``imagebackend.backends`` entry points, on a
+    ``conf`` whose options are registered (the implementation of
+    :func:`imagebackend.load_backend`, which registers them first).
 
     :param kwargs: passed to the backend's constructor (``source``,
         ``qemu``).
