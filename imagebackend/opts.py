@@ -100,7 +100,9 @@ def set_defaults(conf: cfg.ConfigOpts, instances_path: str | None = None,
     defaults (a value in a config file still wins).
 
     Registers the options first.  Only ``conf`` changes, never the option
-    objects (other ConfigOpts in the process keep their own defaults).
+    objects (other ConfigOpts in the process keep their own defaults);
+    ``conf.reset()`` clears them, as it clears every ``set_default``, so
+    call this again after a reset.
     Nova, for example::
 
         opts.set_defaults(conf, instances_path=CONF.instances_path,
