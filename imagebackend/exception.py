@@ -110,6 +110,17 @@ class InvalidImageSize(ImageBackendException, ValueError):
     msg_fmt = ("Image %(image_id)s: %(reason)s")
 
 
+class DiskSmallerThanImage(InvalidImageSize):
+    """The disk asked for is smaller than the image's virtual size (found
+    from the source's record, the image's header, or the cached base).
+    """
+
+    msg_fmt = ("Image %(image_id)s: its virtual size is %(virtual_size)d "
+               "bytes, larger than the requested disk of "
+               "%(requested_size)d bytes; request a disk of at least "
+               "%(virtual_size)d bytes (a larger flavor).")
+
+
 class InvalidSize(ImageBackendException, ValueError):
     msg_fmt = ("Invalid size %(value)r: %(reason)s. Give a number of bytes "
                "or a number with a K, M, G or T suffix (1024-based).")

@@ -64,18 +64,39 @@ def register_opts(conf: cfg.ConfigOpts,
         register; by default every installed source's.
     :raises imagebackend.exception.SourceNotFound: a name in
         ``image_sources`` is not an installed source.
-    :raises oslo_config.cfg.DuplicateOptError: ``conf`` already has an
-        option of one of our names, in one of our groups, that is not ours.
+    :raises imagebackend.exception.ConfigurationError: ``conf`` already
+        has an option of one of our names, in one of our groups, defined
+        otherwise (the message names it).
     """
     for group, options in _library_opts():
-        conf.register_opts(options, group=group)
+        _register(group, conf.register_opts, options, group)
     # oslo.concurrency registers its own options (lock_path) through its
     # public API; the cache reads them with the same function.
-    lockutils.get_lock_path(conf)
+    _register("oslo_concurrency", lockutils.get_lock_path, conf)
     if image_sources is None:
         image_sources = plugins.names(SOURCES_NAMESPACE)
     for name in image_sources:
-        _source_class(name).register_opts(conf)
+        cls = _source_class(name)
+        _register("/".join(group for group, _ in cls.OPTIONS),
+                  cls.register_opts, conf)
+
+
+def _register(group: str, register, *args, **kwargs) -> None:
+    """Call ``register(*args, **kwargs)``; a clash with an option the
+    caller registered becomes the library's error, naming the option and
+    the way out.
+    """
+    try:
+        register(*args, **kwargs)
+    except cfg.DuplicateOptError as exc:
+        raise exception.ConfigurationError(
+            reason="option [%s] %s is already registered on this "
+                   "ConfigOpts with another definition (a compute service's "
+                   "option of the same name); give imagebackend a "
+                   "ConfigOpts of its own (imagebackend.opts.new_conf) and "
+                   "pass the service's values with "
+                   "imagebackend.opts.set_defaults"
+                   % (group, exc.opt_name)) from exc
 
 
 def register_source_opts(conf: cfg.ConfigOpts) -> None:

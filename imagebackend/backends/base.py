@@ -235,12 +235,9 @@ class ImageBackend(abc.ABC):
             entry, hit = self.cache.get(image_id, requested_size=size,
                                         progress=progress, timings=timings)
             if entry.virtual_size > size:
-                raise exception.InvalidImageSize(
-                    image_id=image_id,
-                    reason="its virtual size is %d bytes, larger than the "
-                           "requested disk of %d bytes; ask for at least "
-                           "%d bytes" % (entry.virtual_size, size,
-                                         entry.virtual_size))
+                raise exception.DiskSmallerThanImage(
+                    image_id=image_id, virtual_size=entry.virtual_size,
+                    requested_size=size)
             start = time.monotonic()
             with disk_target.errors(image_id, target, size):
                 base_path, base_format = self.prepare_base(entry, size)

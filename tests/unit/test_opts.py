@@ -207,3 +207,19 @@ def test_load_backend_registers_the_options_and_builds_the_backend(
     with pytest.raises(exception.BackendNotFound) as err:
         imagebackend.load_backend(bare, "lvm")
     assert "'lvm'" in str(err.value) and "qcow2" in str(err.value)
+
+
+def test_a_clashing_option_of_the_service_is_the_libraries_error():
+    # Nova's [image_cache] remove_unused_original_minimum_age_seconds has
+    # our name and group but its own help: oslo.config refuses both.
+    conf = cfg.ConfigOpts()
+    conf.register_opt(cfg.IntOpt(
+        "remove_unused_original_minimum_age_seconds", default=86400,
+        help="Nova's own help."), group="image_cache")
+    with pytest.raises(exception.ConfigurationError) as err:
+        opts.register_opts(conf)
+    message = str(err.value)
+    assert ("[image_cache] remove_unused_original_minimum_age_seconds"
+            in message)
+    assert "opts.new_conf" in message and "set_defaults" in message
+    assert isinstance(err.value.__cause__, cfg.DuplicateOptError)
