@@ -43,6 +43,11 @@ _DEFAULTABLE = {
     "images_type": (GROUP, "images_type"),
     "image_source": (GROUP, "image_source"),
     "force_raw_images": (GROUP, "force_raw_images"),
+    "preallocate_images": (GROUP, "preallocate_images"),
+    "remove_unused_original_minimum_age_seconds": (
+        cache.IMAGE_CACHE_GROUP, "remove_unused_original_minimum_age_seconds"),
+    "remove_unused_resized_minimum_age_seconds": (
+        cache.IMAGE_CACHE_GROUP, "remove_unused_resized_minimum_age_seconds"),
     "lock_path": ("oslo_concurrency", "lock_path"),
 }
 
@@ -116,7 +121,12 @@ def set_defaults(conf: cfg.ConfigOpts, instances_path: str | None = None,
                  lock_path: str | None = None,
                  images_type: str | None = None,
                  image_source: str | None = None,
-                 force_raw_images: bool | None = None) -> None:
+                 force_raw_images: bool | None = None,
+                 preallocate_images: str | None = None,
+                 remove_unused_original_minimum_age_seconds:
+                 int | None = None,
+                 remove_unused_resized_minimum_age_seconds:
+                 int | None = None) -> None:
     """Give the library's options the compute service's values as their
     defaults (a value in a config file still wins).
 
@@ -124,11 +134,13 @@ def set_defaults(conf: cfg.ConfigOpts, instances_path: str | None = None,
     objects (other ConfigOpts in the process keep their own defaults);
     ``conf.reset()`` clears them, as it clears every ``set_default``, so
     call this again after a reset.
-    Nova, for example::
+    Nova, for example (its own options on its CONF; ``conf`` is the
+    library's own ConfigOpts, see doc/source/configuration.rst)::
 
         opts.set_defaults(conf, instances_path=CONF.instances_path,
                           base_dir_name=CONF.image_cache.subdirectory_name,
-                          lock_path=CONF.oslo_concurrency.lock_path)
+                          lock_path=CONF.oslo_concurrency.lock_path,
+                          force_raw_images=CONF.force_raw_images)
 
     :param instances_path: ``[imagebackend] instances_path``: an absolute
         path.
@@ -137,13 +149,23 @@ def set_defaults(conf: cfg.ConfigOpts, instances_path: str | None = None,
     :param images_type: ``[imagebackend] images_type``.
     :param image_source: ``[imagebackend] image_source``.
     :param force_raw_images: ``[imagebackend] force_raw_images``.
+    :param preallocate_images: ``[imagebackend] preallocate_images``.
+    :param remove_unused_original_minimum_age_seconds: ``[image_cache]
+        remove_unused_original_minimum_age_seconds``.
+    :param remove_unused_resized_minimum_age_seconds: ``[image_cache]
+        remove_unused_resized_minimum_age_seconds``.
     :raises imagebackend.exception.ConfigurationError: a path is not
         absolute.
     """
     given = {"instances_path": instances_path,
              "base_dir_name": base_dir_name, "lock_path": lock_path,
              "images_type": images_type, "image_source": image_source,
-             "force_raw_images": force_raw_images}
+             "force_raw_images": force_raw_images,
+             "preallocate_images": preallocate_images,
+             "remove_unused_original_minimum_age_seconds":
+                 remove_unused_original_minimum_age_seconds,
+             "remove_unused_resized_minimum_age_seconds":
+                 remove_unused_resized_minimum_age_seconds}
     for key in ("instances_path", "lock_path"):
         path = given[key]
         if path is not None and not os.path.isabs(path):

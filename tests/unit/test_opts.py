@@ -150,12 +150,18 @@ def test_set_defaults_changes_only_that_conf_and_files_still_win(tmp_path):
     conf = cfg.ConfigOpts()
     opts.set_defaults(conf, instances_path="/srv/vms", lock_path="/srv/l",
                       images_type="cached-base", base_dir_name="cache",
-                      image_source="glance", force_raw_images=False)
+                      image_source="glance", force_raw_images=False,
+                      preallocate_images="space",
+                      remove_unused_original_minimum_age_seconds=60,
+                      remove_unused_resized_minimum_age_seconds=30)
     conf(["--config-file", str(path)])
     assert conf.imagebackend.instances_path == "/srv/vms"
     assert conf.imagebackend.base_dir_name == "cache"
     assert conf.imagebackend.image_source == "glance"
     assert conf.imagebackend.force_raw_images is False
+    assert conf.imagebackend.preallocate_images == "space"
+    assert conf.image_cache.remove_unused_original_minimum_age_seconds == 60
+    assert conf.image_cache.remove_unused_resized_minimum_age_seconds == 30
     assert conf.oslo_concurrency.lock_path == "/srv/l"
     assert conf.imagebackend.images_type == "raw"      # the file's value
     other = opts.new_conf([])
@@ -223,3 +229,18 @@ def test_a_clashing_option_of_the_service_is_the_libraries_error():
             in message)
     assert "opts.new_conf" in message and "set_defaults" in message
     assert isinstance(err.value.__cause__, cfg.DuplicateOptError)
+
+
+def test_set_defaults_on_a_parsed_conf_of_our_own():
+    # The recipe of doc/source/configuration.rst: the library's own
+    # ConfigOpts, given the compute service's values.
+    conf = opts.new_conf([])
+    assert conf.imagebackend.instances_path == (
+        "/var/lib/imagebackend/instances")
+    opts.set_defaults(conf, instances_path="/var/lib/nova/instances",
+                      base_dir_name="_base", lock_path="/var/lib/nova/tmp")
+    assert conf.imagebackend.instances_path == "/var/lib/nova/instances"
+    assert conf.oslo_concurrency.lock_path == "/var/lib/nova/tmp"
+    backend = imagebackend.load_backend(conf)
+    assert backend.cache.base_dir == "/var/lib/nova/instances/_base"
+    assert backend.cache.lock_dir == "/var/lib/nova/tmp"
