@@ -104,18 +104,6 @@ def _register(group: str, register, *args, **kwargs) -> None:
                    % (group, exc.opt_name)) from exc
 
 
-def register_source_opts(conf: cfg.ConfigOpts) -> None:
-    """Register the options of the image source ``conf`` names
-    (``[imagebackend] image_source``), once ``conf`` has read its files.
-
-    Nothing is registered for a name no source has: building the source
-    reports it (:class:`imagebackend.exception.SourceNotFound`).
-    """
-    name = conf[GROUP].image_source
-    if name in plugins.names(SOURCES_NAMESPACE):
-        _source_class(name).register_opts(conf)
-
-
 def set_defaults(conf: cfg.ConfigOpts, instances_path: str | None = None,
                  base_dir_name: str | None = None,
                  lock_path: str | None = None,
@@ -187,8 +175,9 @@ def new_conf(argv: list[str] | None = None,
     Every option is read once here, so that a value that cannot be used (a
     ``$reference`` to no option, a value of the wrong type) is reported
     now, naming the option and the file, rather than part-way through
-    some later operation.  Only the configured image source's options are
-    registered (no other source's modules are imported).
+    some later operation.  Every installed image source's options are
+    registered, not only the configured one's: a command may use another
+    (``disk extract --upload`` uploads to Glance).
 
     :param argv: command-line style arguments such as
         ``["--config-file", "/etc/imagebackend/imagebackend.conf"]``.
@@ -199,11 +188,9 @@ def new_conf(argv: list[str] | None = None,
         parsed (oslo.config's message names it).
     """
     conf = cfg.ConfigOpts()
-    register_opts(conf, image_sources=[])
+    register_opts(conf)
     conf(argv or [], project="imagebackend",
          default_config_files=default_config_files or [])
-    check_conf(conf)
-    register_source_opts(conf)
     check_conf(conf)
     return conf
 

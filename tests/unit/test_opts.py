@@ -115,12 +115,17 @@ def test_register_opts_can_leave_the_image_sources_out():
         opts.register_opts(conf, image_sources=["nfs"])
 
 
-def test_new_conf_registers_only_the_configured_source(tmp_path):
+def test_new_conf_registers_every_source_and_reads_their_options(
+        tmp_path):
+    # disk extract --upload uses Glance whatever the configured source.
+    conf = opts.new_conf([])
+    assert conf.imagebackend.image_source == "local"
+    assert conf.glance.stall_timeout == 60
     path = tmp_path / "ib.conf"
-    path.write_text("[imagebackend]\nimage_source = glance\n")
-    conf = opts.new_conf(["--config-file", str(path)])
-    assert "glance" in conf and "local_source" not in conf
-    assert "local_source" in opts.new_conf([])
+    path.write_text("[glance]\nstall_timeout = soon\n")
+    with pytest.raises(exception.ConfigValueError) as err:
+        opts.new_conf(["--config-file", str(path)])
+    assert "[glance] stall_timeout" in str(err.value)
 
 
 def test_a_compute_service_with_its_own_instances_path_loads_ours_too():
