@@ -10,7 +10,6 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-
 """A fixture for the unit tests of code that uses imagebackend.
 
 In the spirit of oslo.concurrency's lock fixture: a compute driver's tests
