@@ -17,6 +17,7 @@ Nothing here reads a global configuration object.  How each option maps to
 the compute service's option of the same meaning: doc/source/options.rst.
 """
 
+import functools
 import itertools
 import os
 
@@ -79,7 +80,7 @@ def register_opts(conf: cfg.ConfigOpts,
     # public API; the cache reads them with the same function.
     _register("oslo_concurrency", lockutils.get_lock_path, conf)
     if image_sources is None:
-        image_sources = plugins.names(SOURCES_NAMESPACE)
+        image_sources = _source_names()
     for name in image_sources:
         cls = _source_class(name)
         _register("/".join(group for group, _ in cls.OPTIONS),
@@ -229,10 +230,18 @@ def _library_opts() -> list[tuple[str, list[cfg.Opt]]]:
 
 
 def _all_source_opts():
-    for name in plugins.names(SOURCES_NAMESPACE):
+    for name in _source_names():
         yield from _source_class(name).OPTIONS
 
 
+# Entry points are looked up once per process: load_backend registers the
+# options on every call, and a lookup costs milliseconds.
+@functools.lru_cache(maxsize=None)
+def _source_names() -> tuple[str, ...]:
+    return tuple(plugins.names(SOURCES_NAMESPACE))
+
+
+@functools.lru_cache(maxsize=None)
 def _source_class(name: str) -> type:
     return plugins.load_class(SOURCES_NAMESPACE, name,
                               exception.SourceNotFound)
