@@ -95,6 +95,15 @@ class BackendNotFound(ConfigurationError):
                "images_type to one of: %(choices)s.")
 
 
+class ConfigFileError(ConfigurationError):
+    """A config file is missing or cannot be parsed (``reason`` is
+    oslo.config's message, which names it).
+    """
+
+    msg_fmt = ("Invalid configuration: %(reason)s; check the files given "
+               "with --config-file and --config-dir.")
+
+
 class SourceNotFound(ConfigurationError):
     msg_fmt = ("Unknown image source %(name)r; set [imagebackend] "
                "image_source to one of: %(choices)s.")

@@ -185,13 +185,16 @@ def new_conf(argv: list[str] | None = None,
     :param default_config_files: files read when ``argv`` names none.
     :raises imagebackend.exception.ConfigValueError: an option's value
         cannot be read.
-    :raises oslo_config.cfg.Error: a config file is missing or cannot be
-        parsed (oslo.config's message names it).
+    :raises imagebackend.exception.ConfigFileError: a config file is
+        missing or cannot be parsed (the message names it).
     """
     conf = cfg.ConfigOpts()
     register_opts(conf)
-    conf(argv or [], project="imagebackend",
-         default_config_files=default_config_files or [])
+    try:
+        conf(argv or [], project="imagebackend",
+             default_config_files=default_config_files or [])
+    except cfg.Error as exc:
+        raise exception.ConfigFileError(reason=str(exc)) from exc
     check_conf(conf)
     return conf
 

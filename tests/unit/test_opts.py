@@ -249,3 +249,18 @@ def test_set_defaults_on_a_parsed_conf_of_our_own():
     backend = imagebackend.load_backend(conf)
     assert backend.cache.base_dir == "/var/lib/nova/instances/_base"
     assert backend.cache.lock_dir == "/var/lib/nova/tmp"
+
+
+def test_a_missing_or_broken_config_file_is_the_libraries_error(tmp_path):
+    missing = tmp_path / "nope.conf"
+    with pytest.raises(exception.ConfigFileError) as err:
+        opts.new_conf(["--config-file", str(missing)])
+    assert str(missing) in str(err.value) and "--config-file" in str(
+        err.value)
+    assert isinstance(err.value, exception.ConfigurationError)
+    broken = tmp_path / "broken.conf"
+    broken.write_text("[imagebackend\nimages_type = raw\n")
+    with pytest.raises(exception.ConfigFileError) as err:
+        opts.new_conf(["--config-file", str(broken)])
+    assert str(broken) in str(err.value)
+    assert isinstance(err.value.__cause__, cfg.Error)
