@@ -13,6 +13,7 @@ What a compute driver writes::
 
 import typing
 
+from oslo_config import cfg
 import pbr.version
 
 from imagebackend.backends import base as backends_base
@@ -21,7 +22,7 @@ from imagebackend import opts
 __version__ = pbr.version.VersionInfo("imagebackend").version_string()
 
 
-def load_backend(conf, name: str | None = None,
+def load_backend(conf: cfg.ConfigOpts, name: str | None = None,
                  **kwargs: typing.Any) -> backends_base.ImageBackend:
     """Build the image backend that makes instance disks.
 
@@ -29,7 +30,7 @@ def load_backend(conf, name: str | None = None,
     (:func:`imagebackend.opts.register_opts`), so a compute service may
     pass its own ConfigOpts, parsed or not.
 
-    :param conf: an ``oslo_config.cfg.ConfigOpts``.
+    :param conf: the ConfigOpts to read the options from.
     :param name: the backend's name (an ``imagebackend.backends`` entry
         point: ``qcow2``, ``cached-base``, ``raw``); by default
         ``[imagebackend] images_type``.
