@@ -300,7 +300,7 @@ class DiskNotFound(DiskOperationError, FileNotFoundError):
 
 
 class InvalidDiskRequest(DiskOperationError, ValueError):
-    msg_fmt = "Disk %(path)s: %(reason)s"
+    """A request about a disk that cannot be carried out as asked."""
 
 
 class SnapshotNotFound(DiskOperationError, LookupError):
@@ -345,7 +345,6 @@ class QemuImgOutputTooLarge(QemuImgLimitExceeded):
 
 class ImageLimitExceeded(UnsafeImage):
     rule = "resource-limit"
-    msg_fmt = ("Image %(image_id)s was refused (%(rule)s): %(reason)s")
 
 
 class CorruptImageRefused(UnsafeImage):
