@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 
-from imagebackend.backends import base as backends_base
+import imagebackend
 from imagebackend import opts
 from imagebackend.sources import local
 
@@ -78,7 +78,7 @@ def make_backend(config_file, name, downloads_log, wrapper=None):
     if wrapper:
         conf.set_override("binary", wrapper, group="qemu_img")
     source = CountingSource(conf, downloads_log)
-    return backends_base.load(conf, name, source=source)
+    return imagebackend.load_backend(conf, name, source=source)
 
 
 # -- the deployment --------------------------------------------------------

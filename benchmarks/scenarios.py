@@ -11,7 +11,7 @@ import shutil
 import statistics
 
 from benchmarks import harness
-from imagebackend.backends import base as backends_base
+import imagebackend
 from imagebackend import opts
 from imagebackend.sources import glance
 
@@ -271,7 +271,7 @@ def glance_download(bench):
         stored = str(srv.image_store_file(image_id))
         conf = opts.new_conf(["--config-file", bench.config_file])
         source = glance.GlanceSource(conf, session=srv.demo.session())
-        backend = backends_base.load(conf, "qcow2", source=source)
+        backend = imagebackend.load_backend(conf, "qcow2", source=source)
         url = "%s/v2/images/%s/file" % (srv.glance_url, image_id)
         copy = bench.floor_file("download")
 

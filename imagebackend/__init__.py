@@ -1,5 +1,50 @@
-"""imagebackend: turn images into instance disks through a shared cache."""
+"""imagebackend: turn images into instance disks through a shared cache.
 
+What a compute driver writes::
+
+    import imagebackend
+    from imagebackend import opts
+
+    conf = opts.new_conf(["--config-file", path])   # or its own ConfigOpts
+    backend = imagebackend.load_backend(conf)   # by [imagebackend] images_type
+    disk = backend.create_image(image_id, target_path, size_bytes)
+    disk.libvirt_disk()      # the values of its libvirt <disk> element
+"""
+
+import typing
+
+from oslo_config import cfg
 import pbr.version
 
+from imagebackend.backends import base as backends_base
+from imagebackend import opts
+
 __version__ = pbr.version.VersionInfo("imagebackend").version_string()
+
+
+def load_backend(conf: cfg.ConfigOpts, name: str | None = None,
+                 **kwargs: typing.Any) -> backends_base.ImageBackend:
+    """Build the image backend that makes instance disks.
+
+    Registers every option of the library on ``conf`` first
+    (:func:`imagebackend.opts.register_opts`), so a compute service may
+    pass its own ConfigOpts, parsed or not.
+
+    :param conf: the ConfigOpts to read the options from.
+    :param name: the backend's name (an ``imagebackend.backends`` entry
+        point: ``qcow2``, ``cached-base``, ``raw``); by default
+        ``[imagebackend] images_type``.
+    :param kwargs: passed to the backend's constructor: ``source`` (an
+        :class:`imagebackend.sources.base.ImageSource`; by default the one
+        ``[imagebackend] image_source`` names) and ``qemu`` (a
+        :class:`imagebackend.qemu.img.QemuImg`).
+    :returns: an :class:`imagebackend.backends.base.ImageBackend`.
+    :raises imagebackend.exception.BackendNotFound: no backend has that
+        name.
+    :raises imagebackend.exception.SourceNotFound: no image source has the
+        configured name.
+    :raises imagebackend.exception.ConfigurationError: the configuration
+        cannot be used (the message names the option).
+    """
+    opts.register_opts(conf)
+    return backends_base.load(conf, name, **kwargs)

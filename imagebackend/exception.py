@@ -95,6 +95,15 @@ class BackendNotFound(ConfigurationError):
                "images_type to one of: %(choices)s.")
 
 
+class ConfigFileError(ConfigurationError):
+    """A config file is missing or cannot be parsed (``reason`` is
+    oslo.config's message, which names it).
+    """
+
+    msg_fmt = ("Invalid configuration: %(reason)s; check the files given "
+               "with --config-file and --config-dir.")
+
+
 class SourceNotFound(ConfigurationError):
     msg_fmt = ("Unknown image source %(name)r; set [imagebackend] "
                "image_source to one of: %(choices)s.")
@@ -108,6 +117,17 @@ class InvalidImageId(ImageBackendException, ValueError):
 
 class InvalidImageSize(ImageBackendException, ValueError):
     msg_fmt = ("Image %(image_id)s: %(reason)s")
+
+
+class DiskSmallerThanImage(InvalidImageSize):
+    """The disk asked for is smaller than the image's virtual size (found
+    from the source's record, the image's header, or the cached base).
+    """
+
+    msg_fmt = ("Image %(image_id)s: its virtual size is %(virtual_size)d "
+               "bytes, larger than the requested disk of "
+               "%(requested_size)d bytes; request a disk of at least "
+               "%(virtual_size)d bytes (a larger flavor).")
 
 
 class InvalidSize(ImageBackendException, ValueError):
@@ -280,7 +300,7 @@ class DiskNotFound(DiskOperationError, FileNotFoundError):
 
 
 class InvalidDiskRequest(DiskOperationError, ValueError):
-    msg_fmt = "Disk %(path)s: %(reason)s"
+    """A request about a disk that cannot be carried out as asked."""
 
 
 class SnapshotNotFound(DiskOperationError, LookupError):
@@ -325,7 +345,6 @@ class QemuImgOutputTooLarge(QemuImgLimitExceeded):
 
 class ImageLimitExceeded(UnsafeImage):
     rule = "resource-limit"
-    msg_fmt = ("Image %(image_id)s was refused (%(rule)s): %(reason)s")
 
 
 class CorruptImageRefused(UnsafeImage):

@@ -5,6 +5,8 @@ Builds a small qcow2 image with real data in it, writes a config file, and
 runs the ``imagebackend`` command line for every backend: the first disk
 fetches, converts and caches the image, the rest hit the cache.  Every
 disk's content is then compared with the image by ``qemu-img compare``.
+Last, the same config through the Python API, as a compute driver uses it
+(``imagebackend.load_backend``).
 
     tox -e demo                   # in a fresh temporary directory
     tox -e demo -- --keep DIR     # keep the work in DIR to look at
@@ -37,6 +39,23 @@ def make_image(images_dir):
          image])
     os.unlink(raw)
     return image
+
+
+def library_demo(conf_file, image_id, target):
+    """One more disk through the Python API, from the warm cache."""
+    import imagebackend
+    from imagebackend import opts
+
+    print("$ python: imagebackend.load_backend(conf).create_image(%r, %r, "
+          "1 GiB)" % (image_id, target), flush=True)
+    conf = opts.new_conf(["--config-file", conf_file])
+    backend = imagebackend.load_backend(conf)
+    disk = backend.create_image(image_id, target, 1024 ** 3)
+    info = disk.libvirt_disk()
+    print("  -> cache hit: %s; libvirt <disk type=%r>: <driver type=%r>, "
+          "<source file=%r>, backing %s" % (
+              disk.cache_hit, info.source_type, info.driver_type,
+              info.source_path, ", ".join(info.backing_chain)))
 
 
 def main():
@@ -76,7 +95,11 @@ def main():
                  disk["format"], image, target])
             print("  -> content identical to the image")
         run(cli + ["cache", "list"])
-        print("\nDemo finished: 3 disks made from %s, one download." %
+        library_demo(conf, image_id, os.path.join(instances, "vm3", "disk"))
+        run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2",
+             image, os.path.join(instances, "vm3", "disk")])
+        print("  -> content identical to the image")
+        print("\nDemo finished: 4 disks made from %s, one download." %
               image_id)
     finally:
         if not args.keep:

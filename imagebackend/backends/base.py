@@ -59,40 +59,81 @@ OPTIONS = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class LibvirtDisk:
+    """What a libvirt driver writes in a disk's ``<disk>`` element.
+
+    The values, not a libvirt config object: the driver builds its own
+    (Nova's ``LibvirtConfigGuestDisk``) from them.
+    """
+
+    #: ``<disk type=...>``: always ``file`` for these backends.
+    source_type: str
+    #: ``<source file=...>``: the disk's absolute path.
+    source_path: str
+    #: ``<driver name=...>``: ``qemu``.
+    driver_name: str
+    #: ``<driver type=...>``: ``qcow2`` or ``raw``.
+    driver_type: str
+    #: the backing files, nearest first (empty for a raw disk).
+    backing_chain: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (the chain as a list)."""
+        data = dataclasses.asdict(self)
+        data["backing_chain"] = list(self.backing_chain)
+        return data
+
+
 @dataclasses.dataclass
 class Disk:
     """An instance disk made by :meth:`ImageBackend.create_image`."""
 
+    #: the disk's absolute path.
     path: str
+    #: its format: ``qcow2`` or ``raw``.
     format: str
+    #: its virtual size in bytes (the size asked for).
     virtual_size: int
     image_id: str
+    #: the backend that made it (``[imagebackend] images_type``).
     backend: str
+    #: the backing files, nearest first (empty for a raw disk).
     backing_chain: list[str]
+    #: whether the base was already in the cache.
     cache_hit: bool
+    #: seconds spent per step (``fetch``, ``convert``, ``extend``,
+    #: ``overlay``...).
     timings: dict[str, float]
 
     @property
     def backing_file(self) -> str | None:
+        """The nearest backing file, or None."""
         return self.backing_chain[0] if self.backing_chain else None
 
-    def libvirt_info(self) -> dict:
-        """What a libvirt driver needs for the disk's ``<disk>`` element:
-        ``source_type`` (``file``), ``source_path``, ``driver_type``
-        (``qcow2`` or ``raw``) and the backing chain, nearest first.
-        """
-        return {
-            "source_type": "file",
-            "source_path": self.path,
-            "driver_name": "qemu",
-            "driver_type": self.format,
-            "backing_chain": list(self.backing_chain),
-        }
+    def libvirt_disk(self) -> LibvirtDisk:
+        """The values of the disk's libvirt ``<disk>`` element."""
+        return LibvirtDisk(source_type="file", source_path=self.path,
+                           driver_name="qemu", driver_type=self.format,
+                           backing_chain=tuple(self.backing_chain))
 
     def to_dict(self) -> dict:
+        """The fields (and ``backing_file``) as a JSON-ready dict."""
         data = dataclasses.asdict(self)
         data["backing_file"] = self.backing_file
         return data
+
+
+def copy_sparse_grown(base_path: str, fd: int, size: int) -> None:
+    """Copy the raw file ``base_path`` into the open, empty file ``fd``
+    keeping its holes, grow it to ``size`` bytes and fsync it: how every
+    backend makes a raw disk or a raw sized base without qemu-img.
+
+    :raises OSError: the copy failed (the caller removes ``fd``'s file).
+    """
+    fileio.sparse_copy(base_path, fd)
+    os.ftruncate(fd, size)
+    os.fsync(fd)
 
 
 class ImageBackend(abc.ABC):
@@ -100,7 +141,8 @@ class ImageBackend(abc.ABC):
     ``imagebackend.backends``).
 
     :param conf: a ConfigOpts with the library's options registered
-        (:func:`imagebackend.opts.new_conf` or
+        (:func:`imagebackend.load_backend` does it; else
+        :func:`imagebackend.opts.new_conf` or
         :func:`imagebackend.opts.register_opts`).
     :param source: the image source; by default the one named by
         ``[imagebackend] image_source``.
@@ -156,8 +198,10 @@ class ImageBackend(abc.ABC):
             call fails).
         :param size: the disk's virtual size in bytes; at least the image's
             virtual size.
-        :param progress: called as ``progress(stage, done, total)`` during
-            long steps (``download``, ``convert``), in bytes.
+        :param progress: called as ``progress(stage, done, total)``, done
+            and total in bytes (total None when unknown), during long
+            steps (download, convert); see
+            :mod:`imagebackend.common.progress`.
         :returns: a :class:`Disk` describing the result.
         :raises imagebackend.exception.InvalidImageId: the source refuses
             the id (not UTF-8 text, control characters...); nothing is
@@ -195,12 +239,9 @@ class ImageBackend(abc.ABC):
             entry, hit = self.cache.get(image_id, requested_size=size,
                                         progress=progress, timings=timings)
             if entry.virtual_size > size:
-                raise exception.InvalidImageSize(
-                    image_id=image_id,
-                    reason="its virtual size is %d bytes, larger than the "
-                           "requested disk of %d bytes; ask for at least "
-                           "%d bytes" % (entry.virtual_size, size,
-                                         entry.virtual_size))
+                raise exception.DiskSmallerThanImage(
+                    image_id=image_id, virtual_size=entry.virtual_size,
+                    requested_size=size)
             start = time.monotonic()
             with disk_target.errors(image_id, target, size):
                 base_path, base_format = self.prepare_base(entry, size)
@@ -294,7 +335,9 @@ class ImageBackend(abc.ABC):
 def load(conf: cfg.ConfigOpts, name: str | None = None,
          **kwargs: typing.Any) -> ImageBackend:
     """Build the backend named ``name`` (default: ``[imagebackend]
-    images_type``) from the ``imagebackend.backends`` entry points.
+    images_type``) from the ``imagebackend.backends`` entry points, on a
+    ``conf`` whose options are registered (the implementation of
+    :func:`imagebackend.load_backend`, which registers them first).
 
     :param kwargs: passed to the backend's constructor (``source``,
         ``qemu``).

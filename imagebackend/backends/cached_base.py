@@ -8,6 +8,7 @@ backing file, as some tools expect.
 
 import os
 
+from imagebackend.backends import base
 from imagebackend.backends import qcow2
 from imagebackend.common import fileio
 
@@ -25,10 +26,10 @@ class CachedBaseBackend(qcow2.Qcow2Backend):
         sized = self.cache.sized_path(entry.cache_id, size)
 
         def build(fd, tmp):
-            fileio.sparse_copy(entry.path, fd)
             if entry.format == "raw":
-                os.ftruncate(fd, size)
+                base.copy_sparse_grown(entry.path, fd, size)
             else:
+                fileio.sparse_copy(entry.path, fd)
                 self.qemu.resize(tmp, entry.format, size)
 
         self.cache.publish_derived(sized, os.path.basename(sized), build)

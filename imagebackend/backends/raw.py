@@ -3,7 +3,6 @@
 import os
 
 from imagebackend.backends import base
-from imagebackend.common import fileio
 
 
 class RawBackend(base.ImageBackend):
@@ -26,8 +25,6 @@ class RawBackend(base.ImageBackend):
         fd = os.open(target, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW
                      | os.O_CLOEXEC)
         try:
-            fileio.sparse_copy(base_path, fd)
-            os.ftruncate(fd, size)
-            os.fsync(fd)
+            base.copy_sparse_grown(base_path, fd, size)
         finally:
             os.close(fd)

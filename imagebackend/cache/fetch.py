@@ -71,11 +71,9 @@ def precheck_size(meta, requested_size: int | None) -> None:
     if known is None and meta.disk_format == "raw":
         known = meta.size
     if known is not None and known > requested_size:
-        raise exception.InvalidImageSize(
-            image_id=meta.image_id,
-            reason="its virtual size is %d bytes, larger than the "
-                   "requested disk of %d bytes; ask for at least %d "
-                   "bytes" % (known, requested_size, known))
+        raise exception.DiskSmallerThanImage(
+            image_id=meta.image_id, virtual_size=known,
+            requested_size=requested_size)
 
 
 def _open_scratch(path: str) -> int:

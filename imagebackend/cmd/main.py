@@ -133,7 +133,7 @@ def _main(argv) -> int:
         # An option read part-way through the command (those of the image
         # source are registered only when it is built): say which.
         return _fail(args, _config_error(conf, exc))
-    except Exception as exc:   # noqa: B902 -- report, do not dump
+    except Exception as exc:    # report in one line, do not dump
         # oslo.config reports bad files with its own exceptions; anything
         # else unexpected is a bug, shown in full with --debug.
         return _fail(args, exc)

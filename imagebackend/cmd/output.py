@@ -5,7 +5,13 @@ Text output shows every value through
 :func:`imagebackend.textutils.printable`: image ids, file names and
 messages that a tenant or an image service chose are escaped and bounded,
 so one row is always one line.  JSON output keeps every value exact (JSON
-escapes control characters itself).
+escapes control characters itself).  A command may return the library's
+typed results (objects with ``to_dict()``, or lists of them): they are
+shown as their dicts.
+
+Progress is the library's one protocol (:mod:`imagebackend.common.progress`):
+``progress(stage, done, total)`` with ``done`` and ``total`` in bytes;
+:class:`ProgressBar` draws it.
 """
 
 import json
@@ -23,9 +29,16 @@ def add_format_argument(parser) -> None:
 
 
 def emit(result, args, stream=None) -> None:
+    """Print a command's result (None prints nothing).
+
+    :param result: a dict, a list of dicts (a table), a scalar, or typed
+        results with ``to_dict()`` (one, or a list).
+    :param args: the parsed arguments (``output_format``, ``columns``).
+    """
     stream = stream or sys.stdout
     if result is None:
         return
+    result = _plain(result)
     if getattr(args, "output_format", "text") == "json":
         json.dump(result, stream, indent=2, sort_keys=True)
         stream.write("\n")
@@ -38,6 +51,15 @@ def emit(result, args, stream=None) -> None:
     else:
         stream.write("%s\n" % _text(result))
     stream.flush()
+
+
+def _plain(result):
+    """Typed results as the dicts they describe."""
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    if isinstance(result, (list, tuple)):
+        return [_plain(item) for item in result]
+    return result
 
 
 def _text(value) -> str:
@@ -69,9 +91,16 @@ def _table(rows, columns, stream) -> None:
                      .rstrip() + "\n")
 
 
-class ProgressBar:
-    """``progress(stage, done, total)`` drawn on a terminal's stderr.
+#: the longest stage label shown (an image id may be part of it).
+STAGE_WIDTH = 40
 
+
+class ProgressBar:
+    """``progress(stage, done, total)`` (bytes) drawn on a terminal's
+    stderr: the stage, a bar, the percentage and the MiB done of the total
+    (only the MiB done when the total is unknown).
+
+    The stage is shown escaped and bounded: it may hold an image id.
     Silent when stderr is not a terminal or the output is JSON, so pipes
     and machine-readable output stay clean.
     """
@@ -95,16 +124,22 @@ class ProgressBar:
         if self._stage not in (None, stage):
             self.stream.write("\n")
         self._stage, self._last = stage, now
+        label = textutils.printable(stage, STAGE_WIDTH)
         if total:
             frac = min(done / total, 1.0)
             bar = "#" * int(frac * 30)
-            self.stream.write("\r%-8s [%-30s] %5.1f%%"
-                              % (stage, bar, frac * 100))
+            self.stream.write("\r%-8s [%-30s] %5.1f%% %s/%s MiB"
+                              % (label, bar, frac * 100, _mib(done),
+                                 _mib(total)))
         else:
-            self.stream.write("\r%-8s %d MiB" % (stage, done >> 20))
+            self.stream.write("\r%-8s %s MiB" % (label, _mib(done)))
         self.stream.flush()
 
     def close(self) -> None:
         if self.enabled and self._stage is not None:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _mib(size: int) -> str:
+    return "%.1f" % (size / (1024 * 1024))

@@ -173,13 +173,9 @@ def check_requested_size(image_id: str, result: InspectionResult,
         size is larger than ``requested_size``.
     """
     if requested_size and result.virtual_size > requested_size:
-        raise exception.InvalidImageSize(
-            image_id=image_id,
-            reason="its virtual size is %d bytes, larger than the requested "
-                   "disk size of %d bytes; request a disk of at least %d "
-                   "bytes (a larger flavor)" % (
-                       result.virtual_size, requested_size,
-                       result.virtual_size))
+        raise exception.DiskSmallerThanImage(
+            image_id=image_id, virtual_size=result.virtual_size,
+            requested_size=requested_size)
 
 
 class StreamInspector:

@@ -38,14 +38,15 @@ _MEMO_KEY = content_digest.SPARSE
 
 OPTIONS = [
     cfg.StrOpt("path",
-               default="images",
+               default="/var/lib/imagebackend/images",
                help="Directory holding the image files served by the "
                     "'local' image source ([imagebackend] image_source = "
                     "local). The image id is the file name; only regular "
                     "files directly inside this directory are served "
-                    "(no subdirectories, no symlinks, no '..'). A relative "
-                    "path is taken from the current working directory. "
-                    "Default: 'images'."),
+                    "(no subdirectories, no symlinks, no '..'). Give an "
+                    "absolute path (a relative one is taken from the "
+                    "current working directory). Default: "
+                    "/var/lib/imagebackend/images."),
     cfg.DictOpt("formats",
                 default={},
                 help="Declared disk formats of local images, as "

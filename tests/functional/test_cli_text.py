@@ -24,7 +24,7 @@ import sys
 
 import pytest
 
-from imagebackend.backends import base as backends_base
+import imagebackend
 from imagebackend import exception
 from tests.functional.fixtures import env as fenv
 
@@ -178,7 +178,7 @@ def test_an_unusable_image_id_is_one_line_and_changes_nothing(
 @pytest.mark.parametrize("image_id", ["guest\udcff.qcow2", "guest.qcow2\n"])
 def test_an_unusable_id_through_the_python_api_changes_nothing(dep,
                                                                image_id):
-    backend = backends_base.load(dep.conf())
+    backend = imagebackend.load_backend(dep.conf())
     target = os.path.join(dep.instances, "api-vm", "disk")
     before = state(dep)
     with pytest.raises(exception.InvalidImageId) as err:

@@ -86,7 +86,7 @@ class BackendContract:
         else:
             assert "backing-filename" not in info
             assert disk.backing_chain == []
-        assert disk.libvirt_info()["driver_type"] == self.disk_format
+        assert disk.libvirt_disk().driver_type == self.disk_format
 
     def test_base_is_raw_with_a_metadata_record(self):
         self.backend().create_image("guest.qcow2", self.target(), GiB)

@@ -94,3 +94,23 @@ def test_the_exact_message_is_there_for_machine_readable_output():
     explicit = exception.ImageBackendException("given\nmessage")
     assert explicit.exact_message == "given\nmessage"
     assert explicit.message == "given\\nmessage"
+
+
+def test_a_disk_smaller_than_its_image_is_one_message():
+    exc = exception.DiskSmallerThanImage(image_id="img", virtual_size=2048,
+                                         requested_size=1024)
+    assert isinstance(exc, exception.InvalidImageSize)
+    assert isinstance(exc, ValueError)
+    assert str(exc) == (
+        "Image img: its virtual size is 2048 bytes, larger than the "
+        "requested disk of 1024 bytes; request a disk of at least 2048 "
+        "bytes (a larger flavor).")
+
+
+def test_every_exception_class_is_the_libraries_own():
+    classes = [value for value in vars(exception).values()
+               if isinstance(value, type) and issubclass(value,
+                                                         BaseException)]
+    assert len(classes) > 40
+    for cls in classes:
+        assert issubclass(cls, exception.ImageBackendException), cls

@@ -106,3 +106,32 @@ def test_a_foreign_error_message_is_escaped(config, capsys):
         assert main.main(["--config-file", config, "cache", "list"]) == 1
     assert capsys.readouterr().err == (
         "imagebackend: error: bad\\n\\x1b[1mthing\n")
+
+
+def test_a_missing_config_file_is_one_line_naming_it(tmp_path, capsys):
+    missing = str(tmp_path / "nope.conf")
+    assert main.main(["--config-file", missing, "cache", "list"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("imagebackend: error: Invalid configuration: ")
+    assert missing in err[0] and "--config-file" in err[0]
+
+
+def test_the_command_line_registers_every_option_first(config, capsys):
+    seen = {}
+
+    def command(args, conf):
+        seen.update(groups={g for g in ("imagebackend", "image_cache",
+                                        "qemu_img", "oslo_concurrency",
+                                        "local_source", "glance")
+                            if g in conf})
+        return None
+
+    parser = main.build_parser()
+    args = parser.parse_args(["--config-file", config, "cache", "list"])
+    with mock.patch.object(main, "build_parser") as build:
+        build.return_value = mock.Mock(parse_args=lambda argv: args)
+        args.func = command
+        assert main.main([]) == 0
+    assert seen["groups"] == {"imagebackend", "image_cache", "qemu_img",
+                              "oslo_concurrency", "local_source", "glance"}

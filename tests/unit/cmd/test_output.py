@@ -2,6 +2,7 @@ import argparse
 import io
 import json
 
+from imagebackend.backends import base
 from imagebackend.cmd import output
 from imagebackend import exception
 
@@ -98,3 +99,48 @@ def test_an_error_message_in_a_cell_is_not_escaped_twice():
     output.emit([{"image_id": "x", "error": error.message}], args(), stream)
     assert stream.getvalue().splitlines()[1] == (
         "x         Image a\\nb\\\\c was not found in s.")
+
+
+MiB = 1024 * 1024
+
+
+def test_progress_bar_shows_the_bytes_done_of_the_total():
+    stream = TTY()
+    bar = output.ProgressBar(args(), stream=stream, min_interval=0)
+    bar("download", 16 * MiB, 64 * MiB)
+    bar("download", 64 * MiB, 64 * MiB)
+    bar("convert", 5 * MiB, None)
+    bar.close()
+    text = stream.getvalue()
+    assert "25.0% 16.0/64.0 MiB" in text
+    assert "100.0% 64.0/64.0 MiB" in text
+    assert "convert  5.0 MiB" in text
+
+
+def test_progress_bar_escapes_a_stage_holding_an_image_id():
+    stream = TTY()
+    bar = output.ProgressBar(args(), stream=stream, min_interval=0)
+    bar("download evil\n\x1b[2J" + "x" * 300, 1, 2)
+    bar.close()
+    text = stream.getvalue()
+    assert "\x1b" not in text and "download evil\\n\\x1b[2J" in text
+    assert text.count("\n") == 1 and len(text) < 200
+
+
+def test_typed_results_are_shown_as_their_dicts():
+    disk = base.Disk(path="/i/vm/disk", format="qcow2", virtual_size=MiB,
+                     image_id="img", backend="qcow2",
+                     backing_chain=["/i/_base/x"], cache_hit=False,
+                     timings={})
+    stream = io.StringIO()
+    output.emit(disk, args("json"), stream)
+    assert json.loads(stream.getvalue()) == json.loads(
+        json.dumps(disk.to_dict()))
+    stream = io.StringIO()
+    output.emit([disk.libvirt_disk()], args(), stream)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].split() == ["source_type", "source_path",
+                                "driver_name", "driver_type",
+                                "backing_chain"]
+    assert lines[1].split() == ["file", "/i/vm/disk", "qemu", "qcow2",
+                                "/i/_base/x"]

@@ -228,9 +228,9 @@ def test_a_substitution_error_in_its_options_names_option_and_file(
         tmp_path):
     path = tmp_path / "ib.conf"
     path.write_text("[local_source]\npath = $nope/images\n")
-    conf = opts.new_conf(["--config-file", str(path)])
+    # new_conf registers the configured source's options and reads them.
     with pytest.raises(exception.ConfigValueError) as err:
-        local.LocalSource(conf)
+        local.LocalSource(opts.new_conf(["--config-file", str(path)]))
     message = str(err.value)
     assert "[local_source] path" in message and str(path) in message
     assert "$nope" in message
