@@ -12,7 +12,10 @@ from oslo_config import cfg
 import pytest
 
 from imagebackend import exception
+from imagebackend.qemu import img as qemu_img
 from imagebackend.sources import glance
+from tests.contract import source as source_contract
+from tests import fakes
 from tests.functional.fixtures import env as fenv
 from tests.functional.fixtures import server_procs
 
@@ -286,3 +289,36 @@ def test_upload_of_an_unknown_disk_format_is_refused(make_source, raw_file):
         make_source().upload("bad", raw_file, "no-such-format")
 
     assert "no-such-format" in str(err.value)
+
+
+# -- the source contract (tests/contract/source.py) ---------------------------
+
+class GlanceWorld(source_contract.SourceWorld):
+    """The Glance source of the demo user against the real servers."""
+
+    def __init__(self, servers, source, tmp_path):
+        self.servers = servers
+        self.source = source
+        self.tmp_path = tmp_path
+
+    def add_image(self, data):
+        return self.servers.upload_image(data, "raw")
+
+    def missing_id(self):
+        return str(uuid.uuid4())
+
+    def tamper(self, image_id):
+        self.servers.tamper_image_file(image_id)
+
+    def cache_conf(self):
+        return fakes.conf(self.tmp_path)
+
+    def qemu(self, conf):
+        return qemu_img.QemuImg(conf)
+
+
+class TestGlanceSourceContract(source_contract.SourceContract):
+
+    @pytest.fixture
+    def source_world(self, servers, make_source, tmp_path):
+        return GlanceWorld(servers, make_source(), tmp_path)
