@@ -89,6 +89,11 @@ def sample(seed: bytes, size: int = 3 * MiB) -> bytes:
     return head + bytes(third) + tail
 
 
+def _open_fds() -> int:
+    """How many file descriptors this process has open (files, sockets)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
 def _described(source, meta):
     """``meta`` with any deferred identity resolved, as the cache asks."""
     return source.resolve_identity(meta) if meta.identity_deferred else meta
@@ -164,17 +169,21 @@ class SourceContract:
         hasher.update(body)
         assert hasher.hexdigest() == value
 
-    def test_stream_can_be_closed_early(self):
+    def test_stream_can_be_closed_early_and_lets_go_of_its_handles(self):
         data = sample(b"close ")
         image_id = self.world.add_image(data)
         meta = self.source.get_meta(image_id)
+        before = _open_fds()
         unread = self.source.open(meta)
         unread.close()
+        assert _open_fds() <= before
         partly = self.source.open(meta)
         first = next(iter(partly))
         partly.close()
+        assert _open_fds() <= before
         assert data.startswith(bytes(first))
         assert b"".join(self.source.open(meta)) == data
+        assert _open_fds() <= before
 
     # -- refusals ------------------------------------------------------------
 

@@ -58,6 +58,7 @@ def make_source(tmp_path, servers, sleep):
         conf = cfg.ConfigOpts()
         conf(["--config-file", str(path)], project="imagebackend",
              default_config_files=[])
+        glance.GlanceSource.register_opts(conf)
         kwargs.setdefault("sleep", sleep)
         return glance.GlanceSource(conf, **kwargs)
     return make
@@ -256,12 +257,14 @@ def test_upload_round_trip(servers, make_source, qcow2_file):
     size = os.path.getsize(qcow2_file)
 
     image_id = source.upload("uploaded", qcow2_file, "qcow2",
-                             progress=lambda done, total: progress.append(
-                                 (done, total)))
+                             progress=lambda stage, done, total:
+                             progress.append((stage, done, total)))
 
-    assert progress[-1] == (size, size)
-    assert [done for done, _ in progress] == sorted(
-        done for done, _ in progress)
+    assert progress[-1] == ("upload", size, size)
+    assert {(stage, total) for stage, _, total in progress} == {
+        ("upload", size)}
+    assert [done for _, done, _ in progress] == sorted(
+        done for _, done, _ in progress)
     meta = source.get_meta(image_id)
     assert meta.disk_format == "qcow2"
     assert servers.image_get(image_id)["name"] == "uploaded"
