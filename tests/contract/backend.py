@@ -45,11 +45,6 @@ def cache_id(image_id):
     return image_cache.cache_id(image_id)
 
 
-def fetch(cache, image_id, progress=None):
-    """Fetch an image into ``cache``: ``(entry, cache_hit)``."""
-    return cache.get(image_id, progress=progress)
-
-
 def disk_records(backend, target):
     """The registry records of the disk ``target``."""
     return [r for r in backend.cache.scanner.registry.records()
@@ -62,7 +57,8 @@ def record_disk(backend, image_id, target, base_path):
                                               str(target), base_path)
 
 
-#: the first word of the stage of a download's progress reports.
+#: the first word of the stage of a download's progress reports (the
+#: protocol's "download"; the cache says "fetch" until it adopts it).
 DOWNLOAD_STAGES = ("download", "fetch")
 
 

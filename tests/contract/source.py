@@ -21,6 +21,7 @@ import pytest
 from imagebackend import cache as image_cache
 from imagebackend.common import digest as content_digest
 from imagebackend import exception
+from tests.contract import backend as backend_contract
 
 MiB = 1024 * 1024
 
@@ -44,10 +45,6 @@ def cached_files(cache):
                       if not n.startswith("."))
     except FileNotFoundError:
         return []
-
-
-#: the first word of the stage of a download's progress reports.
-DOWNLOAD_STAGES = ("download", "fetch")
 
 
 # -- the world a contract runs in --------------------------------------------
@@ -217,7 +214,7 @@ class SourceContract:
         with open(entry.path, "rb") as f:
             assert f.read() == data
         download = [(done, total) for stage, done, total in reports
-                    if stage.split()[0] in DOWNLOAD_STAGES]
+                    if stage.split()[0] in backend_contract.DOWNLOAD_STAGES]
         assert {total for _done, total in download} == {len(data)}
         done = [d for d, _total in download]
         assert done == sorted(done) and done[-1] == len(data)
