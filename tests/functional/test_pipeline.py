@@ -1,6 +1,7 @@
 """The backend contract (tests/contract/backend.py) with the real
-qemu-img, real files and the local source, for every backend; and what
-only one backend does.
+qemu-img, real files and the local source, for every backend; what only
+one backend does; and a check that the fake qemu-img the unit level runs
+the contract with answers as the real one does.
 """
 
 import multiprocessing
@@ -9,6 +10,7 @@ import os
 import pytest
 
 from imagebackend import opts
+from imagebackend.qemu import img as qemu_img
 from imagebackend import sources
 from tests.contract import backend as contract
 from tests import fakes
@@ -158,3 +160,51 @@ class TestRawBackend(contract.RawHooks, contract.BackendContract):
         assert (os.stat(disk.path).st_blocks
                 <= os.stat(base).st_blocks + 16)
         assert os.stat(disk.path).st_blocks * 512 < 16 * MiB
+
+
+# -- the unit level's fake qemu-img agrees with the real one ------------------
+
+def _steps(qemu, root, raw_image):
+    """Run, through ``qemu``, the commands the pipeline runs; return what
+    ``info`` and ``check`` say of each result.
+    """
+    base = os.path.join(root, "base")
+    qemu.convert(raw_image, "raw", base + ".qcow2", "qcow2")
+    qemu.convert(base + ".qcow2", "qcow2", base, "raw")
+    overlay = os.path.join(root, "overlay")
+    qemu.create(overlay, "qcow2", 2 * MiB, backing_file=base,
+                backing_fmt="raw")
+    qemu.resize(overlay, "qcow2", 4 * MiB)
+    qemu.resize(base, "raw", 3 * MiB)
+    seen = []
+    for path, fmt in ((base + ".qcow2", "qcow2"), (base, "raw"),
+                      (overlay, "qcow2")):
+        info = qemu.info(path, fmt)
+        check = qemu.check(path, fmt)
+        seen.append((os.path.basename(path), info.format, info.virtual_size,
+                     info.backing_file and os.path.basename(
+                         info.backing_file), info.backing_format,
+                     check.supported, check.clean))
+    # What the guest sees of the overlay, read back as a raw file.
+    flat = os.path.join(root, "flat")
+    qemu.convert(overlay, "qcow2", flat, "raw")
+    with open(flat, "rb") as f:
+        seen.append(f.read())
+    return seen
+
+
+def test_the_fake_qemu_img_agrees_with_the_real_one(tmp_path):
+    raw_image = str(tmp_path / "image.raw")
+    fenv.write_pattern_raw(raw_image, MiB, extent_size=64 * 1024)
+    results = []
+    for name, qemu in (("real", qemu_img.QemuImg()),
+                       ("fake", fakes.fake_qemu()[0])):
+        root = tmp_path / name
+        root.mkdir()
+        results.append(_steps(qemu, str(root), raw_image))
+    real, fake = results
+    assert fake == real
+    assert real[2][1:5] == ("qcow2", 4 * MiB, "base", "raw")
+    with open(raw_image, "rb") as f:
+        image = f.read()
+    assert real[3] == image + bytes(4 * MiB - len(image))
