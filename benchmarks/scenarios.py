@@ -270,6 +270,7 @@ def glance_download(bench):
         image_id = srv.upload_image(image, "raw", name="bench")
         stored = str(srv.image_store_file(image_id))
         conf = opts.new_conf(["--config-file", bench.config_file])
+        glance.GlanceSource.register_opts(conf)
         source = glance.GlanceSource(conf, session=srv.demo.session())
         backend = imagebackend.load_backend(conf, "qcow2", source=source)
         url = "%s/v2/images/%s/file" % (srv.glance_url, image_id)

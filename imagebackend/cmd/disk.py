@@ -283,7 +283,7 @@ def extract_disk(args, conf) -> dict:
             row["image_id"] = glance.upload(
                 args.upload, args.output,
                 args.disk_format or args.image_format,
-                progress=lambda sent, total: bar("upload", sent, total))
+                progress=bar)
             row["image_name"] = args.upload
     finally:
         bar.close()

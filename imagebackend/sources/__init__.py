@@ -18,11 +18,15 @@ OPTIONS = [
 
 def load(conf: cfg.ConfigOpts, name: str | None = None, **kwargs):
     """Build the image source named ``name`` (default: ``[imagebackend]
-    image_source``).
+    image_source``), registering its options on ``conf`` first (a source
+    never registers them itself).
 
     :raises imagebackend.exception.SourceNotFound: no such source.
+    :raises imagebackend.exception.ConfigurationError: its options do not
+        describe a usable source.
     """
     name = name or conf.imagebackend.image_source
     cls = plugins.load_class("imagebackend.sources", name,
                              exception.SourceNotFound)
+    cls.register_opts(conf)
     return cls(conf, **kwargs)

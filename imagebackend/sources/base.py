@@ -116,6 +116,13 @@ class ImageSource(abc.ABC):
 
     Subclasses set :attr:`name` and :attr:`OPTIONS` and implement
     :meth:`get_meta` and :meth:`open`.
+
+    A source never registers options: :func:`imagebackend.opts.register_opts`
+    (or the caller, through :meth:`register_opts`) does, before the source
+    is built.
+
+    :param conf: a ConfigOpts with this source's options registered.
+    :raises imagebackend.exception.ConfigurationError: they are not.
     """
 
     #: the name used in ``[imagebackend] image_source``.
@@ -129,6 +136,17 @@ class ImageSource(abc.ABC):
 
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
+        missing = [(group, opt.dest) for group, opts in self.required_opts()
+                   for opt in opts
+                   if group not in conf or opt.dest not in conf[group]]
+        if missing:
+            raise exception.ConfigurationError(
+                reason="the options of the %r image source are not "
+                       "registered ([%s] %s, ...); call "
+                       "imagebackend.opts.register_opts(conf) or %s."
+                       "register_opts(conf) before building it" % (
+                           self.name, missing[0][0], missing[0][1],
+                           type(self).__name__))
 
     def check_id(self, image_id: str) -> None:
         """Refuse an image id this source must not look up, before
@@ -141,8 +159,18 @@ class ImageSource(abc.ABC):
 
     @classmethod
     def register_opts(cls, conf: cfg.ConfigOpts) -> None:
+        """Register the options this source reads on ``conf``
+        (idempotent).
+        """
         for group, opts in cls.OPTIONS:
             conf.register_opts(opts, group=group)
+
+    @classmethod
+    def required_opts(cls) -> list[tuple[str, list[cfg.Opt]]]:
+        """``(group, [options])`` that must be registered before the
+        source is built: those :meth:`register_opts` registers.
+        """
+        return cls.OPTIONS
 
     @abc.abstractmethod
     def get_meta(self, image_id: str) -> ImageMeta:

@@ -17,6 +17,7 @@ hash is verified against the download.
 """
 
 import errno
+import inspect
 import logging
 import os
 import stat
@@ -74,7 +75,6 @@ class LocalSource(base.ImageSource):
 
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         super().__init__(conf)
-        self.register_opts(conf)
         config_check.check_options(conf, "local_source", OPTIONS)
         self.directory = os.path.abspath(conf.local_source.path)
 
@@ -175,6 +175,12 @@ class LocalSource(base.ImageSource):
             digest = content_digest.file_digests(fd)["sparse"]
             if _version(os.fstat(fd)) == _version(st):
                 self._remember(meta.image_id, st, digest)
+        except OSError as exc:
+            raise exception.ImageSourceError(
+                image_id=meta.image_id,
+                reason="reading %s to hash it failed: %s; check the file "
+                       "and its disk" % (self._path(meta.image_id),
+                                         exc.strerror or exc)) from exc
         finally:
             os.close(fd)
         return self._meta(meta.image_id, st, digest)
@@ -249,8 +255,26 @@ class LocalSource(base.ImageSource):
             LOG.debug("Cannot remember the hash of %s: %s", image_id, exc)
 
     def open(self, meta: base.ImageMeta):
+        """Stream the image file.
+
+        :raises imagebackend.exception.ImageDownloadError: (while
+            iterating) reading it failed.
+        """
         fd = self._open_fd(meta.image_id)
-        return _read_chunks(fd, self.chunk_size)
+        return _Stream(fd, self._read(meta, fd))
+
+    def _read(self, meta, fd):
+        try:
+            yield from _read_chunks(fd, self.chunk_size)
+        except OSError as exc:
+            raise exception.ImageDownloadError(
+                image_id=meta.image_id, source=self.describe(),
+                reason="reading %s failed: %s" % (
+                    self._path(meta.image_id),
+                    exc.strerror or exc)) from exc
+
+    def _path(self, image_id):
+        return os.path.join(self.directory, image_id)
 
 
 def _version(st: os.stat_result) -> str:
@@ -262,6 +286,28 @@ def _version(st: os.stat_result) -> str:
 def _identity(st: os.stat_result, hexdigest: str) -> str:
     # The sparse digest does not cover trailing zeros: add the length.
     return "%s:%d:%s" % (content_digest.SPARSE, st.st_size, hexdigest)
+
+
+class _Stream:
+    """The iterator :meth:`LocalSource.open` returns: its ``close()``
+    closes the file even before the first chunk was asked for (a
+    generator that never ran would not run its ``finally``).
+    """
+
+    def __init__(self, fd: int, chunks) -> None:
+        self._fd = fd
+        self._chunks = chunks
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        if inspect.getgeneratorstate(self._chunks) == inspect.GEN_CREATED:
+            os.close(self._fd)
+        self._chunks.close()
 
 
 def _read_chunks(fd: int, chunk_size: int):

@@ -12,7 +12,7 @@ import pytest
 from imagebackend.backends import base as backends_base
 from imagebackend.common import digest as content_digest
 from imagebackend import exception
-from imagebackend.sources import glance
+from imagebackend import sources
 from tests.functional.fixtures import env as fenv
 
 MiB = fenv.MiB
@@ -39,7 +39,7 @@ def images(openstack_servers, tmp_path_factory):
 
 def backend(deployment, name):
     conf = deployment.conf()
-    return backends_base.load(conf, name, source=glance.GlanceSource(conf))
+    return backends_base.load(conf, name, source=sources.load(conf, "glance"))
 
 
 @pytest.mark.parametrize("backend_name", ["raw", "qcow2", "cached-base"])
@@ -121,7 +121,7 @@ def test_uploaded_extract_round_trips(deployment, images, tmp_path):
 def test_cli_extract_upload_round_trips(deployment, images, tmp_path):
     image_id, original = images["qcow2"]
     conf = deployment.conf()
-    backends_base.load(conf, "qcow2", source=glance.GlanceSource(conf)) \
+    backends_base.load(conf, "qcow2", source=sources.load(conf, "glance")) \
         .create_image(image_id, os.path.join(deployment.instances, "vm"),
                       GiB)
     deployment.write_config(imagebackend={"image_source": "glance"})

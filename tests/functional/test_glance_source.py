@@ -12,7 +12,10 @@ from oslo_config import cfg
 import pytest
 
 from imagebackend import exception
+from imagebackend.qemu import img as qemu_img
 from imagebackend.sources import glance
+from tests.contract import source as source_contract
+from tests import fakes
 from tests.functional.fixtures import env as fenv
 from tests.functional.fixtures import server_procs
 
@@ -55,6 +58,7 @@ def make_source(tmp_path, servers, sleep):
         conf = cfg.ConfigOpts()
         conf(["--config-file", str(path)], project="imagebackend",
              default_config_files=[])
+        glance.GlanceSource.register_opts(conf)
         kwargs.setdefault("sleep", sleep)
         return glance.GlanceSource(conf, **kwargs)
     return make
@@ -253,12 +257,14 @@ def test_upload_round_trip(servers, make_source, qcow2_file):
     size = os.path.getsize(qcow2_file)
 
     image_id = source.upload("uploaded", qcow2_file, "qcow2",
-                             progress=lambda done, total: progress.append(
-                                 (done, total)))
+                             progress=lambda stage, done, total:
+                             progress.append((stage, done, total)))
 
-    assert progress[-1] == (size, size)
-    assert [done for done, _ in progress] == sorted(
-        done for done, _ in progress)
+    assert progress[-1] == ("upload", size, size)
+    assert {(stage, total) for stage, _, total in progress} == {
+        ("upload", size)}
+    assert [done for _, done, _ in progress] == sorted(
+        done for _, done, _ in progress)
     meta = source.get_meta(image_id)
     assert meta.disk_format == "qcow2"
     assert servers.image_get(image_id)["name"] == "uploaded"
@@ -286,3 +292,36 @@ def test_upload_of_an_unknown_disk_format_is_refused(make_source, raw_file):
         make_source().upload("bad", raw_file, "no-such-format")
 
     assert "no-such-format" in str(err.value)
+
+
+# -- the source contract (tests/contract/source.py) ---------------------------
+
+class GlanceWorld(source_contract.SourceWorld):
+    """The Glance source of the demo user against the real servers."""
+
+    def __init__(self, servers, source, tmp_path):
+        self.servers = servers
+        self.source = source
+        self.tmp_path = tmp_path
+
+    def add_image(self, data):
+        return self.servers.upload_image(data, "raw")
+
+    def missing_id(self):
+        return str(uuid.uuid4())
+
+    def tamper(self, image_id):
+        self.servers.tamper_image_file(image_id)
+
+    def cache_conf(self):
+        return fakes.conf(self.tmp_path)
+
+    def qemu(self, conf):
+        return qemu_img.QemuImg(conf)
+
+
+class TestGlanceSourceContract(source_contract.SourceContract):
+
+    @pytest.fixture
+    def source_world(self, servers, make_source, tmp_path):
+        return GlanceWorld(servers, make_source(), tmp_path)

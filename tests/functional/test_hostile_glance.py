@@ -33,7 +33,7 @@ import pytest
 
 from imagebackend.backends import base as backends_base
 from imagebackend import exception
-from imagebackend.sources import glance
+from imagebackend import sources
 from tests.functional.fixtures import env as fenv
 from tests.functional.fixtures import hostile_glance as hg
 
@@ -97,7 +97,7 @@ def create(dep, image_id, size=GiB):
     """Make a raw disk with the real pipeline, in this process."""
     conf = dep.conf()
     backend = backends_base.load(conf, "raw",
-                                 source=glance.GlanceSource(conf))
+                                 source=sources.load(conf, "glance"))
     target = os.path.join(dep.instances, "vm", "disk")
     return backend.create_image(image_id, target, size)
 
@@ -610,7 +610,7 @@ def upload_file(dep, size, name="upload.raw"):
 
 def upload(dep, path, name=UPLOAD_NAME):
     conf = dep.conf()
-    return glance.GlanceSource(conf).upload(name, path, "raw")
+    return sources.load(conf, "glance").upload(name, path, "raw")
 
 
 def huge_json(answer, status=200):

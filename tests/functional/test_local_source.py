@@ -1,11 +1,17 @@
-"""The local directory source refuses ids that escape its directory."""
+"""The local directory source: it keeps the source contract, and refuses
+ids that escape its directory.
+"""
 
+import itertools
 import os
 
 import pytest
 
 from imagebackend.backends import base as backends_base
 from imagebackend import exception
+from imagebackend.qemu import img as qemu_img
+from imagebackend import sources
+from tests.contract import source as source_contract
 from tests.functional.fixtures import env as fenv
 
 
@@ -52,3 +58,45 @@ def test_directory_and_fifo_are_refused(dep):
                                  os.path.join(dep.instances, image_id),
                                  fenv.GiB)
     assert dep.base_listing() == []
+
+
+# -- the source contract (tests/contract/source.py) ---------------------------
+
+class LocalWorld(source_contract.SourceWorld):
+    """The local source as a deployment configures it (entry point, config
+    file), the real qemu-img.
+    """
+
+    def __init__(self, root):
+        self.dep = fenv.Deployment(root)
+        self.source = sources.load(self.dep.conf())
+        self._names = ("image%d.raw" % n for n in itertools.count())
+
+    def add_image(self, data):
+        image_id = next(self._names)
+        with open(os.path.join(self.dep.images, image_id), "wb") as f:
+            f.write(data)
+        return image_id
+
+    def missing_id(self):
+        return "missing.raw"
+
+    def tamper(self, image_id):
+        path = os.path.join(self.dep.images, image_id)
+        with open(path, "r+b") as f:
+            byte = f.read(1)
+            f.seek(0)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+    def cache_conf(self):
+        return self.dep.conf()
+
+    def qemu(self, conf):
+        return qemu_img.QemuImg(conf)
+
+
+class TestLocalSourceContract(source_contract.SourceContract):
+
+    @pytest.fixture
+    def source_world(self, tmp_path):
+        return LocalWorld(str(tmp_path))

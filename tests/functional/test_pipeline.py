@@ -1,18 +1,18 @@
-"""The whole pipeline, for every backend, with the real qemu-img.
-
-``BackendContract`` is the contract every backend's tests inherit; a new
-backend adds a subclass naming itself and its disk layout.
+"""The backend contract (tests/contract/backend.py) with the real
+qemu-img, real files and the local source, for every backend; what only
+one backend does; and a check that the fake qemu-img the unit level runs
+the contract with answers as the real one does.
 """
 
-import json
 import multiprocessing
 import os
 
 import pytest
 
-from imagebackend.backends import base as backends_base
-from imagebackend.common import digest as content_digest
-from imagebackend import exception
+from imagebackend import opts
+from imagebackend.qemu import img as qemu_img
+from imagebackend import sources
+from tests.contract import backend as contract
 from tests import fakes
 from tests.functional.fixtures import env as fenv
 
@@ -20,171 +20,94 @@ MiB = fenv.MiB
 GiB = fenv.GiB
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    return fenv.Deployment(str(tmp_path))
+def _counted(source, counter):
+    """``source`` with every download started added to ``counter``."""
+    real_open = source.open
+
+    def open_counted(meta):
+        counter.append(meta.image_id)
+        return real_open(meta)
+    source.open = open_counted
+    return source
 
 
 def _create_in_child(config_file, image_id, target, size, backend, queue):
-    from imagebackend.backends import base
-    from imagebackend import opts
     conf = opts.new_conf(["--config-file", config_file])
-    disk = base.load(conf, backend).create_image(image_id, target, size)
-    queue.put(disk.cache_hit)
+    opened = []
+    source = _counted(sources.load(conf), opened)
+    disk = contract.load_backend(conf, backend, source=source).create_image(
+        image_id, target, size)
+    queue.put((disk.cache_hit, len(opened)))
 
 
-class BackendContract:
-    """What every backend promises; subclasses set the class attributes."""
+class RealWorld(contract.BackendWorld):
+    """A deployment in ``root``: the local source over real image files,
+    the real qemu-img behind a wrapper that logs each command.
+    """
 
-    backend_name: str = ""
-    disk_format: str = ""
-    has_backing_file: bool = True
+    image_vsize = 64 * MiB
+    disk_size = GiB
+    other_size = 2 * GiB
 
-    @pytest.fixture(autouse=True)
-    def _setup(self, deployment):
-        self.dep = deployment
-        self.qcow2_image = fenv.make_qcow2(
-            os.path.join(deployment.images, "guest.qcow2"))
-        self.raw_image = fenv.make_raw(
-            os.path.join(deployment.images, "guest.raw"))
+    def __init__(self, root):
+        self.dep = fenv.Deployment(root)
+        self.instances = self.dep.instances
+        self.base_dir = self.dep.base_dir
+        self.paths = {
+            self.qcow2_image: fenv.make_qcow2(
+                os.path.join(self.dep.images, self.qcow2_image),
+                size=self.image_vsize),
+            self.raw_image: fenv.make_raw(
+                os.path.join(self.dep.images, self.raw_image),
+                size=self.image_vsize),
+        }
+        self.formats = {self.qcow2_image: "qcow2", self.raw_image: "raw"}
+        self.opened = []
 
-    def backend(self, **overrides):
+    def conf(self, **overrides):
         conf = self.dep.conf()
         for key, value in overrides.items():
             conf.set_override(key, value, group="imagebackend")
-        return backends_base.load(conf, self.backend_name)
+        return conf
 
-    def target(self, name="disk"):
-        return os.path.join(self.dep.instances, name, "disk")
+    def backend_kwargs(self, conf):
+        return {"source": _counted(sources.load(conf), self.opened)}
 
-    def expected_backing(self, image_id, size):
-        cid = content_digest.cache_id(image_id)
-        image_vsize = 64 * MiB
-        if self.backend_name == "cached-base" and size != image_vsize:
-            return os.path.join(self.dep.base_dir, "%s_%d" % (cid, size))
-        return os.path.join(self.dep.base_dir, cid)
+    def downloads(self):
+        return len(self.opened)
 
-    # -- content and layout ------------------------------------------------
+    def qemu_calls(self):
+        return self.dep.qemu_calls()
 
-    def test_disk_from_qcow2_image_has_image_content(self):
-        disk = self.backend().create_image("guest.qcow2", self.target(),
-                                           GiB)
-        assert disk.path == self.target()
-        assert disk.format == self.disk_format
-        assert disk.virtual_size == GiB
-        assert disk.cache_hit is False
-        assert fenv.images_identical(self.qcow2_image, "qcow2",
-                                     self.target(), self.disk_format)
-        info = fenv.qemu_info(self.target(), self.disk_format)
-        assert info["format"] == self.disk_format
-        assert info["virtual-size"] == GiB
-        if self.has_backing_file:
-            expected = self.expected_backing("guest.qcow2", GiB)
-            assert info["backing-filename"] == expected
-            assert info["backing-filename-format"] == "raw"
-            assert disk.backing_file == expected
-        else:
-            assert "backing-filename" not in info
-            assert disk.backing_chain == []
-        assert disk.libvirt_disk().driver_type == self.disk_format
-
-    def test_base_is_raw_with_a_metadata_record(self):
-        self.backend().create_image("guest.qcow2", self.target(), GiB)
-        cid = content_digest.cache_id("guest.qcow2")
-        base = os.path.join(self.dep.base_dir, cid)
-        assert fenv.qemu_info(base, "raw")["virtual-size"] == 64 * MiB
-        assert fenv.images_identical(self.qcow2_image, "qcow2", base, "raw")
-        with open(base + ".json") as f:
-            record = json.load(f)
-        assert record["image_id"] == "guest.qcow2"
-        assert record["format"] == "raw"
-        assert record["source_format"] == "qcow2"
-        assert record["size"] == os.path.getsize(self.qcow2_image)
-        assert record["virtual_size"] == 64 * MiB
-        with open(self.qcow2_image, "rb") as f:
-            source_bytes = f.read()
-        assert record["checksum"] == {
-            "algo": "sparse-64k-xxh3",
-            "value": fakes.sparse_digest(source_bytes)}
-        assert record["inspection"]["format"] == "qcow2"
-        # No scratch file is left behind.
-        assert not [n for n in self.dep.base_listing()
-                    if n.endswith((".part", ".converted"))]
-
-    def test_raw_image_is_renamed_not_converted(self):
-        disk = self.backend().create_image("guest.raw", self.target(), GiB)
-        assert fenv.images_identical(self.raw_image, "raw", disk.path,
-                                     self.disk_format)
-        assert not [c for c in self.dep.qemu_calls()
-                    if c.startswith("convert")]
-
-    def test_second_create_hits_cache_and_spawns_at_most_one_process(self):
-        backend = self.backend()
-        backend.create_image("guest.qcow2", self.target("a"), GiB)
+    def reset_qemu_log(self):
         self.dep.reset_qemu_log()
-        disk = backend.create_image("guest.qcow2", self.target("b"), GiB)
-        assert disk.cache_hit is True
-        calls = self.dep.qemu_calls()
-        assert len(calls) <= (1 if self.has_backing_file else 0), calls
-        assert fenv.images_identical(self.qcow2_image, "qcow2",
-                                     self.target("b"), self.disk_format)
 
-    def test_size_below_virtual_size_is_refused_and_writes_nothing(self):
-        with pytest.raises(exception.InvalidImageSize) as err:
-            self.backend().create_image("guest.qcow2", self.target(),
-                                        32 * MiB)
-        assert "guest.qcow2" in str(err.value)
-        assert not os.path.exists(self.target())
-        assert self.dep.base_listing() == []
+    def same_content(self, image_id, path, fmt):
+        return fenv.images_identical(self.paths[image_id],
+                                     self.formats[image_id], path, fmt)
 
-    def test_size_below_virtual_size_of_cached_image_writes_nothing(self):
-        backend = self.backend()
-        backend.create_image("guest.raw", self.target("a"), GiB)
-        before = self.dep.base_listing()
-        with pytest.raises(exception.InvalidImageSize):
-            backend.create_image("guest.raw", self.target("b"), MiB)
-        assert not os.path.exists(self.target("b"))
-        assert self.dep.base_listing() == before
+    def disk_info(self, path, fmt):
+        info = fenv.qemu_info(path, fmt)
+        return {"format": info["format"],
+                "virtual_size": info["virtual-size"],
+                "backing_file": info.get("backing-filename"),
+                "backing_format": info.get("backing-filename-format")}
 
-    def test_existing_target_is_never_overwritten(self):
-        os.makedirs(os.path.dirname(self.target()))
-        with open(self.target(), "w") as f:
-            f.write("precious")
-        with pytest.raises(exception.TargetExists):
-            self.backend().create_image("guest.raw", self.target(), GiB)
-        with open(self.target()) as f:
-            assert f.read() == "precious"
+    def image_bytes(self, image_id):
+        with open(self.paths[image_id], "rb") as f:
+            return f.read()
 
-    def test_unknown_image_is_a_clear_error(self):
-        with pytest.raises(exception.ImageNotFound) as err:
-            self.backend().create_image("missing.img", self.target(), GiB)
-        assert "missing.img" in str(err.value)
-        assert self.dep.base_listing() == []
+    def image_checksum(self, image_id):
+        return {"algo": "sparse-64k-xxh3",
+                "value": fakes.sparse_digest(self.image_bytes(image_id))}
 
-    def test_force_raw_images_false_keeps_the_format(self):
-        disk = self.backend(force_raw_images=False).create_image(
-            "guest.qcow2", self.target(), GiB)
-        cid = content_digest.cache_id("guest.qcow2")
-        base = os.path.join(self.dep.base_dir, cid)
-        assert fenv.qemu_info(base, "qcow2")["format"] == "qcow2"
-        assert fenv.images_identical(self.qcow2_image, "qcow2",
-                                     disk.path, self.disk_format)
-
-    def test_preallocate_space_reserves_the_disk(self):
-        disk = self.backend(preallocate_images="space").create_image(
-            "guest.raw", self.target(), 256 * MiB)
-        assert os.stat(disk.path).st_blocks * 512 >= 256 * MiB
-        assert fenv.images_identical(self.raw_image, "raw", disk.path,
-                                     self.disk_format)
-
-    def test_concurrent_processes_download_once(self):
+    def create_concurrently(self, backend_name, image_id, targets, size):
         ctx = multiprocessing.get_context("spawn")
         queue = ctx.Queue()
         procs = [ctx.Process(target=_create_in_child,
-                             args=(self.dep.config_file, "guest.qcow2",
-                                   self.target("vm%d" % i), GiB,
-                                   self.backend_name, queue))
-                 for i in range(8)]
+                             args=(self.dep.config_file, image_id, target,
+                                   size, backend_name, queue))
+                 for target in targets]
         old_path = os.environ["PATH"]
         os.environ["PATH"] = self.dep.env()["PATH"]
         try:
@@ -194,50 +117,94 @@ class BackendContract:
                 p.join(120)
         finally:
             os.environ["PATH"] = old_path
-        assert [p.exitcode for p in procs] == [0] * 8
-        hits = sorted(queue.get(timeout=5) for _ in procs)
-        assert hits == [False] + [True] * 7
-        converts = [c for c in self.dep.qemu_calls()
-                    if c.startswith("convert")]
-        assert len(converts) == 1, converts
-        for i in range(8):
-            assert fenv.images_identical(self.qcow2_image, "qcow2",
-                                         self.target("vm%d" % i),
-                                         self.disk_format)
+        assert [p.exitcode for p in procs] == [0] * len(procs)
+        results = [queue.get(timeout=5) for _ in procs]
+        self.opened.extend(["child"] * sum(n for _hit, n in results))
+        return [hit for hit, _n in results]
 
 
-class TestQcow2Backend(BackendContract):
-    backend_name = "qcow2"
-    disk_format = "qcow2"
+@pytest.fixture
+def backend_world(tmp_path):
+    return RealWorld(str(tmp_path))
 
 
-class TestCachedBaseBackend(BackendContract):
-    backend_name = "cached-base"
-    disk_format = "qcow2"
+class TestQcow2Backend(contract.Qcow2Hooks, contract.BackendContract):
+    pass
+
+
+class TestCachedBaseBackend(contract.CachedBaseHooks,
+                            contract.BackendContract):
 
     def test_sized_base_is_shared_per_size(self):
+        w = self.world
         backend = self.backend()
-        backend.create_image("guest.qcow2", self.target("a"), GiB)
-        backend.create_image("guest.qcow2", self.target("b"), GiB)
-        backend.create_image("guest.qcow2", self.target("c"), 2 * GiB)
-        cid = content_digest.cache_id("guest.qcow2")
-        sized = [n for n in self.dep.base_listing()
+        backend.create_image(w.qcow2_image, self.target("a"), w.disk_size)
+        backend.create_image(w.qcow2_image, self.target("b"), w.disk_size)
+        backend.create_image(w.qcow2_image, self.target("c"), w.other_size)
+        cid = contract.cache_id(w.qcow2_image)
+        sized = [n for n in w.base_listing()
                  if "_" in n and not n.endswith(".json")]
-        assert sized == ["%s_%d" % (cid, GiB), "%s_%d" % (cid, 2 * GiB)]
-        info = fenv.qemu_info(os.path.join(self.dep.base_dir, sized[0]),
-                              "raw")
-        assert info["virtual-size"] == GiB
+        assert sized == ["%s_%d" % (cid, w.disk_size),
+                         "%s_%d" % (cid, w.other_size)]
+        info = fenv.qemu_info(os.path.join(w.base_dir, sized[0]), "raw")
+        assert info["virtual-size"] == w.disk_size
 
 
-class TestRawBackend(BackendContract):
-    backend_name = "raw"
-    disk_format = "raw"
-    has_backing_file = False
+class TestRawBackend(contract.RawHooks, contract.BackendContract):
 
     def test_copy_keeps_holes(self):
-        disk = self.backend().create_image("guest.qcow2", self.target(), GiB)
-        cid = content_digest.cache_id("guest.qcow2")
-        base = os.path.join(self.dep.base_dir, cid)
+        w = self.world
+        disk = self.backend().create_image(w.qcow2_image, self.target(),
+                                           w.disk_size)
+        base = w.base_path(w.qcow2_image)
         assert (os.stat(disk.path).st_blocks
                 <= os.stat(base).st_blocks + 16)
         assert os.stat(disk.path).st_blocks * 512 < 16 * MiB
+
+
+# -- the unit level's fake qemu-img agrees with the real one ------------------
+
+def _steps(qemu, root, raw_image):
+    """Run, through ``qemu``, the commands the pipeline runs; return what
+    ``info`` and ``check`` say of each result.
+    """
+    base = os.path.join(root, "base")
+    qemu.convert(raw_image, "raw", base + ".qcow2", "qcow2")
+    qemu.convert(base + ".qcow2", "qcow2", base, "raw")
+    overlay = os.path.join(root, "overlay")
+    qemu.create(overlay, "qcow2", 2 * MiB, backing_file=base,
+                backing_fmt="raw")
+    qemu.resize(overlay, "qcow2", 4 * MiB)
+    qemu.resize(base, "raw", 3 * MiB)
+    seen = []
+    for path, fmt in ((base + ".qcow2", "qcow2"), (base, "raw"),
+                      (overlay, "qcow2")):
+        info = qemu.info(path, fmt)
+        check = qemu.check(path, fmt)
+        seen.append((os.path.basename(path), info.format, info.virtual_size,
+                     info.backing_file and os.path.basename(
+                         info.backing_file), info.backing_format,
+                     check.supported, check.clean))
+    # What the guest sees of the overlay, read back as a raw file.
+    flat = os.path.join(root, "flat")
+    qemu.convert(overlay, "qcow2", flat, "raw")
+    with open(flat, "rb") as f:
+        seen.append(f.read())
+    return seen
+
+
+def test_the_fake_qemu_img_agrees_with_the_real_one(tmp_path):
+    raw_image = str(tmp_path / "image.raw")
+    fenv.write_pattern_raw(raw_image, MiB, extent_size=64 * 1024)
+    results = []
+    for name, qemu in (("real", qemu_img.QemuImg()),
+                       ("fake", fakes.fake_qemu()[0])):
+        root = tmp_path / name
+        root.mkdir()
+        results.append(_steps(qemu, str(root), raw_image))
+    real, fake = results
+    assert fake == real
+    assert real[2][1:5] == ("qcow2", 4 * MiB, "base", "raw")
+    with open(raw_image, "rb") as f:
+        image = f.read()
+    assert real[3] == image + bytes(4 * MiB - len(image))

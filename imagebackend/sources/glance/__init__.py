@@ -35,6 +35,8 @@ from oslo_config import cfg
 from oslo_utils import units
 import requests
 
+from imagebackend.common import config_check
+from imagebackend.common import progress as progress_mod
 from imagebackend import exception
 from imagebackend.sources import base
 from imagebackend.sources.glance import client as glance_client
@@ -167,8 +169,8 @@ def _sample_opts() -> list[cfg.Opt]:
 class GlanceSource(base.ImageSource):
     """Download (and upload) images from OpenStack Glance.
 
-    :param conf: the configuration; the ``[glance]`` options are registered
-        on it.
+    :param conf: the configuration, with the ``[glance]`` options
+        registered (:meth:`register_opts`).
     :param session: an authenticated keystoneauth1 session to use instead of
         the ``[glance]`` auth and session options (the adapter options still
         apply).
@@ -176,7 +178,10 @@ class GlanceSource(base.ImageSource):
         to use instead of every ``[glance]`` keystoneauth option.
     :param sleep: the function that waits between retries.
     :raises imagebackend.exception.ConfigurationError: the ``[glance]``
-        options do not describe a way to reach Glance.
+        options are not registered, or do not describe a way to reach
+        Glance.
+    :raises imagebackend.exception.ConfigValueError: a ``[glance]`` value
+        cannot be read.
     """
 
     name = "glance"
@@ -192,7 +197,9 @@ class GlanceSource(base.ImageSource):
                  adapter: ks_adapter.Adapter | None = None,
                  sleep: typing.Callable[[float], None] = time.sleep) -> None:
         super().__init__(conf)
-        self.register_opts(conf)
+        # A value that cannot be read is reported now, naming the option
+        # and the file, not as oslo.config's error part-way through.
+        config_check.check_options(conf, GROUP, _GLANCE_OPTS)
         self._sleep = sleep
         self._adapter, self.credential = self._load_adapter(session, adapter)
         group = conf.glance
@@ -210,6 +217,12 @@ class GlanceSource(base.ImageSource):
         conf.register_opts(_GLANCE_OPTS + _ADAPTER_OPTS, group=GROUP)
         ks_loading.register_session_conf_options(conf, GROUP)
         ks_loading.register_auth_conf_options(conf, GROUP)
+
+    @classmethod
+    def required_opts(cls) -> list[tuple[str, list[cfg.Opt]]]:
+        # OPTIONS also lists common auth plugins' options (for the
+        # sample), which are registered only when auth_type names them.
+        return [(GROUP, _GLANCE_OPTS + _ADAPTER_OPTS)]
 
     # --- setup ------------------------------------------------------------
 
@@ -419,16 +432,16 @@ class GlanceSource(base.ImageSource):
 
     def upload(self, name: str, path: str, disk_format: str,
                container_format: str = "bare",
-               progress: typing.Callable[[int, int], None] | None = None
-               ) -> str:
+               progress: progress_mod.Progress | None = None) -> str:
         """Create an image in Glance and upload a file as its data.
 
         :param name: the new image's name.
         :param path: the file to upload.
         :param disk_format: its format (``raw``, ``qcow2``, ...).
         :param container_format: Glance's container format.
-        :param progress: called as ``progress(bytes_sent, total_bytes)``
-            after each piece is read for sending.
+        :param progress: called as ``progress("upload", bytes_sent,
+            total_bytes)`` after each piece is read for sending (the
+            protocol of :mod:`imagebackend.common.progress`).
         :returns: the new image's id, once Glance has it ``active`` with
             the size (and, when Glance computed one, the sha512) sent.
         :raises imagebackend.exception.ImageSourceError: the file cannot be

@@ -7,7 +7,8 @@ Three requests, all through the source's bounded HTTP client
    :data:`glance_client.RECORD_LIMIT` bytes of JSON) must name an id that is
    a UUID before that id goes into any URL;
 2. ``PUT /v2/images/<id>/file`` streams the file from disk, read once:
-   the same read feeds the HTTP body, the progress callback and a sha512;
+   the same read feeds the HTTP body, the progress report (``"upload"``,
+   in bytes, :mod:`imagebackend.common.progress`) and a sha512;
 3. ``GET /v2/images/<id>`` must then say ``active``, with the size sent
    and (when Glance computed a sha512) the same hash, so a corrupted or
    partial upload is caught without a second pass.
@@ -27,6 +28,7 @@ import logging
 import os
 import typing
 
+from imagebackend.common import progress as progress_mod
 from imagebackend import exception
 from imagebackend.sources.glance import client as glance_client
 from imagebackend.sources.glance import errors as glance_errors
@@ -41,12 +43,13 @@ Call = typing.Callable[..., typing.Any]
 
 def upload(call: Call, http: glance_client.Client, name: str, path: str,
            disk_format: str, container_format: str = "bare",
-           progress: typing.Callable[[int, int], None] | None = None
-           ) -> str:
+           progress: progress_mod.Progress | None = None) -> str:
     """Create an image named ``name`` and upload ``path`` as its data.
 
     :param call: the Glance source's request runner.
     :param http: the Glance source's HTTP client.
+    :param progress: called as ``progress("upload", bytes_sent,
+        total_bytes)`` after each piece is read for sending.
     :returns: the new image's id, once Glance has it ``active`` with the
         bytes sent.
     :raises imagebackend.exception.ImageSourceError: the file cannot be
@@ -222,8 +225,7 @@ class _Sent:
             return
         self.done += len(piece)
         self._hash.update(piece)
-        if self._progress is not None:
-            self._progress(self.done, self.total)
+        progress_mod.report(self._progress, "upload", self.done, self.total)
 
     def hexdigest(self):
         return self._hash.hexdigest()

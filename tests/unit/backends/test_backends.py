@@ -1,4 +1,8 @@
-"""Backend hooks with the qemu-img runner mocked."""
+"""Backend hooks with the qemu-img runner mocked.
+
+What every backend promises is in the contract suite
+(tests/contract/backend.py, run by test_backend_contract.py).
+"""
 
 import errno
 import os
@@ -142,31 +146,6 @@ def test_raw_disks_are_recorded_without_a_base(tmp_path, qemu):
         "raw", None, "done")
     assert backend.cache.scanner.registry.find(str(target))["format"] == (
         "raw")
-
-
-@pytest.mark.parametrize("name", ["qcow2", "raw", "cached-base"])
-def test_a_target_taken_meanwhile_is_left_alone(tmp_path, qemu, name):
-    """Another request publishes the target (and its record) while this
-    one builds its disk: this one gets TargetExists and removes only its
-    own temporary file and record.
-    """
-    backend = load(tmp_path, qemu, name)
-    target = tmp_path / "vm" / "disk"
-    registry = backend.cache.scanner.registry
-    create_disk = backend.create_disk
-    theirs = []
-
-    def racing(base_path, base_format, path, size):
-        target.write_bytes(b"theirs")
-        theirs.append(registry.add(content_digest.cache_id("img"), "img",
-                                   str(target), base_path))
-        create_disk(base_path, base_format, path, size)
-    backend.create_disk = racing
-    with pytest.raises(exception.TargetExists):
-        backend.create_image("img", str(target), 4 * MiB)
-    assert target.read_bytes() == b"theirs"
-    assert os.listdir(target.parent) == ["disk"]     # no temp file left
-    assert [r["_path"] for r in records_of(backend, target)] == theirs
 
 
 def test_failed_overlay_removes_its_temp_file_and_record(tmp_path, qemu):

@@ -3,16 +3,20 @@ of the file and remembered under the cache.
 """
 
 import dataclasses
+import errno
 import os
 import time
 from unittest import mock
 
+from oslo_config import cfg
 import pytest
 
 from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
 from imagebackend import exception
 from imagebackend import opts
+from imagebackend import sources
+from imagebackend.sources import glance
 from imagebackend.sources import local
 from tests import fakes
 
@@ -234,3 +238,47 @@ def test_a_substitution_error_in_its_options_names_option_and_file(
     message = str(err.value)
     assert "[local_source] path" in message and str(path) in message
     assert "$nope" in message
+
+
+@pytest.mark.parametrize("cls", [local.LocalSource, glance.GlanceSource])
+def test_a_source_registers_no_options_and_says_what_to_call(cls):
+    conf = cfg.ConfigOpts()
+    conf([], project="imagebackend", default_config_files=[])
+    before = set(conf)
+    with pytest.raises(exception.ConfigurationError) as err:
+        cls(conf)
+    assert "%s.register_opts(conf)" % cls.__name__ in str(err.value)
+    assert "imagebackend.opts.register_opts(conf)" in str(err.value)
+    assert set(conf) == before
+
+
+def test_loading_a_source_registers_its_options(tmp_path):
+    conf = cfg.ConfigOpts()
+    conf([], project="imagebackend", default_config_files=[])
+    source = sources.load(conf, "local")
+    assert isinstance(source, local.LocalSource)
+    assert conf.local_source.path == "images"
+
+
+def test_a_read_error_while_streaming_is_a_download_error(source):
+    put(source, "img.raw", b"data" * 4096)
+    meta = source.get_meta("img.raw")
+    stream = source.open(meta)
+    with mock.patch("imagebackend.common.fileio.read_regions",
+                    side_effect=OSError(errno.EIO, "Input/output error")):
+        with pytest.raises(exception.ImageDownloadError) as err:
+            next(stream)
+    assert "img.raw" in str(err.value)
+    assert "Input/output error" in str(err.value)
+
+
+def test_a_read_error_while_hashing_is_a_source_error(source):
+    put(source, "img.raw", b"data" * 4096)
+    meta = source.get_meta("img.raw")
+    assert meta.identity_deferred
+    with mock.patch("imagebackend.common.digest.file_digests",
+                    side_effect=OSError(errno.EIO, "Input/output error")):
+        with pytest.raises(exception.ImageSourceError) as err:
+            source.resolve_identity(meta)
+    assert "img.raw" in str(err.value)
+    assert "Input/output error" in str(err.value)

@@ -95,6 +95,7 @@ def make_source(tmp_path, http, sleep):
         conf = cfg.ConfigOpts()
         conf(["--config-file", str(path)], project="imagebackend",
              default_config_files=[])
+        glance.GlanceSource.register_opts(conf)
         kwargs.setdefault("sleep", sleep)
         return glance.GlanceSource(conf, **kwargs)
     return make
@@ -748,6 +749,15 @@ def test_unknown_auth_plugin_is_a_configuration_error(make_source):
         make_source({"auth_type": "no-such-plugin"})
 
     assert "no-such-plugin" in str(err.value)
+
+
+def test_an_unreadable_value_names_the_option_and_the_file(make_source):
+    with pytest.raises(exception.ConfigValueError) as err:
+        make_source({"endpoint_override": "http://glance.test:9292",
+                     "stall_timeout": "soon"})
+
+    assert "[glance] stall_timeout" in str(err.value)
+    assert "imagebackend.conf" in str(err.value)
 
 
 def test_endpoint_without_credentials_is_allowed(make_source):

@@ -76,7 +76,9 @@ def test_upload_creates_streams_and_returns_the_id(call, http, path):
     assert http.sent == [DATA]
     # Streamed in pieces, never read whole.
     assert len(progress) == len(DATA) // glance_client.FileBody.piece_size
-    assert progress[-1] == (len(DATA), len(DATA))
+    assert {(stage, total) for stage, _done, total in progress} == {
+        ("upload", len(DATA))}
+    assert progress[-1] == ("upload", len(DATA), len(DATA))
     http.delete.assert_not_called()
 
 
@@ -114,7 +116,7 @@ def test_a_resent_body_starts_again(call, http, path):
                          progress=lambda *a: progress.append(a))
 
     assert http.sent == [DATA]
-    assert progress[-1] == (len(DATA), len(DATA))
+    assert progress[-1] == ("upload", len(DATA), len(DATA))
 
 
 @pytest.mark.parametrize("record,words", [
