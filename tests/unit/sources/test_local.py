@@ -1,3 +1,15 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
 """The local source's content identity: a hash computed once per version
 of the file and remembered under the cache.
 """
@@ -257,7 +269,7 @@ def test_loading_a_source_registers_its_options(tmp_path):
     conf([], project="imagebackend", default_config_files=[])
     source = sources.load(conf, "local")
     assert isinstance(source, local.LocalSource)
-    assert conf.local_source.path == "images"
+    assert conf.local_source.path == "/var/lib/imagebackend/images"
 
 
 def test_a_read_error_while_streaming_is_a_download_error(source):
