@@ -22,13 +22,13 @@ import os
 import stat
 import time
 
-from oslo_concurrency import lockutils
 from oslo_config import cfg
 
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import lockdirs
 from imagebackend.cache import locks as cache_locks
 from imagebackend.common import fileio
+from imagebackend.disk import trust as disk_trust
 from imagebackend import exception
 
 
@@ -123,14 +123,11 @@ class Store:
         """
         opts = conf.imagebackend
         check_base_dir_name(opts.base_dir_name)
-        instances_path = os.path.abspath(opts.instances_path)
-        # get_lock_path() is oslo.concurrency's public way to read its
-        # option (it registers it on ``conf`` if needed).
-        lock_dir = os.path.abspath(lockutils.get_lock_path(conf)
-                                   or os.path.join(instances_path, "locks"))
-        return cls(instances_path,
-                   os.path.join(instances_path, opts.base_dir_name),
-                   lock_dir, opts.lock_wait_timeout)
+        # One owner of where things are: the disk layer's view, which
+        # disk operations use too without the cache.
+        paths = disk_trust.cache_paths(conf)
+        return cls(paths.instances_path, paths.base_dir, paths.lock_dir,
+                   opts.lock_wait_timeout)
 
     # -- names ---------------------------------------------------------------
 

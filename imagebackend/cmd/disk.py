@@ -110,7 +110,7 @@ def _add_operations(commands) -> None:
                     "consistent, 2 when corruptions remain and 3 when only "
                     "leaks remain, as qemu-img check does." + _NOT_RUNNING)
     _disk_arguments(check)
-    check.add_argument("--repair", choices=("leaks", "all"),
+    check.add_argument("--repair", choices=qemu_results.REPAIR_MODES,
                        help="'leaks' frees leaked clusters (only wasted "
                             "space; safe); 'all' also repairs corruptions, "
                             "which can lose the data of the clusters "

@@ -140,10 +140,9 @@ class DiskOperations:
         :raises exception.CachePathRefused: ``repair`` of a file in
             ``_base`` or the lock directory.
         """
-        if repair not in (None, "leaks", "all"):
-            raise exception.InvalidDiskRequest(
-                path=path, reason="repair must be 'leaks' or 'all', not %r"
-                % (repair,))
+        refusal = qemu_results.repair_refusal(repair)
+        if refusal:
+            raise exception.InvalidDiskRequest(path=path, reason=refusal)
         path, fmt = self._open(path, fmt, "check", write=bool(repair))
         self._chain(path, fmt)
         result = self.qemu.check(path, fmt, repair)

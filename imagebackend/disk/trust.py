@@ -44,6 +44,7 @@ import os
 import stat
 import typing
 
+from oslo_concurrency import lockutils
 from oslo_config import cfg
 
 from imagebackend import exception
@@ -80,7 +81,9 @@ def cache_paths(conf: cfg.ConfigOpts) -> CachePaths:
     return CachePaths(
         instances_path=instances,
         base_dir=os.path.join(instances, opts.base_dir_name),
-        lock_dir=os.path.abspath(conf.oslo_concurrency.lock_path
+        # get_lock_path() is oslo.concurrency's public way to read its
+        # option (it registers it on ``conf`` if needed).
+        lock_dir=os.path.abspath(lockutils.get_lock_path(conf)
                                  or os.path.join(instances, "locks")),
         disk_dirs=tuple(os.path.abspath(d)
                         for d in conf.image_cache.disk_dirs or []))

@@ -366,9 +366,9 @@ class QemuImg:
         :raises exception.QemuImgError: the check could not complete.
         """
         _check_fmt("check", path, fmt)
-        if repair not in (None, "leaks", "all"):
-            raise _invalid("check", path, "repair must be 'leaks' or 'all', "
-                           "not %r" % repair)
+        refusal = results.repair_refusal(repair)
+        if refusal:
+            raise _invalid("check", path, refusal)
         args = ["check", "-f", fmt, "--output=json"]
         if repair:
             args += ["-r", repair]

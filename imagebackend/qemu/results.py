@@ -324,3 +324,17 @@ class CreateOption(typing.NamedTuple):
                 name, kind, description = match.groups()
                 options.append(cls(name, kind, description or ""))
         return options
+
+
+#: the modes ``qemu-img check -r`` takes.
+REPAIR_MODES = ("leaks", "all")
+
+
+def repair_refusal(repair: str | None) -> str | None:
+    """Why ``repair`` is not a mode ``qemu-img check`` takes (one message
+    for every layer that checks it first), or None when it is one or None.
+    """
+    if repair is None or repair in REPAIR_MODES:
+        return None
+    return "repair must be %s, not %r" % (
+        " or ".join("'%s'" % m for m in REPAIR_MODES), repair)

@@ -248,7 +248,7 @@ class Runner:
         cmd = shlex.join(argv)
         LOG.debug("Running cmd (streaming): %s", cmd)
         start = time.monotonic()
-        proc = subprocess.Popen(  # noqa: S603 (argv list, no shell)
+        proc = subprocess.Popen(  # argv list, no shell
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, close_fds=True, preexec_fn=preexec_fn)
         try:
@@ -286,7 +286,7 @@ def _run(argv):
     cmd = strutils.mask_password(" ".join(argv))
     LOG.debug("Running cmd (subprocess): %s", cmd)
     start = time.monotonic()
-    proc = subprocess.run(  # noqa: S603 (argv list, no shell)
+    proc = subprocess.run(  # argv list, no shell
         tuple(argv), stdin=subprocess.DEVNULL, capture_output=True,
         close_fds=True, check=False)
     LOG.debug('CMD "%s" returned: %s in %0.3fs', cmd, proc.returncode,

@@ -180,7 +180,7 @@ def _run_jobs(conf, backends, jobs):
         image_id, path, backend, size = job
         try:
             backends.load(conf(), backend).create_image(image_id, path, size)
-        except Exception as exc:    # noqa: B902 -- reported to the test
+        except Exception as exc:    # reported to the test
             return "%s: %r" % (path, exc)
         return None
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:

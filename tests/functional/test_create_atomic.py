@@ -71,7 +71,7 @@ def _create_at_signal(config_file, backend, target, go, queue):
         queue.put("created")
     except exception.TargetExists:
         queue.put("TargetExists")
-    except Exception as exc:    # noqa: B902 -- reported to the test
+    except Exception as exc:    # reported to the test
         queue.put(repr(exc))
 
 

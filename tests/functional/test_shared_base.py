@@ -64,7 +64,7 @@ def _fetch_in_child(config_file, lock_path, image_id, size, barrier, queue,
     except child_exc.ImageBackendException as exc:
         queue.put(("clean error", type(exc).__name__, exc.message))
         return
-    except BaseException as exc:       # noqa: B902 -- reported to the test
+    except BaseException as exc:       # reported to the test
         queue.put(("unclean error", type(exc).__name__, repr(exc)))
         return
     queue.put(("ok", entry.path, sized))

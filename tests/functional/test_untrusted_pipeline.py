@@ -70,7 +70,7 @@ def test_corpus_through_the_pipeline(tmp_path, entries, backend):
         try:
             disk = backends_base.load(dep.conf(), backend).create_image(
                 image_id, target, 2 * fenv.GiB)
-        except Exception as exc:   # noqa: B902 -- compared below
+        except Exception as exc:   # compared below
             if entry.expected is None or not isinstance(exc,
                                                         entry.expected):
                 failures.append((entry.name, "raised %r" % exc))

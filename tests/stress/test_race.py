@@ -196,7 +196,7 @@ def test_concurrent_threads_one_target_exactly_one_wins(tmp_path, image,
                 # one escaping the library is itself a broken promise).
                 try:
                     outcomes.append(future.result(timeout=300))
-                except Exception as exc:   # noqa: B902
+                except Exception as exc:
                     outcomes.append(exc)
         context = "round %d (%s, threads)" % (r, backend)
         if source.arrived < parties or source.target_existed is not False:

@@ -582,8 +582,11 @@ def test_check_on_a_format_without_checks_says_so(qemu, runner):
 
 
 def test_check_refuses_an_unknown_repair_mode(qemu, runner):
-    with pytest.raises(exception.QemuImgInvalidRequest):
+    with pytest.raises(exception.QemuImgInvalidRequest) as err:
         qemu.check("/i/d", "qcow2", repair="everything")
+    assert "repair must be 'leaks' or 'all', not 'everything'" in str(
+        err.value)
+    runner.execute.assert_not_called()
 
 
 # --- compare, measure, map ---------------------------------------------------
