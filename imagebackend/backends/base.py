@@ -36,6 +36,7 @@ from imagebackend.cache import lookup as cache_lookup
 from imagebackend.common import fileio
 from imagebackend.common import plugins
 from imagebackend.common import progress as common_progress
+from imagebackend.common import sparseio
 from imagebackend.disk import operations as disk_operations
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
@@ -143,7 +144,7 @@ def copy_sparse_grown(base_path: str, fd: int, size: int) -> None:
 
     :raises OSError: the copy failed (the caller removes ``fd``'s file).
     """
-    fileio.sparse_copy(base_path, fd)
+    sparseio.sparse_copy(base_path, fd)
     os.ftruncate(fd, size)
     os.fsync(fd)
 
@@ -338,8 +339,8 @@ class ImageBackend(abc.ABC):
         """
         fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW)
         try:
-            fileio.preallocate(fd, size,
-                               keep_size=self.disk_format != "raw")
+            sparseio.preallocate(fd, size,
+                                 keep_size=self.disk_format != "raw")
         finally:
             os.close(fd)
 

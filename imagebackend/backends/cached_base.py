@@ -22,7 +22,7 @@ import os
 
 from imagebackend.backends import base
 from imagebackend.backends import qcow2
-from imagebackend.common import fileio
+from imagebackend.common import sparseio
 
 
 class CachedBaseBackend(qcow2.Qcow2Backend):
@@ -41,7 +41,7 @@ class CachedBaseBackend(qcow2.Qcow2Backend):
             if entry.format == "raw":
                 base.copy_sparse_grown(entry.path, fd, size)
             else:
-                fileio.sparse_copy(entry.path, fd)
+                sparseio.sparse_copy(entry.path, fd)
                 self.qemu.resize(tmp, entry.format, size)
 
         self.cache.publish_derived(sized, os.path.basename(sized), build)

@@ -24,6 +24,7 @@ import typing
 from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
 from imagebackend.common import progress as common_progress
+from imagebackend.common import sparseio
 from imagebackend import exception
 from imagebackend import inspection
 from imagebackend.sources import base as source_base
@@ -60,7 +61,7 @@ def download(source: source_base.ImageSource, meta, part: str,
                    % algo) from exc
     done = 0
     with fileio.new_file(part) as fd:
-        writer = fileio.SparseWriter(fd)
+        writer = sparseio.SparseWriter(fd)
         chunks = source.open(meta)
         # The bytes are received and inspected here, hashed in one thread
         # and written in another.
@@ -68,7 +69,7 @@ def download(source: source_base.ImageSource, meta, part: str,
         writing = _Stage(writer.write, "write")
         # A part to be published as it is goes to disk while it streams,
         # so that the fsync at the end has little left to write.
-        writeback = (fileio.Writeback(fd=fd)
+        writeback = (sparseio.Writeback(fd=fd)
                      if _published_as_is(converts, meta)
                      else contextlib.nullcontext())
         try:

@@ -38,6 +38,7 @@ from imagebackend.cache import verify as cache_verify
 from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
 from imagebackend.common import progress as common_progress
+from imagebackend.common import sparseio
 from imagebackend import exception
 from imagebackend import inspection
 from imagebackend.qemu import img as qemu_img
@@ -294,7 +295,7 @@ class Fetcher:
         """
         fd = _open_scratch(converted)
         try:
-            with fileio.Writeback(path=converted):
+            with sparseio.Writeback(path=converted):
                 base_digest = cache_verify.sparse_digest(converted)
             os.fsync(fd)
             if not os.path.samestat(os.fstat(fd), os.lstat(converted)):

@@ -58,7 +58,7 @@ from imagebackend.cache import results
 from imagebackend.cache import scan as cache_scan
 from imagebackend.cache import store as cache_store
 from imagebackend.cache import usage as cache_usage
-from imagebackend.common import fileio
+from imagebackend.common import sparseio
 from imagebackend import exception
 from imagebackend.qemu import results as qemu_results
 
@@ -372,7 +372,7 @@ def _age(path: str, now: float) -> float | None:
 
 def _allocated(path: str) -> int:
     try:
-        return fileio.allocated_bytes(path)
+        return sparseio.allocated_bytes(path)
     except FileNotFoundError:
         return 0
 

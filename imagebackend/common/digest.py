@@ -42,7 +42,7 @@ import os
 
 import xxhash
 
-from imagebackend.common import fileio
+from imagebackend.common import sparseio
 
 #: the sparse scheme new records use.
 SPARSE = "sparse-64k-xxh3"
@@ -51,7 +51,7 @@ SPARSE_SHA256 = "sparse-64k"
 _SCHEMES = {SPARSE: xxhash.xxh3_128, SPARSE_SHA256: hashlib.sha256}
 # The digest's block is the unit in which zeros are skipped: the one the
 # sparse writer leaves holes in.
-_BLOCK = fileio.ZERO_BLOCK
+_BLOCK = sparseio.ZERO_BLOCK
 # Reads of a file's data extents, at most this much at a time.
 _READ = 4 * 1024 * 1024
 
@@ -82,7 +82,7 @@ class SparseDigest:
             self._pending = bytearray()
         whole = len(view) - len(view) % _BLOCK
         # A chunk of zeros (a hole read by the source) is skipped whole.
-        if whole and not fileio.all_zeros(view[:whole]):
+        if whole and not sparseio.all_zeros(view[:whole]):
             for i in range(0, whole, _BLOCK):
                 self._block(view[i:i + _BLOCK], self._base + i)
         self._base += whole
@@ -92,7 +92,7 @@ class SparseDigest:
         """Account for ``count`` zero bytes without reading them."""
         if self._pending:
             take = min(_BLOCK - len(self._pending), count)
-            self.update(memoryview(fileio.HOLE)[:take])
+            self.update(memoryview(sparseio.HOLE)[:take])
             count -= take
             if self._pending:       # still short of a whole block
                 return
@@ -101,13 +101,13 @@ class SparseDigest:
         self._pending = bytearray(count - whole)
 
     def _block(self, block, offset: int) -> None:
-        if not fileio.all_zeros(block):
+        if not sparseio.all_zeros(block):
             self._hash.update(offset.to_bytes(8, "big"))
             self._hash.update(block)
 
     def hexdigest(self) -> str:
         final = self._hash.copy()
-        if self._pending and not fileio.all_zeros(self._pending):
+        if self._pending and not sparseio.all_zeros(self._pending):
             final.update(self._base.to_bytes(8, "big"))
             final.update(self._pending)
         return final.hexdigest()
@@ -150,7 +150,7 @@ def file_digests(fd: int, algos=(), sparse: bool = True,
     if blocks is not None:
         hashers.append(blocks)
     size = os.fstat(fd).st_size
-    for length, data in fileio.read_regions(fd, size, _READ):
+    for length, data in sparseio.read_regions(fd, size, _READ):
         if data is None:
             _zeros(hashers, length)
             continue
@@ -166,5 +166,5 @@ def _zeros(hashers, count: int) -> None:
         if isinstance(h, SparseDigest):
             h.zeros(count)
             continue
-        for piece in fileio.zero_chunks(count):
+        for piece in sparseio.zero_chunks(count):
             h.update(piece)

@@ -36,6 +36,7 @@ import typing
 from oslo_config import cfg
 
 from imagebackend.common import fileio
+from imagebackend.common import sparseio
 from imagebackend import exception
 from imagebackend.qemu import options as qemu_options
 from imagebackend.qemu import results
@@ -137,7 +138,7 @@ class QemuImg:
         that, and otherwise with ``writeback`` followed by an fsync of the
         file and its directory.  Written through the page cache, its data
         is sent to disk during the conversion (see
-        :class:`imagebackend.common.fileio.Writeback`), so the fsync at the end
+        ``sparseio.Writeback``), so the fsync at the end
         has little left to do.  On any failure or cancellation the target
         file is removed.
 
@@ -180,7 +181,7 @@ class QemuImg:
                            "target, not %s" % target_fmt)
         if target_cache is None:
             directory = os.path.dirname(os.path.abspath(target))
-            target_cache = ("none" if fileio.direct_io_supported(directory)
+            target_cache = ("none" if sparseio.direct_io_supported(directory)
                             else "writeback")
         args = ["convert", "-f", source_fmt, "-O", target_fmt,
                 "-t", target_cache]

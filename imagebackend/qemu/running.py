@@ -35,6 +35,7 @@ import typing
 from oslo_concurrency import processutils
 
 from imagebackend.common import fileio
+from imagebackend.common import sparseio
 from imagebackend import exception
 from imagebackend.qemu import options as qemu_options
 from imagebackend.qemu import results as qemu_results
@@ -214,7 +215,7 @@ def written_back(path: str, through_page_cache: bool):
         yield
         return
     try:
-        with fileio.Writeback(path=path):
+        with sparseio.Writeback(path=path):
             yield
     except exception.ImageBackendException:
         # qemu-img's own errors (QemuImgNotFound is an OSError too).

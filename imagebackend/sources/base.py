@@ -199,7 +199,7 @@ class ImageSource(abc.ABC):
         """Stream an image's bytes, in chunks of at most a few MiB.
 
         Chunks should be ``bytes``, or views of ``bytes`` (such as the
-        shared zeros of :data:`imagebackend.common.fileio.HOLE`): the cache
+        shared zeros of :data:`imagebackend.common.sparseio.HOLE`): the cache
         hands them to helper threads as they are, and copies a chunk of
         any other buffer first, in case the source refills it.  The
         iterator must not hold the whole image in memory.

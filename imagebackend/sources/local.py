@@ -40,6 +40,7 @@ from oslo_config import cfg
 from imagebackend.common import config_check
 from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
+from imagebackend.common import sparseio
 from imagebackend import exception
 from imagebackend.sources import base
 
@@ -327,7 +328,7 @@ def _read_chunks(fd: int, chunk_size: int):
     a time, and close it.
 
     Only data extents are read: a hole yields views of
-    :data:`imagebackend.common.fileio.HOLE`, which cost no read and no copy,
+    :data:`imagebackend.common.sparseio.HOLE`, which cost no read and no copy,
     and which a sparse digest or writer knows for zeros without looking.
     Reading stops at the size the file had when it was opened (or where it
     ends, if it shrinks).
@@ -335,10 +336,10 @@ def _read_chunks(fd: int, chunk_size: int):
     try:
         os.set_blocking(fd, True)
         size = os.fstat(fd).st_size
-        for length, data in fileio.read_regions(fd, size, chunk_size):
+        for length, data in sparseio.read_regions(fd, size, chunk_size):
             if data is not None:
                 yield data
             else:
-                yield from fileio.zero_chunks(length, chunk_size)
+                yield from sparseio.zero_chunks(length, chunk_size)
     finally:
         os.close(fd)

@@ -26,7 +26,7 @@ from unittest import mock
 from oslo_config import cfg
 import pytest
 
-from imagebackend.common import fileio
+from imagebackend.common import sparseio
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
 from imagebackend.qemu import options as qemu_options
@@ -183,7 +183,7 @@ def test_convert_where_o_direct_is_refused_writes_back_and_syncs(
     source = write_raw(str(tmp_path / "src.raw"), 4 * MiB)
     target = str(tmp_path / "out.qcow2")
     real_fsync = os.fsync
-    with mock.patch.object(fileio, "direct_io_supported",
+    with mock.patch.object(sparseio, "direct_io_supported",
                            return_value=False), \
             mock.patch("os.fsync", side_effect=real_fsync) as fsync:
         qemu.convert(source, "raw", target, "qcow2")
@@ -195,7 +195,7 @@ def test_o_direct_is_detected_on_the_test_directory(tmp_path):
     # Whatever the answer, it must be usable: qemu-img accepts the cache
     # mode chosen from it (exercised by the conversions above); here, the
     # probe leaves nothing behind.
-    fileio.direct_io_supported(str(tmp_path))
+    sparseio.direct_io_supported(str(tmp_path))
     assert os.listdir(tmp_path) == []
 
 

@@ -273,7 +273,7 @@ def test_a_size_the_filesystem_refuses_is_a_clear_error(tmp_path, qemu):
 def test_a_full_filesystem_is_a_clear_error(tmp_path, qemu):
     backend = load(tmp_path, qemu, "raw")
     target = tmp_path / "vm" / "disk"
-    with mock.patch("imagebackend.common.fileio.sparse_copy",
+    with mock.patch("imagebackend.common.sparseio.sparse_copy",
                     side_effect=OSError(errno.ENOSPC, "No space left")):
         with pytest.raises(exception.DiskOperationError) as err:
             backend.create_image("img", str(target), 4 * MiB)

@@ -26,7 +26,7 @@ from imagebackend import cache
 from imagebackend.cache import download as cache_download
 from imagebackend.cache import verify as cache_verify
 from imagebackend.common import digest as content_digest
-from imagebackend.common import fileio
+from imagebackend.common import sparseio
 from imagebackend import exception
 from imagebackend.qemu import results as qemu_results
 from imagebackend.sources import local
@@ -85,8 +85,8 @@ def test_a_part_to_be_published_goes_to_disk_while_it_streams(
     source = fakes.FakeSource(conf, images={"img": data},
                               declared={"img": declared})
     c = cache.ImageCache(conf, source, qemu)
-    with mock.patch.object(fileio, "Writeback",
-                           wraps=fileio.Writeback) as writeback:
+    with mock.patch.object(sparseio, "Writeback",
+                           wraps=sparseio.Writeback) as writeback:
         c.get("img")
     on_part = [call for call in writeback.call_args_list
                if "fd" in call.kwargs]

@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 
 from imagebackend.common import fileio
+from imagebackend.common import sparseio
 
 MiB = 1024 * 1024
 
@@ -27,7 +28,7 @@ def test_sparse_writer_leaves_zero_blocks_as_holes(tmp_path):
     data = b"x" * MiB + bytes(8 * MiB) + b"y" * 1000 + bytes(3 * MiB)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     try:
-        writer = fileio.SparseWriter(fd)
+        writer = sparseio.SparseWriter(fd)
         for i in range(0, len(data), 3 * MiB + 7):
             writer.write(data[i:i + 3 * MiB + 7])
         assert writer.finish() == len(data)
@@ -38,13 +39,13 @@ def test_sparse_writer_leaves_zero_blocks_as_holes(tmp_path):
 
 
 def test_sparse_writer_holes_do_not_depend_on_chunking(tmp_path):
-    block = fileio.ZERO_BLOCK
+    block = sparseio.ZERO_BLOCK
     data = (bytes(3 * block) + b"d" * 10 + bytes(5 * block - 10)
             + b"e" * block + bytes(4 * block))
     for size in (len(data), block, 100 * 1024 + 3, 4097):
         path = tmp_path / ("out-%d" % size)
         with fileio.new_file(str(path)) as fd:
-            writer = fileio.SparseWriter(fd)
+            writer = sparseio.SparseWriter(fd)
             for i in range(0, len(data), size):
                 writer.write(data[i:i + size])
             assert writer.finish() == len(data)
@@ -64,7 +65,7 @@ def test_sparse_copy_copies_data_and_keeps_holes(tmp_path):
         f.write(b"b" * 12345)
     dst = tmp_path / "dst"
     with fileio.new_file(str(dst)) as fd:
-        assert fileio.sparse_copy(str(src), fd) == 64 * MiB
+        assert sparseio.sparse_copy(str(src), fd) == 64 * MiB
     assert dst.read_bytes() == src.read_bytes()
     assert os.stat(dst).st_blocks <= os.stat(src).st_blocks + 16
 
@@ -107,44 +108,44 @@ def test_write_json_atomic_round_trips(tmp_path):
 
 @pytest.fixture(autouse=True)
 def _fresh_direct_io_answers():
-    fileio._DIRECT_IO.clear()
+    sparseio._DIRECT_IO.clear()
     yield
-    fileio._DIRECT_IO.clear()
+    sparseio._DIRECT_IO.clear()
 
 
 def test_direct_io_is_probed_once_per_directory(tmp_path):
-    with mock.patch.object(fileio, "_probe_direct_io",
+    with mock.patch.object(sparseio, "_probe_direct_io",
                            return_value=True) as probe:
-        assert fileio.direct_io_supported(str(tmp_path))
-        assert fileio.direct_io_supported(str(tmp_path) + "/")
-        assert fileio.direct_io_supported(str(tmp_path / "."))
+        assert sparseio.direct_io_supported(str(tmp_path))
+        assert sparseio.direct_io_supported(str(tmp_path) + "/")
+        assert sparseio.direct_io_supported(str(tmp_path / "."))
     probe.assert_called_once_with(str(tmp_path))
 
 
 def test_an_undecided_probe_is_not_remembered(tmp_path):
-    with mock.patch.object(fileio, "_probe_direct_io",
+    with mock.patch.object(sparseio, "_probe_direct_io",
                            side_effect=[None, True]) as probe:
-        assert not fileio.direct_io_supported(str(tmp_path))
-        assert fileio.direct_io_supported(str(tmp_path))
+        assert not sparseio.direct_io_supported(str(tmp_path))
+        assert sparseio.direct_io_supported(str(tmp_path))
     assert probe.call_count == 2
 
 
 def test_a_filesystem_refusing_o_direct_answers_false(tmp_path):
     with mock.patch.object(os, "open", side_effect=OSError(errno.EINVAL,
                                                            "Invalid")):
-        assert not fileio.direct_io_supported(str(tmp_path))
-    assert fileio._DIRECT_IO == {str(tmp_path): False}
+        assert not sparseio.direct_io_supported(str(tmp_path))
+    assert sparseio._DIRECT_IO == {str(tmp_path): False}
 
 
 def test_a_failed_aligned_write_answers_false_and_leaves_no_file(tmp_path):
     with mock.patch.object(os, "write", side_effect=OSError(errno.EINVAL,
                                                             "Invalid")):
-        assert fileio._probe_direct_io(str(tmp_path)) is False
+        assert sparseio._probe_direct_io(str(tmp_path)) is False
     assert os.listdir(tmp_path) == []
 
 
 def test_a_missing_directory_cannot_tell(tmp_path):
-    assert fileio._probe_direct_io(str(tmp_path / "missing")) is None
+    assert sparseio._probe_direct_io(str(tmp_path / "missing")) is None
 
 
 # --- data regions ------------------------------------------------------------
@@ -163,11 +164,11 @@ def open_half_sparse(tmp_path, data):
 def test_data_extents_stop_at_the_size_asked_for(tmp_path):
     fd = open_half_sparse(tmp_path, b"x" * 4096)
     try:
-        assert list(fileio.data_extents(fd, 1024 * 1024)) == [
+        assert list(sparseio.data_extents(fd, 1024 * 1024)) == [
             (512 * 1024, 4096)]
-        assert list(fileio.data_extents(fd, 512 * 1024 + 10)) == [
+        assert list(sparseio.data_extents(fd, 512 * 1024 + 10)) == [
             (512 * 1024, 10)]
-        assert list(fileio.data_extents(fd, 4096)) == []
+        assert list(sparseio.data_extents(fd, 4096)) == []
     finally:
         os.close(fd)
 
@@ -175,13 +176,13 @@ def test_data_extents_stop_at_the_size_asked_for(tmp_path):
 def test_data_extents_without_hole_support_is_all_data():
     error = OSError(errno.EINVAL, "SEEK_DATA not supported")
     with mock.patch.object(os, "lseek", autospec=True, side_effect=error):
-        assert list(fileio.data_extents(3, 100)) == [(0, 100)]
+        assert list(sparseio.data_extents(3, 100)) == [(0, 100)]
 
 
 def test_read_regions_reads_data_and_reports_holes(tmp_path):
     fd = open_half_sparse(tmp_path, b"x" * 8192)
     try:
-        regions = list(fileio.read_regions(fd, 1024 * 1024, 4096))
+        regions = list(sparseio.read_regions(fd, 1024 * 1024, 4096))
     finally:
         os.close(fd)
     assert regions == [(512 * 1024, None), (4096, b"x" * 4096),
@@ -194,9 +195,9 @@ def test_read_regions_stops_when_a_read_finds_the_end(tmp_path):
     fd = os.open(path, os.O_RDONLY)
     try:
         # The file shrinks after its extents were found.
-        with mock.patch.object(fileio, "data_extents", autospec=True,
+        with mock.patch.object(sparseio, "data_extents", autospec=True,
                                return_value=[(0, 20000)]):
-            regions = list(fileio.read_regions(fd, 30000, 4096))
+            regions = list(sparseio.read_regions(fd, 30000, 4096))
     finally:
         os.close(fd)
     assert b"".join(data for _, data in regions) == b"y" * 10000
@@ -208,7 +209,7 @@ def test_read_regions_stops_when_a_read_finds_the_end(tmp_path):
     (b"\x01" + bytes(10), False), (memoryview(bytes(70000)), True),
 ])
 def test_all_zeros(data, expected):
-    assert fileio.all_zeros(data) is expected
+    assert sparseio.all_zeros(data) is expected
 
 
 def _flushed_paths(calls):
@@ -235,7 +236,7 @@ def test_writeback_flushes_a_descriptor_while_it_is_written(tmp_path):
             calls)):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT)
         try:
-            with fileio.Writeback(fd=fd, batch=0, interval=0.001):
+            with sparseio.Writeback(fd=fd, batch=0, interval=0.001):
                 os.write(fd, b"x" * 4096)
                 _wait_for(lambda: len(calls) >= 2)
         finally:
@@ -254,8 +255,8 @@ def test_writeback_flushes_once_per_batch_of_new_data(tmp_path):
             calls)):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT)
         try:
-            with fileio.Writeback(fd=fd, batch=len(block) * 4,
-                                  interval=0.001):
+            with sparseio.Writeback(fd=fd, batch=len(block) * 4,
+                                    interval=0.001):
                 time.sleep(0.05)
                 assert calls == []              # nothing new: no flush
                 for i in range(3):
@@ -276,7 +277,7 @@ def test_writeback_opens_a_path_once_another_process_creates_it(tmp_path):
     calls = []
     with mock.patch.object(os, "fdatasync", side_effect=_flushed_paths(
             calls)):
-        with fileio.Writeback(path=path, batch=0, interval=0.001):
+        with sparseio.Writeback(path=path, batch=0, interval=0.001):
             time.sleep(0.02)
             assert calls == []
             with open(path, "wb") as f:
@@ -298,7 +299,7 @@ def test_writeback_raises_a_write_error_when_the_block_ends(tmp_path, code,
         raise OSError(code, os.strerror(code))
     try:
         with mock.patch.object(os, "fdatasync", side_effect=fdatasync):
-            writeback = fileio.Writeback(fd=fd, batch=0, interval=0.001)
+            writeback = sparseio.Writeback(fd=fd, batch=0, interval=0.001)
             if raised:
                 with pytest.raises(OSError) as info:
                     with writeback:
@@ -318,8 +319,8 @@ def test_writeback_does_not_hide_the_error_that_ended_the_block(tmp_path):
         with mock.patch.object(os, "fdatasync",
                                side_effect=OSError(errno.EIO, "I/O error")):
             with pytest.raises(KeyError):
-                with fileio.Writeback(fd=fd, batch=0,
-                                      interval=0.001) as wb:
+                with sparseio.Writeback(fd=fd, batch=0,
+                                        interval=0.001) as wb:
                     _wait_for(lambda: wb._error is not None)
                     raise KeyError("the writer's own error")
     finally:
@@ -329,20 +330,20 @@ def test_writeback_does_not_hide_the_error_that_ended_the_block(tmp_path):
 def test_writeback_wants_exactly_one_of_fd_and_path():
     for kwargs in ({}, {"fd": 3, "path": "/x"}):
         with pytest.raises(ValueError):
-            fileio.Writeback(**kwargs)
+            sparseio.Writeback(**kwargs)
 
 
 def test_all_zeros_knows_views_of_the_hole_buffer_without_looking():
-    view = memoryview(fileio.HOLE)[100:300000]
+    view = memoryview(sparseio.HOLE)[100:300000]
     copy = bytes(view)
     # With a comparison block that is not zeros, only the shortcut can
     # answer True.
-    ones = b"\x01" * fileio.ZERO_BLOCK
-    with mock.patch.object(fileio, "_ZEROS", ones):
-        assert fileio.all_zeros(view)
-        assert fileio.all_zeros(view[7:])
-        assert not fileio.all_zeros(copy)
-    assert fileio.all_zeros(copy)
+    ones = b"\x01" * sparseio.ZERO_BLOCK
+    with mock.patch.object(sparseio, "_ZEROS", ones):
+        assert sparseio.all_zeros(view)
+        assert sparseio.all_zeros(view[7:])
+        assert not sparseio.all_zeros(copy)
+    assert sparseio.all_zeros(copy)
 
 
 # -- temp names, no-replace publish, made directories -------------------------

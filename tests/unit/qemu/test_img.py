@@ -26,7 +26,7 @@ from oslo_concurrency import processutils
 from oslo_config import cfg
 import pytest
 
-from imagebackend.common import fileio
+from imagebackend.common import sparseio
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
 from imagebackend.qemu import options as qemu_options
@@ -67,10 +67,10 @@ def failed(code=1, stderr="qemu-img: boom\n"):
 @pytest.fixture(autouse=True)
 def _clean_module_caches():
     qemu_img._VERSIONS.clear()
-    fileio._DIRECT_IO.clear()
+    sparseio._DIRECT_IO.clear()
     yield
     qemu_img._VERSIONS.clear()
-    fileio._DIRECT_IO.clear()
+    sparseio._DIRECT_IO.clear()
 
 
 @pytest.fixture
@@ -189,7 +189,7 @@ def test_convert_uses_o_direct_where_the_directory_supports_it(
         qemu, runner, tmp_path, fsynced):
     target = str(tmp_path / "out.raw")
     runner.execute.side_effect = _writes_target(target)
-    with mock.patch.object(fileio, "direct_io_supported",
+    with mock.patch.object(sparseio, "direct_io_supported",
                            return_value=True) as probe:
         qemu.convert("/src.qcow2", "qcow2", target, "raw")
     probe.assert_called_once_with(str(tmp_path))
@@ -203,7 +203,7 @@ def test_convert_falls_back_to_writeback_and_fsyncs_file_and_directory(
         qemu, runner, tmp_path, fsynced):
     target = str(tmp_path / "out.raw")
     runner.execute.side_effect = _writes_target(target)
-    with mock.patch.object(fileio, "direct_io_supported",
+    with mock.patch.object(sparseio, "direct_io_supported",
                            return_value=False):
         qemu.convert("/src.qcow2", "qcow2", target, "raw")
     assert argv(runner)[argv(runner).index("-t") + 1] == "writeback"
@@ -242,8 +242,8 @@ def test_convert_through_the_page_cache_writes_back_while_it_runs(
         qemu, runner, tmp_path, cache, written_back):
     target = str(tmp_path / "out.raw")
     runner.execute.side_effect = _writes_target(target)
-    with mock.patch.object(fileio, "Writeback",
-                           wraps=fileio.Writeback) as writeback:
+    with mock.patch.object(sparseio, "Writeback",
+                           wraps=sparseio.Writeback) as writeback:
         qemu.convert("/s", "raw", target, "raw", target_cache=cache)
     if written_back:
         writeback.assert_called_once_with(path=target)

@@ -24,7 +24,7 @@ from oslo_config import cfg
 import pytest
 
 from imagebackend.common import digest as content_digest
-from imagebackend.common import fileio
+from imagebackend.common import sparseio
 from imagebackend import exception
 from imagebackend import opts
 from imagebackend import sources
@@ -162,7 +162,7 @@ def test_a_sparse_file_streams_the_same_bytes_without_reading_holes(
     # which the digest and the writer know for zeros without looking.
     holes = [c for c in chunks if isinstance(c, memoryview)]
     assert sum(len(c) for c in holes) > 6 * MiB
-    assert all(c.obj is fileio.HOLE for c in holes)
+    assert all(c.obj is sparseio.HOLE for c in holes)
 
 
 def test_a_file_without_holes_streams_as_it_is(source):
@@ -276,7 +276,7 @@ def test_a_read_error_while_streaming_is_a_download_error(source):
     put(source, "img.raw", b"data" * 4096)
     meta = source.get_meta("img.raw")
     stream = source.open(meta)
-    with mock.patch("imagebackend.common.fileio.read_regions",
+    with mock.patch("imagebackend.common.sparseio.read_regions",
                     side_effect=OSError(errno.EIO, "Input/output error")):
         with pytest.raises(exception.ImageDownloadError) as err:
             next(stream)
