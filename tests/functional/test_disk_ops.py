@@ -226,6 +226,21 @@ def test_resize_grows_and_refuses_to_shrink_unless_told(dep):
                                  "qcow2")
 
 
+def test_a_raw_disk_is_not_shrunk_unless_told(dep):
+    # qemu-img itself shrinks a raw file without --shrink: only the
+    # library's refusal keeps the guest's data past the new end.
+    disk = make_disk(dep, backend="raw")
+    assert os.path.getsize(disk.path) == 64 * MiB
+    line = one_line_error(dep.cli("disk", "resize", disk.path, "48M",
+                                  check=False))
+    assert "--shrink" in line and disk.path in line
+    assert os.path.getsize(disk.path) == 64 * MiB
+    assert fenv.qemu_info(disk.path, "raw")["virtual-size"] == 64 * MiB
+    shrunk = dep.cli_json("disk", "resize", disk.path, "48M", "--shrink")
+    assert shrunk["virtual_size"] == 48 * MiB
+    assert os.path.getsize(disk.path) == 48 * MiB
+
+
 def test_extract_reports_progress_and_cancels_cleanly(dep):
     disk = make_disk(dep)
     ops = _ops(dep)

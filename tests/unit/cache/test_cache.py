@@ -596,3 +596,34 @@ def test_an_id_no_image_can_have_is_refused_by_every_entry_point(
             pass
     assert not os.path.exists(c.base_dir)
     assert not os.path.exists(c.lock_dir)
+
+
+def test_sized_base_is_built_under_a_scratch_name_never_its_final_one(
+        tmp_path, qemu):
+    # A reader that finds <cache_id>_<size> uses it at once, so the name
+    # must appear only when the file is complete: the build sees a scratch
+    # file and the final name absent.
+    c, _ = make_cache(tmp_path, qemu)
+    entry, _ = c.get("raw-img")
+    size = 4 * MiB
+    final = c.sized_path(entry.cache_id, size)
+    seen = []
+
+    def build(fd, tmp):
+        seen.append((tmp, os.path.lexists(final), base_files(c)))
+        os.ftruncate(fd, size)
+        os.pwrite(fd, RAW, 0)
+
+    assert c.publish_derived(final, os.path.basename(final), build) is False
+    [(tmp, final_existed, names)] = seen
+    assert final_existed is False
+    assert os.path.basename(final) not in names
+    assert tmp != final and os.path.dirname(tmp) == c.base_dir
+    assert os.path.basename(tmp) != os.path.basename(final)
+    # Published complete once the build returned; the scratch file is gone.
+    with open(final, "rb") as f:
+        assert f.read(len(RAW)) == RAW
+    assert os.path.getsize(final) == size
+    assert not os.path.lexists(tmp)
+    record = fileio.read_json(final + ".json")
+    assert record["kind"] == "sized" and record["size"] == size

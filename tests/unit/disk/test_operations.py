@@ -533,10 +533,13 @@ def test_extract_into_a_missing_directory(disks):
 
 # --- resize ------------------------------------------------------------------
 
-def test_resize_grows_and_shrinks_only_when_told(disks):
-    top = disks.qcow2("top.qcow2", size=8 * MiB)
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_resize_grows_and_shrinks_only_when_told(disks, fmt):
+    # Raw disks too: qemu-img shrinks a raw file without --shrink, so the
+    # refusal here is all that stands between a typo and lost data.
+    top = getattr(disks, fmt)("top." + fmt, size=8 * MiB)
     disks.ops.resize(top, "16M")
-    disks.qemu.resize.assert_called_once_with(top, "qcow2", 16 * MiB,
+    disks.qemu.resize.assert_called_once_with(top, fmt, 16 * MiB,
                                               shrink=False)
     disks.qemu.resize.reset_mock()
     with pytest.raises(exception.InvalidDiskRequest) as err:
@@ -544,7 +547,7 @@ def test_resize_grows_and_shrinks_only_when_told(disks):
     assert "shrink" in str(err.value) and top in str(err.value)
     disks.qemu.resize.assert_not_called()
     disks.ops.resize(top, 4 * MiB, shrink=True)
-    disks.qemu.resize.assert_called_once_with(top, "qcow2", 4 * MiB,
+    disks.qemu.resize.assert_called_once_with(top, fmt, 4 * MiB,
                                               shrink=True)
 
 
