@@ -241,6 +241,18 @@ def test_a_raw_disk_is_not_shrunk_unless_told(dep):
     assert os.path.getsize(disk.path) == 48 * MiB
 
 
+@pytest.mark.parametrize("backend", ["qcow2", "cached-base", "raw"])
+def test_a_cache_hit_on_a_qcow2_image_refuses_a_smaller_disk(dep, backend):
+    make_disk(dep, "a", backend=backend, size=32 * MiB)
+    listing = sorted(os.listdir(dep.base_dir))
+    target = os.path.join(dep.instances, "b")
+    with pytest.raises(exception.DiskSmallerThanImage) as err:
+        make_disk(dep, "b", backend=backend, size=16 * MiB)
+    assert str(32 * MiB) in str(err.value)
+    assert not os.path.lexists(target)
+    assert sorted(os.listdir(dep.base_dir)) == listing
+
+
 def test_extract_reports_progress_and_cancels_cleanly(dep):
     disk = make_disk(dep)
     ops = _ops(dep)

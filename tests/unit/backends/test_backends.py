@@ -280,3 +280,27 @@ def test_a_full_filesystem_is_a_clear_error(tmp_path, qemu):
     assert str(target) in str(err.value)
     assert "free space" in str(err.value)
     assert not (tmp_path / "vm").exists()
+
+
+@pytest.mark.parametrize("force_raw", [True, False])
+@pytest.mark.parametrize("name", ["qcow2", "cached-base", "raw"])
+def test_a_cache_hit_on_a_qcow2_image_refuses_a_smaller_disk(
+        tmp_path, name, force_raw):
+    # The source gives no virtual size for a qcow2 image, so on a cache hit
+    # only the cached base's own size can refuse the disk (for a raw image
+    # the source's byte count refuses it before the cache is consulted).
+    conf = fakes.conf(tmp_path, force_raw_images=force_raw)
+    image = fakes.fake_qcow2(8 * MiB, b"guest data")
+    source = fakes.FakeSource(conf, images={"q": image})
+    qemu_obj, _ = fakes.fake_qemu(conf)
+    backend = base.load(conf, name, source=source, qemu=qemu_obj)
+    first = backend.create_image("q", str(tmp_path / "vm" / "a"), 8 * MiB)
+    assert first.cache_hit is False
+    listing = sorted(os.listdir(backend.cache.base_dir))
+    target = tmp_path / "vm" / "b"
+    with pytest.raises(exception.DiskSmallerThanImage) as err:
+        backend.create_image("q", str(target), 4 * MiB)
+    assert str(8 * MiB) in str(err.value) and str(4 * MiB) in str(err.value)
+    assert source.opened == 1
+    assert not target.exists()
+    assert sorted(os.listdir(backend.cache.base_dir)) == listing
