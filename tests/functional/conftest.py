@@ -12,25 +12,73 @@
 
 """Fixtures shared by the functional tests."""
 
+import os
+import warnings
+
 import pytest
 
 from tests.functional.fixtures import server_procs
 from tests.functional.fixtures import servers as servers_mod
 
+#: where the reasons for skipped server tests are kept for the summary.
+_SKIPPED_SERVERS = pytest.StashKey[list]()
+
+
+def in_ci(environ=os.environ) -> bool:
+    """Whether this run is a CI run, where nothing may be skipped quietly.
+
+    tox does not pass ``CI`` into a test environment unless its passenv
+    names it; it keeps the caller's value under its own name, read too.
+    """
+    value = (environ.get("CI")
+             or environ.get("__TOX_ENVIRONMENT_VARIABLE_ORIGINAL_CI") or "")
+    return value.strip().lower() not in ("", "0", "false", "no")
+
+
+def servers_unavailable(config, reason: str, environ=os.environ):
+    """Stop a test that needs Keystone and Glance that cannot be set up.
+
+    Under CI every such test fails: a broken setup must not turn the Glance
+    tests into a green run.  Elsewhere they are skipped, loudly: a pytest
+    warning and a line in the terminal summary say what was skipped.
+
+    :raises pytest.fail.Exception: under CI.
+    :raises pytest.skip.Exception: otherwise.
+    """
+    message = "Keystone and Glance are not available: %s" % reason
+    if in_ci(environ):
+        pytest.fail("%s (CI=true: the Glance tests must run, not skip)"
+                    % message, pytrace=False)
+    config.stash.setdefault(_SKIPPED_SERVERS, []).append(message)
+    warnings.warn(pytest.PytestWarning(
+        "SKIPPING every test that needs Keystone and Glance: " + message))
+    pytest.skip(message)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = config.stash.get(_SKIPPED_SERVERS, [])
+    if skipped:
+        terminalreporter.write_sep(
+            "!", "Keystone/Glance tests SKIPPED (set CI=true to fail)",
+            red=True, bold=True)
+        terminalreporter.write_line(skipped[0], red=True)
+
 
 @pytest.fixture(scope="session")
-def openstack_servers():
+def openstack_servers(request):
     """A real Keystone and Glance on 127.0.0.1, started once per test run
     (the first test that asks for them pays the ~10 s start) and stopped,
     with every process they spawned, when the run ends.
 
-    Skips only when the servers' virtualenv cannot be installed
-    (tools/glance-servers/setup-venv.sh failed); a server that fails to
-    start is an error.
+    When the servers' virtualenv cannot be installed
+    (tools/glance-servers/setup-venv.sh failed), every test that needs
+    them fails under CI and is skipped loudly elsewhere (see
+    :func:`servers_unavailable`); a server that fails to start is an
+    error.
     """
     try:
         venv = server_procs.ensure_venv()
     except server_procs.ServersUnavailable as exc:
-        pytest.skip("Keystone and Glance are not available: %s" % exc)
+        servers_unavailable(request.config, str(exc))
     with servers_mod.servers_in_tempdir(venv) as servers:
         yield servers
