@@ -196,19 +196,46 @@ def _prune_in_child(config_file, stop, ready, queue):
 
 
 def _prune_until(c, stop, ready):
+    """Prune until ``stop``; returns the runs and (wall time, file) of
+    every removal (wall time: compared across processes).
+    """
     runs, removed = 0, []
     while not stop.is_set():
-        removed += [r.file for r in c.prune().removed]
+        report = c.prune()
+        now = time.time()
+        removed += [(now, r.file) for r in report.removed]
         runs += 1
         ready.set()
         time.sleep(0.02)
     return runs, removed
 
 
+def _litter_until(dep, image_id, stop):
+    """Fetch ``image_id``, which no disk uses, again each time a pruner
+    removed it, until ``stop``: the pruners always have something unused
+    to remove while the creates run.
+
+    :returns: how many times it was fetched.
+    """
+    conf = dep.conf()
+    c = cache.ImageCache(conf, sources.load(conf))
+    cid = content_digest.cache_id(image_id)
+    fetched = 0
+    while not stop.is_set():
+        with c.use(image_id):
+            c.get(image_id)
+        fetched += 1
+        while not stop.is_set() and any(
+                n.startswith(cid) for n in os.listdir(dep.base_dir)):
+            time.sleep(0.01)
+    return fetched
+
+
 def test_prune_racing_sixteen_creates_removes_nothing_in_use(dep):
     dep.write_config(image_cache=AGES_ZERO)
     image(dep, "x.qcow2")
     image(dep, "y.raw")
+    image(dep, "junk.raw", seed=3)
     jobs = []
     for i in range(16):
         backend = ("qcow2", "raw", "cached-base")[i % 3]
@@ -229,10 +256,17 @@ def test_prune_racing_sixteen_creates_removes_nothing_in_use(dep):
     # Both pruners are looping before the first create starts, so every
     # create races them (a spawned child takes a while to import).
     assert ready.wait(60) and local_ready.wait(60)
+    litter_stop = threading.Event()
+    started = time.time()
+    litter = concurrent.futures.ThreadPoolExecutor(1).submit(
+        _litter_until, dep, "junk.raw", litter_stop)
     for p in creators:
         p.start()
     errors = _run_jobs(dep.conf, backends_base, jobs[8:])
     errors += sum((queue.get(timeout=60) for _ in creators), [])
+    ended = time.time()
+    litter_stop.set()
+    fetched = litter.result(timeout=60)
     stop.set()
     local_stop.set()
     runs, removed = queue.get(timeout=60)
@@ -251,8 +285,16 @@ def test_prune_racing_sixteen_creates_removes_nothing_in_use(dep):
             info = fenv.qemu_info(path, "qcow2")
             assert os.path.exists(info["backing-filename"]), path
             backing.add(info["backing-filename"])
-    # Whatever the pruners removed, no disk was using it.
-    assert not backing & set(removed + local_removed)
+    # The race happened: while the creates ran, the pruners removed the
+    # unused image's base again and again ...
+    junk = content_digest.cache_id("junk.raw")
+    during = [f for t, f in removed + local_removed
+              if started <= t <= ended]
+    assert fetched >= 2
+    assert any(os.path.basename(f).startswith(junk) for f in during), (
+        removed, local_removed)
+    # ... and whatever they removed, no disk was using it.
+    assert not backing & {f for _, f in removed + local_removed}
     final = cache.ImageCache(dep.conf()).prune()
     assert not backing & {r.file for r in final.removed}
 
