@@ -34,16 +34,26 @@ def test_prefetch_progress_adds_up_parallel_downloads():
     assert set(progress.done) == {"a", "b", "c d"}
 
 
-@pytest.mark.parametrize("argv", [
-    ["cache", "prune", "--dry-run"],
-    ["cache", "invalidate", "img"],
-    ["cache", "verify"],
-    ["cache", "verify", "a", "b", "--repair"],
-    ["cache", "prefetch", "a", "b", "--parallel", "2"],
+@pytest.mark.parametrize("argv,func,parsed", [
+    (["cache", "list"], cache_cmd.list_cache, {}),
+    (["cache", "prune", "--dry-run"], cache_cmd.prune_cache,
+     {"dry_run": True}),
+    (["cache", "prune"], cache_cmd.prune_cache, {"dry_run": False}),
+    (["cache", "invalidate", "img"], cache_cmd.invalidate_image,
+     {"image_id": "img"}),
+    (["cache", "verify"], cache_cmd.verify_cache,
+     {"image_ids": [], "repair": False}),
+    (["cache", "verify", "a", "b", "--repair"], cache_cmd.verify_cache,
+     {"image_ids": ["a", "b"], "repair": True}),
+    (["cache", "prefetch", "a", "b", "--parallel", "2"],
+     cache_cmd.prefetch_images, {"image_ids": ["a", "b"], "parallel": 2}),
+    (["cache", "prefetch", "a"], cache_cmd.prefetch_images,
+     {"image_ids": ["a"], "parallel": 4}),
 ])
-def test_cache_commands_parse(argv):
+def test_cache_commands_parse(argv, func, parsed):
     args = main.build_parser().parse_args(argv + ["-f", "json"])
-    assert callable(args.func)
+    assert args.func is func
+    assert {key: getattr(args, key) for key in parsed} == parsed
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many"])

@@ -72,12 +72,13 @@ def test_sparse_copy_copies_data_and_keeps_holes(tmp_path):
 
 def test_new_file_removes_the_file_on_error(tmp_path):
     path = tmp_path / "f"
-    try:
+    written = []
+    with pytest.raises(RuntimeError, match="boom"):
         with fileio.new_file(str(path)) as fd:
-            os.write(fd, b"half")
+            written.append(os.write(fd, b"half"))
+            assert path.read_bytes() == b"half"
             raise RuntimeError("boom")
-    except RuntimeError:
-        pass
+    assert written == [4]
     assert not path.exists()
 
 
@@ -86,14 +87,11 @@ def test_new_file_never_follows_a_symlink(tmp_path):
     victim.write_text("keep")
     link = tmp_path / "link"
     os.symlink(victim, link)
-    try:
+    with pytest.raises(FileExistsError):
         with fileio.new_file(str(link)):
             pass
-    except FileExistsError:
-        pass
-    else:
-        raise AssertionError("a symlink was opened for writing")
     assert victim.read_text() == "keep"
+    assert os.path.islink(link)
 
 
 def test_write_json_atomic_round_trips(tmp_path):

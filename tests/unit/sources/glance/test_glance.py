@@ -839,9 +839,17 @@ def test_sample_options_list_every_group_option_once():
     assert all(opt.help for opt in opts)
 
 
-def test_options_can_be_registered_twice(tmp_path, make_source):
+def test_options_can_be_registered_twice(tmp_path, http, make_source):
     # A second source on the same ConfigOpts (and another auth plugin's
-    # options registered meanwhile) must not clash.
-    source = make_source()
+    # options registered meanwhile) must not clash, and must read the same
+    # configured values.
+    source = make_source({"region_name": "R7", **PASSWORD_AUTH})
     glance.GlanceSource.register_opts(source.conf)
-    glance.GlanceSource(source.conf, sleep=Sleep())
+    second = glance.GlanceSource(source.conf, sleep=Sleep())
+
+    assert second.conf.glance.region_name == "R7"
+    assert http_adapter().region_name == "R7"
+    assert (http_adapter().session.auth.auth_url
+            == PASSWORD_AUTH["auth_url"])
+    assert second.get_meta(IMAGE_ID).image_id == IMAGE_ID
+    assert glance.glance_client.Client.call_count == 2
