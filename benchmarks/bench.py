@@ -107,6 +107,10 @@ def parse_args(argv):
                         "(default /var/tmp)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory")
+    p.add_argument("--servers", metavar="FILE",
+                   help="use the running Keystone and Glance FILE describes "
+                        "(JSON, as the functional tests write it) for the "
+                        "glance-download row instead of starting a pair")
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.data, args.extent = 64 * MiB, 16 * MiB, 256 * KiB
