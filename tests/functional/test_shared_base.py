@@ -58,21 +58,28 @@ def _fetch_in_child(config_file, lock_path, image_id, size, barrier, queue,
     conf.set_override("lock_path", lock_path, group="oslo_concurrency")
     backend = child_backends.load(conf, "cached-base")
     barrier.wait(30)
+    started = time.time()
     try:
         entry, hit = backend.cache.get(image_id)
         sized = backend.prepare_base(entry, size)[0]
     except child_exc.ImageBackendException as exc:
-        queue.put(("clean error", type(exc).__name__, exc.message))
+        queue.put((("clean error", type(exc).__name__, exc.message),
+                   started, time.time()))
         return
     except BaseException as exc:       # reported to the test
-        queue.put(("unclean error", type(exc).__name__, repr(exc)))
+        queue.put((("unclean error", type(exc).__name__, repr(exc)),
+                   started, time.time()))
         return
-    queue.put(("ok", entry.path, sized))
+    queue.put((("ok", entry.path, sized), started, time.time()))
 
 
-def race(dep, image_id, size, detect_split=False, config_files=None):
+def race(dep, image_id, size, detect_split=False, config_files=None,
+         overlaps=None):
     """Two processes with different lock directories fetch ``image_id``
     into one ``_base`` at the same instant.
+
+    :param overlaps: if given, gets True appended if the two fetches
+        really overlapped in time (each started before the other ended).
     """
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(2)
@@ -83,10 +90,13 @@ def race(dep, image_id, size, detect_split=False, config_files=None):
         size, barrier, queue, detect_split)) for i in range(2)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=120) for _ in procs]
+    reports = [queue.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)
-    return results
+    if overlaps is not None:
+        overlaps.append(max(r[1] for r in reports)
+                        < min(r[2] for r in reports))
+    return [r[0] for r in reports]
 
 
 @pytest.mark.parametrize("name", ["race.qcow2", "race.raw"])
@@ -97,8 +107,9 @@ def test_two_lock_directories_never_publish_a_corrupt_base(dep, name):
         path, SIZE)
     fmt = "qcow2" if name.endswith(".qcow2") else "raw"
     rounds = 12
+    overlaps = []
     for round_ in range(rounds):
-        results = race(dep, name, 2 * SIZE)
+        results = race(dep, name, 2 * SIZE, overlaps=overlaps)
         unclean = [r for r in results if r[0] != "ok"]
         assert not unclean, "round %d: %r" % (round_, unclean)
         c = cache.ImageCache(dep.conf())
@@ -122,6 +133,8 @@ def test_two_lock_directories_never_publish_a_corrupt_base(dep, name):
         # Start again from an empty cache.
         for n in names:
             os.unlink(os.path.join(dep.base_dir, n))
+    # The race happened: in most rounds both fetches ran at once.
+    assert sum(overlaps) > rounds // 2, overlaps
 
 
 def test_different_bytes_published_at_once_get_their_own_generations(
@@ -142,9 +155,11 @@ def test_different_bytes_published_at_once_get_their_own_generations(
     assert other_images in text
     with open(other_config, "w") as f:
         f.write(text)
+    overlaps = []
     for round_ in range(6):
         results = race(dep, "img.raw", 2 * SIZE,
-                       config_files=[dep.config_file, other_config])
+                       config_files=[dep.config_file, other_config],
+                       overlaps=overlaps)
         assert [r[0] for r in results] == ["ok", "ok"], results
         bases = sorted(r[1] for r in results)
         assert bases[0] != bases[1]             # two generations
@@ -156,6 +171,8 @@ def test_different_bytes_published_at_once_get_their_own_generations(
         assert {r.status for r in rows} == {"ok"}, rows
         for n in dep.base_listing():
             os.unlink(os.path.join(dep.base_dir, n))
+    # The race happened: in most rounds both published at once.
+    assert sum(overlaps) > 3, overlaps
 
 
 def test_a_split_lock_directory_is_refused(dep):
@@ -182,7 +199,10 @@ def test_a_split_lock_directory_is_refused(dep):
 
 def test_a_split_seen_only_after_both_published_is_still_refused(dep):
     fenv.make_raw(os.path.join(dep.images, "a.raw"), SIZE)
-    results = race(dep, "a.raw", 2 * SIZE, detect_split=True)
+    overlaps = []
+    results = race(dep, "a.raw", 2 * SIZE, detect_split=True,
+                   overlaps=overlaps)
+    assert overlaps == [True], "the two fetches did not overlap"
     kinds = sorted(r[0] for r in results)
     assert "unclean error" not in kinds
     refused = [r for r in results if r[0] == "clean error"]

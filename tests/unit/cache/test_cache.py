@@ -17,6 +17,8 @@ import dataclasses
 import json
 import os
 import re
+import threading
+import time
 from unittest import mock
 
 from oslo_config import cfg
@@ -164,12 +166,34 @@ def test_symlinked_base_is_refused(tmp_path, qemu):
 
 
 def test_concurrent_gets_download_once(tmp_path, qemu):
-    c, source = make_cache(tmp_path, qemu)
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda _: c.get("qcow2-img"), range(8)))
+    # A slow download, so the other gets arrive while it runs.
+    c, source = make_cache(tmp_path, qemu, delay=0.05)
+    barrier = threading.Barrier(8)
+    events = []
+    chunks = source._chunks
+
+    def timed_chunks(data):
+        events.append(("download", time.monotonic()))
+        yield from chunks(data)
+        events.append(("downloaded", time.monotonic()))
+
+    def get(_):
+        barrier.wait()
+        events.append(("get", time.monotonic()))
+        return c.get("qcow2-img")
+
+    with mock.patch.object(source, "_chunks", timed_chunks):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(get, range(8)))
     assert sorted(hit for _, hit in results) == [False] + [True] * 7
     assert source.opened == 1
     assert qemu.convert.call_count == 1
+    # The race happened: the other gets were asked while the one download
+    # ran, and waited for it rather than downloading again.
+    [start] = [t for what, t in events if what == "download"]
+    [end] = [t for what, t in events if what == "downloaded"]
+    overlapping = [t for what, t in events if what == "get" and t < end]
+    assert len(overlapping) == 8 and start < end
 
 
 @pytest.mark.parametrize("damage", [
