@@ -66,13 +66,15 @@ def _create_at_signal(config_file, backend, target, go, queue):
     from imagebackend import opts
     b = base.load(opts.new_conf(["--config-file", config_file]), backend)
     go.wait(60)
+    started = time.time()
     try:
         b.create_image("guest.raw", target, GiB)
-        queue.put("created")
+        outcome = "created"
     except exception.TargetExists:
-        queue.put("TargetExists")
+        outcome = "TargetExists"
     except Exception as exc:    # reported to the test
-        queue.put(repr(exc))
+        outcome = repr(exc)
+    queue.put((outcome, started, time.time()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -80,7 +82,9 @@ def test_one_of_many_concurrent_creates_of_a_target_wins(dep, backend):
     dep.cli("cache", "prefetch", "guest.raw")
     target = os.path.join(dep.instances, "vm", "disk")
     ctx = multiprocessing.get_context("spawn")
-    queue, go = ctx.Queue(), ctx.Event()
+    # Every child and this process meet at ``go``: no create starts
+    # before the last child has imported and loaded its backend.
+    queue, go = ctx.Queue(), ctx.Barrier(7)
     procs = [ctx.Process(target=_create_at_signal,
                          args=(dep.config_file, backend, target, go, queue))
              for _ in range(6)]
@@ -89,14 +93,18 @@ def test_one_of_many_concurrent_creates_of_a_target_wins(dep, backend):
     try:
         for p in procs:
             p.start()
-        time.sleep(3)       # every child has imported and is waiting
-        go.set()
-        results = sorted(queue.get(timeout=120) for _ in procs)
+        go.wait(120)
+        reports = [queue.get(timeout=120) for _ in procs]
         for p in procs:
             p.join(60)
     finally:
         os.environ["PATH"] = old_path
+    results = sorted(r[0] for r in reports)
     assert results == ["TargetExists"] * 5 + ["created"], results
+    # The race happened: some losers started before the winner was done.
+    [(_, _, won_at)] = [r for r in reports if r[0] == "created"]
+    assert any(started < won_at for outcome, started, _ in reports
+               if outcome == "TargetExists"), reports
     assert fenv.images_identical(os.path.join(dep.images, "guest.raw"),
                                  "raw", target, FORMATS[backend])
     assert leftovers(os.path.dirname(target)) == []
