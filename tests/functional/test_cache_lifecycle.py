@@ -468,12 +468,22 @@ def test_prefetch_in_parallel_downloads_each_image_once(dep):
          "--config-file", dep.config_file, "cache", "prefetch",
          *names, names[0], "--parallel", "3", "-f", "json"],
         env=dep.env(), stdout=subprocess.PIPE, text=True)
+    # The creates start once the prefetch is fetching (its first scratch
+    # file is there), so they race it rather than find everything cached.
+    cids = [content_digest.cache_id(name) for name in names]
+    deadline = time.monotonic() + 60
+    while prefetch.poll() is None and time.monotonic() < deadline and not (
+            os.path.isdir(dep.base_dir) and any(
+                n.startswith(tuple(cids)) for n in os.listdir(dep.base_dir))):
+        time.sleep(0.002)
+    prefetching = prefetch.poll() is None
     jobs = [(name, target(dep, "%s-%d" % (name, i)), "qcow2", DISK)
             for name in names for i in range(2)]
     errors = _run_jobs(dep.conf, backends_base, jobs)
     out, _ = prefetch.communicate(timeout=60)
     assert prefetch.returncode == 0
     assert errors == []
+    assert prefetching, "the prefetch was done before the creates started"
     rows = json.loads(out)
     assert [r["image_id"] for r in rows] == names
     assert all(r.get("error") is None for r in rows)
