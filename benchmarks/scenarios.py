@@ -54,10 +54,12 @@ def _warm(bench, backend_name, name):
         name, "%s disk of %s, base cached" % (
             backend_name, harness.size_text(args.disk_size)),
         "qemu-img create -f qcow2 -o backing_file=BASE,backing_fmt=raw",
-        "<= 1.5x floor, <= 1 process", lib, spawned, floors,
+        "<= 1.5x floor, exactly 1 process", lib, spawned, floors,
         qemu_img_runs=qemu_runs)
+    # The documented promise is exactly one qemu-img process per warm
+    # create (doc/source/performance.rst): none would mean no disk.
     result["met"] = (harness.within(result, 1.5)
-                     and result["processes"] <= 1)
+                     and all(len(s) == 1 for s in spawned))
     return result
 
 

@@ -141,6 +141,7 @@ def test_warm_disk_spawns_one_qemu_img_create(bench_run):
         assert rows[name]["spawned"] == ["qemu-img create"], name
         assert list(rows[name]["qemu_img_runs"]) == ["create"], name
         assert rows[name]["qemu_img_runs"]["create"]["count"] == 1, name
+        assert rows[name]["processes"] == 1, name
 
 
 def test_concurrent_creates_download_and_convert_each_image_once(bench_run):
