@@ -491,3 +491,36 @@ def test_prefetch_in_parallel_downloads_each_image_once(dep):
         assert len(converts(dep, name)) == 1, name
     for name, path, _, _ in jobs:
         assert same(os.path.join(dep.images, name), "qcow2", path)
+
+
+def test_a_sized_base_appears_complete_or_not_at_all(dep):
+    # A reader that finds _base/<cache_id>_<size> uses it at once: watch
+    # the name while cached-base builds it and check every sighting.
+    fenv.make_raw(os.path.join(dep.images, "big.raw"), 128 * MiB, seed=4)
+    conf = dep.conf()
+    cache.ImageCache(conf, sources.load(conf)).prefetch(["big.raw"])
+    size = 256 * MiB
+    final = base(dep, "big.raw") + "_%d" % size
+    name = os.path.basename(final)
+    stop, sightings = threading.Event(), []
+
+    def watch():
+        while not stop.is_set():
+            if name in os.listdir(dep.base_dir):
+                try:
+                    st = os.stat(final)
+                except FileNotFoundError:
+                    continue
+                sightings.append((st.st_size,
+                                  os.path.exists(final + ".json")))
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        disk = create(dep, "big.raw", "vm", backend="cached-base", size=size)
+    finally:
+        stop.set()
+        watcher.join(30)
+    assert disk.backing_file == final
+    assert sightings, "the watcher never saw the sized base"
+    assert set(sightings) == {(size, True)}, sorted(set(sightings))
+    assert same(os.path.join(dep.images, "big.raw"), "raw", disk.path)
