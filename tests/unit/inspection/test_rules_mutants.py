@@ -399,3 +399,56 @@ def test_a_failing_inspector_is_logged_at_debug(caplog):
         assert probe.eat(b"abc", 0, 4096, 512) is True
     assert probe.state == rules.FAILED
     assert "Not vdi: ValueError('bad')" in caplog.text
+
+
+def test_header_fields_are_read_unsigned():
+    # A crafted header with the top bit set must be reported as the
+    # unsigned number qemu reads, not a negative one.
+    head = bytearray(ti.qcow2())
+    struct.pack_into(">I", head, 4, 0xFFFFFFFF)
+    struct.pack_into(">I", head, 32, 0x80000001)
+    policy = rules.Policy("img-9", bytes(head), ())
+    with pytest.raises(exception.UnsupportedFormat,
+                       match="version 4294967295,"):
+        policy._check_qcow2_version()
+    with pytest.raises(exception.EncryptedImageRefused,
+                       match=r"\(method 2147483649 encryption\)"):
+        policy._check_qcow2_encryption()
+
+
+def test_vhd_current_size_is_unsigned():
+    head = bytes(48) + struct.pack(">Q", 1 << 63)
+    insp = mock.Mock(virtual_size=4096)
+    assert rules.virtual_size("img-9", "vhd", insp, head) == 1 << 63
+
+
+def test_a_gpt_without_valid_partitions_is_logged_with_the_image(caplog):
+    insp = mock.Mock()
+    insp.safety_check.side_effect = fi.SafetyViolation("no MBR")
+    with caplog.at_level(logging.DEBUG, logger=rules.LOG.name):
+        assert rules.Policy("img-9", b"", ())._check("gpt", insp) is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "Image img-9: not a partition table: no MBR"]
+
+
+class _BareVmdkInspector:
+    """An inspector that never parsed a descriptor: no desc_text at all."""
+
+    def has_region(self, name):
+        return name == "header"
+
+
+def test_an_inspector_without_descriptor_attributes_is_invalid():
+    policy = rules.Policy("img-9", b"", ("monolithicsparse",))
+    with pytest.raises(exception.InvalidImageFormat,
+                       match="has no readable descriptor"):
+        policy.precheck("vmdk", _BareVmdkInspector())
+
+
+def test_an_inspector_without_a_type_is_invalid():
+    insp = _BareVmdkInspector()
+    insp.desc_text = 'rw 1 sparse "a.vmdk"'
+    policy = rules.Policy("img-9", b"", ("monolithicsparse",))
+    with pytest.raises(exception.InvalidImageFormat,
+                       match="has no readable descriptor"):
+        policy.precheck("vmdk", insp)
