@@ -45,8 +45,9 @@ def read_notes(path):
     """Read the wall-clock and equivalence notes.
 
     :param path: the notes file (INI); missing means no notes.
-    :returns: (durations, equivalent): dicts keyed by module path and by
-        mutant name.
+    :returns: (durations, equivalent, before): dicts keyed by module path,
+        by mutant name, and by module path (the result before the tests
+        added to kill survivors).
     """
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # mutant names are case-sensitive
@@ -55,7 +56,9 @@ def read_notes(path):
         if parser.has_section("durations") else {}
     equivalent = dict(parser.items("equivalent")) \
         if parser.has_section("equivalent") else {}
-    return durations, equivalent
+    before = dict(parser.items("before")) \
+        if parser.has_section("before") else {}
+    return durations, equivalent, before
 
 
 def modules_to_mutate(setup_cfg="setup.cfg"):
@@ -126,7 +129,7 @@ def pct(part, whole):
     return "%.1f%%" % (100.0 * part / whole) if whole else "n/a"
 
 
-def render(rows, durations, equivalent, with_diffs=True):
+def render(rows, durations, equivalent, before, with_diffs=True):
     """Build the page.
 
     :param rows: (path, results-or-None) pairs in setup.cfg order.
@@ -162,6 +165,15 @@ def render(rows, durations, equivalent, with_diffs=True):
       "\"imagebackend.disk.chain*\"``")
     w("(a glob on mutant names) and regenerate this page.")
     w("")
+    if before:
+        w("Before the tests added to kill survivors "
+          "(``tests/unit/*/test_*_mutants.py``):")
+        w("")
+        for path in sorted(before):
+            w("- ``%s``: %s" % (path, before[path]))
+        w("")
+        w("Now:")
+        w("")
     table = [("Module", "Mutants", "Run", "Detected", "Survived",
               "Equivalent", "Kill rate", "Wall clock", "Test time")]
     for path, res in rows:
@@ -232,10 +244,10 @@ def main(argv=None):
     parser.add_argument("--no-diffs", action="store_true",
                         help="list survivors without their diffs")
     args = parser.parse_args(argv)
-    durations, equivalent = read_notes(NOTES)
+    durations, equivalent, before = read_notes(NOTES)
     rows = [(path, module_results(path, args.mutants))
             for path in modules_to_mutate()]
-    text = render(rows, durations, equivalent, not args.no_diffs)
+    text = render(rows, durations, equivalent, before, not args.no_diffs)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(text)
     for path, res in rows:

@@ -452,3 +452,15 @@ def test_an_inspector_without_a_type_is_invalid():
     with pytest.raises(exception.InvalidImageFormat,
                        match="has no readable descriptor"):
         policy.precheck("vmdk", insp)
+
+
+def test_a_format_qemu_img_is_not_trusted_with_is_unsupported():
+    # e.g. a format oslo.utils learns to inspect before this project
+    # decides to let qemu-img open it.
+    with pytest.raises(exception.UnsupportedFormat) as info:
+        rules.Policy("img-9", b"", ())._check("ploop", mock.Mock())
+    assert info.value.kwargs["image_id"] == "img-9"
+    assert info.value.kwargs["detected_format"] == "ploop"
+    assert str(info.value) == (
+        "Image img-9 was refused (unsupported-format): it is a ploop image, "
+        "which is not supported; convert it to qcow2 or raw")
