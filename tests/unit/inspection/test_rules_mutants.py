@@ -464,3 +464,56 @@ def test_a_format_qemu_img_is_not_trusted_with_is_unsupported():
     assert str(info.value) == (
         "Image img-9 was refused (unsupported-format): it is a ploop image, "
         "which is not supported; convert it to qcow2 or raw")
+
+
+def _tail_probe(pos, tail):
+    probe = rules.Probe("vhd", mock.Mock(complete=False, context_info={}))
+    probe.state = rules.TAIL
+    probe.pos = pos
+    probe.tail = tail
+    return probe
+
+
+LAST = bytes(range(256)) * 4
+
+
+@pytest.mark.parametrize("pos,tail,want", [
+    (100, 512, 512),     # the tail starts after what it was given
+    (700, 512, 300),     # it was given part of the tail already
+    (999, 512, 1),       # one byte is missing
+])
+def test_a_tail_probe_gets_exactly_the_end_it_lacks(pos, tail, want):
+    probe = _tail_probe(pos, tail)
+    probe.end(LAST, 1000)
+    probe.inspector.eat_chunk.assert_called_once_with(LAST[-want:])
+    assert probe.pos == 1000
+    assert probe.state == rules.SHORT
+    probe.inspector.finish.assert_called_once_with()
+
+
+def test_a_tail_probe_that_has_everything_is_given_nothing_more():
+    probe = _tail_probe(1000, 512)
+    probe.end(LAST, 1000)
+    probe.inspector.eat_chunk.assert_not_called()
+    assert probe.pos == 1000
+
+
+def test_an_inspector_failing_at_the_end_is_failed():
+    probe = rules.Probe("vdi", mock.Mock(complete=False))
+    probe.inspector.finish.side_effect = ValueError("short")
+    probe.end(b"", 0)
+    assert probe.state == rules.FAILED
+
+
+def test_an_inspector_complete_at_the_end_is_done():
+    probe = rules.Probe("vdi", mock.Mock(complete=True))
+    probe.end(b"", 0)
+    assert probe.state == rules.DONE
+
+
+def test_a_failed_inspector_is_not_finished():
+    probe = rules.Probe("vdi", mock.Mock(complete=True))
+    probe.state = rules.FAILED
+    probe.end(b"", 0)
+    probe.inspector.finish.assert_not_called()
+    assert probe.state == rules.FAILED
