@@ -517,3 +517,21 @@ def test_a_failed_inspector_is_not_finished():
     probe.end(b"", 0)
     probe.inspector.finish.assert_not_called()
     assert probe.state == rules.FAILED
+
+
+@pytest.mark.parametrize("pos,start,slice_bytes,pieces", [
+    (10, 10, 4096, [b"0123456789abcdef"]),
+    (11, 10, 4096, [b"123456789abcdef"]),
+    (12, 10, 4096, [b"23456789abcdef"]),
+    (10, 10, 6, [b"012345", b"6789ab", b"cdef"]),
+    (11, 10, 15, [b"123456789abcdef"]),
+])
+def test_eat_gives_each_byte_once_from_where_the_probe_is(pos, start,
+                                                          slice_bytes,
+                                                          pieces):
+    probe = rules.Probe("vdi", mock.Mock(complete=False, context_info={}))
+    probe.pos = pos
+    assert probe.eat(b"0123456789abcdef", start, slice_bytes, 0) is False
+    assert [c.args[0] for c in probe.inspector.eat_chunk.call_args_list] \
+        == pieces
+    assert probe.pos == start + 16
