@@ -13,25 +13,37 @@
 
 """Turn mutmut's results into doc/source/mutation.rst.
 
-Reads the per-file result records mutmut 3 leaves beside each mutated copy
-(``mutants/<path>.meta``: the exit code of the tests run against every
-mutant and how long they took), the module list of ``setup.cfg [mutmut]``
-and the hand-kept notes of ``tools/mutation-notes.ini`` (the measured wall
-clock of each run, and every surviving mutant judged equivalent with the
-reason).  Writes one reStructuredText page: a kill-rate table per module,
-then every surviving mutant with its diff, marked equivalent where the
-notes say so.  Run it from the project root, in the ``mutation`` tox
+Two steps, both run by ``tox -e mutation``:
+
+``--collect`` reads the per-file result records mutmut 3 leaves beside
+each mutated copy (``mutants/<path>.meta``: the exit code of the tests run
+against every mutant and how long they took) and writes one committed
+summary per module, ``tools/mutation-results/<module>.json`` (exit codes,
+durations, and the diff of every mutant not detected).  Only modules whose
+mutants were all run are written unless ``--partial`` is given, so a
+stopped run never replaces a complete result.
+
+Rendering reads those summaries (not ``mutants/``, which is not kept), the
+module list of ``setup.cfg [mutmut]`` and the hand-kept notes in
+``tools/mutation-notes/*.ini`` (one file per module: the measured wall
+clock of each run, the result before the tests that kill survivors, and
+every surviving mutant judged equivalent with the reason).  It writes one
+reStructuredText page: a kill-rate table per module, then every surviving
+mutant with its diff, marked equivalent where the notes say so.  Run it
+from the project root; ``--collect`` needs the ``mutation`` tox
 environment (it imports mutmut to print the diffs).
 """
 
 import argparse
 import collections
 import configparser
+import glob
 import json
 import os
 import sys
 
-NOTES = os.path.join("tools", "mutation-notes.ini")
+NOTES = os.path.join("tools", "mutation-notes")
+RESULTS = os.path.join("tools", "mutation-results")
 
 # mutmut 3's exit-code meanings (mutmut/stats.py); anything else is
 # "suspicious".  A timeout or a crash of the tests counts as detected.
@@ -44,14 +56,16 @@ NOT_TESTED = {5: "no tests", 33: "no tests", 34: "skipped"}
 def read_notes(path):
     """Read the wall-clock and equivalence notes.
 
-    :param path: the notes file (INI); missing means no notes.
+    :param path: the notes directory: every ``*.ini`` in it is read (one
+        per module, so parallel work on two modules never edits one file).
     :returns: (durations, equivalent, before): dicts keyed by module path,
         by mutant name, and by module path (the result before the tests
         added to kill survivors).
     """
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # mutant names are case-sensitive
-    parser.read(path, encoding="utf-8")
+    parser.read(sorted(glob.glob(os.path.join(path, "*.ini"))),
+                encoding="utf-8")
     durations = dict(parser.items("durations")) \
         if parser.has_section("durations") else {}
     equivalent = dict(parser.items("equivalent")) \
@@ -72,17 +86,65 @@ def modules_to_mutate(setup_cfg="setup.cfg"):
             parser.get("mutmut", "only_mutate").splitlines() if line.strip()]
 
 
-def module_results(path, mutants_dir):
-    """Count the outcome of every mutant of one module.
+def summary_path(path, results_dir=RESULTS):
+    """Where the committed summary of one module lives."""
+    name = path[:-3] if path.endswith(".py") else path
+    return os.path.join(results_dir, name.replace("/", ".") + ".json")
+
+
+def collect(path, mutants_dir, partial=False, results_dir=RESULTS):
+    """Write the committed summary of one module from mutmut's record.
 
     :param path: the module's path, e.g. ``imagebackend/disk/trust.py``.
     :param mutants_dir: mutmut's working tree (``mutants``).
-    :returns: a dict with the counts, the survivors' names and the summed
-        test time, or None when mutmut has no record for the module.
+    :param partial: also write when some mutants were not run.
+    :returns: a short status string, or None when mutmut has no record.
     """
     meta = os.path.join(mutants_dir, path + ".meta")
     try:
         with open(meta, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    codes = data.get("exit_code_by_key", {})
+    not_run = sum(1 for code in codes.values() if code is None)
+    if not_run == len(codes):
+        return "nothing run"
+    if not_run and not partial:
+        return "%d of %d not run: kept the old summary" % (not_run,
+                                                           len(codes))
+    durations = {k: v for k, v in data.get("durations_by_key", {}).items()
+                 if isinstance(v, (int, float))}
+    diffs = {}
+    cwd = os.getcwd()
+    for name, code in codes.items():
+        if code is not None and code not in DETECTED:
+            os.chdir(os.path.dirname(os.path.abspath(mutants_dir)))
+            try:
+                diffs[name] = mutant_diff(name, path)
+            finally:
+                os.chdir(cwd)
+    os.makedirs(results_dir, exist_ok=True)
+    out = summary_path(path, results_dir)
+    with open(out + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"module": path, "exit_code_by_key": codes,
+                   "durations_by_key": durations, "diffs": diffs},
+                  f, indent=1, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+    os.replace(out + ".tmp", out)
+    return "written %s" % out
+
+
+def module_results(path, results_dir=RESULTS):
+    """Count the outcome of every mutant of one module.
+
+    :param path: the module's path, e.g. ``imagebackend/disk/trust.py``.
+    :param results_dir: where the committed summaries are.
+    :returns: a dict with the counts, the survivors' names, their diffs and
+        the summed test time, or None when the module has no summary.
+    """
+    try:
+        with open(summary_path(path, results_dir), encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         return None
@@ -108,7 +170,8 @@ def module_results(path, mutants_dir):
     seconds = sum(v for v in data.get("durations_by_key", {}).values()
                   if isinstance(v, (int, float)))
     return {"counts": counts, "survivors": survivors, "other": other,
-            "total": len(codes), "test_seconds": seconds}
+            "total": len(codes), "test_seconds": seconds,
+            "diffs": data.get("diffs", {})}
 
 
 def mutant_diff(name, path):
@@ -144,9 +207,9 @@ def render(rows, durations, equivalent, before, with_diffs=True):
     w("")
     w("Generated by ``tools/mutation-report.py`` from the results of "
       "``tox -e mutation``")
-    w("(mutmut 3; configuration in ``setup.cfg [mutmut]``, notes in")
-    w("``tools/mutation-notes.ini``).  Each mutant is one small change to "
-      "one")
+    w("(mutmut 3; configuration in ``setup.cfg [mutmut]``, results in")
+    w("``tools/mutation-results/``, notes in ``tools/mutation-notes/``).")
+    w("Each mutant is one small change to one")
     w("function of a safety-critical module; the **unit** suite")
     w("(``tests/unit``, only the tests that execute the mutated function) "
       "is")
@@ -223,7 +286,7 @@ def render(rows, durations, equivalent, before, with_diffs=True):
                 short, status,
                 ": " + equivalent[name] if name in equivalent else ""))
             if with_diffs:
-                lines = mutant_diff(name, path)
+                lines = res["diffs"].get(name)
                 if lines:
                     w("")
                     w("  ::")
@@ -237,6 +300,12 @@ def render(rows, durations, equivalent, before, with_diffs=True):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--collect", action="store_true",
+                        help="first write tools/mutation-results/ from "
+                             "mutmut's records in --mutants")
+    parser.add_argument("--partial", action="store_true",
+                        help="with --collect: also keep a module's results "
+                             "when some of its mutants were not run")
     parser.add_argument("--mutants", default="mutants",
                         help="mutmut's working tree (default: mutants)")
     parser.add_argument("--output", default=os.path.join(
@@ -244,9 +313,13 @@ def main(argv=None):
     parser.add_argument("--no-diffs", action="store_true",
                         help="list survivors without their diffs")
     args = parser.parse_args(argv)
+    if args.collect:
+        for path in modules_to_mutate():
+            status = collect(path, args.mutants, args.partial)
+            if status:
+                print("%-40s %s" % (path, status))
     durations, equivalent, before = read_notes(NOTES)
-    rows = [(path, module_results(path, args.mutants))
-            for path in modules_to_mutate()]
+    rows = [(path, module_results(path)) for path in modules_to_mutate()]
     text = render(rows, durations, equivalent, before, not args.no_diffs)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(text)
