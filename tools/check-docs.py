@@ -19,7 +19,8 @@ After Sphinx has built ``doc/build/html``:
   ``etc/imagebackend/imagebackend-config-generator.conf``) has its entry in
   the configuration reference (an anchor ``group.name``);
 - every command of ``imagebackend`` (walked from its argument parser) has
-  its section in the command-line reference, with every flag it accepts;
+  its section in the command-line reference, with every flag it accepts,
+  and every argument has a help text;
 - every error class has its entry on the troubleshooting page.
 
 Exits 1 and lists what is missing.
@@ -65,6 +66,7 @@ def main(argv=None):
     parser.add_argument("html_dir", nargs="?",
                         default=os.path.join(ROOT, "doc", "build", "html"))
     args = parser.parse_args(argv)
+    sys.path.insert(0, ROOT)  # this tree's code, as the Sphinx build used
     sys.path.insert(0, os.path.join(ROOT, "doc", "source", "_ext"))
     import cliref
     import errorref
@@ -92,6 +94,10 @@ def main(argv=None):
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):
                 continue  # every command has -h/--help
+            if not action.help:
+                missing.append("command-line reference: %s %s has no help"
+                               % (" ".join(words),
+                                  action.metavar or action.dest))
             for flag in action.option_strings:
                 if flag not in text[start:]:
                     missing.append("command-line reference: %s %s" % (
