@@ -60,7 +60,8 @@ def add_commands(groups) -> None:
         description="Mark every cached base of IMAGE_ID stale, so the next "
                     "disk made from it fetches the image again, and remove "
                     "the stale bases no disk uses.")
-    invalidate.add_argument("image_id", metavar="IMAGE_ID")
+    invalidate.add_argument("image_id", metavar="IMAGE_ID",
+                            help="The image's id in the image source.")
     output.add_format_argument(invalidate)
     invalidate.set_defaults(func=invalidate_image, columns=PRUNE_COLUMNS)
 
@@ -70,7 +71,9 @@ def add_commands(groups) -> None:
                     "against their metadata records and run 'qemu-img "
                     "check' on non-raw ones. Exits 1 if any is corrupt or "
                     "cannot be verified (no valid record).")
-    verify.add_argument("image_ids", metavar="IMAGE_ID", nargs="*")
+    verify.add_argument("image_ids", metavar="IMAGE_ID", nargs="*",
+                        help="Images whose bases to verify (default: "
+                             "every base in the cache).")
     verify.add_argument("--repair", action="store_true",
                         help="Move corrupt bases no disk uses aside and "
                              "mark corrupt and unverifiable ones stale, "
@@ -85,7 +88,9 @@ def add_commands(groups) -> None:
                     "the first disk made from them is fast. Each image is "
                     "downloaded once, even while disks are being made from "
                     "it. Exits 1 if any image fails.")
-    prefetch.add_argument("image_ids", metavar="IMAGE_ID", nargs="+")
+    prefetch.add_argument("image_ids", metavar="IMAGE_ID", nargs="+",
+                          help="The images to fetch, by their ids in the "
+                               "image source.")
     prefetch.add_argument("--parallel", type=_positive, default=4,
                           metavar="N",
                           help="Images fetched at the same time (default "

@@ -53,7 +53,9 @@ def add_commands(groups) -> None:
         description="Fetch IMAGE_ID into the base-image cache (once) and "
                     "make the instance disk TARGET from it with the "
                     "configured backend.")
-    create.add_argument("image_id", metavar="IMAGE_ID")
+    create.add_argument("image_id", metavar="IMAGE_ID",
+                        help="The image's id in the image source (for the "
+                             "local source, its file name).")
     create.add_argument("target", metavar="TARGET",
                         help="Path of the disk file to create; must not "
                              "exist, and must be outside the image cache "
@@ -147,7 +149,8 @@ def _add_operations(commands) -> None:
                     "copied into the disk, with a progress bar on a "
                     "terminal." + _NOT_RUNNING + _WRITES)
     _disk_arguments(rebase)
-    rebase.add_argument("new_backing", metavar="NEW_BACKING")
+    rebase.add_argument("new_backing", metavar="NEW_BACKING",
+                        help="The new backing file.")
     rebase.add_argument("--backing-format", dest="backing_format",
                         choices=disk_trust.BACKING_FORMATS,
                         help="NEW_BACKING's format. Needed unless "
