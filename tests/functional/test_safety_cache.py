@@ -12,29 +12,21 @@
 
 """The cache on a real filesystem with the real qemu-img, through the
 command line: no symlink in ``_base`` or the lock directory is followed,
-nothing is pruned while a directory of disks cannot be read, and what a
-killed creation left is cleaned up once it is surely dead.
+and nothing is pruned while a directory of disks cannot be read.
 """
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from imagebackend import cache
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import locks as cache_locks
-from imagebackend.cache import registry as cache_registry
 from imagebackend.common import digest as content_digest
 from imagebackend import sources
 from tests.functional.fixtures import env as fenv
 
 MiB = fenv.MiB
-GiB = fenv.GiB
 IMAGE = "guest.qcow2"
 VICTIM = b"a host file the cache must never write or serve\n" * 64
 
@@ -136,60 +128,3 @@ def test_nothing_is_removed_while_a_disk_directory_is_missing(dep):
     os.makedirs(unmounted)
     assert [r.file for r in c.prune().removed] == [base]
     assert not os.path.exists(base)
-
-
-def test_the_temporary_file_of_a_killed_create_goes_an_hour_later(dep):
-    big = os.path.join(dep.images, "big.raw")
-    # 256 MiB of data in 1 MiB extents over 2 GiB: a copy that takes a
-    # while even in the kernel.
-    fenv.write_pattern_raw(big, 2 * GiB, extents=256, extent_size=MiB)
-    conf = dep.conf()
-    cache.ImageCache(conf, sources.load(conf)).prefetch(["big.raw"])
-    vm = os.path.join(dep.instances, "vm")
-    os.makedirs(vm)
-    target = os.path.join(vm, "disk")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "imagebackend.cmd.main", "--config-file",
-         dep.config_file, "disk", "create", "big.raw", target, "--size",
-         "2G", "--backend", "raw"], env=dep.env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not os.listdir(vm) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    time.sleep(0.05)        # well into the copy
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(30) == -signal.SIGKILL
-    assert not os.path.lexists(target)
-    [tmp] = [os.path.join(vm, n) for n in os.listdir(vm)]
-    registry = cache.ImageCache(dep.conf()).scanner.registry
-    [record] = [r for r in registry.records() if r["disk"] == target]
-    assert (record["state"], record["tmp"]) == ("intent", tmp)
-
-    # Within the hour, the creation may still be running: nothing goes.
-    cache.ImageCache(dep.conf()).prune()
-    assert os.path.exists(tmp) and os.path.exists(record["_path"])
-
-    # An hour later it is a crash's: its temporary file and record go,
-    # and nothing else.
-    with open(record["_path"]) as f:
-        stored = json.load(f)
-    stored["created_at"] -= cache_registry.INTENT_GRACE + 60
-    with open(record["_path"], "w") as f:
-        json.dump(stored, f)
-    report = cache.ImageCache(dep.conf()).prune()
-    assert os.listdir(vm) == []
-    assert not os.path.exists(record["_path"])
-    assert report.removed == []         # the base is young and kept
-    assert dep.base_listing() == sorted(
-        os.path.basename(p) for p in (base_of(dep, "big.raw"),
-                                      base_of(dep, "big.raw") + ".json"))
-    retry = dep.cli("disk", "create", "big.raw", target, "--size", "2G",
-                    "--backend", "raw", check=False)
-    assert retry.returncode == 0, retry.stderr
-    assert fenv.images_identical(big, "raw", target, "raw")
-
-
-def base_of(dep, image_id):
-    return os.path.join(dep.base_dir, cache_layout.stem(
-        content_digest.cache_id(image_id), 1))

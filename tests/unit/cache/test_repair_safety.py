@@ -20,16 +20,9 @@ from imagebackend import cache
 from imagebackend.cache import layout as cache_layout
 from tests import fakes
 from tests.unit.cache import test_usage
+from tests.unit.sources import test_source_contract
 
 UNUSED, USED = "unused-img", "used-img"
-
-
-def _flip_byte(path, offset=5):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        old = f.read(1)
-        f.seek(offset)
-        f.write(bytes([old[0] ^ 0xFF]))
 
 
 @pytest.mark.parametrize("known", ["registered", "found on disk"])
@@ -46,8 +39,8 @@ def test_repair_moves_aside_only_the_corrupt_base_nothing_uses(tmp_path,
     if known == "registered":
         c.register_disk(disk, used, used.path)
     assert {r.status for r in c.verify()} == {"ok"}
-    _flip_byte(unused.path)
-    _flip_byte(used.path)
+    test_source_contract.flip(unused.path, 5)
+    test_source_contract.flip(used.path, 5)
     assert {(r.file, r.status, r.action) for r in c.verify()} == {
         (unused.path, "corrupt", None), (used.path, "corrupt", None)}
 
