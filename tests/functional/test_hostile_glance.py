@@ -464,6 +464,28 @@ def test_error_status_after_redirect_is_not_cached(server, other_origin,
     assert dep.base_listing() == []
 
 
+@pytest.mark.parametrize("status", [203, 206])
+def test_a_success_status_other_than_200_is_not_the_image(server, dep,
+                                                          status):
+    size, md5, sha512 = hg.digests(hg.repeat(BLOCK, MiB))
+
+    def partial(answer):
+        # The whole image, with the right length: only the status says
+        # it is not the image.
+        answer.start(status, [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(size))])
+        answer.body(hg.repeat(BLOCK, size))
+    image_id = server.image(data=partial, size=size, checksum=md5,
+                            os_hash_algo="sha512", os_hash_value=sha512)
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        create(dep, image_id)
+
+    assert "HTTP %d" % status in str(err.value)
+    assert dep.base_listing() == []
+    assert not os.path.exists(os.path.join(dep.instances, "vm", "disk"))
+
+
 # --- item 7: verification -------------------------------------------------
 
 @pytest.mark.parametrize("fields,named", [
