@@ -15,6 +15,7 @@ command line: no symlink in ``_base`` or the lock directory is followed,
 and nothing is pruned while a directory of disks cannot be read.
 """
 
+import json
 import os
 
 import pytest
@@ -128,3 +129,22 @@ def test_nothing_is_removed_while_a_disk_directory_is_missing(dep):
     os.makedirs(unmounted)
     assert [r.file for r in c.prune().removed] == [base]
     assert not os.path.exists(base)
+
+
+def test_repair_marks_an_unverifiable_base_stale_and_never_moves_it(dep):
+    conf = dep.conf()
+    cache.ImageCache(conf, sources.load(conf)).prefetch([IMAGE])
+    base = os.path.join(dep.base_dir, cache_layout.stem(
+        content_digest.cache_id(IMAGE), 1))
+    os.unlink(base + ".json")           # nothing can vouch for it now
+
+    result = dep.cli("cache", "verify", "--repair", "-f", "json",
+                     check=False)
+
+    assert result.returncode == 1, result
+    [row] = json.loads(result.stdout)
+    assert (row["file"], row["status"]) == (base, "unverified")
+    assert row["action"].startswith("marked stale, left in place")
+    assert os.path.exists(base) and not os.path.exists(base + ".corrupt")
+    [listed] = dep.cli_json("cache", "list")
+    assert (listed["file"], listed["stale"]) == (base, True)
