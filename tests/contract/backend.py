@@ -29,9 +29,11 @@ section, so that a renamed API is a one-line change here.
 """
 
 import abc
+import dataclasses
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -137,10 +139,11 @@ class BackendWorld(abc.ABC):
 
     @abc.abstractmethod
     def create_concurrently(self, backend_name, image_id, targets, size
-                            ) -> list[bool]:
+                            ) -> list["Request"]:
         """Create ``targets`` from ``image_id`` at once, from separate
-        requests that share nothing but the cache directory; return their
-        ``cache_hit`` values, and count their downloads.
+        requests that share nothing but the cache directory (each made
+        ready first, then all let go together); return a :class:`Request`
+        per target, and count their downloads.
         """
 
     def base_path(self, image_id) -> str:
@@ -158,6 +161,34 @@ class BackendWorld(abc.ABC):
 
 
 # -- each backend's hooks (shared by the unit and the functional level) ------
+
+@dataclasses.dataclass
+class Request:
+    """How one of concurrent requests went."""
+
+    cache_hit: bool
+    #: when ``create_image`` was called (``time.time()``: comparable
+    #: across processes).
+    started: float
+    #: the disk's ``timings``.
+    timings: dict
+
+    @property
+    def asked_at(self) -> float:
+        """When it had looked the image up: it looks for a cached base
+        right after.
+        """
+        return self.started + self.timings["lookup"]
+
+    @property
+    def published_after(self) -> float:
+        """For the request that fetched: a time before the base it
+        fetched could be found (it is published after its download and
+        conversion).
+        """
+        return self.asked_at + self.timings["fetch"] + self.timings.get(
+            "convert", 0.0)
+
 
 class Qcow2Hooks:
     backend_name = "qcow2"
@@ -440,10 +471,17 @@ class BackendContract:
         w = self.world
         targets = [self.target("vm%d" % i)
                    for i in range(w.concurrent_requests)]
-        hits = w.create_concurrently(self.backend_name, w.qcow2_image,
-                                     targets, w.disk_size)
+        requests = w.create_concurrently(self.backend_name, w.qcow2_image,
+                                         targets, w.disk_size)
+        hits = [r.cache_hit for r in requests]
         assert sorted(hits) == [False] + [True] * (len(targets) - 1)
         assert w.downloads() == 1
+        # The race happened: every other request looked for the base
+        # before the one that fetched it could have published it, so it
+        # was a cache hit only by waiting for that fetch.
+        [fetcher] = [r for r in requests if not r.cache_hit]
+        assert all(r.asked_at < fetcher.published_after
+                   for r in requests), requests
         converts = [c for c in w.qemu_calls() if c.startswith("convert")]
         assert len(converts) == 1, converts
         for target in targets:
@@ -484,9 +522,16 @@ class BackendContract:
             assert 0 <= done <= total
 
 
+def create_timed(backend, image_id, target, size) -> Request:
+    """``backend.create_image`` of ``target``, timed."""
+    started = time.time()
+    disk = backend.create_image(image_id, target, size)
+    return Request(disk.cache_hit, started, dict(disk.timings))
+
+
 def create_in_threads(make_backend, image_id, targets, size):
     """Create ``targets`` at once from threads, each with a backend of
-    its own; return their ``cache_hit`` values (for a world's
+    its own; return a :class:`Request` each (for a world's
     :meth:`BackendWorld.create_concurrently`).
     """
     barrier = threading.Barrier(len(targets))
@@ -496,8 +541,7 @@ def create_in_threads(make_backend, image_id, targets, size):
         backend = make_backend()
         barrier.wait()
         try:
-            hits.append(backend.create_image(image_id, target,
-                                             size).cache_hit)
+            hits.append(create_timed(backend, image_id, target, size))
         except Exception as exc:  # reported below, with the others
             errors.append(exc)
     threads = [threading.Thread(target=create, args=(t,)) for t in targets]

@@ -16,6 +16,7 @@ a crash between naming the disk and confirming its record, and targets
 the library must refuse.  Real qemu-img, real files.
 """
 
+import json
 import multiprocessing
 import os
 import random
@@ -27,6 +28,7 @@ import time
 import pytest
 
 from imagebackend import cache
+from imagebackend.cache import registry as cache_registry
 from imagebackend.common import digest as content_digest
 from tests.functional.fixtures import env as fenv
 
@@ -141,7 +143,25 @@ def test_raw_create_killed_mid_copy_leaves_no_target_and_retry_works(dep):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     assert not os.path.lexists(target)
-    assert os.listdir(vm) != []     # it was killed while writing
+    # It was killed while writing its temporary file.
+    [tmp] = [os.path.join(vm, n) for n in os.listdir(vm)]
+    [record] = records_of(dep, target)
+    assert (record["state"], record["tmp"]) == ("intent", tmp)
+
+    # Within the hour the creation may still be running: prune leaves
+    # its files alone.  An hour later it is a crash's: its temporary file
+    # and record go, and nothing else (the base is young).
+    assert cache.ImageCache(dep.conf()).prune().removed == []
+    assert os.path.exists(tmp) and os.path.exists(record["_path"])
+    with open(record["_path"]) as f:
+        stored = json.load(f)
+    stored["created_at"] -= cache_registry.INTENT_GRACE + 60
+    with open(record["_path"], "w") as f:
+        json.dump(stored, f)
+    assert cache.ImageCache(dep.conf()).prune().removed == []
+    assert os.listdir(vm) == [] and records_of(dep, target) == []
+    assert len(dep.base_listing()) == 2     # the base and its record
+
     retry = dep.cli("disk", "create", "big.raw", target, "--size", "2G",
                     "--backend", "raw", check=False)
     assert retry.returncode == 0, retry.stderr

@@ -464,6 +464,28 @@ def test_error_status_after_redirect_is_not_cached(server, other_origin,
     assert dep.base_listing() == []
 
 
+@pytest.mark.parametrize("status", [203, 206])
+def test_a_success_status_other_than_200_is_not_the_image(server, dep,
+                                                          status):
+    size, md5, sha512 = hg.digests(hg.repeat(BLOCK, MiB))
+
+    def partial(answer):
+        # The whole image, with the right length: only the status says
+        # it is not the image.
+        answer.start(status, [("Content-Type", "application/octet-stream"),
+                              ("Content-Length", str(size))])
+        answer.body(hg.repeat(BLOCK, size))
+    image_id = server.image(data=partial, size=size, checksum=md5,
+                            os_hash_algo="sha512", os_hash_value=sha512)
+
+    with pytest.raises(exception.ImageSourceError) as err:
+        create(dep, image_id)
+
+    assert "HTTP %d" % status in str(err.value)
+    assert dep.base_listing() == []
+    assert not os.path.exists(os.path.join(dep.instances, "vm", "disk"))
+
+
 # --- item 7: verification -------------------------------------------------
 
 @pytest.mark.parametrize("fields,named", [
@@ -487,13 +509,26 @@ def test_unverifiable_image_is_refused(server, dep, fields, named):
 
 def test_unverifiable_image_is_used_when_allowed(server, dep):
     dep.write_config(glance={"allow_unverified_images": "true"})
-    image_id = server.image(data=data_route(MiB), size=MiB,
+    size, _md5, sha512 = hg.digests(hg.repeat(BLOCK, MiB))
+    image_id = server.image(data=data_route(size), size=size,
                             os_hash_algo="whirl-99", os_hash_value="ab" * 32,
                             checksum=None)
 
     disk = create(dep, image_id)
 
     assert disk.cache_hit is False
+    # The disk holds exactly the bytes served, grown to the size asked.
+    assert os.path.getsize(disk.path) == GiB
+    assert _sha512_of(disk.path, size) == sha512
+    assert [r.path for r in server.requests
+            if r.path.endswith("/file")] == ["/v2/images/%s/file" % image_id]
+
+
+def _sha512_of(path, size):
+    """The sha512 of the first ``size`` bytes of file ``path``."""
+    with open(path, "rb") as f:
+        return hg.digests(iter(lambda: f.read(
+            min(MiB, size - f.tell())) or None, None))[2]
 
 
 def test_md5_only_image_is_verified_against_it(server, dep):
@@ -505,7 +540,9 @@ def test_md5_only_image_is_verified_against_it(server, dep):
     assert dep.base_listing() == []
 
     good = server.image(data=data_route(size), size=size, checksum=md5)
-    assert create(dep, good).cache_hit is False
+    disk = create(dep, good)
+    assert disk.cache_hit is False
+    assert _sha512_of(disk.path, size) == _sha512
 
 
 # --- items 8 and 9: text and errors ------------------------------------

@@ -43,13 +43,15 @@ def _counted(source, counter):
     return source
 
 
-def _create_in_child(config_file, image_id, target, size, backend, queue):
+def _create_in_child(config_file, image_id, target, size, backend, go,
+                     queue):
     conf = opts.new_conf(["--config-file", config_file])
     opened = []
     source = _counted(sources.load(conf), opened)
-    disk = contract.load_backend(conf, backend, source=source).create_image(
-        image_id, target, size)
-    queue.put((disk.cache_hit, len(opened)))
+    made = contract.load_backend(conf, backend, source=source)
+    go.wait(120)        # every request is ready: start them all at once
+    queue.put((contract.create_timed(made, image_id, target, size),
+               len(opened)))
 
 
 class RealWorld(contract.BackendWorld):
@@ -115,10 +117,10 @@ class RealWorld(contract.BackendWorld):
 
     def create_concurrently(self, backend_name, image_id, targets, size):
         ctx = multiprocessing.get_context("spawn")
-        queue = ctx.Queue()
+        queue, go = ctx.Queue(), ctx.Barrier(len(targets))
         procs = [ctx.Process(target=_create_in_child,
                              args=(self.dep.config_file, image_id, target,
-                                   size, backend_name, queue))
+                                   size, backend_name, go, queue))
                  for target in targets]
         old_path = os.environ["PATH"]
         os.environ["PATH"] = self.dep.env()["PATH"]
@@ -131,8 +133,8 @@ class RealWorld(contract.BackendWorld):
             os.environ["PATH"] = old_path
         assert [p.exitcode for p in procs] == [0] * len(procs)
         results = [queue.get(timeout=5) for _ in procs]
-        self.opened.extend(["child"] * sum(n for _hit, n in results))
-        return [hit for hit, _n in results]
+        self.opened.extend(["child"] * sum(n for _request, n in results))
+        return [request for request, _n in results]
 
 
 @pytest.fixture

@@ -258,9 +258,21 @@ def test_an_entry_not_refreshed_for_a_day_is_ignored(tmp_path):
     os.mkdir(old)
     os.mkdir(new)
     lockdirs.check_shared(base, old, record=True)
+    # Refreshed within the day, the old entry splits the cache ...
+    sooner = time.time() + lockdirs.LOCK_DIR_ENTRY_AGE - 60
+    with mock.patch.object(time, "time", return_value=sooner):
+        with pytest.raises(exception.SplitLockDirectory):
+            lockdirs.check_shared(base, new)
+    # ... a day later it is a directory nobody uses any more.
     later = time.time() + lockdirs.LOCK_DIR_ENTRY_AGE + 60
     with mock.patch.object(time, "time", return_value=later):
         lockdirs.check_shared(base, new, record=True)
+        lockdirs.check_shared(base, new)
+    # The new directory is the one recorded now: the old one is refused.
+    with mock.patch.object(time, "time", return_value=later):
+        with pytest.raises(exception.SplitLockDirectory) as err:
+            lockdirs.check_shared(base, old)
+    assert new in str(err.value)
 
 
 def test_a_holder_making_progress_is_waited_for_past_the_timeout(tmp_path):

@@ -241,11 +241,18 @@ def test_compressed_body_is_refused(adapter, encoding):
     assert "compressed" in err.value.reason
 
 
-def test_identity_encoding_is_accepted(adapter):
-    answers(adapter, response(body=b"x",
-                              headers={"Content-Encoding": "Identity"}))
+@pytest.mark.parametrize("encoding", ["Identity", " identity ", "", None])
+def test_identity_encoding_is_accepted(adapter, encoding):
+    headers = {} if encoding is None else {"Content-Encoding": encoding}
+    answers(adapter, response(body=b"x" * 5000, headers=headers))
+    c = client(adapter)
 
-    assert client(adapter).get(None, "/x", "*/*").status_code == 200
+    resp = c.get(None, "/x", "*/*")
+
+    # Handed over unread, and read as it was sent.
+    assert resp.raw.tell() == 0
+    assert b"".join(c.chunks(resp, GLANCE + "/x", 5000, 4096)) == (
+        b"x" * 5000)
 
 
 @pytest.mark.parametrize("failure,kind,retryable", [

@@ -35,6 +35,7 @@ from imagebackend.sources import base
 from imagebackend.sources import glance
 from imagebackend.sources.glance import client as glance_client
 from imagebackend.sources.glance import errors as glance_errors
+from imagebackend.sources.glance import record as glance_record
 
 IMAGE_ID = "0b4d8a0e-5bd3-4a6c-9c1f-6f3a0d2b7e11"
 DATA = b"imagebackend test image " * 1000
@@ -186,9 +187,14 @@ def test_unverifiable_image_is_allowed_by_the_option(http, make_source):
         os_hash_algo="whirl-99", checksum=None)
     source = make_source(dict(PASSWORD_AUTH, allow_unverified_images=True))
 
-    meta = source.get_meta(IMAGE_ID)
+    with mock.patch.object(glance_record.LOG, "warning") as warning:
+        meta = source.get_meta(IMAGE_ID)
 
     assert meta.expected_digest() is None
+    # Allowed, never silently: each use is logged, naming the image.
+    [call] = warning.call_args_list
+    assert IMAGE_ID in call.args[0] % call.args[1:]
+    assert (meta.image_id, meta.size) == (IMAGE_ID, len(DATA))
 
 
 @pytest.mark.parametrize("fields,key", [

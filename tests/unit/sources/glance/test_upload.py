@@ -153,10 +153,20 @@ def test_glance_record_not_matching_what_was_sent(call, http, path, record,
 
 
 def test_other_hash_algorithm_is_not_compared(call, http, path):
+    # The sha512 of what was sent cannot be compared with a sha256: the
+    # upload stands (nothing deleted), its bytes being the file's.
     http.get_json.return_value.update(os_hash_algo="sha256",
                                       os_hash_value="whatever")
 
     assert glance_upload.upload(call, http, "guest", path, "raw") == IMAGE_ID
+    assert http.sent == [DATA]
+    http.delete.assert_not_called()
+    # The same value recorded as a sha512 is compared, and refused.
+    http.get_json.return_value.update(os_hash_algo="sha512")
+    with pytest.raises(exception.ImageSourceError) as err:
+        glance_upload.upload(call, http, "guest", path, "raw")
+    assert "sha512 differs from the bytes sent" in str(err.value)
+    http.delete.assert_called_once_with(None, "/v2/images/" + IMAGE_ID)
 
 
 def test_failed_upload_deletes_the_image(call, http, path):
