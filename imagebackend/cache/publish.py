@@ -122,8 +122,11 @@ def publish_base(store: cache_store.Store, stem: str, fd: int, path: str,
         for _ in range(_PUBLISH_TRIES):
             base = store.base_path(stem)
             record["generation"] = cache_layout.parse(stem).generation
-            found = None
-            if not os.path.lexists(base):
+            if os.path.lexists(base):
+                # Not ours: only a record of the same content there makes
+                # it adoptable (none, or a stale one, never does).
+                found = fileio.read_json(base + ".json") or {}
+            else:
                 found = publish_record(base + ".json", record)
                 if found is None or _same_content(found, record):
                     if fileio.publish_fd(fd, path, base):
