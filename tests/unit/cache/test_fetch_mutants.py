@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from unittest import mock
 
 import pytest
@@ -304,8 +305,10 @@ def test_a_raw_fetch_records_exactly_what_it_checked(c, caplog):
     stem, _ = c.fetcher.choose_stem(m)
     timings = {}
     fds = open_fds()
+    began = time.monotonic()
     with caplog.at_level(logging.INFO, logger=cache_fetch.__name__):
         record = c.fetcher.fetch(m, stem, None, None, timings)
+    took = time.monotonic() - began
     assert open_fds() == fds
     created = record.pop("created_at")
     assert created.endswith("+00:00")
@@ -323,7 +326,7 @@ def test_a_raw_fetch_records_exactly_what_it_checked(c, caplog):
     with open(c.base_path(stem), "rb") as f:
         assert f.read() == RAW
     assert sorted(timings) == ["cache", "fetch"]
-    assert all(v >= 0 for v in timings.values())
+    assert all(0 <= v <= took for v in timings.values())
     assert leftovers(c) == [stem, stem + ".json"]
     assert [r.getMessage() for r in caplog.records
             if r.name == cache_fetch.__name__] == [
@@ -337,7 +340,9 @@ def test_a_converted_fetch_records_the_base_and_its_digest(c):
     stem, _ = c.fetcher.choose_stem(m)
     timings = {}
     fds = open_fds()
+    began = time.monotonic()
     record = c.fetcher.fetch(m, stem, None, None, timings)
+    took = time.monotonic() - began
     assert open_fds() == fds
     assert (record["source_format"], record["format"]) == ("qcow2", "raw")
     assert record["converted"] is True
@@ -347,6 +352,7 @@ def test_a_converted_fetch_records_the_base_and_its_digest(c):
         c.base_path(stem))
     assert record["inspection"]["virtual_size"] == 8 * MiB
     assert sorted(timings) == ["cache", "convert", "fetch"]
+    assert all(0 <= v <= took for v in timings.values())
     assert leftovers(c) == [stem, stem + ".json"]
 
 
@@ -658,3 +664,25 @@ def test_only_non_raw_formats_are_converted_and_only_when_forced(tmp_path,
     assert forced._converts(result("gpt")) is False     # read as raw
     kept = make(tmp_path / "k", fake_qemu, force_raw_images=False).fetcher
     assert not kept._converts("qcow2")
+
+
+# -- what the download is inspected against ----
+
+def test_the_declared_format_and_requested_size_reach_the_inspection(
+        tmp_path, fake_qemu):
+    conf = fakes.conf(tmp_path)
+    source = fakes.FakeSource(conf, images={"lying": QCOW2, "img": QCOW2},
+                              declared={"lying": "raw", "img": "qcow2"})
+    c = cache.ImageCache(conf, source, fake_qemu)
+    c.store.ensure_dirs()
+    m = source.get_meta("lying")
+    with pytest.raises(exception.UnsafeImage) as err:
+        c.fetcher.fetch(m, c.fetcher.choose_stem(m)[0], None, None, {})
+    assert err.value.image_id == "lying"
+    m = source.get_meta("img")
+    stem = c.fetcher.choose_stem(m)[0]
+    with pytest.raises(exception.InvalidImageSize):
+        c.fetcher.fetch(m, stem, 8 * MiB - 1, None, {})
+    assert c.fetcher.fetch(m, stem, 8 * MiB, None, {})["virtual_size"] == (
+        8 * MiB)
+    assert leftovers(c) == [stem, stem + ".json"]
