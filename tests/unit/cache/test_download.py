@@ -349,3 +349,11 @@ def test_an_unknown_declared_format_counts_as_published_as_is():
 
     assert cache_download._published_as_is(
         converts, meta_for(b"", disk_format="weird")) is True
+
+
+def test_a_source_may_return_a_plain_iterator(run):
+    class Plain:
+        def open(self, meta):
+            return iter(pieces(RAW))
+
+    assert run(Plain(), meta_for(RAW))[2] == len(RAW)
