@@ -28,6 +28,9 @@ from imagebackend import inspection
 from imagebackend.sources import base as source_base
 from tests import fakes
 
+# A stage that never drains would block a put forever: fail instead.
+pytestmark = pytest.mark.timeout(120)
+
 RAW = fakes.RAW_IMAGE
 QCOW2 = fakes.QCOW2_IMAGE
 

@@ -41,6 +41,9 @@ from imagebackend.qemu import results as qemu_results
 from imagebackend.sources import base as source_base
 from tests import fakes
 
+# A stage that never drains would block a put forever: fail instead.
+pytestmark = pytest.mark.timeout(120)
+
 RAW = fakes.RAW_IMAGE
 QCOW2 = fakes.QCOW2_IMAGE
 MiB = fakes.MiB
