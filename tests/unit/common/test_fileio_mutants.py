@@ -730,3 +730,46 @@ def test_the_c_library_is_loaded_once_with_errno(monkeypatch):
                                        ctypes.c_int64, ctypes.c_int64]
     libc.renameat2(-100, b"/nonexistent/a", -100, b"/nonexistent/b", 1)
     assert ctypes.get_errno() == errno.ENOENT
+
+
+# -- what is logged for debugging ---------------------------------------------
+
+def debug_messages(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == fileio.__name__]
+
+
+def test_publish_without_links_says_why_it_renames(tmp_path, caplog):
+    tmp, final = tmp_path / ".t", tmp_path / "final"
+    tmp.write_bytes(b"mine")
+    with mock.patch.object(os, "link", side_effect=OSError(
+            errno.EPERM, "Operation not permitted")), \
+            caplog.at_level(logging.DEBUG, logger=fileio.__name__):
+        fileio.publish(str(tmp), str(final))
+    assert debug_messages(caplog) == [
+        "No hard link for %s ([Errno 1] Operation not permitted); renaming "
+        "instead" % final]
+
+
+def test_publish_fd_without_links_says_why_it_renames(tmp_path, caplog):
+    path, fd = scratch(tmp_path, "s.part", b"mine")
+    try:
+        with mock.patch.object(os, "link", side_effect=OSError(
+                errno.EXDEV, "Invalid cross-device link")), \
+                caplog.at_level(logging.DEBUG, logger=fileio.__name__):
+            fileio.publish_fd(fd, path, str(tmp_path / "f"))
+    finally:
+        os.close(fd)
+    assert debug_messages(caplog) == [
+        "Cannot hard-link into %s ([Errno 18] Invalid cross-device link); "
+        "renaming without replacing instead" % tmp_path]
+
+
+def test_remove_made_dirs_says_which_it_leaves(tmp_path, caplog):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "keep").write_bytes(b"")
+    with caplog.at_level(logging.DEBUG, logger=fileio.__name__):
+        fileio.remove_made_dirs([str(tmp_path / "a")])
+    assert debug_messages(caplog) == [
+        "Leaving directory %s: [Errno 39] Directory not empty: %r"
+        % (tmp_path / "a", str(tmp_path / "a"))]
