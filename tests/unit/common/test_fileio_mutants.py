@@ -153,6 +153,7 @@ def test_make_dirs_refuses_a_file(tmp_path):
     (tmp_path / "f").write_bytes(b"")
     with pytest.raises(NotADirectoryError) as err:
         fileio.make_dirs(str(tmp_path / "f"))
+    assert err.value.errno == errno.ENOTDIR
     assert err.value.strerror == "not a directory (or a symlink)"
     assert err.value.filename == str(tmp_path / "f")
 
@@ -417,6 +418,19 @@ def test_temp_beside_names_exactly(tmp_path, umask):
     assert os.stat(path).st_mode & 0o777 == 0o644
     other = fileio.temp_beside(str(tmp_path / "x"), mode=0o600)
     assert os.stat(other).st_mode & 0o777 == 0o600
+
+
+def test_temp_beside_opens_its_file_close_on_exec(tmp_path):
+    seen = []
+    real = os.fchmod
+
+    def fchmod(fd, mode):
+        seen.append(cloexec(fd))
+        return real(fd, mode)
+
+    with mock.patch.object(os, "fchmod", side_effect=fchmod):
+        fileio.temp_beside(str(tmp_path / "base"))
+    assert seen == [True]
 
 
 def test_temp_beside_keeps_a_long_name_at_exactly_name_max(tmp_path):
