@@ -122,7 +122,9 @@ def publish_base(store: cache_store.Store, stem: str, fd: int, path: str,
         for _ in range(_PUBLISH_TRIES):
             base = store.base_path(stem)
             record["generation"] = cache_layout.parse(stem).generation
-            found = None
+            # Taken before ours could be published: the record there
+            # decides (none, or a stale one, never makes it adoptable).
+            found = {}
             if not os.path.lexists(base):
                 found = publish_record(base + ".json", record)
                 if found is None or _same_content(found, record):
@@ -152,9 +154,10 @@ def _adopt(store, base, record, found) -> dict | None:
     """The record of the base another fetch published as ``base`` if it
     holds the bytes ``record`` describes, else None.
 
-    :param found: the record that was there when ours was published, or
-        ``None`` if ours was published (and the base then appeared without
-        one: its bytes are checked in full).
+    :param found: the record that was there when ours was published
+        (``{}`` if the base was there before it could be), or ``None`` if
+        ours was published (and the base then appeared without one: its
+        bytes are checked in full).
     """
     existing = fileio.read_json(base + ".json")
     if found is not None and not _same_content(existing or {}, record):

@@ -32,6 +32,9 @@ from imagebackend.qemu import results as qemu_results
 from imagebackend.sources import local
 from tests import fakes
 
+# A download stage that never drains would block forever: fail instead.
+pytestmark = pytest.mark.timeout(120)
+
 RAW = fakes.RAW_IMAGE
 QCOW2 = fakes.QCOW2_IMAGE
 
