@@ -1,0 +1,279 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""rbd: instance disks as Ceph RBD copy-on-write clones of one base per
+cluster.
+
+The base of an image is imported once into ``[rbd] base_pool`` as
+``<cache_id>`` (``<cache_id>-<N>`` for generation N), raw, sparse, with a
+protected snapshot ``snap``; every disk is a clone of that snapshot in
+``[rbd] pool``.  The import runs under a lock object in the base pool, so
+of all the hosts sharing the cluster one imports and the others find the
+base and download nothing.  Ceph itself tracks which bases have clones.
+"""
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import socket
+import tempfile
+import time
+
+from oslo_config import cfg
+
+from imagebackend.backends import base
+from imagebackend.backends import rbd_cluster
+from imagebackend.cache import lookup as cache_lookup
+from imagebackend.common import digest
+from imagebackend import exception
+
+GROUP = "rbd"
+OPTIONS = [
+    cfg.StrOpt("pool",
+               default="rbd",
+               help="Ceph pool that holds the instance disks (RBD clones "
+                    "of the bases). Default: rbd."),
+    cfg.StrOpt("base_pool",
+               help="Ceph pool that holds the base images, one per image "
+                    "for the whole cluster, each with a protected "
+                    "snapshot 'snap' the disks are cloned from. Unset: "
+                    "the same pool as [rbd] pool."),
+    cfg.StrOpt("ceph_conf",
+               default="/etc/ceph/ceph.conf",
+               help="The cluster's configuration file (monitors, "
+                    "keyring). Default: /etc/ceph/ceph.conf."),
+    cfg.StrOpt("user",
+               help="The cephx user to connect as, without 'client.' "
+                    "(its key must be in a keyring that ceph_conf names), "
+                    "also given to libvirt as the disk's auth user. Unset: "
+                    "Ceph's default, client.admin."),
+    cfg.StrOpt("secret_uuid",
+               help="UUID of the libvirt secret that holds the key of "
+                    "[rbd] user, written into the network disk libvirt is "
+                    "given. Unset: no auth element (a cluster without "
+                    "cephx)."),
+    cfg.IntOpt("connect_timeout",
+               default=5, min=1,
+               help="Seconds to wait for the cluster when connecting and "
+                    "for each monitor or OSD operation; a cluster that "
+                    "does not answer in time fails the request with an "
+                    "error naming it, instead of hanging. Default: 5."),
+]
+#: the longest image name accepted (librbd's limit is longer).
+MAX_NAME = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class RbdLibvirtDisk(base.LibvirtDisk):
+    """A libvirt ``<disk type='network'>`` with ``<source protocol='rbd'
+    name=source_path>``, its ``<host>`` elements and ``<auth>``.
+    """
+
+    protocol: str = "rbd"
+    #: ``host:port`` of each monitor.
+    hosts: tuple[str, ...] = ()
+    auth_username: str | None = None
+    secret_type: str = "ceph"
+    secret_uuid: str | None = None
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        data["hosts"] = list(self.hosts)
+        return data
+
+
+@dataclasses.dataclass
+class RbdDisk(base.Disk):
+    """A disk made by the rbd backend: ``path`` is ``<pool>/<name>``."""
+
+    monitors: list[str] = dataclasses.field(default_factory=list)
+    auth_username: str | None = None
+    secret_uuid: str | None = None
+
+    def libvirt_disk(self) -> RbdLibvirtDisk:
+        return RbdLibvirtDisk(
+            source_type="network", source_path=self.path,
+            driver_name="qemu", driver_type=self.format,
+            backing_chain=tuple(self.backing_chain),
+            hosts=tuple(self.monitors), auth_username=self.auth_username,
+            secret_uuid=self.secret_uuid)
+
+
+class RbdBackend(base.ImageBackend):
+    """Disks are RBD clones in ``[rbd] pool`` of a base imported once per
+    cluster into ``[rbd] base_pool``.
+
+    :param modules: the ``(rados, rbd)`` modules; by default Ceph's
+        bindings, imported on first use.
+    """
+
+    name = "rbd"
+    disk_format = "raw"
+    OPTIONS = [(GROUP, OPTIONS)]
+
+    def __init__(self, conf, source=None, qemu=None, modules=None):
+        super().__init__(conf, source=source, qemu=qemu)
+        self._modules = modules
+        self._conn = None
+        self._monitors = None
+
+    @property
+    def pool(self) -> str:
+        return self.conf.rbd.pool
+
+    @property
+    def base_pool(self) -> str:
+        return self.conf.rbd.base_pool or self.conf.rbd.pool
+
+    @contextlib.contextmanager
+    def session(self):
+        """The backend's connection (made once); one that stopped
+        answering is closed, and the next call connects again.
+        """
+        if self._conn is None:
+            self._conn = rbd_cluster.Connection(
+                self.conf.rbd.ceph_conf, self.conf.rbd.user,
+                self.conf.rbd.connect_timeout, modules=self._modules)
+        try:
+            yield self._conn
+        except exception.RbdUnavailable:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the connection to the cluster, if one is open."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    # -- hooks ---------------------------------------------------------------
+
+    def normalize_target(self, target) -> str:
+        """``NAME`` or ``<pool>/NAME`` (the pool must be ``[rbd] pool``)
+        as ``<pool>/NAME``.
+        """
+        if not isinstance(target, str):
+            raise exception.InvalidTarget(path=repr(target),
+                                          reason="it is not an image name")
+        name = target
+        if "/" in target:
+            pool, name = target.split("/", 1)
+            if pool != self.pool:
+                raise exception.InvalidTarget(
+                    path=target,
+                    reason="disks are made in pool %s ([rbd] pool); give "
+                           "the image name alone" % self.pool)
+        if (not name or len(name) > MAX_NAME or name.startswith(".")
+                or not name.isprintable()
+                or any(c in name for c in "/@ ")
+                or rbd_cluster.is_temp(name)):
+            raise exception.InvalidTarget(
+                path=target,
+                reason="an RBD image name is 1 to %d printable characters "
+                       "without '/', '@', spaces, a leading '.' or %r"
+                       % (MAX_NAME, rbd_cluster.TEMP_MARK))
+        return "%s/%s" % (self.pool, name)
+
+    def claim_target(self, target):
+        pool, name = target.split("/", 1)
+        with self.session() as conn:
+            if conn.exists(pool, name):
+                raise exception.TargetExists(path=target)
+        return []
+
+    def fetch_base(self, image_id, size, progress, timings):
+        start = time.monotonic()
+        meta = self.source.get_meta(image_id)
+        timings["lookup"] = time.monotonic() - start
+        cid = digest.cache_id(image_id)
+        with self.session() as conn:
+            entry, free = self._find(conn, meta, cid)
+            if entry is not None:
+                return entry, True
+            with conn.lock(self.base_pool, cid,
+                           self.conf.imagebackend.lock_wait_timeout):
+                entry, free = self._find(conn, meta, cid)
+                if entry is not None:       # another host imported it
+                    return entry, True
+                return self._import(conn, meta, free, size, progress,
+                                    timings), False
+
+    def _find(self, conn, meta, cid):
+        """``(entry, None)`` for the newest base of the image whose
+        content is the source's, else ``(None, first free name)``.
+        """
+        for generation in itertools.count(1):
+            stem = cid if generation == 1 else "%s-%d" % (cid, generation)
+            info = conn.base_info(self.base_pool, stem)
+            if info is None:
+                if conn.exists(self.base_pool, stem):
+                    continue        # not a base of ours: never used
+                return None, stem
+            if info.get("image_id") != meta.image_id:
+                continue
+            recorded = info.get("identity") or None
+            if recorded is not None and meta.identity_deferred \
+                    and meta.identity is None:
+                meta = self.source.resolve_identity(meta)
+            if (recorded is None or meta.identity is None
+                    or recorded == meta.identity):
+                return self._entry(stem, generation, info), None
+        raise AssertionError("unreachable")
+
+    def _entry(self, stem, generation, info):
+        return cache_lookup.CacheEntry(
+            image_id=info["image_id"], cache_id=stem,
+            path="%s/%s@%s" % (self.base_pool, stem, rbd_cluster.SNAP),
+            format="raw", virtual_size=int(info["virtual_size"]),
+            record=info, generation=generation)
+
+    def _import(self, conn, meta, stem, size, progress, timings):
+        """Fetch the image through the host's cache (download, checksum,
+        inspection, conversion) and import it as base ``stem``.
+        """
+        local, _ = self.cache.get(meta.image_id, requested_size=size,
+                                  progress=progress, timings=timings)
+        start = time.monotonic()
+        info = {"image_id": meta.image_id,
+                "identity": local.record.get("identity") or "",
+                "virtual_size": str(local.virtual_size),
+                "source_format": local.format,
+                "imported_at": "%.0f" % time.time(),
+                "imported_by": socket.gethostname()}
+        with contextlib.ExitStack() as stack:
+            path = local.path
+            if local.format != "raw":
+                scratch = stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix=".rbd-import-", dir=self.cache.instances_path))
+                path = os.path.join(scratch, "raw")
+                self.qemu.convert(local.path, local.format, path, "raw")
+            conn.import_base(self.base_pool, stem, path, local.virtual_size,
+                             info)
+        timings["import"] = time.monotonic() - start
+        generation = int(stem.rsplit("-", 1)[1]) if "-" in stem else 1
+        return self._entry(stem, generation, info)
+
+    def make_disk(self, entry, base_path, base_format, target, size, made):
+        pool, name = target.split("/", 1)
+        with self.session() as conn:
+            conn.clone(self.base_pool, entry.cache_id, pool, name, size)
+            if self._monitors is None:
+                self._monitors = conn.monitors()
+
+    def create_disk(self, base_path, base_format, target, size):
+        raise NotImplementedError("rbd disks are made by make_disk")
+
+    def new_disk(self, **fields):
+        return RbdDisk(monitors=list(self._monitors or []),
+                       auth_username=self.conf.rbd.user,
+                       secret_uuid=self.conf.rbd.secret_uuid, **fields)

@@ -1,0 +1,386 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The Ceph side of the ``rbd`` backend: one connection, the cluster-wide
+import lock, importing a base, cloning and removing images.
+
+The only module that loads Ceph's Python bindings (Debian's
+``python3-rados`` and ``python3-rbd``), and only when a connection is
+made, so the rest of the library imports without them.
+
+Every image appears complete or not at all: a base is written under a
+temporary name, snapshotted and protected, then renamed; a disk is cloned
+under a temporary name, resized, then renamed.  A rename never replaces an
+image (librbd refuses an existing name).
+"""
+
+import contextlib
+import errno
+import importlib
+import json
+import logging
+import os
+import time
+import uuid
+
+from imagebackend import exception
+
+LOG = logging.getLogger(__name__)
+
+#: the snapshot of a base that disks are cloned from.
+SNAP = "snap"
+#: the name of the cluster-wide lock taken on a base's lock object.
+LOCK_NAME = "imagebackend-import"
+#: the metadata keys of a base (``rbd image-meta``) start with this.
+META_PREFIX = "imagebackend."
+#: the bytes read and written at a time (librbd's default object size).
+CHUNK = 4 * 1024 * 1024
+#: a lock held longer than this (seconds) by a host that died expires.
+LOCK_DURATION = 3600
+#: the part of a temporary image name between the final name and a token.
+TEMP_MARK = ".tmp-"
+_ZEROS = bytes(CHUNK)
+#: errors that mean the cluster did not answer.
+_UNREACHABLE = frozenset((errno.ETIMEDOUT, errno.ENOTCONN, errno.ESHUTDOWN,
+                          errno.ECONNREFUSED, errno.EINTR))
+
+
+def bindings():
+    """The ``(rados, rbd)`` modules.
+
+    :raises imagebackend.exception.RbdBindingsMissing: not installed.
+    """
+    try:
+        return (importlib.import_module("rados"),
+                importlib.import_module("rbd"))
+    except ImportError as exc:
+        raise exception.RbdBindingsMissing(reason=str(exc)) from exc
+
+
+def temp_name(final: str) -> str:
+    """A new temporary name for image ``final``."""
+    return "%s%s%s" % (final, TEMP_MARK, uuid.uuid4().hex[:12])
+
+
+def is_temp(name: str) -> bool:
+    """Whether ``name`` is a temporary image name (see
+    :func:`temp_name`).
+    """
+    return TEMP_MARK in name
+
+
+class Connection:
+    """A connection to one cluster.
+
+    :param ceph_conf: the cluster's ceph.conf.
+    :param user: the cephx user (without ``client.``), or None for the
+        cluster's default.
+    :param timeout: seconds for connecting and for every monitor and OSD
+        operation: a stopped cluster is an error after that, not a hang.
+    :param modules: the ``(rados, rbd)`` modules (tests pass fakes).
+    """
+
+    def __init__(self, ceph_conf: str, user: str | None, timeout: int,
+                 modules=None) -> None:
+        self.rados, self.rbd = modules or bindings()
+        self.ceph_conf = ceph_conf
+        self._ioctxs: dict = {}
+        seconds = str(timeout)
+        self.client = self.rados.Rados(
+            conffile=ceph_conf, rados_id=user,
+            conf={"rados_osd_op_timeout": seconds,
+                  "rados_mon_op_timeout": seconds,
+                  "client_mount_timeout": seconds})
+        with self.errors("connection to the cluster"):
+            self.client.connect(timeout=timeout)
+
+    def close(self) -> None:
+        """Close the pools and the connection."""
+        for ioctx in self._ioctxs.values():
+            ioctx.close()
+        self._ioctxs.clear()
+        self.client.shutdown()
+
+    @contextlib.contextmanager
+    def errors(self, what: str):
+        """Turn a binding's error during ``what`` into the library's own:
+        :class:`imagebackend.exception.RbdUnavailable` for a timeout or a
+        lost connection, :class:`imagebackend.exception.RbdError` else.
+        """
+        try:
+            yield
+        except (self.rados.Error, self.rbd.Error) as exc:
+            reason = "%s: %s" % (type(exc).__name__, exc)
+            if _unreachable(exc):
+                raise exception.RbdUnavailable(
+                    what=what, reason=reason, conf=self.ceph_conf) from exc
+            raise exception.RbdError(what=what, reason=reason) from exc
+
+    def ioctx(self, pool: str):
+        """An I/O context on ``pool`` (opened once)."""
+        if pool not in self._ioctxs:
+            with self.errors("opening pool %s" % pool):
+                self._ioctxs[pool] = self.client.open_ioctx(pool)
+        return self._ioctxs[pool]
+
+    def fsid(self) -> str:
+        with self.errors("reading the cluster's fsid"):
+            return self.client.get_fsid()
+
+    def monitors(self) -> list[str]:
+        """The monitors' ``host:port`` addresses (``mon dump``), for a
+        libvirt network disk.
+        """
+        with self.errors("listing the monitors"):
+            ret, out, err = self.client.mon_command(
+                json.dumps({"prefix": "mon dump", "format": "json"}), b"")
+        if ret:
+            raise exception.RbdError(what="listing the monitors",
+                                     reason=err or "error %d" % ret)
+        found = []
+        for mon in json.loads(out).get("mons", []):
+            addr = str(mon.get("addr", "")).split("/")[0]
+            if addr:
+                found.append(addr)
+        return found
+
+    def exists(self, pool: str, name: str) -> bool:
+        with self.errors("looking up %s/%s" % (pool, name)):
+            try:
+                self.rbd.Image(self.ioctx(pool), name, read_only=True).close()
+            except self.rbd.ImageNotFound:
+                return False
+        return True
+
+    def base_info(self, pool: str, name: str) -> dict | None:
+        """The metadata of base ``pool/name`` (keys without the prefix),
+        with ``size``, ``children`` and ``protected``; None if it does not
+        exist or has no protected snapshot (not a base this library made).
+        """
+        what = "reading base %s/%s" % (pool, name)
+        with self.errors(what):
+            try:
+                image = self.rbd.Image(self.ioctx(pool), name, read_only=True)
+            except self.rbd.ImageNotFound:
+                return None
+            try:
+                snaps = [snap["name"] for snap in image.list_snaps()]
+                if SNAP not in snaps or not image.is_protected_snap(SNAP):
+                    return None
+                info = {key[len(META_PREFIX):]: value
+                        for key, value in image.metadata_list()
+                        if key.startswith(META_PREFIX)}
+                info["size"] = image.size()
+                image.set_snap(SNAP)
+                info["children"] = ["%s/%s" % child
+                                    for child in image.list_children()]
+                return info
+            finally:
+                image.close()
+
+    def images(self, pool: str) -> list[str]:
+        with self.errors("listing pool %s" % pool):
+            return sorted(self.rbd.RBD().list(self.ioctx(pool)))
+
+    @contextlib.contextmanager
+    def lock(self, pool: str, name: str, wait: int):
+        """Hold the cluster-wide lock on image ``name``'s lock object in
+        ``pool``: one host at a time, on any host.
+
+        :param wait: seconds to wait for it (0: no limit).
+        :raises imagebackend.exception.LockWaitTimeout: not had in time.
+        """
+        ioctx = self.ioctx(pool)
+        key = "imagebackend_lock.%s" % name
+        cookie = uuid.uuid4().hex
+        start = time.monotonic()
+        delay = 0.02
+        desc = "host %s pid %d" % (os.uname().nodename, os.getpid())
+        while True:
+            with self.errors("locking %s/%s" % (pool, key)):
+                try:
+                    ioctx.lock_exclusive(key, LOCK_NAME, cookie, desc=desc,
+                                         duration=LOCK_DURATION)
+                    break
+                except (self.rados.ObjectBusy, self.rados.ObjectExists):
+                    pass
+            waited = time.monotonic() - start
+            if wait and waited > wait:
+                raise exception.LockWaitTimeout(
+                    path="%s/%s" % (pool, key), what="base %s" % name,
+                    waited=waited, holder="another host or process",
+                    timeout=wait)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        try:
+            yield
+        finally:
+            with self.errors("unlocking %s/%s" % (pool, key)):
+                try:
+                    ioctx.unlock(key, LOCK_NAME, cookie)
+                except self.rados.ObjectNotFound:
+                    LOG.warning("Lock %s/%s was gone before it was "
+                                "released (expired?)", pool, key)
+
+    def import_base(self, pool: str, name: str, path: str, size: int,
+                    meta: dict[str, str]) -> None:
+        """Import the raw file ``path`` as base ``pool/name`` of ``size``
+        bytes, all-zero chunks and holes left unwritten, with ``meta`` as
+        its metadata, snapshot :data:`SNAP` protected: under a temporary
+        name, renamed last.
+
+        :raises imagebackend.exception.RbdError: it failed (the temporary
+            image is removed if the cluster still answers).
+        """
+        ioctx = self.ioctx(pool)
+        tmp = temp_name(name)
+        with self.errors("creating image %s/%s" % (pool, tmp)):
+            self.rbd.RBD().create(ioctx, tmp, size, old_format=False,
+                                  features=self.rbd.RBD_FEATURE_LAYERING)
+        try:
+            with self.errors("importing %s into %s/%s" % (path, pool, tmp)):
+                with self.rbd.Image(ioctx, tmp) as image:
+                    _write_sparse(image, path)
+                    image.flush()
+                    for key, value in sorted(meta.items()):
+                        image.metadata_set(META_PREFIX + key, str(value))
+                    image.create_snap(SNAP)
+                    image.protect_snap(SNAP)
+            with self.errors("renaming %s/%s to %s" % (pool, tmp, name)):
+                self.rbd.RBD().rename(ioctx, tmp, name)
+        except BaseException:
+            self.remove_quietly(pool, tmp)
+            raise
+
+    def clone(self, base_pool: str, base: str, pool: str, name: str,
+              size: int) -> None:
+        """Clone ``base_pool/base@snap`` as ``pool/name``, ``size`` bytes:
+        under a temporary name, resized, then renamed.
+
+        :raises imagebackend.exception.TargetExists: ``pool/name`` exists.
+        :raises imagebackend.exception.RbdError: it failed (the temporary
+            clone is removed if the cluster still answers).
+        """
+        ioctx = self.ioctx(pool)
+        tmp = temp_name(name)
+        with self.errors("cloning %s/%s@%s as %s/%s"
+                         % (base_pool, base, SNAP, pool, tmp)):
+            self.rbd.RBD().clone(self.ioctx(base_pool), base, SNAP, ioctx,
+                                 tmp, features=self.rbd.RBD_FEATURE_LAYERING)
+        try:
+            with self.errors("resizing %s/%s" % (pool, tmp)):
+                with self.rbd.Image(ioctx, tmp) as image:
+                    if image.size() != size:
+                        image.resize(size)
+            try:
+                with self.errors("renaming %s/%s to %s" % (pool, tmp, name)):
+                    self.rbd.RBD().rename(ioctx, tmp, name)
+            except exception.RbdError as exc:
+                if isinstance(exc.__cause__, self.rbd.ImageExists):
+                    raise exception.TargetExists(
+                        path="%s/%s" % (pool, name)) from exc
+                raise
+        except BaseException:
+            self.remove_quietly(pool, tmp)
+            raise
+
+    def remove(self, pool: str, name: str) -> None:
+        """Remove image ``pool/name`` (not a base: it has no snapshot).
+
+        :raises imagebackend.exception.DiskNotFound: it does not exist.
+        :raises imagebackend.exception.RbdError: it could not be removed
+            (it has snapshots, or a client has it open).
+        """
+        with self.errors("removing %s/%s" % (pool, name)):
+            try:
+                self.rbd.RBD().remove(self.ioctx(pool), name)
+            except self.rbd.ImageNotFound as exc:
+                raise exception.DiskNotFound(
+                    path="%s/%s" % (pool, name)) from exc
+
+    def remove_base(self, pool: str, name: str) -> bool:
+        """Unprotect and remove base ``pool/name`` unless it has clones.
+
+        :returns: False when it has clones (it is left as it is).
+        """
+        with self.errors("removing base %s/%s" % (pool, name)):
+            ioctx = self.ioctx(pool)
+            with self.rbd.Image(ioctx, name) as image:
+                image.set_snap(SNAP)
+                if list(image.list_children()):
+                    return False
+                image.set_snap(None)
+                try:
+                    if image.is_protected_snap(SNAP):
+                        # librbd refuses while a clone exists: a clone made
+                        # since the check above keeps the base.
+                        image.unprotect_snap(SNAP)
+                except self.rbd.ImageBusy:
+                    return False
+                image.remove_snap(SNAP)
+            self.rbd.RBD().remove(ioctx, name)
+        return True
+
+    def remove_quietly(self, pool: str, name: str) -> None:
+        """Remove this call's temporary image ``pool/name`` and its
+        snapshot, logging (not raising) a failure: a cluster that stopped
+        answering keeps it under its temporary name, never a final one.
+        """
+        try:
+            with self.errors("removing %s/%s" % (pool, name)):
+                ioctx = self.ioctx(pool)
+                try:
+                    with self.rbd.Image(ioctx, name) as image:
+                        for snap in list(image.list_snaps()):
+                            if image.is_protected_snap(snap["name"]):
+                                image.unprotect_snap(snap["name"])
+                            image.remove_snap(snap["name"])
+                except self.rbd.ImageNotFound:
+                    return
+                self.rbd.RBD().remove(ioctx, name)
+        except exception.RbdError as exc:
+            LOG.warning("Could not remove the temporary image %s/%s: %s",
+                        pool, name, exc)
+
+
+def _write_sparse(image, path: str) -> None:
+    """Write the data extents of file ``path`` into ``image``, skipping
+    holes and all-zero chunks.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        end = os.fstat(fd).st_size
+        offset = 0
+        while offset < end:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:         # ENXIO: only a hole is left
+                break
+            extent_end = os.lseek(fd, offset, os.SEEK_HOLE)
+            while offset < extent_end:
+                chunk = os.pread(fd, min(CHUNK, extent_end - offset), offset)
+                if not chunk:
+                    return
+                if chunk != _ZEROS[:len(chunk)]:
+                    image.write(chunk, offset)
+                offset += len(chunk)
+    finally:
+        os.close(fd)
+
+
+def _unreachable(exc) -> bool:
+    """Whether a binding error means the cluster did not answer."""
+    errno_value = getattr(exc, "errno", None)
+    if errno_value is not None and abs(errno_value) in _UNREACHABLE:
+        return True
+    return type(exc).__name__ in ("TimedOut", "InterruptedOrTimeoutError",
+                                  "ConnectionShutdown")
