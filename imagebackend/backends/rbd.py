@@ -201,12 +201,12 @@ class RbdBackend(base.ImageBackend):
             if entry is not None:
                 return entry, True
             with conn.lock(self.base_pool, cid,
-                           self.conf.imagebackend.lock_wait_timeout):
+                           self.conf.imagebackend.lock_wait_timeout) as renew:
                 entry, free = self._find(conn, meta, cid)
                 if entry is not None:       # another host imported it
                     return entry, True
                 return self._import(conn, meta, free, size, progress,
-                                    timings), False
+                                    timings, renew), False
 
     def _find(self, conn, meta, cid):
         """``(entry, None)`` for the newest base of the image whose
@@ -237,12 +237,18 @@ class RbdBackend(base.ImageBackend):
             format="raw", virtual_size=int(info["virtual_size"]),
             record=info, generation=generation)
 
-    def _import(self, conn, meta, stem, size, progress, timings):
+    def _import(self, conn, meta, stem, size, progress, timings, renew):
         """Fetch the image through the host's cache (download, checksum,
         inspection, conversion) and import it as base ``stem``.
         """
+        def progress_and_renew(stage, done, total):
+            renew()
+            if progress is not None:
+                progress(stage, done, total)
+
         local, _ = self.cache.get(meta.image_id, requested_size=size,
-                                  progress=progress, timings=timings)
+                                  progress=progress_and_renew,
+                                  timings=timings)
         start = time.monotonic()
         info = {"image_id": meta.image_id,
                 "identity": local.record.get("identity") or "",
@@ -257,9 +263,17 @@ class RbdBackend(base.ImageBackend):
                     prefix=".rbd-import-", dir=self.cache.instances_path))
                 path = os.path.join(scratch, "raw")
                 self.qemu.convert(local.path, local.format, path, "raw")
-            conn.import_base(self.base_pool, stem, path, local.virtual_size,
-                             info)
+            imported = conn.import_base(self.base_pool, stem, path,
+                                        local.virtual_size, info, renew)
         timings["import"] = time.monotonic() - start
+        if not imported:
+            entry, _ = self._find(conn, meta, digest.cache_id(meta.image_id))
+            if entry is None:
+                raise exception.RbdError(
+                    what="importing image %s" % meta.image_id,
+                    reason="%s/%s appeared meanwhile with other content; "
+                           "try again" % (self.base_pool, stem))
+            return entry
         generation = int(stem.rsplit("-", 1)[1]) if "-" in stem else 1
         return self._entry(stem, generation, info)
 

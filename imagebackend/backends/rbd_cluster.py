@@ -44,8 +44,12 @@ LOCK_NAME = "imagebackend-import"
 META_PREFIX = "imagebackend."
 #: the bytes read and written at a time (librbd's default object size).
 CHUNK = 4 * 1024 * 1024
-#: a lock held longer than this (seconds) by a host that died expires.
-LOCK_DURATION = 3600
+#: a lock not renewed for this long (seconds) expires: its holder died.
+LOCK_DURATION = 300
+#: the holder of a lock renews it at least this often (seconds).
+LOCK_RENEW = 60
+#: librados' flag that renews a lock this client holds.
+_LOCK_FLAG_RENEW = 1
 #: the part of a temporary image name between the final name and a token.
 TEMP_MARK = ".tmp-"
 _ZEROS = bytes(CHUNK)
@@ -194,9 +198,13 @@ class Connection:
     @contextlib.contextmanager
     def lock(self, pool: str, name: str, wait: int):
         """Hold the cluster-wide lock on image ``name``'s lock object in
-        ``pool``: one host at a time, on any host.
+        ``pool``: one host at a time, on any host.  It expires
+        :data:`LOCK_DURATION` seconds after it was last renewed, so a
+        holder that died does not block the others for longer.
 
         :param wait: seconds to wait for it (0: no limit).
+        :returns: (as the context) a function that renews the lock; call
+            it often, it renews at most every :data:`LOCK_RENEW` seconds.
         :raises imagebackend.exception.LockWaitTimeout: not had in time.
         """
         ioctx = self.ioctx(pool)
@@ -221,23 +229,43 @@ class Connection:
                     timeout=wait)
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+        renewed = [time.monotonic()]
+
+        def renew():
+            if time.monotonic() - renewed[0] < LOCK_RENEW:
+                return
+            with self.errors("renewing the lock %s/%s" % (pool, key)):
+                ioctx.lock_exclusive(key, LOCK_NAME, cookie, desc=desc,
+                                     duration=LOCK_DURATION,
+                                     flags=_LOCK_FLAG_RENEW)
+            renewed[0] = time.monotonic()
+
+        failed = True
         try:
-            yield
+            yield renew
+            failed = False
         finally:
-            with self.errors("unlocking %s/%s" % (pool, key)):
-                try:
+            try:
+                with self.errors("unlocking %s/%s" % (pool, key)):
                     ioctx.unlock(key, LOCK_NAME, cookie)
-                except self.rados.ObjectNotFound:
-                    LOG.warning("Lock %s/%s was gone before it was "
-                                "released (expired?)", pool, key)
+            except exception.RbdError as exc:
+                # It expires by itself; an error in flight says more.
+                LOG.warning("Could not release the lock %s/%s: %s",
+                            pool, key, exc)
+                if not failed:
+                    raise
 
     def import_base(self, pool: str, name: str, path: str, size: int,
-                    meta: dict[str, str]) -> None:
+                    meta: dict[str, str], renew=None) -> bool:
         """Import the raw file ``path`` as base ``pool/name`` of ``size``
         bytes, all-zero chunks and holes left unwritten, with ``meta`` as
         its metadata, snapshot :data:`SNAP` protected: under a temporary
         name, renamed last.
 
+        :param renew: called between chunks (see :meth:`lock`).
+        :returns: False when ``pool/name`` appeared meanwhile (another
+            host's import, after this host's lock expired); this import is
+            then removed.
         :raises imagebackend.exception.RbdError: it failed (the temporary
             image is removed if the cluster still answers).
         """
@@ -249,17 +277,22 @@ class Connection:
         try:
             with self.errors("importing %s into %s/%s" % (path, pool, tmp)):
                 with self.rbd.Image(ioctx, tmp) as image:
-                    _write_sparse(image, path)
+                    _write_sparse(image, path, renew or (lambda: None))
                     image.flush()
                     for key, value in sorted(meta.items()):
                         image.metadata_set(META_PREFIX + key, str(value))
                     image.create_snap(SNAP)
                     image.protect_snap(SNAP)
             with self.errors("renaming %s/%s to %s" % (pool, tmp, name)):
-                self.rbd.RBD().rename(ioctx, tmp, name)
+                try:
+                    self.rbd.RBD().rename(ioctx, tmp, name)
+                except self.rbd.ImageExists:
+                    self.remove_quietly(pool, tmp)
+                    return False
         except BaseException:
             self.remove_quietly(pool, tmp)
             raise
+        return True
 
     def clone(self, base_pool: str, base: str, pool: str, name: str,
               size: int) -> None:
@@ -352,7 +385,7 @@ class Connection:
                         pool, name, exc)
 
 
-def _write_sparse(image, path: str) -> None:
+def _write_sparse(image, path: str, renew) -> None:
     """Write the data extents of file ``path`` into ``image``, skipping
     holes and all-zero chunks.
     """
@@ -372,6 +405,7 @@ def _write_sparse(image, path: str) -> None:
                     return
                 if chunk != _ZEROS[:len(chunk)]:
                     image.write(chunk, offset)
+                renew()
                 offset += len(chunk)
     finally:
         os.close(fd)
