@@ -271,6 +271,34 @@ class ImageBackend(abc.ABC):
                              backend=self.name, backing_chain=chain,
                              cache_hit=hit, timings=timings)
 
+    def delete_disk(self, target: str) -> dict:
+        """Remove the disk ``target`` that this library made, and its
+        record; a disk it did not make is never removed.
+
+        :returns: what was removed (``path``, ``image_id``, ``backend``).
+        :raises imagebackend.exception.DiskNotFound: there is no such disk.
+        :raises imagebackend.exception.DiskOperationError: the library did
+            not make it.
+        """
+        target = self.normalize_target(target)
+        record = self.cache.disk_record(target)
+        if record is None:
+            if not os.path.lexists(target):
+                raise exception.DiskNotFound(path=target)
+            raise exception.DiskOperationError(
+                path=target,
+                reason="no record of the image cache says this library "
+                       "made it, so it is not removed; remove it yourself "
+                       "if it is yours")
+        with disk_target.errors(record["image_id"], target, 0):
+            os.unlink(target)
+            fileio.fsync_dir(os.path.dirname(target))
+        self.cache.forget_disk(record)
+        LOG.info("Deleted %s disk %s of image %s", self.name, target,
+                 record["image_id"])
+        return {"path": target, "image_id": record["image_id"],
+                "backend": self.name}
+
     # -- hooks -------------------------------------------------------------
 
     def normalize_target(self, target) -> str:

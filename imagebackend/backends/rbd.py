@@ -32,6 +32,7 @@ import time
 from oslo_config import cfg
 
 from imagebackend.backends import base
+from imagebackend.backends import rbd_bases
 from imagebackend.backends import rbd_cluster
 from imagebackend.cache import lookup as cache_lookup
 from imagebackend.common import digest
@@ -219,7 +220,7 @@ class RbdBackend(base.ImageBackend):
                 if conn.exists(self.base_pool, stem):
                     continue        # not a base of ours: never used
                 return None, stem
-            if info.get("image_id") != meta.image_id:
+            if info.get("image_id") != meta.image_id or info.get("stale"):
                 continue
             recorded = info.get("identity") or None
             if recorded is not None and meta.identity_deferred \
@@ -281,6 +282,9 @@ class RbdBackend(base.ImageBackend):
         pool, name = target.split("/", 1)
         with self.session() as conn:
             conn.clone(self.base_pool, entry.cache_id, pool, name, size)
+            # Its age for prune: the time of its last clone.
+            conn.set_meta(self.base_pool, entry.cache_id,
+                          {"last_used": "%.0f" % time.time()})
             if self._monitors is None:
                 self._monitors = conn.monitors()
 
@@ -291,3 +295,58 @@ class RbdBackend(base.ImageBackend):
         return RbdDisk(monitors=list(self._monitors or []),
                        auth_username=self.conf.rbd.user,
                        secret_uuid=self.conf.rbd.secret_uuid, **fields)
+
+    # -- the bases as a cache; removing disks -------------------------------
+
+    def list_bases(self) -> list[dict]:
+        """The bases in ``[rbd] base_pool`` as ``cache list`` rows."""
+        with self.session() as conn:
+            return rbd_bases.rows(conn, self.base_pool)
+
+    def prune_bases(self, dry_run: bool = False) -> dict:
+        """Remove the bases without clones unused for ``[image_cache]
+        remove_unused_original_minimum_age_seconds`` (or stale), and old
+        temporary images; see :func:`imagebackend.backends.rbd_bases.prune`.
+        """
+        with self.session() as conn:
+            return rbd_bases.prune(
+                conn, self.base_pool, self.pool,
+                self.conf.image_cache
+                .remove_unused_original_minimum_age_seconds, dry_run)
+
+    def invalidate_bases(self, image_id: str) -> dict:
+        """Mark the bases of ``image_id`` stale; remove those without
+        clones (see :func:`imagebackend.backends.rbd_bases.invalidate`).
+        """
+        with self.session() as conn:
+            return rbd_bases.invalidate(conn, self.base_pool, image_id)
+
+    def delete_disk(self, target: str) -> dict:
+        """Remove the clone ``target`` (``NAME`` or ``<pool>/NAME``) if it
+        is a clone of a base of this library; anything else is never
+        removed.
+        """
+        target = self.normalize_target(target)
+        pool, name = target.split("/", 1)
+        with self.session() as conn:
+            parent = conn.parent(pool, name)
+            info = self._base_of(conn, parent)
+            if info is None:
+                raise exception.DiskOperationError(
+                    path=target,
+                    reason="it is not a clone of a base of this library "
+                           "(its parent: %s), so it is not removed; remove "
+                           "it with 'rbd rm' if it is yours" % parent)
+            conn.remove(pool, name)
+        return {"path": target, "image_id": info["image_id"],
+                "backend": self.name}
+
+    def _base_of(self, conn, parent: str | None) -> dict | None:
+        if parent is None:
+            return None
+        pool, _, rest = parent.partition("/")
+        stem, _, snap = rest.partition("@")
+        if pool != self.base_pool or snap != rbd_cluster.SNAP:
+            return None
+        info = conn.base_info(pool, stem)
+        return info if info and info.get("image_id") else None

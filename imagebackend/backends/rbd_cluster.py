@@ -23,6 +23,7 @@ under a temporary name, resized, then renamed.  A rename never replaces an
 image (librbd refuses an existing name).
 """
 
+import calendar
 import contextlib
 import errno
 import importlib
@@ -194,6 +195,46 @@ class Connection:
     def images(self, pool: str) -> list[str]:
         with self.errors("listing pool %s" % pool):
             return sorted(self.rbd.RBD().list(self.ioctx(pool)))
+
+    def set_meta(self, pool: str, name: str, items: dict) -> None:
+        """Set metadata ``items`` (keys without the prefix) of image
+        ``pool/name``.
+        """
+        with self.errors("updating the record of %s/%s" % (pool, name)):
+            with self.rbd.Image(self.ioctx(pool), name) as image:
+                for key, value in sorted(items.items()):
+                    image.metadata_set(META_PREFIX + key, str(value))
+
+    def parent(self, pool: str, name: str) -> str | None:
+        """``<pool>/<image>@<snap>`` that image ``pool/name`` is a clone
+        of, or None.
+
+        :raises imagebackend.exception.DiskNotFound: no such image.
+        """
+        with self.errors("reading %s/%s" % (pool, name)):
+            try:
+                image = self.rbd.Image(self.ioctx(pool), name, read_only=True)
+            except self.rbd.ImageNotFound as exc:
+                raise exception.DiskNotFound(
+                    path="%s/%s" % (pool, name)) from exc
+            try:
+                return "%s/%s@%s" % image.parent_info()
+            except self.rbd.ImageNotFound:
+                return None
+            finally:
+                image.close()
+
+    def created(self, pool: str, name: str) -> float:
+        """When image ``pool/name`` was created (seconds since the
+        epoch).
+        """
+        with self.errors("reading %s/%s" % (pool, name)):
+            with self.rbd.Image(self.ioctx(pool), name,
+                                read_only=True) as image:
+                stamp = image.create_timestamp()
+        if stamp.tzinfo is None:
+            return calendar.timegm(stamp.timetuple()) + stamp.microsecond / 1e6
+        return stamp.timestamp()
 
     @contextlib.contextmanager
     def lock(self, pool: str, name: str, wait: int):
