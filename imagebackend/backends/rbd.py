@@ -28,6 +28,7 @@ import os
 import socket
 import tempfile
 import time
+import urllib.parse
 
 from oslo_config import cfg
 
@@ -198,6 +199,9 @@ class RbdBackend(base.ImageBackend):
         timings["lookup"] = time.monotonic() - start
         cid = digest.cache_id(image_id)
         with self.session() as conn:
+            entry = self._glance_snapshot(conn, meta)
+            if entry is not None:
+                return entry, True
             entry, free = self._find(conn, meta, cid)
             if entry is not None:
                 return entry, True
@@ -208,6 +212,27 @@ class RbdBackend(base.ImageBackend):
                     return entry, True
                 return self._import(conn, meta, free, size, progress,
                                     timings, renew), False
+
+    def _glance_snapshot(self, conn, meta):
+        """The entry of Glance's own snapshot of a raw image it keeps in
+        this cluster (its ``direct_url`` is ``rbd://<fsid>/<pool>/<image>/
+        <snap>`` with this cluster's fsid, the snapshot exists and is
+        protected), else None.  Such a disk needs no download and no
+        import.
+        """
+        parts = _rbd_url(meta.extra.get("direct_url"))
+        if parts is None or meta.disk_format != "raw":
+            return None
+        fsid, pool, image, snap = parts
+        if fsid != conn.fsid():
+            return None
+        size = conn.snapshot_size(pool, image, snap)
+        if size is None:
+            return None
+        return cache_lookup.CacheEntry(
+            image_id=meta.image_id, cache_id=image,
+            path="%s/%s@%s" % (pool, image, snap), format="raw",
+            virtual_size=size, record={"glance": meta.extra["direct_url"]})
 
     def _find(self, conn, meta, cid):
         """``(entry, None)`` for the newest base of the image whose
@@ -280,11 +305,16 @@ class RbdBackend(base.ImageBackend):
 
     def make_disk(self, entry, base_path, base_format, target, size, made):
         pool, name = target.split("/", 1)
+        parent_pool, _, rest = entry.path.partition("/")
+        parent_image, _, snap = rest.partition("@")
         with self.session() as conn:
-            conn.clone(self.base_pool, entry.cache_id, pool, name, size)
-            # Its age for prune: the time of its last clone.
-            conn.set_meta(self.base_pool, entry.cache_id,
-                          {"last_used": "%.0f" % time.time()})
+            conn.clone((parent_pool, parent_image, snap), pool, name, size,
+                       {"image_id": entry.image_id,
+                        "created_at": "%.0f" % time.time()})
+            if "glance" not in entry.record:
+                # Its age for prune: the time of its last clone.
+                conn.set_meta(self.base_pool, entry.cache_id,
+                              {"last_used": "%.0f" % time.time()})
             if self._monitors is None:
                 self._monitors = conn.monitors()
 
@@ -329,24 +359,29 @@ class RbdBackend(base.ImageBackend):
         target = self.normalize_target(target)
         pool, name = target.split("/", 1)
         with self.session() as conn:
-            parent = conn.parent(pool, name)
-            info = self._base_of(conn, parent)
-            if info is None:
+            meta = conn.image_meta(pool, name)
+            if not meta.get("image_id") or conn.parent(pool, name) is None:
                 raise exception.DiskOperationError(
                     path=target,
-                    reason="it is not a clone of a base of this library "
-                           "(its parent: %s), so it is not removed; remove "
-                           "it with 'rbd rm' if it is yours" % parent)
+                    reason="it is not a clone this library made (no "
+                           "imagebackend.image_id in its metadata, or no "
+                           "parent), so it is not removed; remove it with "
+                           "'rbd rm' if it is yours")
             conn.remove(pool, name)
-        return {"path": target, "image_id": info["image_id"],
+        return {"path": target, "image_id": meta["image_id"],
                 "backend": self.name}
 
-    def _base_of(self, conn, parent: str | None) -> dict | None:
-        if parent is None:
-            return None
-        pool, _, rest = parent.partition("/")
-        stem, _, snap = rest.partition("@")
-        if pool != self.base_pool or snap != rbd_cluster.SNAP:
-            return None
-        info = conn.base_info(pool, stem)
-        return info if info and info.get("image_id") else None
+
+def _rbd_url(url) -> tuple[str, str, str, str] | None:
+    """``(fsid, pool, image, snap)`` of an ``rbd://`` location, or None
+    when it is not one (four non-empty parts, percent-decoded, none with
+    a character an image spec cannot hold).
+    """
+    if not isinstance(url, str) or not url.startswith("rbd://"):
+        return None
+    parts = [urllib.parse.unquote(p) for p in url[len("rbd://"):].split("/")]
+    if len(parts) != 4 or not all(parts) or any(
+            c in p for p in parts for c in "/@\0") or not all(
+            p.isprintable() for p in parts):
+        return None
+    return tuple(parts)

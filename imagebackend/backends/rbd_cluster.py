@@ -205,6 +205,43 @@ class Connection:
                 for key, value in sorted(items.items()):
                     image.metadata_set(META_PREFIX + key, str(value))
 
+    def image_meta(self, pool: str, name: str) -> dict:
+        """The metadata of image ``pool/name`` (keys without the prefix).
+
+        :raises imagebackend.exception.DiskNotFound: no such image.
+        """
+        with self.errors("reading %s/%s" % (pool, name)):
+            try:
+                image = self.rbd.Image(self.ioctx(pool), name, read_only=True)
+            except self.rbd.ImageNotFound as exc:
+                raise exception.DiskNotFound(
+                    path="%s/%s" % (pool, name)) from exc
+            try:
+                return {key[len(META_PREFIX):]: value
+                        for key, value in image.metadata_list()
+                        if key.startswith(META_PREFIX)}
+            finally:
+                image.close()
+
+    def snapshot_size(self, pool: str, name: str, snap: str) -> int | None:
+        """The size of protected snapshot ``pool/name@snap``, or None if
+        there is no such protected snapshot.
+        """
+        with self.errors("reading %s/%s@%s" % (pool, name, snap)):
+            try:
+                image = self.rbd.Image(self.ioctx(pool), name, read_only=True)
+            except (self.rbd.ImageNotFound, self.rados.ObjectNotFound):
+                return None
+            try:
+                if snap not in [s["name"] for s in image.list_snaps()]:
+                    return None
+                if not image.is_protected_snap(snap):
+                    return None
+                image.set_snap(snap)
+                return image.size()
+            finally:
+                image.close()
+
     def parent(self, pool: str, name: str) -> str | None:
         """``<pool>/<image>@<snap>`` that image ``pool/name`` is a clone
         of, or None.
@@ -335,10 +372,12 @@ class Connection:
             raise
         return True
 
-    def clone(self, base_pool: str, base: str, pool: str, name: str,
-              size: int) -> None:
-        """Clone ``base_pool/base@snap`` as ``pool/name``, ``size`` bytes:
-        under a temporary name, resized, then renamed.
+    def clone(self, parent: tuple[str, str, str], pool: str, name: str,
+              size: int, meta: dict[str, str]) -> None:
+        """Clone snapshot ``parent`` (pool, image, snapshot) as
+        ``pool/name``, ``size`` bytes, with ``meta`` as its metadata (what
+        makes it a disk of this library): under a temporary name, resized,
+        then renamed.
 
         :raises imagebackend.exception.TargetExists: ``pool/name`` exists.
         :raises imagebackend.exception.RbdError: it failed (the temporary
@@ -346,15 +385,19 @@ class Connection:
         """
         ioctx = self.ioctx(pool)
         tmp = temp_name(name)
+        parent_pool, parent_image, snap = parent
         with self.errors("cloning %s/%s@%s as %s/%s"
-                         % (base_pool, base, SNAP, pool, tmp)):
-            self.rbd.RBD().clone(self.ioctx(base_pool), base, SNAP, ioctx,
-                                 tmp, features=self.rbd.RBD_FEATURE_LAYERING)
+                         % (parent_pool, parent_image, snap, pool, tmp)):
+            self.rbd.RBD().clone(self.ioctx(parent_pool), parent_image, snap,
+                                 ioctx, tmp,
+                                 features=self.rbd.RBD_FEATURE_LAYERING)
         try:
             with self.errors("resizing %s/%s" % (pool, tmp)):
                 with self.rbd.Image(ioctx, tmp) as image:
                     if image.size() != size:
                         image.resize(size)
+                    for key, value in sorted(meta.items()):
+                        image.metadata_set(META_PREFIX + key, str(value))
             try:
                 with self.errors("renaming %s/%s to %s" % (pool, tmp, name)):
                     self.rbd.RBD().rename(ioctx, tmp, name)
