@@ -35,6 +35,7 @@ from oslo_config import cfg
 from imagebackend.backends import base
 from imagebackend.backends import rbd_bases
 from imagebackend.backends import rbd_cluster
+from imagebackend.backends import rbd_import
 from imagebackend.cache import lookup as cache_lookup
 from imagebackend.common import digest
 from imagebackend import exception
@@ -205,8 +206,9 @@ class RbdBackend(base.ImageBackend):
             entry, free = self._find(conn, meta, cid)
             if entry is not None:
                 return entry, True
-            with conn.lock(self.base_pool, cid,
-                           self.conf.imagebackend.lock_wait_timeout) as renew:
+            with rbd_import.lock(conn, self.base_pool, cid,
+                                 self.conf.imagebackend.lock_wait_timeout
+                                 ) as renew:
                 entry, free = self._find(conn, meta, cid)
                 if entry is not None:       # another host imported it
                     return entry, True
@@ -289,8 +291,9 @@ class RbdBackend(base.ImageBackend):
                     prefix=".rbd-import-", dir=self.cache.instances_path))
                 path = os.path.join(scratch, "raw")
                 self.qemu.convert(local.path, local.format, path, "raw")
-            imported = conn.import_base(self.base_pool, stem, path,
-                                        local.virtual_size, info, renew)
+            imported = rbd_import.import_base(
+                conn, self.base_pool, stem, path, local.virtual_size, info,
+                renew)
         timings["import"] = time.monotonic() - start
         if not imported:
             entry, _ = self._find(conn, meta, digest.cache_id(meta.image_id))

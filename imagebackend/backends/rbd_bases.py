@@ -24,11 +24,12 @@ import datetime
 import time
 
 from imagebackend.backends import rbd_cluster
+from imagebackend.backends import rbd_import
 
 KIND = "rbd base"
 #: a temporary image older than this (seconds) belongs to no running call:
 #: an import renews its lock (and finishes) well within it.
-TEMP_AGE = 2 * rbd_cluster.LOCK_DURATION
+TEMP_AGE = 2 * rbd_import.LOCK_DURATION
 
 
 def bases(conn, pool: str) -> list[tuple[str, dict]]:

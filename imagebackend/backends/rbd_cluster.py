@@ -10,8 +10,8 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""The Ceph side of the ``rbd`` backend: one connection, the cluster-wide
-import lock, importing a base, cloning and removing images.
+"""The Ceph side of the ``rbd`` backend: one connection, reading images,
+cloning and removing them (importing a base: :mod:`rbd_import`).
 
 The only module that loads Ceph's Python bindings (Debian's
 ``python3-rados`` and ``python3-rbd``), and only when a connection is
@@ -29,8 +29,6 @@ import errno
 import importlib
 import json
 import logging
-import os
-import time
 import uuid
 
 from imagebackend import exception
@@ -39,21 +37,10 @@ LOG = logging.getLogger(__name__)
 
 #: the snapshot of a base that disks are cloned from.
 SNAP = "snap"
-#: the name of the cluster-wide lock taken on a base's lock object.
-LOCK_NAME = "imagebackend-import"
 #: the metadata keys of a base (``rbd image-meta``) start with this.
 META_PREFIX = "imagebackend."
-#: the bytes read and written at a time (librbd's default object size).
-CHUNK = 4 * 1024 * 1024
-#: a lock not renewed for this long (seconds) expires: its holder died.
-LOCK_DURATION = 300
-#: the holder of a lock renews it at least this often (seconds).
-LOCK_RENEW = 60
-#: librados' flag that renews a lock this client holds.
-_LOCK_FLAG_RENEW = 1
 #: the part of a temporary image name between the final name and a token.
 TEMP_MARK = ".tmp-"
-_ZEROS = bytes(CHUNK)
 #: errors that mean the cluster did not answer.
 _UNREACHABLE = frozenset((errno.ETIMEDOUT, errno.ENOTCONN, errno.ESHUTDOWN,
                           errno.ECONNREFUSED, errno.EINTR))
@@ -273,105 +260,6 @@ class Connection:
             return calendar.timegm(stamp.timetuple()) + stamp.microsecond / 1e6
         return stamp.timestamp()
 
-    @contextlib.contextmanager
-    def lock(self, pool: str, name: str, wait: int):
-        """Hold the cluster-wide lock on image ``name``'s lock object in
-        ``pool``: one host at a time, on any host.  It expires
-        :data:`LOCK_DURATION` seconds after it was last renewed, so a
-        holder that died does not block the others for longer.
-
-        :param wait: seconds to wait for it (0: no limit).
-        :returns: (as the context) a function that renews the lock; call
-            it often, it renews at most every :data:`LOCK_RENEW` seconds.
-        :raises imagebackend.exception.LockWaitTimeout: not had in time.
-        """
-        ioctx = self.ioctx(pool)
-        key = "imagebackend_lock.%s" % name
-        cookie = uuid.uuid4().hex
-        start = time.monotonic()
-        delay = 0.02
-        desc = "host %s pid %d" % (os.uname().nodename, os.getpid())
-        while True:
-            with self.errors("locking %s/%s" % (pool, key)):
-                try:
-                    ioctx.lock_exclusive(key, LOCK_NAME, cookie, desc=desc,
-                                         duration=LOCK_DURATION)
-                    break
-                except (self.rados.ObjectBusy, self.rados.ObjectExists):
-                    pass
-            waited = time.monotonic() - start
-            if wait and waited > wait:
-                raise exception.LockWaitTimeout(
-                    path="%s/%s" % (pool, key), what="base %s" % name,
-                    waited=waited, holder="another host or process",
-                    timeout=wait)
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-        renewed = [time.monotonic()]
-
-        def renew():
-            if time.monotonic() - renewed[0] < LOCK_RENEW:
-                return
-            with self.errors("renewing the lock %s/%s" % (pool, key)):
-                ioctx.lock_exclusive(key, LOCK_NAME, cookie, desc=desc,
-                                     duration=LOCK_DURATION,
-                                     flags=_LOCK_FLAG_RENEW)
-            renewed[0] = time.monotonic()
-
-        failed = True
-        try:
-            yield renew
-            failed = False
-        finally:
-            try:
-                with self.errors("unlocking %s/%s" % (pool, key)):
-                    ioctx.unlock(key, LOCK_NAME, cookie)
-            except exception.RbdError as exc:
-                # It expires by itself; an error in flight says more.
-                LOG.warning("Could not release the lock %s/%s: %s",
-                            pool, key, exc)
-                if not failed:
-                    raise
-
-    def import_base(self, pool: str, name: str, path: str, size: int,
-                    meta: dict[str, str], renew=None) -> bool:
-        """Import the raw file ``path`` as base ``pool/name`` of ``size``
-        bytes, all-zero chunks and holes left unwritten, with ``meta`` as
-        its metadata, snapshot :data:`SNAP` protected: under a temporary
-        name, renamed last.
-
-        :param renew: called between chunks (see :meth:`lock`).
-        :returns: False when ``pool/name`` appeared meanwhile (another
-            host's import, after this host's lock expired); this import is
-            then removed.
-        :raises imagebackend.exception.RbdError: it failed (the temporary
-            image is removed if the cluster still answers).
-        """
-        ioctx = self.ioctx(pool)
-        tmp = temp_name(name)
-        with self.errors("creating image %s/%s" % (pool, tmp)):
-            self.rbd.RBD().create(ioctx, tmp, size, old_format=False,
-                                  features=self.rbd.RBD_FEATURE_LAYERING)
-        try:
-            with self.errors("importing %s into %s/%s" % (path, pool, tmp)):
-                with self.rbd.Image(ioctx, tmp) as image:
-                    _write_sparse(image, path, renew or (lambda: None))
-                    image.flush()
-                    for key, value in sorted(meta.items()):
-                        image.metadata_set(META_PREFIX + key, str(value))
-                    image.create_snap(SNAP)
-                    image.protect_snap(SNAP)
-            with self.errors("renaming %s/%s to %s" % (pool, tmp, name)):
-                try:
-                    self.rbd.RBD().rename(ioctx, tmp, name)
-                except self.rbd.ImageExists:
-                    self.remove_quietly(pool, tmp)
-                    return False
-        except BaseException:
-            self.remove_quietly(pool, tmp)
-            raise
-        return True
-
     def clone(self, parent: tuple[str, str, str], pool: str, name: str,
               size: int, meta: dict[str, str]) -> None:
         """Clone snapshot ``parent`` (pool, image, snapshot) as
@@ -467,32 +355,6 @@ class Connection:
         except exception.RbdError as exc:
             LOG.warning("Could not remove the temporary image %s/%s: %s",
                         pool, name, exc)
-
-
-def _write_sparse(image, path: str, renew) -> None:
-    """Write the data extents of file ``path`` into ``image``, skipping
-    holes and all-zero chunks.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        end = os.fstat(fd).st_size
-        offset = 0
-        while offset < end:
-            try:
-                offset = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:         # ENXIO: only a hole is left
-                break
-            extent_end = os.lseek(fd, offset, os.SEEK_HOLE)
-            while offset < extent_end:
-                chunk = os.pread(fd, min(CHUNK, extent_end - offset), offset)
-                if not chunk:
-                    return
-                if chunk != _ZEROS[:len(chunk)]:
-                    image.write(chunk, offset)
-                renew()
-                offset += len(chunk)
-    finally:
-        os.close(fd)
 
 
 def _unreachable(exc) -> bool:

@@ -75,8 +75,8 @@ def add_commands(groups) -> None:
         "delete", help="Remove an instance disk this library made.",
         description="Remove the disk TARGET and its record, if this library "
                     "made it (a file with a registry record, or an RBD "
-                    "clone of one of its bases); anything else is refused "
-                    "and left alone.")
+                    "clone whose metadata says it made it); anything else "
+                    "is refused and left alone.")
     delete.add_argument("target", metavar="TARGET",
                         help="The disk's path, or its RBD image name.")
     delete.add_argument("--backend", metavar="NAME",

@@ -16,6 +16,7 @@ protected snapshot with clones, a missing image), and failures a test
 injects by operation name.
 """
 
+import datetime
 import errno
 import json
 import types
@@ -44,8 +45,9 @@ def _errors(prefix):
 class Image:
     """One image's state."""
 
-    def __init__(self, size, parent=None):
+    def __init__(self, size, parent=None, created=None):
         self.size = size
+        self.created = created or datetime.datetime.utcnow()
         self.writes = {}            # offset -> bytes
         self.meta = {}
         self.snaps = {}             # name -> protected
@@ -274,3 +276,11 @@ class _ImageHandle:
 
     def list_children(self):
         return self.cluster.children(self.pool, self.name, self.snap)
+
+    def parent_info(self):
+        if self.image.parent is None:
+            raise self.errors["ImageNotFound"]("no parent")
+        return self.image.parent
+
+    def create_timestamp(self):
+        return self.image.created

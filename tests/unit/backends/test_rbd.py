@@ -16,20 +16,24 @@ tests/functional/test_rbd*.py.
 """
 
 import builtins
+import dataclasses
+import datetime
 import hashlib
+import time
 
 import pytest
 
 from imagebackend.backends import base
 from imagebackend.backends import rbd as rbd_backend
 from imagebackend.backends import rbd_cluster
+from imagebackend.backends import rbd_import
 from imagebackend.common import digest
 from imagebackend import exception
 from tests import fakes
 from tests.unit.backends import fake_ceph
 
 MiB = 1024 * 1024
-CHUNK = rbd_cluster.CHUNK
+CHUNK = rbd_import.CHUNK
 # Data, a zero chunk, data: the zero chunk is never written.
 RAW = b"A" * CHUNK + bytes(CHUNK) + b"B" * 1000
 CID = digest.cache_id("img")
@@ -305,7 +309,7 @@ def test_written_zero_chunks_are_skipped(tmp_path):
     # Zeros written out (allocated, not a hole), between data.
     path.write_bytes(b"x" * 10 + bytes(2 * CHUNK - 10) + b"y" * 7)
     image = _Recorder()
-    rbd_cluster._write_sparse(image, str(path), lambda: None)
+    rbd_import.write_sparse(image, str(path), lambda: None)
     assert sorted(image.writes) == [0, 2 * CHUNK]
     assert image.writes[0] == b"x" * 10 + bytes(CHUNK - 10)
     assert image.writes[2 * CHUNK] == b"y" * 7
@@ -320,8 +324,136 @@ def test_holes_are_not_read(tmp_path):
         f.write(b"end")
     image = _Recorder()
     renewed = []
-    rbd_cluster._write_sparse(image, str(path), lambda: renewed.append(1))
+    rbd_import.write_sparse(image, str(path), lambda: renewed.append(1))
     assert image.writes[0].startswith(b"head")
     assert image.writes[max(image.writes)].endswith(b"end")
     # Only the data extents' chunks were read (a hole is not scanned).
     assert len(renewed) <= 4
+
+
+# -- Glance on the same cluster --------------------------------------------
+
+def _glance_meta(source, url, disk_format="raw"):
+    real = source.get_meta
+
+    def get_meta(image_id):
+        meta = real(image_id)
+        return dataclasses.replace(meta, disk_format=disk_format,
+                                   extra=dict(meta.extra, direct_url=url))
+    source.get_meta = get_meta
+
+
+def _glance_image(cluster, protected=True):
+    cluster.pools["images"] = {"gid": fake_ceph.Image(len(RAW))}
+    cluster.pools["images"]["gid"].snaps["snap"] = protected
+
+
+def test_glance_snapshot_on_this_cluster_is_cloned(tmp_path):
+    cluster = fake_ceph.Cluster(pools=("disks", "bases"))
+    _glance_image(cluster)
+    backend, source = make(tmp_path, cluster)
+    _glance_meta(source, "rbd://fsid-1/images/gid/snap")
+    disk = backend.create_image("img", "vm1", 16 * MiB)
+    assert disk.backing_chain == ["images/gid@snap"]
+    assert disk.cache_hit is True
+    assert source.opened == 0
+    assert cluster.pools["bases"] == {}
+    assert cluster.pools["disks"]["vm1"].parent == ("images", "gid", "snap")
+    # Glance's image is not written to (no last-use record).
+    assert cluster.pools["images"]["gid"].meta == {}
+    # The clone is the library's: delete removes it.
+    assert backend.delete_disk("vm1")["image_id"] == "img"
+    assert cluster.pools["disks"] == {}
+
+
+@pytest.mark.parametrize("url,protected", [
+    ("rbd://other-fsid/images/gid/snap", True),     # another cluster
+    ("rbd://fsid-1/images/gid/snap", False),        # not protected
+    ("rbd://fsid-1/images/gid/nosnap", True),       # no such snapshot
+    ("rbd://fsid-1/images/gid", True),              # malformed
+    ("rbd://fsid-1/images/g@x/snap", True),
+    ("file:///var/lib/glance/images/gid", True),
+])
+def test_glance_location_not_usable_imports(tmp_path, url, protected):
+    cluster = fake_ceph.Cluster(pools=("disks", "bases"))
+    _glance_image(cluster, protected)
+    backend, source = make(tmp_path, cluster)
+    _glance_meta(source, url)
+    disk = backend.create_image("img", "vm1", 16 * MiB)
+    assert disk.backing_chain == ["bases/%s@snap" % CID]
+    assert source.opened == 1
+
+
+def test_glance_snapshot_of_a_non_raw_image_is_not_cloned(tmp_path):
+    cluster = fake_ceph.Cluster(pools=("disks", "bases"))
+    _glance_image(cluster)
+    backend, source = make(tmp_path, cluster)
+    _glance_meta(source, "rbd://fsid-1/images/gid/snap", "qcow2")
+    # Fetched and inspected instead (these bytes are not qcow2: refused).
+    with pytest.raises(exception.UnsafeImage):
+        backend.create_image("img", "vm1", 16 * MiB)
+    assert source.opened == 1
+    assert cluster.pools["disks"] == {}
+
+
+# -- delete and the bases as a cache ----------------------------------------
+
+def test_delete_only_removes_clones_it_made(tmp_path, cluster):
+    backend, _ = make(tmp_path, cluster)
+    backend.create_image("img", "vm1", 16 * MiB)
+    cluster.pools["disks"]["stranger"] = fake_ceph.Image(
+        MiB, parent=("bases", CID, "snap"))
+    with pytest.raises(exception.DiskOperationError):
+        backend.delete_disk("stranger")
+    with pytest.raises(exception.DiskNotFound):
+        backend.delete_disk("nothing")
+    assert backend.delete_disk("disks/vm1") == {
+        "path": "disks/vm1", "image_id": "img", "backend": "rbd"}
+    assert sorted(cluster.pools["disks"]) == ["stranger"]
+
+
+def test_prune_keeps_bases_with_clones_and_ages_out_the_rest(tmp_path,
+                                                             cluster):
+    backend, _ = make(tmp_path, cluster)
+    backend.conf.set_override("remove_unused_original_minimum_age_seconds",
+                              3600, group="image_cache")
+    backend.create_image("img", "vm1", 16 * MiB)
+    report = backend.prune_bases()
+    assert report["removed"] == []
+    assert report["kept"][0]["reason"] == "in use by 1 disks"
+    backend.delete_disk("vm1")
+    report = backend.prune_bases()
+    assert report["removed"] == []
+    assert report["kept"][0]["reason"].startswith("unused for ")
+    cluster.pools["bases"][CID].meta["imagebackend.last_used"] = str(
+        time.time() - 7200)
+    assert [r["file"] for r in backend.prune_bases(dry_run=True)[
+        "removed"]] == ["bases/" + CID]
+    assert CID in cluster.pools["bases"]
+    assert [r["file"] for r in backend.prune_bases()["removed"]] == [
+        "bases/" + CID]
+    assert cluster.pools["bases"] == {}
+
+
+def test_prune_removes_old_temporary_images_only(tmp_path, cluster):
+    backend, _ = make(tmp_path, cluster)
+    old = datetime.datetime.utcnow() - datetime.timedelta(hours=1)
+    cluster.pools["disks"]["vm.tmp-aaaa"] = fake_ceph.Image(1, created=old)
+    cluster.pools["bases"]["x.tmp-bbbb"] = fake_ceph.Image(1)   # running
+    removed = backend.prune_bases()["removed"]
+    assert [r["file"] for r in removed] == ["disks/vm.tmp-aaaa"]
+    assert list(cluster.pools["bases"]) == ["x.tmp-bbbb"]
+
+
+def test_invalidate_then_next_disk_imports_a_new_generation(tmp_path,
+                                                            cluster):
+    backend, source = make(tmp_path, cluster)
+    backend.create_image("img", "vm1", 16 * MiB)
+    report = backend.invalidate_bases("img")
+    assert report["marked_stale"] == ["bases/" + CID]
+    assert report["kept"][0]["reason"] == "in use by 1 disks"
+    disk = backend.create_image("img", "vm2", 16 * MiB)
+    assert disk.backing_chain == ["bases/%s-2@snap" % CID]
+    rows = backend.list_bases()
+    assert [(r["generation"], r["stale"], r["disks"]) for r in rows] == [
+        (1, True, 1), (2, False, 1)]

@@ -1,0 +1,167 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""Importing a base into Ceph once per cluster: the cluster-wide lock on a
+base's lock object, and the sparse import under a temporary name,
+snapshotted, protected and renamed last.
+"""
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+
+from imagebackend.backends import rbd_cluster
+from imagebackend import exception
+
+LOG = logging.getLogger(__name__)
+
+#: the name of the cluster-wide lock taken on a base's lock object.
+LOCK_NAME = "imagebackend-import"
+#: a lock not renewed for this long (seconds) expires: its holder died.
+LOCK_DURATION = 300
+#: the holder of a lock renews it at least this often (seconds).
+LOCK_RENEW = 60
+#: librados' flag that renews a lock this client holds.
+_LOCK_FLAG_RENEW = 1
+#: the bytes read and written at a time (librbd's default object size).
+CHUNK = 4 * 1024 * 1024
+_ZEROS = bytes(CHUNK)
+
+
+@contextlib.contextmanager
+def lock(conn, pool: str, name: str, wait: int):
+    """Hold the cluster-wide lock on image ``name``'s lock object in
+    ``pool``: one host at a time, on any host.  It expires
+    :data:`LOCK_DURATION` seconds after it was last renewed, so a
+    holder that died does not block the others for longer.
+
+    :param wait: seconds to wait for it (0: no limit).
+    :returns: (as the context) a function that renews the lock; call
+        it often, it renews at most every :data:`LOCK_RENEW` seconds.
+    :raises imagebackend.exception.LockWaitTimeout: not had in time.
+    """
+    ioctx = conn.ioctx(pool)
+    key = "imagebackend_lock.%s" % name
+    cookie = uuid.uuid4().hex
+    start = time.monotonic()
+    delay = 0.02
+    desc = "host %s pid %d" % (os.uname().nodename, os.getpid())
+    while True:
+        with conn.errors("locking %s/%s" % (pool, key)):
+            try:
+                ioctx.lock_exclusive(key, LOCK_NAME, cookie, desc=desc,
+                                     duration=LOCK_DURATION)
+                break
+            except (conn.rados.ObjectBusy, conn.rados.ObjectExists):
+                pass
+        waited = time.monotonic() - start
+        if wait and waited > wait:
+            raise exception.LockWaitTimeout(
+                path="%s/%s" % (pool, key), what="base %s" % name,
+                waited=waited, holder="another host or process",
+                timeout=wait)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+    renewed = [time.monotonic()]
+
+    def renew():
+        if time.monotonic() - renewed[0] < LOCK_RENEW:
+            return
+        with conn.errors("renewing the lock %s/%s" % (pool, key)):
+            ioctx.lock_exclusive(key, LOCK_NAME, cookie, desc=desc,
+                                 duration=LOCK_DURATION,
+                                 flags=_LOCK_FLAG_RENEW)
+        renewed[0] = time.monotonic()
+
+    failed = True
+    try:
+        yield renew
+        failed = False
+    finally:
+        try:
+            with conn.errors("unlocking %s/%s" % (pool, key)):
+                ioctx.unlock(key, LOCK_NAME, cookie)
+        except exception.RbdError as exc:
+            # It expires by itself; an error in flight says more.
+            LOG.warning("Could not release the lock %s/%s: %s",
+                        pool, key, exc)
+            if not failed:
+                raise
+
+
+def import_base(conn, pool: str, name: str, path: str, size: int,
+                meta: dict[str, str], renew=None) -> bool:
+    """Import the raw file ``path`` as base ``pool/name`` of ``size``
+    bytes, all-zero chunks and holes left unwritten, with ``meta`` as
+    its metadata, snapshot ``snap`` protected: under a temporary
+    name, renamed last.
+
+    :param renew: called between chunks (see :func:`lock`).
+    :returns: False when ``pool/name`` appeared meanwhile (another
+        host's import, after this host's lock expired); this import is
+        then removed.
+    :raises imagebackend.exception.RbdError: it failed (the temporary
+        image is removed if the cluster still answers).
+    """
+    ioctx = conn.ioctx(pool)
+    tmp = rbd_cluster.temp_name(name)
+    with conn.errors("creating image %s/%s" % (pool, tmp)):
+        conn.rbd.RBD().create(ioctx, tmp, size, old_format=False,
+                              features=conn.rbd.RBD_FEATURE_LAYERING)
+    try:
+        with conn.errors("importing %s into %s/%s" % (path, pool, tmp)):
+            with conn.rbd.Image(ioctx, tmp) as image:
+                write_sparse(image, path, renew or (lambda: None))
+                image.flush()
+                for key, value in sorted(meta.items()):
+                    image.metadata_set(rbd_cluster.META_PREFIX + key,
+                                       str(value))
+                image.create_snap(rbd_cluster.SNAP)
+                image.protect_snap(rbd_cluster.SNAP)
+        with conn.errors("renaming %s/%s to %s" % (pool, tmp, name)):
+            try:
+                conn.rbd.RBD().rename(ioctx, tmp, name)
+            except conn.rbd.ImageExists:
+                conn.remove_quietly(pool, tmp)
+                return False
+    except BaseException:
+        conn.remove_quietly(pool, tmp)
+        raise
+    return True
+
+
+def write_sparse(image, path: str, renew) -> None:
+    """Write the data extents of file ``path`` into ``image``, skipping
+    holes and all-zero chunks.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        end = os.fstat(fd).st_size
+        offset = 0
+        while offset < end:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:         # ENXIO: only a hole is left
+                break
+            extent_end = os.lseek(fd, offset, os.SEEK_HOLE)
+            while offset < extent_end:
+                chunk = os.pread(fd, min(CHUNK, extent_end - offset), offset)
+                if not chunk:
+                    return
+                if chunk != _ZEROS[:len(chunk)]:
+                    image.write(chunk, offset)
+                renew()
+                offset += len(chunk)
+    finally:
+        os.close(fd)
