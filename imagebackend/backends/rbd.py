@@ -354,6 +354,14 @@ class RbdBackend(base.ImageBackend):
         with self.session() as conn:
             return rbd_bases.invalidate(conn, self.base_pool, image_id)
 
+    def verify_bases(self, image_ids: list[str] | None = None,
+                     repair: bool = False) -> list[dict]:
+        """Read the bases back against their recorded digests (see
+        :func:`imagebackend.backends.rbd_bases.verify`).
+        """
+        with self.session() as conn:
+            return rbd_bases.verify(conn, self.base_pool, image_ids, repair)
+
     def delete_disk(self, target: str) -> dict:
         """Remove the clone ``target`` (``NAME`` or ``<pool>/NAME``) if it
         is a clone of a base of this library; anything else is never
@@ -362,8 +370,8 @@ class RbdBackend(base.ImageBackend):
         target = self.normalize_target(target)
         pool, name = target.split("/", 1)
         with self.session() as conn:
-            meta = conn.image_meta(pool, name)
-            if not meta.get("image_id") or conn.parent(pool, name) is None:
+            meta, parent = conn.disk_info(pool, name)
+            if not meta.get("image_id") or parent is None:
                 raise exception.DiskOperationError(
                     path=target,
                     reason="it is not a clone this library made (no "

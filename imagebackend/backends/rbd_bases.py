@@ -142,3 +142,40 @@ def invalidate(conn, pool: str, image_id: str) -> dict:
 def _generation(name: str) -> int:
     _, _, tail = name.rpartition("-")
     return int(tail) if "-" in name and tail.isdigit() else 1
+
+
+def verify(conn, pool: str, image_ids: list[str] | None,
+           repair: bool) -> list[dict]:
+    """Read every base of ``pool`` (of ``image_ids`` only, if given) back
+    and compare its content digest with the one recorded at import.
+
+    :param repair: mark a corrupt or unverified base stale, so the next
+        disk imports the image again (its clones keep it).
+    :returns: ``cache verify`` rows: ``status`` ok, corrupt or
+        unverified.
+    """
+    checked = []
+    for name, info in bases(conn, pool):
+        if image_ids and info["image_id"] not in image_ids:
+            continue
+        recorded = info.get("content_sha256")
+        row = {"image_id": info["image_id"], "kind": KIND,
+               "generation": _generation(name),
+               "file": "%s/%s@%s" % (pool, name, rbd_cluster.SNAP),
+               "detail": "", "action": ""}
+        if not recorded:
+            row.update(status="unverified",
+                       detail="no content digest in its record")
+        else:
+            found = rbd_import.read_digest(conn, pool, name)
+            if found == recorded:
+                row.update(status="ok")
+            else:
+                row.update(status="corrupt",
+                           detail="content digest %s, recorded %s"
+                                  % (found, recorded))
+        if row["status"] != "ok" and repair and not info.get("stale"):
+            conn.set_meta(pool, name, {"stale": "1"})
+            row["action"] = "marked stale"
+        checked.append(row)
+    return checked

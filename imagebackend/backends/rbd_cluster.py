@@ -192,24 +192,6 @@ class Connection:
                 for key, value in sorted(items.items()):
                     image.metadata_set(META_PREFIX + key, str(value))
 
-    def image_meta(self, pool: str, name: str) -> dict:
-        """The metadata of image ``pool/name`` (keys without the prefix).
-
-        :raises imagebackend.exception.DiskNotFound: no such image.
-        """
-        with self.errors("reading %s/%s" % (pool, name)):
-            try:
-                image = self.rbd.Image(self.ioctx(pool), name, read_only=True)
-            except self.rbd.ImageNotFound as exc:
-                raise exception.DiskNotFound(
-                    path="%s/%s" % (pool, name)) from exc
-            try:
-                return {key[len(META_PREFIX):]: value
-                        for key, value in image.metadata_list()
-                        if key.startswith(META_PREFIX)}
-            finally:
-                image.close()
-
     def snapshot_size(self, pool: str, name: str, snap: str) -> int | None:
         """The size of protected snapshot ``pool/name@snap``, or None if
         there is no such protected snapshot.
@@ -229,9 +211,10 @@ class Connection:
             finally:
                 image.close()
 
-    def parent(self, pool: str, name: str) -> str | None:
-        """``<pool>/<image>@<snap>`` that image ``pool/name`` is a clone
-        of, or None.
+    def disk_info(self, pool: str, name: str) -> tuple[dict, str | None]:
+        """The metadata of image ``pool/name`` (keys without the prefix)
+        and the ``<pool>/<image>@<snap>`` it is a clone of (None if it is
+        no clone).
 
         :raises imagebackend.exception.DiskNotFound: no such image.
         """
@@ -242,9 +225,14 @@ class Connection:
                 raise exception.DiskNotFound(
                     path="%s/%s" % (pool, name)) from exc
             try:
-                return "%s/%s@%s" % image.parent_info()
-            except self.rbd.ImageNotFound:
-                return None
+                meta = {key[len(META_PREFIX):]: value
+                        for key, value in image.metadata_list()
+                        if key.startswith(META_PREFIX)}
+                try:
+                    parent = "%s/%s@%s" % image.parent_info()
+                except self.rbd.ImageNotFound:
+                    parent = None
+                return meta, parent
             finally:
                 image.close()
 

@@ -16,8 +16,10 @@ snapshotted, protected and renamed last.
 """
 
 import contextlib
+import hashlib
 import logging
 import os
+import struct
 import time
 import uuid
 
@@ -122,8 +124,9 @@ def import_base(conn, pool: str, name: str, path: str, size: int,
     try:
         with conn.errors("importing %s into %s/%s" % (path, pool, tmp)):
             with conn.rbd.Image(ioctx, tmp) as image:
-                write_sparse(image, path, renew or (lambda: None))
+                digest = write_sparse(image, path, renew or (lambda: None))
                 image.flush()
+                meta = dict(meta, content_sha256=digest)
                 for key, value in sorted(meta.items()):
                     image.metadata_set(rbd_cluster.META_PREFIX + key,
                                        str(value))
@@ -141,27 +144,63 @@ def import_base(conn, pool: str, name: str, path: str, size: int,
     return True
 
 
-def write_sparse(image, path: str, renew) -> None:
-    """Write the data extents of file ``path`` into ``image``, skipping
-    holes and all-zero chunks.
+def write_sparse(image, path: str, renew) -> str:
+    """Write file ``path`` into ``image`` by aligned chunks of
+    :data:`CHUNK` bytes, skipping holes and all-zero chunks.
+
+    :returns: the content digest (:func:`add_chunk` over every chunk
+        written), which :func:`read_digest` computes again from the image.
     """
+    digest = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         end = os.fstat(fd).st_size
         offset = 0
         while offset < end:
             try:
-                offset = os.lseek(fd, offset, os.SEEK_DATA)
+                data = os.lseek(fd, offset, os.SEEK_DATA)
             except OSError:         # ENXIO: only a hole is left
                 break
-            extent_end = os.lseek(fd, offset, os.SEEK_HOLE)
-            while offset < extent_end:
-                chunk = os.pread(fd, min(CHUNK, extent_end - offset), offset)
-                if not chunk:
-                    return
-                if chunk != _ZEROS[:len(chunk)]:
-                    image.write(chunk, offset)
-                renew()
-                offset += len(chunk)
+            offset = data - data % CHUNK
+            chunk = os.pread(fd, min(CHUNK, end - offset), offset)
+            if not chunk:
+                break
+            if chunk != _ZEROS[:len(chunk)]:
+                image.write(chunk, offset)
+                add_chunk(digest, offset, chunk)
+            renew()
+            offset += CHUNK
     finally:
         os.close(fd)
+    return digest.hexdigest()
+
+
+def add_chunk(digest, offset: int, chunk: bytes) -> None:
+    """Add the non-zero chunk at ``offset`` to a content digest."""
+    digest.update(struct.pack(">QI", offset, len(chunk)))
+    digest.update(chunk)
+
+
+def read_digest(conn, pool: str, name: str) -> str:
+    """The content digest of base ``pool/name``'s snapshot, read back
+    from the cluster (only the chunks that hold objects are read).
+    """
+    with conn.errors("reading base %s/%s" % (pool, name)):
+        with conn.rbd.Image(conn.ioctx(pool), name,
+                            snapshot=rbd_cluster.SNAP,
+                            read_only=True) as image:
+            size = image.size()
+            chunks = set()
+
+            def extent(offset, length, exists):
+                if exists:
+                    chunks.update(range(offset // CHUNK,
+                                        (offset + length - 1) // CHUNK + 1))
+            image.diff_iterate(0, size, None, extent)
+            digest = hashlib.sha256()
+            for index in sorted(chunks):
+                offset = index * CHUNK
+                chunk = image.read(offset, min(CHUNK, size - offset))
+                if chunk != _ZEROS[:len(chunk)]:
+                    add_chunk(digest, offset, chunk)
+    return digest.hexdigest()

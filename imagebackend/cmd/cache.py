@@ -183,9 +183,13 @@ def invalidate_image(args, conf):
 def verify_cache(args, conf) -> list[dict]:
     report = make_cache(conf).verify(args.image_ids or None,
                                      repair=args.repair)
-    if report.failed:
+    rows = [checked.to_dict() for checked in report.files]
+    rbd = rbd_backend(conf)
+    rbd_rows = [] if rbd is None else rbd.verify_bases(
+        args.image_ids or None, repair=args.repair)
+    if report.failed or any(row["status"] != "ok" for row in rbd_rows):
         args.exit_status = 1
-    return [checked.to_dict() for checked in report.files]
+    return rows + rbd_rows
 
 
 def prefetch_images(args, conf) -> list[dict]:

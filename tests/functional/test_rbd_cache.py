@@ -133,3 +133,26 @@ def test_delete_a_file_disk(capsys, tmp_path):
     code, _ = run(capsys, dep, "disk", "delete", str(stranger))
     assert code != 0 and "not removed" in run.err
     assert stranger.read_bytes() == b"mine"
+
+
+def test_verify_reads_bases_back(capsys, dep, ceph_cluster):
+    image_id = "img-%s" % uuid.uuid4().hex[:8]
+    # Data at the start, in the middle and in a last, partial chunk.
+    fenv.write_pattern_raw(os.path.join(dep.images, image_id),
+                           10 * MiB + 4096)
+    cid = digest.cache_id(image_id)
+    run(capsys, dep, "disk", "create", image_id, "v-" + cid[:8],
+        "--size", "16M")
+    code, rows = run(capsys, dep, "cache", "verify", image_id)
+    mine = [r for r in rows if r["kind"] == "rbd base"]
+    assert code == 0
+    assert [(r["status"], r["file"]) for r in mine] == [
+        ("ok", "bases/%s@snap" % cid)]
+    # A record that does not match what the cluster holds.
+    ceph_cluster.run("rbd", "image-meta", "set", "bases/" + cid,
+                     "imagebackend.content_sha256", "0" * 64)
+    code, rows = run(capsys, dep, "cache", "verify", image_id, "--repair")
+    mine = [r for r in rows if r["kind"] == "rbd base"]
+    assert code == 1
+    assert mine[0]["status"] == "corrupt"
+    assert mine[0]["action"] == "marked stale"

@@ -46,6 +46,17 @@ def _write_rbd_store(path, original, cluster):
         parser.write(f)
 
 
+def _glance_backend(tmp_path, srv, cluster):
+    """A host whose rbd backend reads images from ``srv``'s Glance."""
+    dep = fenv.Deployment(str(tmp_path), glance=dict(
+        srv.demo.auth_options(), num_retries=1))
+    dep.write_config(rbd=dict(cluster.rbd_conf(), pool="disks",
+                              base_pool="bases"))
+    conf = dep.conf()
+    return dep, backends_base.load(conf, "rbd",
+                                   source=sources.load(conf, "glance"))
+
+
 @pytest.fixture(scope="module")
 def glance_on_ceph(openstack_servers, ceph_cluster):
     srv = openstack_servers
@@ -81,13 +92,7 @@ def raw_image(glance_on_ceph, ceph_cluster, tmp_path_factory):
 def test_disk_is_a_clone_of_glances_snapshot(glance_on_ceph, ceph_cluster,
                                              raw_image, tmp_path):
     image_id, path = raw_image
-    dep = fenv.Deployment(str(tmp_path), glance=dict(
-        glance_on_ceph.demo.auth_options(), num_retries=1))
-    dep.write_config(rbd=dict(ceph_cluster.rbd_conf(), pool="disks",
-                              base_pool="bases"))
-    conf = dep.conf()
-    backend = backends_base.load(conf, "rbd",
-                                 source=sources.load(conf, "glance"))
+    dep, backend = _glance_backend(tmp_path, glance_on_ceph, ceph_cluster)
     name = "g-%s" % uuid.uuid4().hex[:8]
     disk = backend.create_image(image_id, name, SIZE)
     assert disk.backing_chain == ["images/%s@snap" % image_id]
@@ -117,13 +122,7 @@ def test_other_cluster_is_not_cloned_from(glance_on_ceph, ceph_cluster,
     image_id, path = raw_image
     monkeypatch.setattr(rbd_cluster.Connection, "fsid",
                         lambda self: "00000000-0000-0000-0000-000000000000")
-    dep = fenv.Deployment(str(tmp_path), glance=dict(
-        glance_on_ceph.demo.auth_options(), num_retries=1))
-    dep.write_config(rbd=dict(ceph_cluster.rbd_conf(), pool="disks",
-                              base_pool="bases"))
-    conf = dep.conf()
-    backend = backends_base.load(conf, "rbd",
-                                 source=sources.load(conf, "glance"))
+    dep, backend = _glance_backend(tmp_path, glance_on_ceph, ceph_cluster)
     disk = backend.create_image(image_id, "o-%s" % uuid.uuid4().hex[:8],
                                 SIZE)
     cid = digest.cache_id(image_id)

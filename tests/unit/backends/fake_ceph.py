@@ -91,8 +91,8 @@ class Cluster:
         rbd.RBD_FEATURE_LAYERING = 1
         rados.Rados = lambda **kwargs: _Rados(cluster, **kwargs)
         rbd.RBD = lambda: _RBD(cluster)
-        rbd.Image = lambda ioctx, name, read_only=False: _ImageHandle(
-            cluster, ioctx.pool, name)
+        rbd.Image = (lambda ioctx, name, snapshot=None, read_only=False:
+                     _ImageHandle(cluster, ioctx.pool, name, snapshot))
         return rados, rbd
 
 
@@ -203,11 +203,11 @@ class _RBD:
 
 
 class _ImageHandle:
-    def __init__(self, cluster, pool, name):
+    def __init__(self, cluster, pool, name, snapshot=None):
         cluster.op("open_image")
         self.cluster, self.pool, self.name = cluster, pool, name
         self.errors = cluster.rbd_errors
-        self.snap = None
+        self.snap = snapshot
         if name not in cluster.pools[pool]:
             raise self.errors["ImageNotFound"](name)
 
@@ -284,3 +284,15 @@ class _ImageHandle:
 
     def create_timestamp(self):
         return self.image.created
+
+    def diff_iterate(self, offset, length, from_snapshot, callback):
+        for start, data in sorted(self.image.writes.items()):
+            callback(start, len(data), True)
+
+    def read(self, offset, length):
+        out = bytearray(length)
+        for start, data in self.image.writes.items():
+            for i, byte in enumerate(data):
+                if offset <= start + i < offset + length:
+                    out[start + i - offset] = byte
+        return bytes(out)

@@ -457,3 +457,21 @@ def test_invalidate_then_next_disk_imports_a_new_generation(tmp_path,
     rows = backend.list_bases()
     assert [(r["generation"], r["stale"], r["disks"]) for r in rows] == [
         (1, True, 1), (2, False, 1)]
+
+
+def test_verify_reads_back_and_repair_marks_corrupt_stale(tmp_path, cluster):
+    backend, _ = make(tmp_path, cluster)
+    backend.create_image("img", "vm1", 16 * MiB)
+    rows = backend.verify_bases()
+    assert [(r["status"], r["file"]) for r in rows] == [
+        ("ok", "bases/%s@snap" % CID)]
+    # One byte of the base changes in the cluster.
+    image = cluster.pools["bases"][CID]
+    image.writes[0] = b"Z" + image.writes[0][1:]
+    rows = backend.verify_bases(["img"], repair=True)
+    assert rows[0]["status"] == "corrupt"
+    assert rows[0]["action"] == "marked stale"
+    assert image.meta["imagebackend.stale"] == "1"
+    assert backend.verify_bases(["other"]) == []
+    disk = backend.create_image("img", "vm2", 16 * MiB)
+    assert disk.backing_chain == ["bases/%s-2@snap" % CID]
