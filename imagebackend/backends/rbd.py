@@ -22,19 +22,18 @@ base and download nothing.  Ceph itself tracks which bases have clones.
 """
 
 import contextlib
-import dataclasses
 import itertools
 import os
 import socket
 import tempfile
 import time
-import urllib.parse
 
 from oslo_config import cfg
 
 from imagebackend.backends import base
 from imagebackend.backends import rbd_bases
 from imagebackend.backends import rbd_cluster
+from imagebackend.backends import rbd_disk
 from imagebackend.backends import rbd_import
 from imagebackend.cache import lookup as cache_lookup
 from imagebackend.common import digest
@@ -72,44 +71,6 @@ OPTIONS = [
                     "does not answer in time fails the request with an "
                     "error naming it, instead of hanging. Default: 5."),
 ]
-#: the longest image name accepted (librbd's limit is longer).
-MAX_NAME = 200
-
-
-@dataclasses.dataclass(frozen=True)
-class RbdLibvirtDisk(base.LibvirtDisk):
-    """A libvirt ``<disk type='network'>`` with ``<source protocol='rbd'
-    name=source_path>``, its ``<host>`` elements and ``<auth>``.
-    """
-
-    protocol: str = "rbd"
-    #: ``host:port`` of each monitor.
-    hosts: tuple[str, ...] = ()
-    auth_username: str | None = None
-    secret_type: str = "ceph"
-    secret_uuid: str | None = None
-
-    def to_dict(self) -> dict:
-        data = super().to_dict()
-        data["hosts"] = list(self.hosts)
-        return data
-
-
-@dataclasses.dataclass
-class RbdDisk(base.Disk):
-    """A disk made by the rbd backend: ``path`` is ``<pool>/<name>``."""
-
-    monitors: list[str] = dataclasses.field(default_factory=list)
-    auth_username: str | None = None
-    secret_uuid: str | None = None
-
-    def libvirt_disk(self) -> RbdLibvirtDisk:
-        return RbdLibvirtDisk(
-            source_type="network", source_path=self.path,
-            driver_name="qemu", driver_type=self.format,
-            backing_chain=tuple(self.backing_chain),
-            hosts=tuple(self.monitors), auth_username=self.auth_username,
-            secret_uuid=self.secret_uuid)
 
 
 class RbdBackend(base.ImageBackend):
@@ -165,27 +126,7 @@ class RbdBackend(base.ImageBackend):
         """``NAME`` or ``<pool>/NAME`` (the pool must be ``[rbd] pool``)
         as ``<pool>/NAME``.
         """
-        if not isinstance(target, str):
-            raise exception.InvalidTarget(path=repr(target),
-                                          reason="it is not an image name")
-        name = target
-        if "/" in target:
-            pool, name = target.split("/", 1)
-            if pool != self.pool:
-                raise exception.InvalidTarget(
-                    path=target,
-                    reason="disks are made in pool %s ([rbd] pool); give "
-                           "the image name alone" % self.pool)
-        if (not name or len(name) > MAX_NAME or name.startswith(".")
-                or not name.isprintable()
-                or any(c in name for c in "/@ ")
-                or rbd_cluster.is_temp(name)):
-            raise exception.InvalidTarget(
-                path=target,
-                reason="an RBD image name is 1 to %d printable characters "
-                       "without '/', '@', spaces, a leading '.' or %r"
-                       % (MAX_NAME, rbd_cluster.TEMP_MARK))
-        return "%s/%s" % (self.pool, name)
+        return rbd_disk.normalize(target, self.pool)
 
     def claim_target(self, target):
         pool, name = target.split("/", 1)
@@ -222,7 +163,7 @@ class RbdBackend(base.ImageBackend):
         protected), else None.  Such a disk needs no download and no
         import.
         """
-        parts = _rbd_url(meta.extra.get("direct_url"))
+        parts = rbd_disk.parse_rbd_url(meta.extra.get("direct_url"))
         if parts is None or meta.disk_format != "raw":
             return None
         fsid, pool, image, snap = parts
@@ -325,9 +266,10 @@ class RbdBackend(base.ImageBackend):
         raise NotImplementedError("rbd disks are made by make_disk")
 
     def new_disk(self, **fields):
-        return RbdDisk(monitors=list(self._monitors or []),
-                       auth_username=self.conf.rbd.user,
-                       secret_uuid=self.conf.rbd.secret_uuid, **fields)
+        return rbd_disk.RbdDisk(monitors=list(self._monitors or []),
+                                auth_username=self.conf.rbd.user,
+                                secret_uuid=self.conf.rbd.secret_uuid,
+                                **fields)
 
     # -- the bases as a cache; removing disks -------------------------------
 
@@ -381,18 +323,3 @@ class RbdBackend(base.ImageBackend):
             conn.remove(pool, name)
         return {"path": target, "image_id": meta["image_id"],
                 "backend": self.name}
-
-
-def _rbd_url(url) -> tuple[str, str, str, str] | None:
-    """``(fsid, pool, image, snap)`` of an ``rbd://`` location, or None
-    when it is not one (four non-empty parts, percent-decoded, none with
-    a character an image spec cannot hold).
-    """
-    if not isinstance(url, str) or not url.startswith("rbd://"):
-        return None
-    parts = [urllib.parse.unquote(p) for p in url[len("rbd://"):].split("/")]
-    if len(parts) != 4 or not all(parts) or any(
-            c in p for p in parts for c in "/@\0") or not all(
-            p.isprintable() for p in parts):
-        return None
-    return tuple(parts)
