@@ -39,6 +39,9 @@ _LOCK_FLAG_RENEW = 1
 #: the bytes read and written at a time (librbd's default object size).
 CHUNK = 4 * 1024 * 1024
 _ZEROS = bytes(CHUNK)
+#: the unit of zero detection inside a chunk: only the runs of blocks
+#: that hold data are written.
+BLOCK = 64 * 1024
 
 
 @contextlib.contextmanager
@@ -146,7 +149,7 @@ def import_base(conn, pool: str, name: str, path: str, size: int,
 
 def write_sparse(image, path: str, renew) -> str:
     """Write file ``path`` into ``image`` by aligned chunks of
-    :data:`CHUNK` bytes, skipping holes and all-zero chunks.
+    :data:`CHUNK` bytes, skipping holes and all-zero blocks.
 
     :returns: the content digest (:func:`add_chunk` over every chunk
         written), which :func:`read_digest` computes again from the image.
@@ -166,13 +169,28 @@ def write_sparse(image, path: str, renew) -> str:
             if not chunk:
                 break
             if chunk != _ZEROS[:len(chunk)]:
-                image.write(chunk, offset)
+                _write_runs(image, chunk, offset)
                 add_chunk(digest, offset, chunk)
             renew()
             offset += CHUNK
     finally:
         os.close(fd)
     return digest.hexdigest()
+
+
+def _write_runs(image, chunk: bytes, offset: int) -> None:
+    """Write the runs of ``chunk`` (at ``offset``) made of
+    :data:`BLOCK`-sized blocks that are not all zeros.
+    """
+    run_start = None
+    for pos in range(0, len(chunk) + BLOCK, BLOCK):
+        end = min(pos + BLOCK, len(chunk))
+        zero = pos >= len(chunk) or chunk.count(0, pos, end) == end - pos
+        if not zero and run_start is None:
+            run_start = pos
+        elif zero and run_start is not None:
+            image.write(chunk[run_start:pos], offset + run_start)
+            run_start = None
 
 
 def add_chunk(digest, offset: int, chunk: bytes) -> None:

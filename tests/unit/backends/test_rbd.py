@@ -34,6 +34,7 @@ from tests.unit.backends import fake_ceph
 
 MiB = 1024 * 1024
 CHUNK = rbd_import.CHUNK
+BLOCK = rbd_import.BLOCK
 # Data, a zero chunk, data: the zero chunk is never written.
 RAW = b"A" * CHUNK + bytes(CHUNK) + b"B" * 1000
 CID = digest.cache_id("img")
@@ -311,8 +312,30 @@ def test_written_zero_chunks_are_skipped(tmp_path):
     image = _Recorder()
     rbd_import.write_sparse(image, str(path), lambda: None)
     assert sorted(image.writes) == [0, 2 * CHUNK]
-    assert image.writes[0] == b"x" * 10 + bytes(CHUNK - 10)
+    assert image.writes[0] == b"x" * 10 + bytes(BLOCK - 10)
     assert image.writes[2 * CHUNK] == b"y" * 7
+
+
+def test_only_blocks_with_data_are_written(tmp_path):
+    path = tmp_path / "raw"
+    data = bytearray(CHUNK)
+    data[0:3] = b"abc"                          # block 0
+    data[BLOCK:BLOCK + 2] = b"de"               # block 1: one run 0-1
+    data[5 * BLOCK + 9] = 1                     # block 5 alone
+    data[-1] = 2                                # the last block
+    path.write_bytes(bytes(data))
+    image = _Recorder()
+    digest = rbd_import.write_sparse(image, str(path), lambda: None)
+    assert {o: len(d) for o, d in image.writes.items()} == {
+        0: 2 * BLOCK, 5 * BLOCK: BLOCK, CHUNK - BLOCK: BLOCK}
+    # What was written is the file, and the digest is of the whole chunk.
+    rebuilt = bytearray(CHUNK)
+    for offset, chunk in image.writes.items():
+        rebuilt[offset:offset + len(chunk)] = chunk
+    assert rebuilt == data
+    expected = hashlib.sha256()
+    rbd_import.add_chunk(expected, 0, bytes(data))
+    assert digest == expected.hexdigest()
 
 
 def test_holes_are_not_read(tmp_path):
