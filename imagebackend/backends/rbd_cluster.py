@@ -104,13 +104,17 @@ class Connection:
 
     @contextlib.contextmanager
     def errors(self, what: str):
-        """Turn a binding's error during ``what`` into the library's own:
+        """Turn a binding's error (or an operating-system error reading
+        the file being imported, or of an asynchronous write) during
+        ``what`` into the library's own:
         :class:`imagebackend.exception.RbdUnavailable` for a timeout or a
         lost connection, :class:`imagebackend.exception.RbdError` else.
         """
         try:
             yield
-        except (self.rados.Error, self.rbd.Error) as exc:
+        except exception.ImageBackendException:
+            raise
+        except (self.rados.Error, self.rbd.Error, OSError) as exc:
             reason = "%s: %s" % (type(exc).__name__, exc)
             if _unreachable(exc):
                 raise exception.RbdUnavailable(

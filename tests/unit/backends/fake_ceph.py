@@ -296,3 +296,21 @@ class _ImageHandle:
                 if offset <= start + i < offset + length:
                     out[start + i - offset] = byte
         return bytes(out)
+
+    def aio_write(self, data, offset, oncomplete):
+        failure = self.cluster.fail.pop("aio_write", None)
+        self.cluster.calls.append("aio_write")
+        if failure is None:
+            self.image.writes[offset] = bytes(data)
+        return _Completion(-failure if failure else len(data))
+
+
+class _Completion:
+    def __init__(self, ret):
+        self.ret = ret
+
+    def wait_for_complete_and_cb(self):
+        pass
+
+    def get_return_value(self):
+        return self.ret

@@ -18,6 +18,7 @@ tests/functional/test_rbd*.py.
 import builtins
 import dataclasses
 import datetime
+import errno
 import hashlib
 import time
 
@@ -301,8 +302,9 @@ class _Recorder:
     def __init__(self):
         self.writes = {}
 
-    def write(self, data, offset):
+    def aio_write(self, data, offset, oncomplete):
         self.writes[offset] = bytes(data)
+        return fake_ceph._Completion(len(data))
 
 
 def test_written_zero_chunks_are_skipped(tmp_path):
@@ -498,3 +500,16 @@ def test_verify_reads_back_and_repair_marks_corrupt_stale(tmp_path, cluster):
     assert backend.verify_bases(["other"]) == []
     disk = backend.create_image("img", "vm2", 16 * MiB)
     assert disk.backing_chain == ["bases/%s-2@snap" % CID]
+
+
+@pytest.mark.parametrize("code,error", [
+    (errno.EIO, exception.RbdError),
+    (errno.ETIMEDOUT, exception.RbdUnavailable)])
+def test_failed_asynchronous_write_fails_the_import(tmp_path, cluster, code,
+                                                    error):
+    backend, _ = make(tmp_path, cluster)
+    cluster.fail["aio_write"] = code
+    with pytest.raises(error) as caught:
+        backend.create_image("img", "vm1", 16 * MiB)
+    assert "importing" in str(caught.value)
+    assert cluster.pools["bases"] == {} and cluster.locks == {}
