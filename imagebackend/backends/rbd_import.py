@@ -38,9 +38,8 @@ LOCK_RENEW = 60
 _LOCK_FLAG_RENEW = 1
 #: the bytes read and written at a time (librbd's default object size).
 CHUNK = 4 * 1024 * 1024
-_ZEROS = bytes(CHUNK)
-#: the unit of zero detection inside a chunk: only the runs of blocks
-#: that hold data are written.
+#: the unit of zero detection: only the runs of blocks that hold data
+#: are written.
 BLOCK = 64 * 1024
 #: asynchronous writes in flight at most.
 IN_FLIGHT = 16
@@ -150,37 +149,78 @@ def import_base(conn, pool: str, name: str, path: str, size: int,
 
 
 def write_sparse(image, path: str, renew) -> str:
-    """Write file ``path`` into ``image`` by aligned chunks of
-    :data:`CHUNK` bytes, skipping holes and all-zero blocks.
+    """Write the data extents of file ``path`` into ``image``, by
+    :data:`BLOCK`-aligned blocks: holes are not read, all-zero blocks
+    are not written.
 
-    :returns: the content digest (:func:`add_chunk` over every chunk
-        written), which :func:`read_digest` computes again from the image.
+    :returns: the content digest (:func:`add_block` over every block
+        written, in order), which :func:`read_digest` computes again from
+        the image.
     """
     digest = hashlib.sha256()
     writer = _Writer(image)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        end = os.fstat(fd).st_size
-        offset = 0
-        while offset < end:
-            try:
-                data = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:         # ENXIO: only a hole is left
-                break
-            offset = data - data % CHUNK
-            chunk = os.pread(fd, min(CHUNK, end - offset), offset)
-            if not chunk:
-                break
-            if chunk != _ZEROS[:len(chunk)]:
-                _write_runs(writer, chunk, offset)
-                add_chunk(digest, offset, chunk)
+        size = os.fstat(fd).st_size
+        for start, piece in _pieces(
+                _file_extents(fd, size),
+                lambda offset, length: os.pread(fd, length, offset), size):
+            for offset, run in _runs(digest, piece, start):
+                writer.write(run, offset)
             renew()
-            offset += CHUNK
         writer.drain()
     finally:
         os.close(fd)
         writer.drain(check=False)
     return digest.hexdigest()
+
+
+def _file_extents(fd: int, size: int):
+    """The ``(offset, end)`` of each data extent of file ``fd``."""
+    offset = 0
+    while offset < size:
+        try:
+            offset = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:             # ENXIO: only a hole is left
+            return
+        end = os.lseek(fd, offset, os.SEEK_HOLE)
+        yield offset, end
+        offset = end
+
+
+def _pieces(extents, read, size: int):
+    """``(offset, bytes)`` read with ``read(offset, length)`` covering
+    ``extents`` (sorted) widened to whole blocks, each block once, at most
+    :data:`CHUNK` bytes a piece.
+    """
+    done = 0
+    for offset, end in extents:
+        start = max(done, offset - offset % BLOCK)
+        stop = min(-(-end // BLOCK) * BLOCK, size)
+        while start < stop:
+            piece = read(start, min(CHUNK, stop - start))
+            if not piece:
+                return
+            yield start, piece
+            start += len(piece)
+        done = max(done, start)
+
+
+def _runs(digest, piece: bytes, start: int):
+    """Add the non-zero blocks of ``piece`` (at block-aligned ``start``)
+    to ``digest``; yield ``(offset, bytes)`` of each run of them.
+    """
+    run_start = None
+    for pos in range(0, len(piece) + BLOCK, BLOCK):
+        end = min(pos + BLOCK, len(piece))
+        zero = pos >= len(piece) or piece.count(0, pos, end) == end - pos
+        if not zero:
+            add_block(digest, start + pos, piece[pos:end])
+            if run_start is None:
+                run_start = pos
+        elif run_start is not None:
+            yield start + run_start, piece[run_start:pos]
+            run_start = None
 
 
 class _Writer:
@@ -214,47 +254,29 @@ class _Writer:
                           % (os.strerror(-ret), length, offset))
 
 
-def _write_runs(writer, chunk: bytes, offset: int) -> None:
-    """Write the runs of ``chunk`` (at ``offset``) made of
-    :data:`BLOCK`-sized blocks that are not all zeros.
-    """
-    run_start = None
-    for pos in range(0, len(chunk) + BLOCK, BLOCK):
-        end = min(pos + BLOCK, len(chunk))
-        zero = pos >= len(chunk) or chunk.count(0, pos, end) == end - pos
-        if not zero and run_start is None:
-            run_start = pos
-        elif zero and run_start is not None:
-            writer.write(chunk[run_start:pos], offset + run_start)
-            run_start = None
-
-
-def add_chunk(digest, offset: int, chunk: bytes) -> None:
-    """Add the non-zero chunk at ``offset`` to a content digest."""
-    digest.update(struct.pack(">QI", offset, len(chunk)))
-    digest.update(chunk)
+def add_block(digest, offset: int, block: bytes) -> None:
+    """Add the non-zero block at ``offset`` to a content digest."""
+    digest.update(struct.pack(">QI", offset, len(block)))
+    digest.update(block)
 
 
 def read_digest(conn, pool: str, name: str) -> str:
     """The content digest of base ``pool/name``'s snapshot, read back
-    from the cluster (only the chunks that hold objects are read).
+    from the cluster (only the extents that hold data are read).
     """
     with conn.errors("reading base %s/%s" % (pool, name)):
         with conn.rbd.Image(conn.ioctx(pool), name,
                             snapshot=rbd_cluster.SNAP,
                             read_only=True) as image:
             size = image.size()
-            chunks = set()
+            extents = []
 
             def extent(offset, length, exists):
                 if exists:
-                    chunks.update(range(offset // CHUNK,
-                                        (offset + length - 1) // CHUNK + 1))
+                    extents.append((offset, offset + length))
             image.diff_iterate(0, size, None, extent)
             digest = hashlib.sha256()
-            for index in sorted(chunks):
-                offset = index * CHUNK
-                chunk = image.read(offset, min(CHUNK, size - offset))
-                if chunk != _ZEROS[:len(chunk)]:
-                    add_chunk(digest, offset, chunk)
+            for start, piece in _pieces(sorted(extents), image.read, size):
+                for _ in _runs(digest, piece, start):
+                    pass
     return digest.hexdigest()

@@ -336,7 +336,9 @@ def test_only_blocks_with_data_are_written(tmp_path):
         rebuilt[offset:offset + len(chunk)] = chunk
     assert rebuilt == data
     expected = hashlib.sha256()
-    rbd_import.add_chunk(expected, 0, bytes(data))
+    for offset in (0, BLOCK, 5 * BLOCK, CHUNK - BLOCK):
+        rbd_import.add_block(expected, offset,
+                             bytes(data[offset:offset + BLOCK]))
     assert digest == expected.hexdigest()
 
 
