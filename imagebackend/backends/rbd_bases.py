@@ -21,12 +21,16 @@ its last use, or at once when it is stale (invalidated).
 """
 
 import datetime
+import re
 import time
 
 from imagebackend.backends import rbd_cluster
 from imagebackend.backends import rbd_import
+from imagebackend import exception
 
 KIND = "rbd base"
+#: a base's name: the image's cache id, and its generation after the first.
+_BASE_STEM = re.compile(r"\A([0-9a-f]{40})(-[0-9]+)?\Z")
 #: a temporary image older than this (seconds) belongs to no running call:
 #: an import renews its lock (and finishes) well within it.
 TEMP_AGE = 2 * rbd_import.LOCK_DURATION
@@ -108,13 +112,35 @@ def prune(conn, pool: str, disk_pool: str, min_age: int, dry_run: bool,
             age = now - conn.created(where, name)
             if age < TEMP_AGE:
                 continue
-            if not dry_run:
-                conn.remove_quietly(where, name)
+            if not dry_run and not _remove_temp(conn, where, name, pool):
+                report["kept"].append({
+                    "kind": "rbd temporary", "file": "%s/%s" % (where, name),
+                    "bytes": None, "reason": "an import holds its lock"})
+                continue
             report["removed"].append({
                 "kind": "rbd temporary", "file": "%s/%s" % (where, name),
                 "bytes": None,
                 "reason": "left by a failed call %d s ago" % age})
     return report
+
+
+def _remove_temp(conn, where: str, name: str, base_pool: str) -> bool:
+    """Remove temporary image ``where/name``; one of a base only while
+    no import of that image holds its lock (a long import of a large
+    image may be older than :data:`TEMP_AGE`).
+
+    :returns: False when it was kept.
+    """
+    match = _BASE_STEM.match(name.split(rbd_cluster.TEMP_MARK)[0])
+    if where != base_pool or match is None:
+        conn.remove_quietly(where, name)
+        return True
+    try:
+        with rbd_import.lock(conn, where, match.group(1), -1):
+            conn.remove_quietly(where, name)
+    except exception.LockWaitTimeout:
+        return False
+    return True
 
 
 def invalidate(conn, pool: str, image_id: str) -> dict:

@@ -52,7 +52,8 @@ def lock(conn, pool: str, name: str, wait: int):
     :data:`LOCK_DURATION` seconds after it was last renewed, so a
     holder that died does not block the others for longer.
 
-    :param wait: seconds to wait for it (0: no limit).
+    :param wait: seconds to wait for it (0: no limit; negative: try
+        once).
     :returns: (as the context) a function that renews the lock; call
         it often, it renews at most every :data:`LOCK_RENEW` seconds.
     :raises imagebackend.exception.LockWaitTimeout: not had in time.
@@ -72,7 +73,7 @@ def lock(conn, pool: str, name: str, wait: int):
             except (conn.rados.ObjectBusy, conn.rados.ObjectExists):
                 pass
         waited = time.monotonic() - start
-        if wait and waited > wait:
+        if wait < 0 or (wait and waited > wait):
             raise exception.LockWaitTimeout(
                 path="%s/%s" % (pool, key), what="base %s" % name,
                 waited=waited, holder="another host or process",

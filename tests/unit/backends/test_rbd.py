@@ -515,3 +515,21 @@ def test_failed_asynchronous_write_fails_the_import(tmp_path, cluster, code,
         backend.create_image("img", "vm1", 16 * MiB)
     assert "importing" in str(caught.value)
     assert cluster.pools["bases"] == {} and cluster.locks == {}
+
+
+def test_prune_keeps_an_old_temporary_base_while_its_import_runs(tmp_path,
+                                                                 cluster):
+    backend, _ = make(tmp_path, cluster)
+    old = datetime.datetime.utcnow() - datetime.timedelta(hours=1)
+    tmp = CID + "-2" + rbd_cluster.TEMP_MARK + "cccc"
+    cluster.pools["bases"][tmp] = fake_ceph.Image(1, created=old)
+    # A long import of that image holds its lock (on another host).
+    cluster.locks[("bases", "imagebackend_lock.%s" % CID)] = "importer"
+    report = backend.prune_bases()
+    assert report["removed"] == []
+    assert report["kept"][0]["reason"] == "an import holds its lock"
+    assert tmp in cluster.pools["bases"]
+    del cluster.locks[("bases", "imagebackend_lock.%s" % CID)]
+    assert [r["file"] for r in backend.prune_bases()["removed"]] == [
+        "bases/" + tmp]
+    assert cluster.locks == {}
