@@ -25,6 +25,7 @@ import shutil
 import statistics
 
 from benchmarks import harness
+from benchmarks import rbd_scenarios
 import imagebackend
 from imagebackend import opts
 from imagebackend.sources import glance
@@ -341,4 +342,6 @@ SCENARIOS = {
     "concurrent-images": concurrent_images,
     "memory": memory,
     "glance-download": glance_download,
+    "rbd-cold-import": rbd_scenarios.rbd_cold_import,
+    "rbd-warm-clone": rbd_scenarios.rbd_warm_clone,
 }

@@ -408,3 +408,26 @@ class DiskNotCreated(QemuImgError):
                "failed (exit code %(exit_code)s): %(stderr)s. Nothing was "
                "kept; fix the cause above (the size, the free space, the "
                "directory's permissions) and try again.")
+
+
+# --- Ceph RBD ---------------------------------------------------------------
+
+class RbdError(ImageBackendException):
+    """A Ceph RBD operation of the ``rbd`` backend failed."""
+
+    msg_fmt = "Ceph RBD %(what)s failed: %(reason)s"
+
+
+class RbdUnavailable(RbdError, ConnectionError):
+    msg_fmt = ("Ceph RBD %(what)s failed: the cluster did not answer "
+               "(%(reason)s). Nothing half-made was kept under a final "
+               "name. Check that the cluster runs and that [rbd] ceph_conf "
+               "(%(conf)s) and [rbd] user reach it, or raise [rbd] "
+               "connect_timeout.")
+
+
+class RbdBindingsMissing(ConfigurationError):
+    msg_fmt = ("The rbd backend needs Ceph's Python bindings, which cannot "
+               "be imported (%(reason)s): install the Debian packages "
+               "python3-rados and python3-rbd (not on PyPI), and in a "
+               "virtualenv make them visible with tools/ceph-bindings.sh.")

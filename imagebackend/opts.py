@@ -37,6 +37,7 @@ from oslo_concurrency import lockutils
 from oslo_config import cfg
 
 from imagebackend.backends import base as backends_base
+from imagebackend.backends import rbd as rbd_backend
 from imagebackend import cache
 from imagebackend.common import config_check
 from imagebackend.common import plugins
@@ -75,7 +76,8 @@ def register_opts(conf: cfg.ConfigOpts,
 
     :param conf: the ConfigOpts; a compute service passes its own.  Its
         own options are left alone: ours are in the groups
-        ``[imagebackend]``, ``[image_cache]``, ``[qemu_img]``, the image
+        ``[imagebackend]``, ``[image_cache]``, ``[qemu_img]``, ``[rbd]``,
+        the image
         sources' groups (``[local_source]``, ``[glance]``) and
         oslo.concurrency's ``[oslo_concurrency]``.
     :param image_sources: the names of the image sources whose options to
@@ -241,7 +243,8 @@ def _library_opts() -> list[tuple[str, list[cfg.Opt]]]:
                                 sources.OPTIONS, inspection.OPTIONS))
     return [(GROUP, core),
             (cache.IMAGE_CACHE_GROUP, list(cache.IMAGE_CACHE_OPTIONS)),
-            (qemu_options.GROUP, list(qemu_options.OPTIONS))]
+            (qemu_options.GROUP, list(qemu_options.OPTIONS)),
+            (rbd_backend.GROUP, list(rbd_backend.OPTIONS))]
 
 
 def _all_source_opts():

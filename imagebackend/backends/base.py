@@ -54,6 +54,8 @@ OPTIONS = [
                    ("cached-base", "a qcow2 overlay over a shared base "
                                    "already grown to the disk's size"),
                    ("raw", "an independent sparse raw copy of the base"),
+                   ("rbd", "a Ceph RBD copy-on-write clone of a base "
+                           "imported once per cluster (options in [rbd])"),
                ],
                help="How instance disks are made from cached base images "
                     "(the name of an 'imagebackend.backends' entry "
@@ -234,10 +236,9 @@ class ImageBackend(abc.ABC):
         # First: an id no image can have must change nothing (not even a
         # lock file or the target's directory).
         self.source.check_id(image_id)
-        target = disk_target.normalize(target)
+        target = self.normalize_target(target)
         disk_target.check_size(image_id, size)
-        disk_target.check_place(target, self.cache)
-        made = disk_target.make_parent(target)
+        made = self.claim_target(target)
         try:
             return self._create(image_id, target, size, progress, made)
         except BaseException:
@@ -249,8 +250,7 @@ class ImageBackend(abc.ABC):
         # Held shared until the disk exists and is recorded, so the cache
         # pruner never removes the base in between.
         with self.cache.use(image_id):
-            entry, hit = self.cache.get(image_id, requested_size=size,
-                                        progress=progress, timings=timings)
+            entry, hit = self.fetch_base(image_id, size, progress, timings)
             if entry.virtual_size > size:
                 raise exception.DiskSmallerThanImage(
                     image_id=image_id, virtual_size=entry.virtual_size,
@@ -260,21 +260,93 @@ class ImageBackend(abc.ABC):
                 base_path, base_format = self.prepare_base(entry, size)
             timings["extend"] = time.monotonic() - start
             start = time.monotonic()
-            self._make_disk(entry, base_path, base_format, target, size,
-                            made)
+            self.make_disk(entry, base_path, base_format, target, size, made)
             timings["overlay"] = time.monotonic() - start
         chain = [base_path] if self.uses_backing_file else []
         LOG.info("Created %s disk %s (%d bytes) from image %s%s",
                  self.name, target, size, image_id,
                  " (cache hit)" if hit else "")
-        return Disk(path=target, format=self.disk_format, virtual_size=size,
-                    image_id=image_id, backend=self.name,
-                    backing_chain=chain, cache_hit=hit, timings=timings)
+        return self.new_disk(path=target, format=self.disk_format,
+                             virtual_size=size, image_id=image_id,
+                             backend=self.name, backing_chain=chain,
+                             cache_hit=hit, timings=timings)
 
-    def _make_disk(self, entry, base_path, base_format, target, size, made):
-        """Intent record, disk under a temporary name, fsync, no-replace
-        publish, then the record is marked done; on failure only this
-        attempt's temporary file and record are removed.
+    def delete_disk(self, target: str) -> dict:
+        """Remove the disk ``target`` that this library made, and its
+        record; a disk it did not make is never removed.
+
+        :returns: what was removed (``path``, ``image_id``, ``backend``).
+        :raises imagebackend.exception.DiskNotFound: there is no such disk.
+        :raises imagebackend.exception.DiskOperationError: the library did
+            not make it.
+        """
+        target = self.normalize_target(target)
+        record = self.cache.disk_record(target)
+        if record is None:
+            if not os.path.lexists(target):
+                raise exception.DiskNotFound(path=target)
+            raise exception.DiskOperationError(
+                path=target,
+                reason="no record of the image cache says this library "
+                       "made it, so it is not removed; remove it yourself "
+                       "if it is yours")
+        with disk_target.errors(record["image_id"], target, 0):
+            os.unlink(target)
+            fileio.fsync_dir(os.path.dirname(target))
+        self.cache.forget_disk(record)
+        LOG.info("Deleted %s disk %s of image %s", self.name, target,
+                 record["image_id"])
+        return {"path": target, "image_id": record["image_id"],
+                "backend": self.name}
+
+    # -- hooks -------------------------------------------------------------
+
+    def normalize_target(self, target) -> str:
+        """The target as this backend names disks (default: an absolute
+        file path; see :func:`imagebackend.backends.target.normalize`).
+
+        :raises imagebackend.exception.InvalidTarget: it names no disk.
+        """
+        return disk_target.normalize(target)
+
+    def claim_target(self, target: str) -> list[str]:
+        """Check that ``target`` is free and allowed, and make what it
+        needs (default: refuse a place inside the cache, make the missing
+        directories).
+
+        :returns: the directories made, removed again if the call fails.
+        :raises imagebackend.exception.TargetExists: it exists.
+        :raises imagebackend.exception.InvalidTarget: it is not allowed.
+        """
+        disk_target.check_place(target, self.cache)
+        return disk_target.make_parent(target)
+
+    def fetch_base(self, image_id: str, size: int,
+                   progress: common_progress.Progress | None,
+                   timings: dict[str, float]
+                   ) -> tuple[cache_lookup.CacheEntry, bool]:
+        """Fetch, convert and cache step: the base of ``image_id`` and
+        whether it was already there (default: the host's image cache,
+        :meth:`imagebackend.cache.ImageCache.get`).
+        """
+        return self.cache.get(image_id, requested_size=size,
+                              progress=progress, timings=timings)
+
+    def new_disk(self, **fields: typing.Any) -> Disk:
+        """The result of :meth:`create_image`, from :class:`Disk`'s
+        fields.
+        """
+        return Disk(**fields)
+
+    def make_disk(self, entry: cache_lookup.CacheEntry, base_path: str,
+                  base_format: str, target: str, size: int,
+                  made: list[str]) -> None:
+        """Overlay step: make and publish the disk ``target``.
+
+        The default: intent record, disk under a temporary name (filled by
+        :meth:`create_disk`), fsync, no-replace publish, then the record
+        is marked done; on failure only this attempt's temporary file and
+        record are removed.
         """
         with disk_target.errors(entry.image_id, target, size):
             tmp = disk_target.new_temp(target, made)
@@ -306,8 +378,6 @@ class ImageBackend(abc.ABC):
                 self.cache.unregister_disk(handle)
             raise
         self.cache.confirm_disk(handle, done)
-
-    # -- hooks -------------------------------------------------------------
 
     #: whether disks of this backend keep a backing file.
     uses_backing_file = True

@@ -348,6 +348,19 @@ class ImageCache:
         """
         self.scanner.registry.rollback(handle)
 
+    def disk_record(self, disk: str) -> dict | None:
+        """The registry record of the disk file ``disk`` if the library
+        made it (see :meth:`imagebackend.cache.registry.Registry.find`),
+        else None.
+        """
+        return self.scanner.registry.find(disk)
+
+    def forget_disk(self, record: dict) -> None:
+        """Remove ``record`` (from :meth:`disk_record`) once its disk is
+        removed.
+        """
+        self.scanner.registry.rollback(record["_path"])
+
     # -- reports and upkeep ---------------------------------------------------
 
     def prune(self, *, dry_run: bool = False) -> results.PruneReport:

@@ -15,6 +15,7 @@
 import argparse
 import threading
 
+from imagebackend.backends import base as backends_base
 from imagebackend import cache as image_cache
 from imagebackend.cmd import output
 from imagebackend.qemu import img as qemu_img
@@ -117,8 +118,19 @@ def make_cache(conf, with_source: bool = False) -> image_cache.ImageCache:
         qemu_img.QemuImg(conf))
 
 
+def rbd_backend(conf):
+    """The rbd backend when it is the configured one: its bases live in
+    Ceph, and the cache commands cover them too.
+    """
+    if conf.imagebackend.images_type != "rbd":
+        return None
+    return backends_base.load(conf, "rbd")
+
+
 def list_cache(args, conf) -> list[dict]:
-    return [entry.to_dict() for entry in make_cache(conf).entries()]
+    rows = [entry.to_dict() for entry in make_cache(conf).entries()]
+    rbd = rbd_backend(conf)
+    return rows + (rbd.list_bases() if rbd is not None else [])
 
 
 def _json(args) -> bool:
@@ -135,9 +147,14 @@ def _removal_rows(result, dry_run=False) -> list[dict]:
 
 def prune_cache(args, conf):
     report = make_cache(conf).prune(dry_run=args.dry_run).to_dict()
+    rbd = rbd_backend(conf)
+    if rbd is not None:
+        report["rbd"] = rbd.prune_bases(dry_run=args.dry_run)
     if _json(args):
         return report
     rows = _removal_rows(report, args.dry_run)
+    if rbd is not None:
+        rows += _removal_rows(report["rbd"], args.dry_run)
     summary = "cache now %d bytes" % report["cache_size"]
     if report["free_space"] is not None:
         summary += ", %d bytes free" % report["free_space"]
@@ -150,13 +167,20 @@ def prune_cache(args, conf):
 
 def invalidate_image(args, conf):
     result = make_cache(conf).invalidate(args.image_id).to_dict()
+    rbd = rbd_backend(conf)
+    parts = [result]
+    if rbd is not None:
+        result["rbd"] = rbd.invalidate_bases(args.image_id)
+        parts.append(result["rbd"])
     if _json(args):
         return result
-    rows = [{"action": "marked stale", "file": path}
-            for path in result["marked_stale"]]
-    rows += _removal_rows(result)
-    rows += [dict(row, action="kept") for row in result["kept"]
-             if row["reason"].startswith("in use by ")]
+    rows = []
+    for part in parts:
+        rows += [{"action": "marked stale", "file": path}
+                 for path in part["marked_stale"]]
+        rows += _removal_rows(part)
+        rows += [dict(row, action="kept") for row in part["kept"]
+                 if row["reason"].startswith("in use by ")]
     rows.append({"action": "total", "bytes": result["bytes_freed"]})
     return rows
 
@@ -164,9 +188,13 @@ def invalidate_image(args, conf):
 def verify_cache(args, conf) -> list[dict]:
     report = make_cache(conf).verify(args.image_ids or None,
                                      repair=args.repair)
-    if report.failed:
+    rows = [checked.to_dict() for checked in report.files]
+    rbd = rbd_backend(conf)
+    rbd_rows = [] if rbd is None else rbd.verify_bases(
+        args.image_ids or None, repair=args.repair)
+    if report.failed or any(row["status"] != "ok" for row in rbd_rows):
         args.exit_status = 1
-    return [checked.to_dict() for checked in report.files]
+    return rows + rbd_rows
 
 
 def prefetch_images(args, conf) -> list[dict]:

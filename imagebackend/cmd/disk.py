@@ -61,15 +61,31 @@ def add_commands(groups) -> None:
                              "exist, and must be outside the image cache "
                              "and its lock directory. Missing parent "
                              "directories are made (and removed again if "
-                             "the command fails).")
+                             "the command fails). With the rbd backend: "
+                             "the RBD image name in [rbd] pool.")
     create.add_argument("--size", required=True, type=_size,
                         help="Virtual size of the disk: bytes, or a number "
                              "with a K, M, G or T suffix (1024-based).")
     create.add_argument("--backend", metavar="NAME",
                         help="Backend to use instead of [imagebackend] "
-                             "images_type: raw, qcow2 or cached-base.")
+                             "images_type: raw, qcow2, cached-base or "
+                             "rbd.")
     output.add_format_argument(create)
     create.set_defaults(func=create_disk)
+
+    delete = commands.add_parser(
+        "delete", help="Remove an instance disk this library made.",
+        description="Remove the disk TARGET and its record, if this library "
+                    "made it (a file with a registry record, or an RBD "
+                    "clone whose metadata says it made it); anything else "
+                    "is refused and left alone.")
+    delete.add_argument("target", metavar="TARGET",
+                        help="The disk's path, or its RBD image name.")
+    delete.add_argument("--backend", metavar="NAME",
+                        help="The backend that made it, instead of "
+                             "[imagebackend] images_type.")
+    output.add_format_argument(delete)
+    delete.set_defaults(func=delete_disk)
 
     _add_operations(commands)
 
@@ -90,6 +106,10 @@ def create_disk(args, conf) -> dict:
     finally:
         bar.close()
     return disk.to_dict()
+
+
+def delete_disk(args, conf) -> dict:
+    return backends_base.load(conf, args.backend).delete_disk(args.target)
 
 
 def _add_operations(commands) -> None:

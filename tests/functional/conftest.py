@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 
+from tests.functional.fixtures import ceph as ceph_mod
 from tests.functional.fixtures import server_procs
 from tests.functional.fixtures import servers as servers_mod
 
@@ -82,3 +83,13 @@ def openstack_servers(request):
         servers_unavailable(request.config, str(exc))
     with servers_mod.servers_in_tempdir(venv) as servers:
         yield servers
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster():
+    """A real one-monitor, one-OSD Ceph on 127.0.0.1 (fixtures/ceph.py),
+    started once per run by the first test that asks for it (about 2 s)
+    and stopped by pid at the end.
+    """
+    with ceph_mod.session_cluster(in_ci()) as cluster:
+        yield cluster

@@ -93,7 +93,7 @@ def test_new_conf_rejects_an_unknown_backend_name(tmp_path):
 def _groups(conf):
     return {name: {opt for opt in conf[name]} for name in
             ("imagebackend", "image_cache", "qemu_img", "oslo_concurrency",
-             "local_source", "glance")}
+             "local_source", "glance", "rbd")}
 
 
 def test_register_opts_registers_every_option_in_one_call():

@@ -87,7 +87,7 @@ def image_meta(image_id: str, image: dict, *, source: str,
         identity="%s,updated_at=%s" % (content, updated_at),
         extra={key: record.text(key, quiet=True) for key in (
             "name", "owner", "visibility", "updated_at",
-            "os_hash_algo")},
+            "os_hash_algo", "direct_url")},
     )
 
 
