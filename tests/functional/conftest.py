@@ -13,10 +13,12 @@
 """Fixtures shared by the functional tests."""
 
 import os
+import pathlib
 import warnings
 
 import pytest
 
+from tests.functional.fixtures import corpus
 from tests.functional.fixtures import server_procs
 from tests.functional.fixtures import servers as servers_mod
 
@@ -82,3 +84,35 @@ def openstack_servers(request):
         servers_unavailable(request.config, str(exc))
     with servers_mod.servers_in_tempdir(venv) as servers:
         yield servers
+
+
+def _file_states(directory: pathlib.Path) -> dict:
+    """Every file under ``directory`` with its size and modification
+    time: what any write, truncation or replacement changes.
+    """
+    return {str(path.relative_to(directory)):
+            (path.lstat().st_size, path.lstat().st_mtime_ns)
+            for path in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def crafted_corpus(tmp_path_factory):
+    """The crafted-image corpus (fixtures/corpus.py), built once per test
+    run and shared by every test that reads it.
+
+    The tests only read it; a test that changed, added or removed one of
+    its files would change what later tests see, so the run ends with an
+    error naming the files if that happened.
+
+    :returns: a tuple of :class:`corpus.CorpusEntry`, in builder order.
+    """
+    directory = tmp_path_factory.mktemp("corpus")
+    entries = tuple(corpus.build_corpus(str(directory)))
+    before = _file_states(directory)
+    yield entries
+    after = _file_states(directory)
+    changed = sorted(name for name in before.keys() | after.keys()
+                     if before.get(name) != after.get(name))
+    if changed:
+        pytest.fail("a test changed the shared corpus in %s: %s"
+                    % (directory, ", ".join(changed)), pytrace=False)
