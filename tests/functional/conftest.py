@@ -19,6 +19,7 @@ import warnings
 import pytest
 
 from tests.functional.fixtures import corpus
+from tests.functional.fixtures import parallel
 from tests.functional.fixtures import server_procs
 from tests.functional.fixtures import servers as servers_mod
 
@@ -57,6 +58,41 @@ def servers_unavailable(config, reason: str, environ=os.environ):
     pytest.skip(message)
 
 
+def pytest_configure(config):
+    parallel.start(config)
+
+
+def pytest_unconfigure(config):
+    parallel.finish(config)
+
+
+def pytest_collection_modifyitems(config, items):
+    parallel.group_items(items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadgroup":
+        return parallel.scheduler(config, log)
+    return None
+
+
+def pytest_sessionfinish(session):
+    # On a pytest-xdist worker: hand the skip notice to the controller,
+    # which prints the summary.
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["skipped_servers"] = session.config.stash.get(
+            _SKIPPED_SERVERS, [])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    skipped = getattr(node, "workeroutput", {}).get("skipped_servers")
+    if skipped:
+        node.config.stash.setdefault(_SKIPPED_SERVERS, []).extend(skipped)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = config.stash.get(_SKIPPED_SERVERS, [])
     if skipped:
@@ -76,8 +112,10 @@ def openstack_servers(request):
     (tools/glance-servers/setup-venv.sh failed), every test that needs
     them fails under CI and is skipped loudly elsewhere (see
     :func:`servers_unavailable`); a server that fails to start is an
-    error.
+    error.  Under pytest-xdist, the tests that use them run on one
+    worker (fixtures/parallel.py).
     """
+    parallel.claim("openstack_servers")
     try:
         venv = server_procs.ensure_venv()
     except server_procs.ServersUnavailable as exc:
@@ -106,6 +144,7 @@ def crafted_corpus(tmp_path_factory):
 
     :returns: a tuple of :class:`corpus.CorpusEntry`, in builder order.
     """
+    parallel.claim("crafted_corpus")
     directory = tmp_path_factory.mktemp("corpus")
     entries = tuple(corpus.build_corpus(str(directory)))
     before = _file_states(directory)

@@ -59,7 +59,8 @@ def rng(name: str) -> random.Random:
     return random.Random("%s/%s" % (SEED, name))
 
 
-SEED = os.environ.get("IMAGEBACKEND_STRESS_SEED") or str(
+SEED_ENV = "IMAGEBACKEND_STRESS_SEED"
+SEED = os.environ.get(SEED_ENV) or str(
     random.SystemRandom().randrange(10 ** 9))
 
 
@@ -79,6 +80,16 @@ class Stats:
     def failed(self, section: str, count: int) -> None:
         with self._lock:
             self.problems[section] += count
+
+    def merge(self, data: dict) -> None:
+        """Add the figures of another process (:meth:`to_dict` there)."""
+        if data["seed"] != SEED:
+            raise ValueError("figures of seed %s cannot join those of seed "
+                             "%s" % (data["seed"], SEED))
+        with self._lock:
+            for section, counts in data["counts"].items():
+                self.counts[section].update(counts)
+            self.problems.update(data["problems"])
 
     def to_dict(self) -> dict:
         with self._lock:
