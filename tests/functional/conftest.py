@@ -67,7 +67,7 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    parallel.group_items(items)
+    parallel.group_items(config, items)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -115,7 +115,7 @@ def openstack_servers(request):
     error.  Under pytest-xdist, the tests that use them run on one
     worker (fixtures/parallel.py).
     """
-    parallel.claim("openstack_servers")
+    parallel.claim(request.config, "openstack_servers")
     try:
         venv = server_procs.ensure_venv()
     except server_procs.ServersUnavailable as exc:
@@ -134,7 +134,7 @@ def _file_states(directory: pathlib.Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def crafted_corpus(tmp_path_factory):
+def crafted_corpus(request, tmp_path_factory):
     """The crafted-image corpus (fixtures/corpus.py), built once per test
     run and shared by every test that reads it.
 
@@ -144,7 +144,7 @@ def crafted_corpus(tmp_path_factory):
 
     :returns: a tuple of :class:`corpus.CorpusEntry`, in builder order.
     """
-    parallel.claim("crafted_corpus")
+    parallel.claim(request.config, "crafted_corpus")
     directory = tmp_path_factory.mktemp("corpus")
     entries = tuple(corpus.build_corpus(str(directory)))
     before = _file_states(directory)
