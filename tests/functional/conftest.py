@@ -13,11 +13,14 @@
 """Fixtures shared by the functional tests."""
 
 import os
+import pathlib
 import warnings
 
 import pytest
 
 from tests.functional.fixtures import ceph as ceph_mod
+from tests.functional.fixtures import corpus
+from tests.functional.fixtures import parallel
 from tests.functional.fixtures import server_procs
 from tests.functional.fixtures import servers as servers_mod
 
@@ -56,6 +59,41 @@ def servers_unavailable(config, reason: str, environ=os.environ):
     pytest.skip(message)
 
 
+def pytest_configure(config):
+    parallel.start(config)
+
+
+def pytest_unconfigure(config):
+    parallel.finish(config)
+
+
+def pytest_collection_modifyitems(config, items):
+    parallel.group_items(config, items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadgroup":
+        return parallel.scheduler(config, log)
+    return None
+
+
+def pytest_sessionfinish(session):
+    # On a pytest-xdist worker: hand the skip notice to the controller,
+    # which prints the summary.
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["skipped_servers"] = session.config.stash.get(
+            _SKIPPED_SERVERS, [])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    skipped = getattr(node, "workeroutput", {}).get("skipped_servers")
+    if skipped:
+        node.config.stash.setdefault(_SKIPPED_SERVERS, []).extend(skipped)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     skipped = config.stash.get(_SKIPPED_SERVERS, [])
     if skipped:
@@ -75,8 +113,10 @@ def openstack_servers(request):
     (tools/glance-servers/setup-venv.sh failed), every test that needs
     them fails under CI and is skipped loudly elsewhere (see
     :func:`servers_unavailable`); a server that fails to start is an
-    error.
+    error.  Under pytest-xdist, the tests that use them run on one
+    worker (fixtures/parallel.py).
     """
+    parallel.claim(request.config, "openstack_servers")
     try:
         venv = server_procs.ensure_venv()
     except server_procs.ServersUnavailable as exc:
@@ -86,10 +126,44 @@ def openstack_servers(request):
 
 
 @pytest.fixture(scope="session")
-def ceph_cluster():
+def ceph_cluster(request):
     """A real one-monitor, one-OSD Ceph on 127.0.0.1 (fixtures/ceph.py),
     started once per run by the first test that asks for it (about 2 s)
     and stopped by pid at the end.
     """
+    parallel.claim(request.config, "ceph_cluster")
     with ceph_mod.session_cluster(in_ci()) as cluster:
         yield cluster
+
+
+def _file_states(directory: pathlib.Path) -> dict:
+    """Every file under ``directory`` with its size and modification
+    time: what any write, truncation or replacement changes.
+    """
+    return {str(path.relative_to(directory)):
+            (path.lstat().st_size, path.lstat().st_mtime_ns)
+            for path in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def crafted_corpus(request, tmp_path_factory):
+    """The crafted-image corpus (fixtures/corpus.py), built once per test
+    run and shared by every test that reads it.
+
+    The tests only read it; a test that changed, added or removed one of
+    its files would change what later tests see, so the run ends with an
+    error naming the files if that happened.
+
+    :returns: a tuple of :class:`corpus.CorpusEntry`, in builder order.
+    """
+    parallel.claim(request.config, "crafted_corpus")
+    directory = tmp_path_factory.mktemp("corpus")
+    entries = tuple(corpus.build_corpus(str(directory)))
+    before = _file_states(directory)
+    yield entries
+    after = _file_states(directory)
+    changed = sorted(name for name in before.keys() | after.keys()
+                     if before.get(name) != after.get(name))
+    if changed:
+        pytest.fail("a test changed the shared corpus in %s: %s"
+                    % (directory, ", ".join(changed)), pytrace=False)

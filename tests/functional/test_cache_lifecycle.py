@@ -136,7 +136,7 @@ def test_prune_with_zero_ages_removes_exactly_the_unused_bases(dep):
         "c.raw": create(dep, "c.raw", None, path=os.path.join(
             dep.root, "elsewhere", "disk")).path,
     }
-    dep.cli("cache", "prefetch", "d.raw", "e.qcow2")
+    dep.prefetch("d.raw", "e.qcow2")
     # made by another tool, with a relative backing file, in disk_dirs
     hand = os.path.join(manual, "vm-d", "disk")
     os.makedirs(os.path.dirname(hand))
@@ -387,7 +387,7 @@ def _verify(dep, *argv):
 
 def test_verify_detects_a_flipped_byte_and_repair_moves_it_aside(dep):
     raw, qcow2 = image(dep, "r.raw"), image(dep, "q.qcow2")
-    dep.cli("cache", "prefetch", "r.raw", "q.qcow2")
+    dep.prefetch("r.raw", "q.qcow2")
     in_use = create(dep, "q.qcow2", "vm-q", "cached-base")
     code, rows = _verify(dep)
     assert code == 0
@@ -433,7 +433,7 @@ def test_verify_detects_a_flipped_byte_and_repair_moves_it_aside(dep):
 def test_invalidate_makes_the_next_create_fetch_again(dep):
     qcow2, raw = image(dep, "g.qcow2"), image(dep, "h.raw")
     old = create(dep, "g.qcow2", "vm-g")
-    dep.cli("cache", "prefetch", "h.raw")
+    dep.prefetch("h.raw")
     assert len(converts(dep, "g.qcow2")) == 1
 
     result = dep.cli_json("cache", "invalidate", "g.qcow2")

@@ -49,6 +49,14 @@ def cli_bytes(dep, *argv, stdout=subprocess.PIPE):
         env=dep.env(), stdout=stdout, stderr=subprocess.PIPE)
 
 
+def create(dep, target, size, backend="cached-base"):
+    """Set-up: a disk of guest.qcow2 made through the library in this
+    process (what ``disk create`` does).
+    """
+    return imagebackend.load_backend(dep.conf(), backend).create_image(
+        "guest.qcow2", target, size)
+
+
 def state(dep) -> dict:
     """Everything under the instances directory (files and directories),
     to tell that a refused command changed nothing.
@@ -82,8 +90,7 @@ def one_error_line(result) -> str:
 ])
 def test_a_closed_pipe_ends_the_command_quietly(dep, argv):
     target = os.path.join(dep.instances, "vm1", "disk")
-    dep.cli("disk", "create", "guest.qcow2", target, "--size", "1G",
-            "--backend", "cached-base")
+    create(dep, target, fenv.GiB)
     if argv[:2] == ["disk", "info"]:
         argv = argv + [target]
     # The reading end is closed before the command runs: its first write
@@ -105,9 +112,8 @@ def test_a_closed_pipe_ends_the_command_quietly(dep, argv):
 
 def test_cache_list_into_head_prints_the_header_and_no_traceback(dep):
     for n in range(3):
-        dep.cli("disk", "create", "guest.qcow2",
-                os.path.join(dep.instances, "vm%d" % n, "disk"), "--size",
-                "%dM" % (128 + n), "--backend", "cached-base")
+        create(dep, os.path.join(dep.instances, "vm%d" % n, "disk"),
+               (128 + n) * fenv.MiB)
     cli = " ".join([sys.executable, "-m", "imagebackend.cmd.main",
                     "--config-file", dep.config_file])
     result = subprocess.run(
@@ -160,7 +166,7 @@ def test_an_unusable_image_id_is_one_line_and_changes_nothing(
         dep, image_id, shown, command):
     target = os.path.join(dep.instances, "new-vm", "disk")
     # A cached image, so that an id reaching the cache would be noticed.
-    dep.cli("cache", "prefetch", "guest.qcow2")
+    dep.prefetch("guest.qcow2")
     before = state(dep)
     argv = [image_id if a == "ID" else target if a == "TARGET" else a
             for a in command]
@@ -212,9 +218,7 @@ def forge_record(dep, image_id):
 
 
 def test_cache_list_text_is_one_line_per_base_and_json_is_exact(dep):
-    dep.cli("disk", "create", "guest.qcow2",
-            os.path.join(dep.instances, "vm1", "disk"), "--size", "1G",
-            "--backend", "cached-base")
+    create(dep, os.path.join(dep.instances, "vm1", "disk"), fenv.GiB)
     forge_record(dep, FORGED)
     rows = dep.cli_json("cache", "list")
     base = [r for r in rows if r["kind"] == "base"]
@@ -230,7 +234,7 @@ def test_cache_list_text_is_one_line_per_base_and_json_is_exact(dep):
 
 
 def test_cache_verify_text_shows_a_forged_id_escaped(dep):
-    dep.cli("cache", "prefetch", "guest.qcow2")
+    dep.prefetch("guest.qcow2")
     forge_record(dep, FORGED)
     rows = dep.cli_json("cache", "verify")
     assert [r["image_id"] for r in rows] == [FORGED]

@@ -81,7 +81,7 @@ def _create_at_signal(config_file, backend, target, go, queue):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_of_many_concurrent_creates_of_a_target_wins(dep, backend):
-    dep.cli("cache", "prefetch", "guest.raw")
+    dep.prefetch("guest.raw")
     target = os.path.join(dep.instances, "vm", "disk")
     ctx = multiprocessing.get_context("spawn")
     # Every child and this process meet at ``go``: no create starts
@@ -130,7 +130,7 @@ def test_raw_create_killed_mid_copy_leaves_no_target_and_retry_works(dep):
     # 256 MiB of data in 1 MiB extents spread over 2 GiB: a copy that
     # takes a while even in the kernel.
     fenv.write_pattern_raw(big, 2 * GiB, extents=256, extent_size=MiB)
-    dep.cli("cache", "prefetch", "big.raw")
+    dep.prefetch("big.raw")
     vm = os.path.join(dep.instances, "vm")
     os.makedirs(vm)
     target = os.path.join(vm, "disk")
@@ -172,7 +172,7 @@ def test_raw_create_killed_mid_copy_leaves_no_target_and_retry_works(dep):
 def test_killed_at_random_instants_a_target_is_complete_or_absent(
         dep, backend):
     image = os.path.join(dep.images, "guest.raw")
-    dep.cli("cache", "prefetch", "guest.raw")
+    dep.prefetch("guest.raw")
     start = time.monotonic()
     first = os.path.join(dep.instances, "timed", "disk")
     dep.cli("disk", "create", "guest.raw", first, "--size", "1G",
@@ -274,7 +274,7 @@ def _fails_cleanly(dep, *argv):
 
 
 def test_targets_inside_the_cache_are_refused(dep):
-    dep.cli("cache", "prefetch", "guest.raw")
+    dep.prefetch("guest.raw")
     os.symlink(dep.base_dir, os.path.join(dep.instances, "vm-link"))
     for target in (os.path.join(dep.base_dir, "x"),
                    os.path.join(dep.base_dir, "new", "x"),
@@ -305,7 +305,7 @@ def test_a_size_the_filesystem_cannot_hold_is_refused(dep):
         else:
             pytest.skip("this filesystem holds %d-byte files" % size)
     os.unlink(probe)
-    dep.cli("cache", "prefetch", "guest.raw")
+    dep.prefetch("guest.raw")
     target = os.path.join(dep.instances, "new", "vm", "disk")
     message = _fails_cleanly(dep, "guest.raw", target, "--size", str(size),
                              "--backend", "raw")
@@ -347,7 +347,7 @@ def test_a_full_filesystem_leaves_nothing_behind(dep, small_fs, backend,
                                                  preallocate):
     big = os.path.join(dep.images, "big.raw")
     fenv.write_pattern_raw(big, 64 * MiB, extents=48, extent_size=MiB)
-    dep.cli("cache", "prefetch", "big.raw")
+    dep.prefetch("big.raw")
     dep.write_config(imagebackend={"preallocate_images": preallocate})
     target = os.path.join(small_fs, "vm", "disk")
     message = _fails_cleanly(dep, "big.raw", target, "--size", "1G",

@@ -37,9 +37,8 @@ CHUNK_SIZES = ("small", 64 * KiB, 4 * MiB)
 
 
 @pytest.fixture(scope="module")
-def entries(tmp_path_factory):
-    return {e.name: e for e in corpus.build_corpus(
-        str(tmp_path_factory.mktemp("corpus")))}
+def entries(crafted_corpus):
+    return {e.name: e for e in crafted_corpus}
 
 
 @pytest.fixture

@@ -21,15 +21,14 @@ import pytest
 
 from imagebackend.backends import base as backends_base
 from imagebackend import inspection
-from tests.functional.fixtures import corpus
 from tests.functional.fixtures import env as fenv
 
 BACKENDS = ("qcow2", "cached-base", "raw")
 
 
 @pytest.fixture(scope="module")
-def entries(tmp_path_factory):
-    return corpus.build_corpus(str(tmp_path_factory.mktemp("corpus")))
+def entries(crafted_corpus):
+    return crafted_corpus
 
 
 def _ids(entries):

@@ -19,6 +19,8 @@ names a file, written there as JSON (``tox -e stress`` does).
 import json
 import os
 
+import pytest
+
 from tests.stress import harness
 
 
@@ -38,6 +40,27 @@ def summary_lines(data: dict) -> list[str]:
                                     sorted(data["problems"].items()))
         if broken else " -- nothing lost"))
     return lines
+
+
+def pytest_configure(config):
+    # pytest-xdist workers start after this, from this environment: all of
+    # them then draw from the seed the summary prints.
+    if not hasattr(config, "workerinput"):
+        os.environ[harness.SEED_ENV] = harness.SEED
+
+
+def pytest_sessionfinish(session):
+    # On a pytest-xdist worker: hand the figures to the controller.
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["stress_stats"] = harness.STATS.to_dict()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    data = getattr(node, "workeroutput", {}).get("stress_stats")
+    if data:
+        harness.STATS.merge(data)
 
 
 def pytest_terminal_summary(terminalreporter):

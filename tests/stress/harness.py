@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 
+import imagebackend
 from imagebackend import cache
 from tests.functional.fixtures import env as fenv
 
@@ -59,7 +60,8 @@ def rng(name: str) -> random.Random:
     return random.Random("%s/%s" % (SEED, name))
 
 
-SEED = os.environ.get("IMAGEBACKEND_STRESS_SEED") or str(
+SEED_ENV = "IMAGEBACKEND_STRESS_SEED"
+SEED = os.environ.get(SEED_ENV) or str(
     random.SystemRandom().randrange(10 ** 9))
 
 
@@ -79,6 +81,16 @@ class Stats:
     def failed(self, section: str, count: int) -> None:
         with self._lock:
             self.problems[section] += count
+
+    def merge(self, data: dict) -> None:
+        """Add the figures of another process (:meth:`to_dict` there)."""
+        if data["seed"] != SEED:
+            raise ValueError("figures of seed %s cannot join those of seed "
+                             "%s" % (data["seed"], SEED))
+        with self._lock:
+            for section, counts in data["counts"].items():
+                self.counts[section].update(counts)
+            self.problems.update(data["problems"])
 
     def to_dict(self) -> dict:
         with self._lock:
@@ -146,6 +158,15 @@ class Deployment(fenv.Deployment):
 
     def cache(self) -> cache.ImageCache:
         return cache.ImageCache(self.conf())
+
+    def create(self, image_id: str, target: str, size: int):
+        """Set-up: a disk made through the library in this process, as
+        ``disk create`` with the default backend makes it, without the
+        second or so of CPU a command-line process costs.  For tests whose
+        subject comes after.
+        """
+        return imagebackend.load_backend(self.conf()).create_image(
+            image_id, target, size)
 
 
 def write_image(path: str, virtual: int, data: int, seed: int = 1,

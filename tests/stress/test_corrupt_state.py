@@ -128,7 +128,7 @@ def test_a_base_without_a_valid_record_is_never_served_unverified(state,
                                                                   fault):
     dep = state.dep
     first = state.disk("vm1")
-    dep.cli("disk", "create", IMAGE, first, "--size", VIRTUAL)
+    dep.create(IMAGE, first, VIRTUAL)
     record_path = state.base + ".json"
     with open(record_path) as f:
         record = json.load(f)
@@ -197,11 +197,11 @@ def test_bookkeeping_directories_replaced_by_symlinks(state):
     """
     dep = state.dep
     first = state.disk("vm1")
-    dep.cli("disk", "create", IMAGE, first, "--size", VIRTUAL)
+    dep.create(IMAGE, first, VIRTUAL)
     other = "other.qcow2"
     harness.write_image(os.path.join(dep.images, other), VIRTUAL, 2 * MiB,
                         seed=10)
-    dep.cli("cache", "prefetch", other)
+    dep.prefetch(other)
     other_base = os.path.join(dep.base_dir, content_digest.cache_id(other))
     victim = os.path.join(state.outside, "victim")
     # A record of this host for a disk that is gone (a pruner following
@@ -254,7 +254,7 @@ def test_bookkeeping_directories_replaced_by_symlinks(state):
 
 def test_a_base_replaced_by_a_symlink_is_never_followed(state):
     dep = state.dep
-    dep.cli("cache", "prefetch", IMAGE)
+    dep.prefetch(IMAGE)
     os.unlink(state.base)
     os.symlink(state.secret, state.base)
     harness.STATS.add("faults injected", "base replaced by a symlink")
@@ -291,7 +291,7 @@ def test_nothing_but_the_cache_writes_in_base(state):
     """
     dep = state.dep
     first = state.disk("vm1")
-    dep.cli("disk", "create", IMAGE, first, "--size", VIRTUAL)
+    dep.create(IMAGE, first, VIRTUAL)
     other = "other.qcow2"
     harness.write_image(os.path.join(dep.images, other), VIRTUAL, 2 * MiB,
                         seed=12)

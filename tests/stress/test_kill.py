@@ -107,7 +107,7 @@ def test_sigkill_at_random_instants_loses_nothing(tmp_path, source_image,
     problems = harness.Problems("kill")
     warm = run.add_image("warm.qcow2")
     anchor = os.path.join(dep.instances, "anchor", "disk")
-    dep.cli("disk", "create", warm, anchor, "--size", VIRTUAL)
+    dep.create(warm, anchor, VIRTUAL)
 
     # The unkilled runs the kill instants are drawn from.
     lines = {}
