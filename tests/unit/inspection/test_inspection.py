@@ -14,6 +14,7 @@
 
 import json
 import os
+import signal
 import struct
 from unittest import mock
 import uuid
@@ -483,10 +484,26 @@ def test_inspect_file_refuses_a_symlink(conf, tmp_path):
         inspection.inspect_file(str(tmp_path / "link"), "img-1", conf)
 
 
+class _Blocked(Exception):
+    """Raised by the watchdog of a test that must not block."""
+
+
+def _blocked(signum, frame):
+    raise _Blocked("the call blocked for 5 s")
+
+
 def test_inspect_file_refuses_a_fifo_without_blocking(conf, tmp_path):
     os.mkfifo(tmp_path / "fifo")
-    with pytest.raises(exception.UnsafeCachePath, match="regular file"):
-        inspection.inspect_file(str(tmp_path / "fifo"), "img-1", conf)
+    # Opening a FIFO that has no writer blocks unless O_NONBLOCK is given:
+    # a watchdog turns such a hang into a failure.
+    previous = signal.signal(signal.SIGALRM, _blocked)
+    signal.setitimer(signal.ITIMER_REAL, 5)
+    try:
+        with pytest.raises(exception.UnsafeCachePath, match="regular file"):
+            inspection.inspect_file(str(tmp_path / "fifo"), "img-1", conf)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_inspect_file_refuses_a_directory(conf, tmp_path):
