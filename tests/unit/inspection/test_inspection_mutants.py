@@ -26,6 +26,7 @@ import os
 import stat
 import tracemalloc
 from unittest import mock
+import warnings
 
 from oslo_utils.imageutils import format_inspector as fi
 import pytest
@@ -452,6 +453,8 @@ def test_inspect_file_reads_4_mib_then_only_the_end(
 
     with mock.patch.object(inspection.StreamInspector, "feed", autospec=True,
                            side_effect=counting_feed):
-        result = inspection.inspect_file(str(path), "img-1", conf)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")      # e.g. a bad buffering mode
+            result = inspection.inspect_file(str(path), "img-1", conf)
     assert fed == fed_sizes
     assert result.file_size == os.path.getsize(path)
