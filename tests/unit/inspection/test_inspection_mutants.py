@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 import tracemalloc
 from unittest import mock
 import warnings
@@ -140,6 +141,29 @@ def test_too_large_names_the_size_and_the_option(conf):
         "its virtual size of 2147483649 bytes exceeds [imagebackend] "
         "max_image_virtual_size (2147483648 bytes); raise that option only "
         "if the image is genuine")
+
+
+@pytest.mark.parametrize("data,vsize", [
+    # A qcow2 header may record a size of 0 (qemu-img creates such disks).
+    (ti.qcow2(size=0), 0),
+    # VHD: the current size, which qemu uses, larger than the original.
+    (ti.vhd(size=GiB)[:48] + struct.pack(">Q", 4 * GiB) +
+     ti.vhd(size=GiB)[56:], 4 * GiB),
+])
+def test_the_stream_reads_each_format_s_own_virtual_size(conf, data, vsize):
+    result = ti.inspect_bytes(data, conf)
+    assert result.virtual_size == vsize
+
+
+def test_a_header_without_a_virtual_size_is_refused(conf):
+    exc, _ = ti.stream(ti.vdi(size=0), conf)
+    assert type(exc) is exception.InvalidImageFormat
+    assert exc.kwargs == {
+        "image_id": "img-1", "detected_format": "vdi",
+        "rule": "invalid-format",
+        "reason": "its content starts like a vdi image but its header "
+                  "records no virtual size; the image is truncated, corrupt "
+                  "or crafted: upload a valid copy"}
 
 
 # --- mismatches and ambiguity ---------------------------------------------
