@@ -12,6 +12,7 @@
 
 """The image safety policy, on images built byte by byte in memory."""
 
+import contextlib
 import json
 import os
 import signal
@@ -169,6 +170,21 @@ def inspect_bytes(data, conf, **kwargs):
     if isinstance(result, Exception):
         raise result
     return result
+
+
+@contextlib.contextmanager
+def chunk_sizes(cls, method):
+    """Record the length of every chunk given to ``cls.method``."""
+    sizes = []
+    real = getattr(cls, method)
+
+    def recording(self, chunk):
+        sizes.append(len(chunk))
+        return real(self, chunk)
+
+    with mock.patch.object(cls, method, autospec=True,
+                           side_effect=recording):
+        yield sizes
 
 
 # --- accepted images ------------------------------------------------------
@@ -533,15 +549,7 @@ def test_inspect_file_reads_only_what_the_inspectors_need(
             size = f.tell()
         else:
             f.truncate(size)
-    fed = []
-    real_feed = inspection.StreamInspector.feed
-
-    def counting_feed(self, chunk):
-        fed.append(len(chunk))
-        return real_feed(self, chunk)
-
-    with mock.patch.object(inspection.StreamInspector, "feed", autospec=True,
-                           side_effect=counting_feed):
+    with chunk_sizes(inspection.StreamInspector, "feed") as fed:
         result = inspection.inspect_file(str(path), "img-1", conf)
     assert result.format == fmt
     assert result.file_size == size

@@ -351,15 +351,7 @@ def test_the_kept_end_stays_small_with_reused_buffers(conf):
 def test_the_inspectors_see_whole_pieces_whatever_the_chunks(conf,
                                                              chunk_size):
     data = ti.RAW + bytes(MiB)
-    pieces = []
-    real = fi.VHDXInspector.eat_chunk
-
-    def eat_chunk(self, chunk):
-        pieces.append(len(chunk))
-        return real(self, chunk)
-
-    with mock.patch.object(fi.VHDXInspector, "eat_chunk", autospec=True,
-                           side_effect=eat_chunk):
+    with ti.chunk_sizes(fi.VHDXInspector, "eat_chunk") as pieces:
         result, _ = ti.stream(data, conf, chunk_size)
     assert result.format == "raw"
     # The VHDX inspector reads its first 256 KiB, in pieces of 64 KiB.
@@ -468,15 +460,7 @@ def test_inspect_file_reads_4_mib_then_only_the_end(
             f.write(ti.vmdk_with_footer()[-1536:])
         else:
             f.truncate(size)
-    fed = []
-    real_feed = inspection.StreamInspector.feed
-
-    def counting_feed(self, chunk):
-        fed.append(len(chunk))
-        return real_feed(self, chunk)
-
-    with mock.patch.object(inspection.StreamInspector, "feed", autospec=True,
-                           side_effect=counting_feed):
+    with ti.chunk_sizes(inspection.StreamInspector, "feed") as fed:
         with warnings.catch_warnings():
             warnings.simplefilter("error")      # e.g. a bad buffering mode
             result = inspection.inspect_file(str(path), "img-1", conf)
