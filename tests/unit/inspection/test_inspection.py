@@ -12,8 +12,10 @@
 
 """The image safety policy, on images built byte by byte in memory."""
 
+import contextlib
 import json
 import os
+import signal
 import struct
 from unittest import mock
 import uuid
@@ -168,6 +170,21 @@ def inspect_bytes(data, conf, **kwargs):
     if isinstance(result, Exception):
         raise result
     return result
+
+
+@contextlib.contextmanager
+def chunk_sizes(cls, method):
+    """Record the length of every chunk given to ``cls.method``."""
+    sizes = []
+    real = getattr(cls, method)
+
+    def recording(self, chunk):
+        sizes.append(len(chunk))
+        return real(self, chunk)
+
+    with mock.patch.object(cls, method, autospec=True,
+                           side_effect=recording):
+        yield sizes
 
 
 # --- accepted images ------------------------------------------------------
@@ -483,10 +500,26 @@ def test_inspect_file_refuses_a_symlink(conf, tmp_path):
         inspection.inspect_file(str(tmp_path / "link"), "img-1", conf)
 
 
+class _Blocked(Exception):
+    """Raised by the watchdog of a test that must not block."""
+
+
+def _blocked(signum, frame):
+    raise _Blocked("the call blocked for 5 s")
+
+
 def test_inspect_file_refuses_a_fifo_without_blocking(conf, tmp_path):
     os.mkfifo(tmp_path / "fifo")
-    with pytest.raises(exception.UnsafeCachePath, match="regular file"):
-        inspection.inspect_file(str(tmp_path / "fifo"), "img-1", conf)
+    # Opening a FIFO that has no writer blocks unless O_NONBLOCK is given:
+    # a watchdog turns such a hang into a failure.
+    previous = signal.signal(signal.SIGALRM, _blocked)
+    signal.setitimer(signal.ITIMER_REAL, 5)
+    try:
+        with pytest.raises(exception.UnsafeCachePath, match="regular file"):
+            inspection.inspect_file(str(tmp_path / "fifo"), "img-1", conf)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_inspect_file_refuses_a_directory(conf, tmp_path):
@@ -516,15 +549,7 @@ def test_inspect_file_reads_only_what_the_inspectors_need(
             size = f.tell()
         else:
             f.truncate(size)
-    fed = []
-    real_feed = inspection.StreamInspector.feed
-
-    def counting_feed(self, chunk):
-        fed.append(len(chunk))
-        return real_feed(self, chunk)
-
-    with mock.patch.object(inspection.StreamInspector, "feed", autospec=True,
-                           side_effect=counting_feed):
+    with chunk_sizes(inspection.StreamInspector, "feed") as fed:
         result = inspection.inspect_file(str(path), "img-1", conf)
     assert result.format == fmt
     assert result.file_size == size
