@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import time
@@ -172,6 +173,15 @@ def test_begin_writes_the_whole_intent_durably(reg, tmp_path, synced,
     assert os.getxattr(tmp, cache_registry.MARK_XATTR) == b"0123456789abcdef"
 
 
+def test_each_record_name_is_the_disk_key_and_a_fresh_token(reg, tmp_path):
+    disk = str(tmp_path / "disk")
+    names = {os.path.basename(reg.begin(CID, "img", disk, None, None, "raw"))
+             for _ in range(3)}
+    assert len(names) == 3
+    for name in names:
+        assert re.fullmatch(r"%s-[0-9a-f]{16}\.json" % reg._key(disk), name)
+
+
 def test_begin_without_a_file_records_no_inode_and_no_mark(reg, tmp_path):
     path = reg.begin(CID, "img", str(tmp_path / "disk"), None, None, "raw")
     record = json.loads(read(path))
@@ -182,16 +192,20 @@ def test_begin_without_a_file_records_no_inode_and_no_mark(reg, tmp_path):
 
 
 def test_begin_without_extended_attributes_records_no_mark(
-        reg, tmp_path, monkeypatch):
+        reg, tmp_path, monkeypatch, caplog):
     def unsupported(*args, **kwargs):
         raise OSError(errno.ENOTSUP, "Operation not supported")
 
     monkeypatch.setattr(os, "setxattr", unsupported)
     tmp = disk_file(tmp_path / ".disk.1.tmp")
-    path = intent(reg, tmp_path / "disk", tmp)
+    with caplog.at_level(logging.DEBUG, logger=cache_registry.__name__):
+        path = intent(reg, tmp_path / "disk", tmp)
     record = json.loads(read(path))
     assert record["ino"] == os.lstat(tmp).st_ino
     assert "mark" not in record
+    assert [r.getMessage() for r in caplog.records] == [
+        "Cannot label %s with its registry token: [Errno %d] Operation not "
+        "supported" % (tmp, errno.ENOTSUP)]
 
 
 def test_set_mark_labels_only_the_file_itself(tmp_path):
@@ -415,7 +429,12 @@ def made(reg, tmp_path, vm="vm", fmt="qcow2", created_at=None):
     return disk, path
 
 
-def test_find_takes_the_newest_done_record(reg, tmp_path):
+def test_find_takes_the_newest_done_record(reg, tmp_path, monkeypatch):
+    # Record names (and so the order they are read in) put the newest
+    # neither first nor last.
+    tokens = iter(["1" * 16, "3" * 16, "0" * 16])
+    monkeypatch.setattr(cache_registry.secrets, "token_hex",
+                        lambda n: next(tokens))
     disk, old = made(reg, tmp_path, created_at=100)
     st = os.lstat(disk)
     newer = reg.begin(CID, "img", disk, None, None, "raw")
@@ -429,7 +448,11 @@ def test_find_takes_the_newest_done_record(reg, tmp_path):
     assert reg.find(disk)["_path"] == old
 
 
-def test_find_takes_the_newest_intent_when_none_is_done(reg, tmp_path):
+def test_find_takes_the_newest_intent_when_none_is_done(
+        reg, tmp_path, monkeypatch):
+    tokens = iter(["b" * 16, "a" * 16])
+    monkeypatch.setattr(cache_registry.secrets, "token_hex",
+                        lambda n: next(tokens))
     tmp = disk_file(tmp_path / "vm" / ".disk.1.tmp")
     disk = str(tmp_path / "vm" / "disk")
     first = intent(reg, disk, tmp, fmt="raw")

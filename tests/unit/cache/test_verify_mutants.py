@@ -525,19 +525,11 @@ def test_a_sized_base_of_a_converted_original_that_is_gone_verifies(
 
 
 def test_a_file_gone_while_read_is_skipped_but_another_error_raised(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, caplog):
     c = make_cache(tmp_path)
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
     real = cache_verify.digests
-
-    def sized_gone(p, *args, **kwargs):
-        if p == path:
-            os.unlink(p)
-        return real(p, *args, **kwargs)
-
-    monkeypatch.setattr(cache_verify, "digests", sized_gone)
-    assert [(r.kind, r.status) for r in c.verify()] == [("base", "ok")]
 
     def vanished(p, *args, **kwargs):
         raise FileNotFoundError(2, "No such file", p)
@@ -546,6 +538,29 @@ def test_a_file_gone_while_read_is_skipped_but_another_error_raised(
     with pytest.raises(exception.CacheError) as err:
         c.verify()
     assert entry.path in str(err.value)
+
+    def sized_gone(p, *args, **kwargs):
+        if p == path:
+            os.unlink(p)
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(cache_verify, "digests", sized_gone)
+    with caplog.at_level(logging.INFO, logger=cache_verify.__name__):
+        assert [(r.kind, r.status) for r in c.verify()] == [("base", "ok")]
+    assert [r.getMessage() for r in caplog.records] == [
+        "Cached sized %s was removed while it was being verified" % path]
+
+    # The sized bases after a base that went are still verified.
+    path, size = sized_copy(c, entry)
+
+    def base_gone(p, *args, **kwargs):
+        if p == entry.path:
+            os.unlink(p)
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(cache_verify, "digests", base_gone)
+    assert rows(c.verify()) == [("sized", "unverified", NO_SIZED_DIGEST,
+                                 None)]
 
 
 def test_a_corrupt_file_is_logged_with_what_was_found(tmp_path, caplog):
