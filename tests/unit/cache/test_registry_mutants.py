@@ -357,7 +357,8 @@ def test_records_skips_what_is_not_a_record(reg, tmp_path):
                           ("numdisk.json", {"disk": 5})):
         with open(os.path.join(directory, name), "w") as f:
             json.dump(content, f)
-    with open(os.path.join(reg.directory, "f" * 40), "w") as f:
+    # Read before the real record's directory: skipped, not the end.
+    with open(os.path.join(reg.directory, "a" * 40), "w") as f:
         f.write("a file where a directory belongs")
     assert [r["_path"] for r in reg.records()] == [real]
     assert [r["_path"] for r in reg.records(CID)] == [real]
@@ -375,6 +376,19 @@ def test_records_of_one_image_or_one_disk(reg, tmp_path):
     assert sorted(r["_path"] for r in reg.records(key=key)) == sorted(
         [a, other])
     assert [r["_path"] for r in reg.records(CID, key)] == [a]
+    # Another disk's record read first is skipped, not the end.
+    first = os.path.join(os.path.dirname(a), "0" * 40 + "-0.json")
+    with open(first, "w") as f:
+        json.dump({"disk": "/elsewhere"}, f)
+    assert [r["_path"] for r in reg.records(CID, key)] == [a]
+
+
+def test_records_go_on_past_an_image_directory_that_went(reg, tmp_path,
+                                                         monkeypatch):
+    path = reg.add(CID, "img", str(tmp_path / "a"), None, "raw")
+    # Removed between the listing and the read (a collect): skipped.
+    monkeypatch.setattr(reg, "cids", lambda: ["0" * 40, CID])
+    assert [r["_path"] for r in reg.records()] == [path]
 
 
 def test_records_come_in_name_order(reg, tmp_path, monkeypatch):

@@ -496,6 +496,17 @@ def test_sized_bases_are_reported_in_name_order(tmp_path, monkeypatch):
             p != entry.path, os.path.basename(p)))
 
 
+def test_every_base_is_reported_before_any_sized_base(tmp_path):
+    c = make_cache(tmp_path, images={"img": RAW, "other": RAW + b"x"})
+    paths = []
+    for image_id in ("img", "other"):
+        entry, _ = c.get(image_id)
+        paths.append((entry.path, sized_copy(c, entry)[0]))
+    assert CID < content_digest.cache_id("other")
+    assert [r.file for r in c.verify()] == [
+        paths[0][0], paths[1][0], paths[0][1], paths[1][1]]
+
+
 def test_a_sized_base_of_a_corrupt_original_uses_the_recorded_digest(
         tmp_path):
     c = make_cache(tmp_path, images={"img": fakes.QCOW2_IMAGE})
