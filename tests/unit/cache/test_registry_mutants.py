@@ -103,7 +103,7 @@ def test_a_disk_key_is_the_sha1_of_its_path_bytes():
 # -- the record directory ----------------------------------------------------
 
 def test_record_directories_are_made_durably_once(reg, synced):
-    old = os.umask(0o022)
+    old = os.umask(0)           # the mode asked for, not the umask's
     try:
         directory = reg._cid_dir(CID)
     finally:
@@ -480,6 +480,20 @@ def test_find_takes_the_newest_intent_when_none_is_done(
     assert reg.find(disk)["_path"] == second
 
 
+def test_find_prefers_a_done_record_to_a_newer_intent(reg, tmp_path):
+    tmp = disk_file(tmp_path / "vm" / ".disk.1.tmp")
+    disk = str(tmp_path / "vm" / "disk")
+    done = intent(reg, disk, tmp, fmt="raw")
+    later = intent(reg, disk, tmp, fmt="qcow2")
+    os.rename(tmp, disk)
+    reg.confirm(done, os.lstat(disk))
+    # Both tied to the file (no labels here); the intent is newer.
+    rewrite(done, created_at=10, mark=None)
+    rewrite(later, created_at=20, mark=None)
+    found = reg.find(disk)
+    assert (found["_path"], found["format"]) == (done, "raw")
+
+
 def test_find_is_none_for_what_is_not_a_regular_file(reg, tmp_path):
     disk, path = made(reg, tmp_path)
     os.unlink(disk)
@@ -586,6 +600,22 @@ def test_an_intent_without_a_time_is_old(reg, tmp_path):
     path = intent(reg, tmp_path / "vm" / "disk", tmp_path / "vm" / ".x.tmp")
     rewrite(path, created_at="now")
     assert reg.collect(CID, test_registry.uses_base, now=GRACE + 1) == 1
+
+
+def test_collect_goes_on_past_records_it_keeps(reg, tmp_path, monkeypatch):
+    tokens = iter(["0" * 16, "1" * 16, "2" * 16])
+    monkeypatch.setattr(cache_registry.secrets, "token_hex",
+                        lambda n: next(tokens))
+    gone = str(tmp_path / "gone")
+    reg.host = "other"
+    theirs = reg.add(CID, "img", gone, None, "raw")
+    reg.host = "this-host"
+    young = reg.begin(CID, "img", gone, None, None, "raw")
+    dead = reg.add(CID, "img", gone, None, "raw")
+    # Read in that order: another host's, a young intent, then a dead one.
+    assert [r["_path"] for r in reg.records(CID)] == [theirs, young, dead]
+    assert reg.collect(CID, test_registry.uses_base) == 1
+    assert [r["_path"] for r in reg.records(CID)] == [theirs, young]
 
 
 def test_collect_removes_the_emptied_image_directory(reg, tmp_path):
