@@ -411,6 +411,32 @@ def test_a_sized_base_with_its_own_record_uses_only_that(tmp_path):
                                   None) == ("ok", "")
 
 
+def test_every_problem_of_a_sized_base_is_reported(tmp_path):
+    c = make_cache(tmp_path)
+    entry, _ = c.get("img")
+    path, size = sized_copy(c, entry)
+    own_record(path, CID, size, value="0" * 32)
+    os.truncate(path, size + 7)
+    assert c.verifier.check_sized(cached(c, os.path.basename(path)),
+                                  None) == (
+        "corrupt", "its content differs from what its own record records; "
+        "it is %d bytes long, its name says %d" % (size + 7, size))
+
+
+def test_an_unconverted_base_digest_is_of_the_current_scheme(tmp_path):
+    """Whatever sparse digest its record carries, a base verified by the
+    download's hash is digested with the current scheme.
+    """
+    c = make_cache(tmp_path)
+    entry, _ = c.get("img")
+    fileio.write_json_atomic(entry.path + ".json", dict(
+        entry.record, base_checksum={
+            "algo": "sha256", "scheme": "sparse-64k",
+            "value": fakes.sparse_digest(RAW, "sparse-64k")}))
+    assert c.verifier.check_base(cached(c, CID)) == (
+        "ok", "", ("sparse-64k-xxh3", fakes.sparse_digest(RAW)))
+
+
 def test_a_qcow2_sized_base_is_checked_by_qemu_img(tmp_path):
     c = make_cache(tmp_path)
     entry, _ = c.get("img")
@@ -779,6 +805,16 @@ def test_repair_of_a_not_cached_image_does_nothing(tmp_path):
     c = make_cache(tmp_path)
     found = c.verify(["img"], repair=True)
     assert [(r.status, r.action) for r in found] == [("not cached", None)]
+
+
+def test_the_verifier_repairs_nothing_unless_asked(tmp_path):
+    c = make_cache(tmp_path)
+    entry, _ = c.get("img")
+    flip(entry.path, 3)
+    assert [(r.status, r.action) for r in c.verifier.verify()] == [
+        ("corrupt", None)]
+    assert os.path.exists(entry.path)
+    assert not cache_layout.read_record(entry.path + ".json").get("stale")
 
 
 def test_without_repair_nothing_is_changed(tmp_path):
