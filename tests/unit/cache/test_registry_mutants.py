@@ -36,14 +36,8 @@ GRACE = cache_registry.INTENT_GRACE
 disk_file = test_registry.disk_file
 
 
-@pytest.fixture
-def reg(tmp_path):
-    base_dir = tmp_path / "instances" / "_base"
-    base_dir.mkdir(parents=True)
-    registry = cache_registry.Registry(str(base_dir),
-                                       [str(tmp_path / "instances")])
-    registry.host = "this-host"
-    return registry
+#: the registry of ``tmp_path/instances``, as host ``this-host``.
+reg = test_registry.reg
 
 
 @pytest.fixture
