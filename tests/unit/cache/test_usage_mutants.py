@@ -24,8 +24,10 @@ from unittest import mock
 
 import pytest
 
+from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import usage as cache_usage
 from imagebackend.disk import chain as disk_chain
+from imagebackend import exception
 from tests import fakes
 from tests.unit.cache import test_usage
 
@@ -56,6 +58,8 @@ def parse(data):
 def test_a_header_of_exactly_twenty_bytes_is_read():
     assert parse(header()) == "base"
     assert parse(header()[:19]) is None
+    # Even one whose fields, cut short, would name bytes inside it.
+    assert parse(header(offset=4, length=260)[:19]) is None
 
 
 @pytest.mark.parametrize("version", [0, 1, 4, (1 << 24) | 3, (1 << 8) | 3])
@@ -208,6 +212,9 @@ def test_a_protocol_is_no_use_but_a_file_prefix_is(tmp_path):
     assert chains.resolve(disk, "file://" + t.base()) == {CID}
     assert chains.resolve(disk, t.base()) == {CID}
     assert chains.resolve(disk, "http://x" + t.base()) == set()
+    # A protocol name that would normalise into _base is still none.
+    assert chains.resolve(disk, "nbd://../../_base/" + CID) == set()
+    assert chains.resolve(disk, "nbd:/../../_base/" + CID) == {CID}
 
 
 def test_a_disk_that_is_a_base_uses_it(tmp_path):
@@ -231,6 +238,15 @@ def test_each_file_is_read_once_per_scan(tmp_path):
         assert chains.bases_of(disk, st) == {CID}
         assert chains.bases_of(disk, st) == {CID}
     read.assert_called_once_with(disk, st)
+
+
+def test_a_disk_replaced_since_it_was_found_is_not_read(tmp_path):
+    t = Tree(tmp_path)
+    disk = overlay(os.path.join(t.instances, "vm", "disk"), t.base())
+    other = overlay(os.path.join(t.instances, "vm", "other"), t.base())
+    chains = cache_usage.Chains(t.base_dir)
+    assert chains.bases_of(disk, os.lstat(other)) == set()
+    assert chains.unreadable == []
 
 
 def test_a_header_that_cannot_be_read_is_unreadable_and_one_gone_is_not(
@@ -435,3 +451,68 @@ def test_a_record_of_this_host_whose_disk_is_gone_is_no_use(tmp_path):
     assert scanner.scan().users == {CID: ["other:/gone/elsewhere"]}
     record(t, "/gone/raw", format="raw", host="other")
     assert scanner.scan().users == {CID: ["other:/gone/elsewhere"]}
+
+
+# -- what the operator is told ------------------------------------------------
+
+def warnings(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == cache_usage.__name__ and r.levelname == "WARNING"]
+
+
+def test_every_reason_a_disk_or_directory_is_skipped_is_logged(
+        tmp_path, caplog):
+    t = Tree(tmp_path)
+    caplog.set_level("WARNING", logger=cache_usage.__name__)
+    denied = PermissionError(13, "denied")
+    # A disk found by the walk whose header cannot be read.
+    disk = overlay(os.path.join(t.instances, "vm", "disk"), t.base())
+    with mock.patch.object(cache_usage, "read_backing_file", autospec=True,
+                           side_effect=denied):
+        t.scanner().scan()
+    assert warnings(caplog) == [
+        "Cannot read the header of %s: %s" % (disk, denied)]
+    caplog.clear()
+    # A registered disk whose header cannot be read, and a record of the
+    # wrong shape.
+    os.unlink(disk)
+    registered = overlay(os.path.join(t.root, "elsewhere", "disk"), t.base())
+    record(t, registered, format="qcow2")
+    bad = record(t, "/bad/disk", format=["qcow2"])
+    with mock.patch.object(cache_usage, "read_backing_file", autospec=True,
+                           side_effect=denied):
+        t.scanner().scan()
+    assert sorted(warnings(caplog)) == sorted([
+        "Cannot read the header of disk %s: %s" % (registered, denied),
+        "Ignoring invalid disk record %s" % bad])
+    caplog.clear()
+    # A configured directory that is missing, and one that cannot be
+    # searched.
+    missing = os.path.join(t.root, "unmounted")
+    closed = os.path.join(t.root, "closed")
+    os.mkdir(closed)
+    scandir = os.scandir
+
+    def refuse(path):
+        if path == closed:
+            raise denied
+        return scandir(path)
+    os.unlink(bad)
+    with mock.patch.object(cache_usage.os, "scandir", side_effect=refuse):
+        t.scanner(missing, closed).scan()
+    assert warnings(caplog) == [
+        "Disk directory %s does not exist" % missing,
+        "Cannot search %s for disks: %s" % (closed, denied)]
+
+
+def test_a_registry_that_cannot_be_trusted_is_logged(tmp_path, caplog):
+    t = Tree(tmp_path)
+    caplog.set_level("WARNING", logger=cache_usage.__name__)
+    elsewhere = os.path.join(t.root, "elsewhere")
+    os.mkdir(elsewhere)
+    os.symlink(elsewhere, os.path.join(t.base_dir, ".disks"))
+    with pytest.raises(exception.UnsafeCachePath) as err:
+        cache_layout.check_private_dirs(t.base_dir)
+    t.scanner().scan()
+    assert warnings(caplog) == [err.value.message]
+    assert os.path.join(t.base_dir, ".disks") in err.value.message
