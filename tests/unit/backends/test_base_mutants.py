@@ -428,3 +428,97 @@ def test_preallocate_opens_for_writing_and_closes(tmp_path, qemu):
         backend.preallocate(str(path), SIZE)
     opened.assert_called_once_with(str(path), os.O_WRONLY | os.O_NOFOLLOW)
     closed.assert_called_once_with(fds[0])
+
+
+# -- more of what the caller is told ------------------------------------------
+
+def test_a_size_that_is_not_a_size_names_the_image(tmp_path, qemu):
+    backend = load(tmp_path, qemu, "qcow2")
+    with pytest.raises(exception.InvalidImageSize) as err:
+        backend.create_image("img", str(tmp_path / "vm" / "d"), 0)
+    assert str(err.value) == (
+        "Image img: the requested disk size must be a positive number of "
+        "bytes up to %d, not 0" % (2 ** 63 - 1))
+
+
+def test_a_disk_smaller_than_a_cached_image_is_refused_exactly(tmp_path):
+    conf = fakes.conf(tmp_path)
+    source = fakes.FakeSource(conf, images={
+        "q": fakes.fake_qcow2(8 * MiB, b"guest data")})
+    qemu_obj, _ = fakes.fake_qemu(conf)
+    backend = base.load(conf, "qcow2", source=source, qemu=qemu_obj)
+    backend.create_image("q", str(tmp_path / "a"), 8 * MiB)
+    with pytest.raises(exception.DiskSmallerThanImage) as err:
+        backend.create_image("q", str(tmp_path / "b"), 8 * MiB - 512)
+    assert str(err.value) == (
+        "Image q: its virtual size is %d bytes, larger than the requested "
+        "disk of %d bytes; request a disk of at least %d bytes (a larger "
+        "flavor)." % (8 * MiB, 8 * MiB - 512, 8 * MiB))
+
+
+class RawHooked(Hooked):
+    """Like the raw backend: no backing file."""
+
+    name = "raw-hooked"
+    disk_format = "raw"
+    uses_backing_file = False
+
+
+@pytest.mark.parametrize("cls", [Hooked, RawHooked])
+def test_the_moved_record_names_the_temporary_file_until_published(
+        tmp_path, qemu, cls):
+    conf = fakes.conf(tmp_path)
+    backend = cls(conf, source=fakes.FakeSource(conf, images={"img": RAW}),
+                  qemu=qemu)
+    target = tmp_path / "disk"
+
+    def replace(tmp):
+        with open(tmp + ".new", "wb") as f:
+            f.write(b"new")
+        os.rename(tmp + ".new", tmp)
+    backend.on_create = replace
+    during = []
+    unregister = backend.cache.unregister_disk
+
+    def unregistering(handle):
+        during.append(records_of(backend, target))
+        unregister(handle)
+    with mock.patch.object(backend.cache, "unregister_disk",
+                           side_effect=unregistering):
+        backend.create_image("img", str(target), SIZE)
+    [records] = during
+    [(_, _, tmp, _)] = backend.calls
+    base_path = (backend.cache.base_path(content_digest.cache_id("img"))
+                 if cls.uses_backing_file else None)
+    new = [r for r in records if r.get("ino") == os.stat(target).st_ino]
+    assert [(r["state"], r["tmp"], r["format"], r["base"]) for r in new] == [
+        ("intent", tmp, cls.disk_format, base_path)]
+    [done] = records_of(backend, target)
+    assert (done["format"], done["base"]) == (cls.disk_format, base_path)
+
+
+def test_directories_made_again_meanwhile_are_removed_on_failure(
+        tmp_path, qemu):
+    backend = hooked(tmp_path, qemu)
+    target = tmp_path / "new" / "disk"
+    real = fileio.temp_beside
+    calls = []
+
+    def vanished(final, *args):
+        calls.append(final)
+        if len(calls) == 1:
+            # Another request that made the directory failed and removed
+            # it.
+            os.rmdir(os.path.dirname(final))
+            raise FileNotFoundError(errno.ENOENT, "gone", final)
+        return real(final, *args)
+
+    def fail(tmp):
+        raise exception.QemuImgError(operation="create", path="/x",
+                                     exit_code=1, stderr="no")
+    backend.on_create = fail
+    with mock.patch.object(fileio, "temp_beside", side_effect=vanished):
+        with pytest.raises(exception.QemuImgError):
+            backend.create_image("img", str(target), SIZE)
+    assert len(calls) == 2
+    assert not (tmp_path / "new").exists()
