@@ -535,3 +535,68 @@ def test_invalidating_an_image_not_cached_searches_for_no_disk(c):
     scan.assert_not_called()
     assert (result.marked_stale, result.removed, result.kept,
             result.bytes_freed) == ([], [], [], 0)
+
+
+# -- the last survivors -------------------------------------------------------
+
+def test_pruning_removes_unless_asked_for_a_dry_run(c):
+    a, = fetched(c, "a", last_used=[NOW])
+    with mock.patch.object(cache_prune, "time",
+                           types.SimpleNamespace(time=lambda: NOW)):
+        report = c.pruner.prune(cache_prune.Policy(original_age=0))
+    assert report.dry_run is False
+    assert not os.path.exists(a.path)
+
+
+def test_one_byte_short_of_the_space_target_is_not_meeting_it(c):
+    a, b = fetched(c, "a", "b", last_used=[NOW - 20, NOW - 10])
+    size_b = allocated(b.path)
+    test_usage.overlay(os.path.join(c.instances_path, "vm", "disk"), b.path)
+    report = prune(c, max_size=str(size_b - 1))
+    assert [r.file for r in report.removed] == [a.path]
+    assert report.cache_size == size_b
+    assert report.space_target_met is False
+
+
+def test_young_scratch_does_not_end_the_search_for_old_scratch(c):
+    c.store.ensure_dirs()
+    young = write(os.path.join(c.base_dir, "%s.part-%s" % ("0" * 40, TOKEN)),
+                  b"y", NOW)
+    old = write(os.path.join(c.base_dir, "%s.part-%s" % ("f" * 40, TOKEN)),
+                b"o", NOW - DAY)
+    report = prune(c)
+    assert [r.file for r in report.removed] == [old]
+    assert os.path.exists(young)
+
+
+def test_scratch_of_a_later_generation_is_under_the_images_lock(c):
+    c.store.ensure_dirs()
+    scratch = write(os.path.join(c.base_dir, "%s-2.part-%s" % (
+        cid("a"), TOKEN)), b"o", NOW - DAY)
+    with held(c.store.lock(cid("a"))):
+        assert prune(c).removed == []
+    assert [r.file for r in prune(c).removed] == [scratch]
+
+
+def test_the_record_of_a_disk_rebased_away_from_the_cache_goes(c):
+    a, = fetched(c, "a", last_used=[NOW])
+    registry = c.scanner.registry
+    disks = {}
+    for vm, backing in (("vm1", a.path), ("vm2", "/nowhere/else")):
+        disk = test_usage.overlay(
+            os.path.join(c.instances_path, vm, "disk"), backing)
+        path = registry.begin(a.cache_id, "a", disk, disk, a.path, "qcow2",
+                              st=os.lstat(disk))
+        registry.confirm(path, os.lstat(disk))
+        disks[vm] = disk
+    report = prune(c)
+    assert report.registry_records_removed == 1
+    assert [r["disk"] for r in registry.records()] == [disks["vm1"]]
+
+
+def test_a_bad_percentage_is_the_cause_of_the_error():
+    policy = cache_prune.Policy(min_free_space="150%")
+    with pytest.raises(exception.ConfigurationError) as err:
+        cache_prune.space_limits(policy, 1000)
+    assert isinstance(err.value.__cause__, ValueError)
+    assert err.value.__cause__.args == ("150%",)
