@@ -31,27 +31,13 @@ from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
 from imagebackend.sources import local
 from tests import fakes
+from tests.unit.backends import test_backends
 
 MiB = 1024 * 1024
-RAW = b"disk" + bytes(MiB - 4)
+RAW = test_backends.RAW
 SIZE = 4 * MiB
-
-
-@pytest.fixture
-def qemu():
-    q = mock.create_autospec(qemu_img.QemuImg, instance=True)
-
-    def create(path, fmt, size=None, **kwargs):
-        with open(path, "wb") as f:
-            f.write(b"QFI\xfb")
-    q.create.side_effect = create
-    return q
-
-
-def load(tmp_path, qemu, name, **overrides):
-    conf = fakes.conf(tmp_path, **overrides)
-    source = fakes.FakeSource(conf, images={"img": RAW})
-    return base.load(conf, name, source=source, qemu=qemu)
+qemu = test_backends.qemu
+load = test_backends.load
 
 
 def records_of(backend, target):
