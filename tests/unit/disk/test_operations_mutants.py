@@ -552,3 +552,58 @@ def test_resize_writes_only_outside_the_cache(disks):
     base = disks.base(fmt="raw")
     with pytest.raises(exception.CachePathRefused):
         disks.ops.resize(base, 16 * MiB)
+
+
+# --- every qemu-img call uses the format established first ---------------
+
+@pytest.mark.parametrize("call", [
+    lambda ops, p: ops.info(p),
+    lambda ops, p: ops.check(p, "leaks"),
+    lambda ops, p: ops.snapshot_list(p),
+    lambda ops, p: ops.snapshot_create(p, "new"),
+    lambda ops, p: ops.snapshot_apply(p, "s1"),
+    lambda ops, p: ops.snapshot_delete(p, "s1"),
+    lambda ops, p: ops.resize(p, 16 * MiB),
+    lambda ops, p: ops.rebase(p, p + ".new", unsafe=True),
+    lambda ops, p: ops.extract(p, p + ".out"),
+])
+def test_qemu_opens_the_disk_with_its_recorded_format(disks, call):
+    top = disks.qcow2("top.qcow2", snapshots=[snap("1", "s1")])
+    disks.raw("top.qcow2.new")
+    disks.qemu.check.return_value = qemu_results.CheckResult(
+        filename=top, format="qcow2")
+    disks.qemu.convert.side_effect = base_tests.converter(disks)
+    call(disks.ops, top)
+    opened = [c.args[:2] for c in disks.qemu.info.call_args_list
+              if c.args[0] == top]
+    assert opened and all(fmt == "qcow2" for _, fmt in opened)
+
+
+@pytest.mark.parametrize("operation,call", [
+    ("snapshot create", lambda ops, p: ops.snapshot_create(p, "new")),
+    ("snapshot apply", lambda ops, p: ops.snapshot_apply(p, "s1")),
+    ("snapshot delete", lambda ops, p: ops.snapshot_delete(p, "s1")),
+    ("check --repair", lambda ops, p: ops.check(p, "leaks")),
+    ("resize", lambda ops, p: ops.resize(p, 16 * MiB)),
+])
+def test_a_change_refused_afterwards_names_the_operation(disks, operation,
+                                                         call):
+    top = disks.qcow2("top.qcow2", snapshots=[snap("1", "s1")])
+
+    def change(path, *args, **kwargs):
+        # As if the disk had been changed under us to name a host file.
+        disks.infos[path] = image("qcow2", backing="/etc/shadow",
+                                  backing_fmt="raw",
+                                  snapshots=[snap("1", "s1"),
+                                             snap("2", "new")])
+        return qemu_results.CheckResult(filename=path, format="qcow2")
+    for method in ("snapshot_create", "snapshot_apply", "snapshot_delete",
+                   "check", "resize"):
+        getattr(disks.qemu, method).side_effect = change
+    with pytest.raises(exception.DiskOperationError) as err:
+        call(disks.ops, top)
+    assert str(err.value).startswith(
+        "Disk %s: after %s its backing chain is refused (its backing file "
+        "/etc/shadow (really /etc/shadow) is outside" % (top, operation))
+    assert str(err.value).endswith("; the change was kept; fix the chain "
+                                   "as this says")
