@@ -533,8 +533,11 @@ def test_qemu_opening_another_chain_is_refused(paths, records, qemu):
     other = add(qemu, vm(paths, "other"))
     top = add(qemu, vm(paths, "top"), image("base", "raw"))
     opened_wrongly(qemu, top, base, other)
-    assert refused(disk_chain.recheck, qemu, top, "qcow2", "resize",
-                   records=records) == (
+    with pytest.raises(exception.DiskOperationError) as err:
+        disk_chain.recheck(qemu, top, "qcow2", "resize", records=records)
+    assert str(err.value.__cause__).startswith(
+        "Disk %s: qemu-img opens the chain " % top)
+    assert str(err.value) == (
         "Disk %s: after resize its backing chain is refused (qemu-img opens "
         "the chain %s (qcow2) -> %s (raw), not the chain checked (%s "
         "(qcow2) -> %s (raw)); inspect it with 'qemu-img info -U "
