@@ -220,6 +220,16 @@ def test_a_loop_is_refused(paths, records, qemu):
         % (self_loop, self_loop, self_loop))
 
 
+def test_a_loop_below_the_disk_is_refused_as_a_loop(paths, records, qemu):
+    a = add(qemu, vm(paths, "a"), image("b", "qcow2"))
+    b = add(qemu, vm(paths, "b"), image("a", "qcow2"))
+    top = add(qemu, vm(paths, "top"), image("a", "qcow2"))
+    assert refused(disk_chain.read_chain, qemu, top, "qcow2",
+                   records=records) == (
+        "Disk %s: its backing chain loops: %s leads back to %s" % (top, b, a))
+    assert len(qemu.calls) == 3
+
+
 @pytest.mark.parametrize("name", ["nbd:host:1", "json:{}", "a:b",
                                   ":x", "file:/etc/passwd"])
 def test_a_protocol_is_refused(paths, records, qemu, name):
