@@ -23,7 +23,6 @@ from imagebackend.disk import chain as disk_chain
 from imagebackend.disk import trust as disk_trust
 from imagebackend import exception
 from imagebackend.qemu import results as qemu_results
-from tests import fakes
 
 BACKING = ", ".join(disk_trust.BACKING_FORMATS)
 
@@ -85,14 +84,6 @@ class Records:
 
     def disk_format(self, path):
         return None
-
-
-@pytest.fixture
-def paths(tmp_path):
-    instances = tmp_path / "instances"
-    for sub in ("_base", "locks", "vm"):
-        (instances / sub).mkdir(parents=True)
-    return disk_trust.cache_paths(fakes.conf(tmp_path))
 
 
 @pytest.fixture

@@ -27,14 +27,6 @@ CID = "a" * 40
 BACKING = ", ".join(disk_trust.BACKING_FORMATS)
 
 
-@pytest.fixture
-def paths(tmp_path):
-    instances = tmp_path / "instances"
-    for sub in ("_base", "locks", "vm"):
-        (instances / sub).mkdir(parents=True)
-    return disk_trust.cache_paths(fakes.conf(tmp_path))
-
-
 def write(path, data=b"data"):
     with open(path, "wb") as f:
         f.write(data)
