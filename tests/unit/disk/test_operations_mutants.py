@@ -607,3 +607,11 @@ def test_a_change_refused_afterwards_names_the_operation(disks, operation,
         "/etc/shadow (really /etc/shadow) is outside" % (top, operation))
     assert str(err.value).endswith("; the change was kept; fix the chain "
                                    "as this says")
+
+
+def test_the_qemu_made_here_follows_the_configuration(disks):
+    disks.conf.set_override("binary", "/opt/qemu/bin/qemu-img",
+                            group="qemu_img")
+    ops = disk_ops.DiskOperations(disks.conf, mock.Mock())
+    assert ops.qemu.binary == "/opt/qemu/bin/qemu-img"
+    assert ops.qemu.conf is disks.conf
