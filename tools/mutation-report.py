@@ -219,6 +219,18 @@ def render(rows, durations, equivalent, before, with_diffs=True):
       "that")
     w("only a functional test would catch counts as surviving here.")
     w("")
+    w("A timeout counts as detected.  mutmut also stops a mutant's tests "
+      "at a")
+    w("wall-clock limit (half their CPU-time limit), so on a loaded "
+      "machine a")
+    w("slow survivor can be counted as a timeout: *Timeouts* says how many")
+    w("of the detected were, and the notes say which were re-run.  Where "
+      "a")
+    w("run selected fewer tests than ``tests/unit`` (to finish on a "
+      "loaded")
+    w("machine), its rate is a lower bound; the wall-clock column says "
+      "so.")
+    w("")
     w("*Kill rate* is detected / (run - equivalent).  *Wall clock* is the")
     w("measured duration of ``mutmut run`` for that module with two test")
     w("processes on the shared two-core machine; *test time* is the sum of")
@@ -237,20 +249,23 @@ def render(rows, durations, equivalent, before, with_diffs=True):
         w("")
         w("Now:")
         w("")
-    table = [("Module", "Mutants", "Run", "Detected", "Survived",
-              "Equivalent", "Kill rate", "Wall clock", "Test time")]
+    table = [("Module", "Mutants", "Run", "Detected", "Timeouts",
+              "Survived", "Equivalent", "Kill rate", "Wall clock",
+              "Test time")]
     for path, res in rows:
         if res is None or res["total"] == res["counts"]["not run"]:
             total = res["total"] if res else 0
             table.append((path, str(total) if total else "-", "0", "-", "-",
-                          "-", "not run", durations.get(path, "-"), "-"))
+                          "-", "-", "not run", durations.get(path, "-"),
+                          "-"))
             continue
         c = res["counts"]
         run = res["total"] - c["not run"]
         equiv = sum(1 for s in res["survivors"] if s in equivalent)
         live = len(res["survivors"]) - equiv
         table.append((path, str(res["total"]), str(run), str(c["detected"]),
-                      str(live), str(equiv), pct(c["detected"], run - equiv),
+                      str(c["timeout"]), str(live), str(equiv),
+                      pct(c["detected"], run - equiv),
                       durations.get(path, "-"),
                       "%.0f s" % res["test_seconds"]))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
