@@ -638,6 +638,7 @@ def test_a_conversion_writing_too_much_is_refused(c, fake_qemu):
         limit="output", option="-", size=4 * MiB)
     with pytest.raises(exception.ImageLimitExceeded) as err:
         c.fetcher._convert(meta(), "/part", "qcow2", "/conv", 4 * MiB, None)
+    assert err.value.image_id == "img"
     assert err.value.reason == (
         "converting it to raw wrote more than its checked virtual size of "
         "%d bytes; it is corrupt or crafted, upload a sound copy" % (4 * MiB))
