@@ -603,7 +603,7 @@ def test_a_check_that_fails_refuses_the_image_with_its_stderr(c, fake_qemu):
     with pytest.raises(exception.CorruptImageRefused) as err:
         c.fetcher._check(meta(), "/p", "qcow2")
     assert err.value.detail == "errors it could not get past (bad L1 table)"
-    assert err.value.fmt == "qcow2"
+    assert (err.value.image_id, err.value.fmt) == ("img", "qcow2")
 
 
 def test_a_missing_qemu_img_is_not_a_corrupt_image(c, fake_qemu):
