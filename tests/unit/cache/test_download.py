@@ -222,7 +222,7 @@ def test_a_failed_write_names_the_part_and_removes_it(run):
             run(source, meta_for(RAW))
     assert err.value.reason == (
         "writing %s failed: [Errno 28] No space left on device" % run.part)
-    assert err.value.image_id == "img"
+    assert (err.value.image_id, err.value.source) == ("img", "test source")
     assert isinstance(err.value.__cause__, OSError)
     assert not os.path.exists(run.part)
     assert source.closed == 1
