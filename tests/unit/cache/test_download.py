@@ -205,7 +205,7 @@ def test_a_body_of_another_length_is_refused(run, served):
         run(Source(pieces(data)), meta)
     assert err.value.reason == "received %d bytes, the source recorded %d" % (
         served, len(RAW))
-    assert err.value.source == "test source"
+    assert (err.value.image_id, err.value.source) == ("img", "test source")
     assert not os.path.exists(run.part)
 
 
