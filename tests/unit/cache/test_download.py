@@ -205,7 +205,7 @@ def test_a_body_of_another_length_is_refused(run, served):
         run(Source(pieces(data)), meta)
     assert err.value.reason == "received %d bytes, the source recorded %d" % (
         served, len(RAW))
-    assert err.value.source == "test source"
+    assert (err.value.image_id, err.value.source) == ("img", "test source")
     assert not os.path.exists(run.part)
 
 
@@ -222,7 +222,7 @@ def test_a_failed_write_names_the_part_and_removes_it(run):
             run(source, meta_for(RAW))
     assert err.value.reason == (
         "writing %s failed: [Errno 28] No space left on device" % run.part)
-    assert err.value.image_id == "img"
+    assert (err.value.image_id, err.value.source) == ("img", "test source")
     assert isinstance(err.value.__cause__, OSError)
     assert not os.path.exists(run.part)
     assert source.closed == 1

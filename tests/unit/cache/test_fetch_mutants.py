@@ -456,6 +456,7 @@ def test_a_download_is_checked_against_its_recorded_length(c):
             c.fetcher.fetch(m, stem, None, None, {})
     assert err.value.reason.startswith(
         "it is %d bytes long" % (len(RAW) + 1))
+    assert err.value.path.startswith(c.base_path(stem) + ".part-")
     assert leftovers(c) == []
 
 
@@ -603,7 +604,7 @@ def test_a_check_that_fails_refuses_the_image_with_its_stderr(c, fake_qemu):
     with pytest.raises(exception.CorruptImageRefused) as err:
         c.fetcher._check(meta(), "/p", "qcow2")
     assert err.value.detail == "errors it could not get past (bad L1 table)"
-    assert err.value.fmt == "qcow2"
+    assert (err.value.image_id, err.value.fmt) == ("img", "qcow2")
 
 
 def test_a_missing_qemu_img_is_not_a_corrupt_image(c, fake_qemu):
@@ -638,6 +639,7 @@ def test_a_conversion_writing_too_much_is_refused(c, fake_qemu):
         limit="output", option="-", size=4 * MiB)
     with pytest.raises(exception.ImageLimitExceeded) as err:
         c.fetcher._convert(meta(), "/part", "qcow2", "/conv", 4 * MiB, None)
+    assert err.value.image_id == "img"
     assert err.value.reason == (
         "converting it to raw wrote more than its checked virtual size of "
         "%d bytes; it is corrupt or crafted, upload a sound copy" % (4 * MiB))
@@ -689,3 +691,64 @@ def test_the_declared_format_and_requested_size_reach_the_inspection(
     assert c.fetcher.fetch(m, stem, 8 * MiB, None, {})["virtual_size"] == (
         8 * MiB)
     assert leftovers(c) == [stem, stem + ".json"]
+
+
+def test_an_invalid_newest_record_does_not_hide_an_older_base(old_qcow2):
+    c, first, second = old_qcow2
+    with open(c.base_path(second + ".json"), "w") as f:
+        f.write("{}")
+    m = c.source.get_meta("qcow2-img")
+    assert c.fetcher.choose_stem(m) == (first, True)
+    assert cache_layout.read_record(c.base_path(second + ".json"))["stale"]
+
+
+def test_a_base_gone_since_it_was_listed_is_passed_over(old_qcow2):
+    c, first, second = old_qcow2
+    real = c.store.check_regular
+
+    def check_regular(path):
+        return False if path == c.base_path(second) else real(path)
+
+    m = c.source.get_meta("qcow2-img")
+    with mock.patch.object(c.store, "check_regular",
+                           side_effect=check_regular):
+        assert c.fetcher.choose_stem(m) == (first, True)
+
+
+def converting_to(length):
+    def convert(source, source_fmt, target, target_fmt, **kwargs):
+        with open(target, "wb") as f:
+            f.truncate(length)
+    return convert
+
+
+def test_a_conversion_records_the_length_it_wrote(c, fake_qemu):
+    fake_qemu.convert.side_effect = converting_to(8 * MiB + 4096)
+    m = c.source.get_meta("qcow2-img")
+    c.store.ensure_dirs()
+    record = c.fetcher.fetch(m, c.fetcher.choose_stem(m)[0], None, None, {})
+    assert record["virtual_size"] == 8 * MiB + 4096
+    assert record["inspection"]["virtual_size"] == 8 * MiB
+
+
+def test_a_conversion_longer_than_checked_is_refused(c, fake_qemu):
+    fake_qemu.convert.side_effect = converting_to(8 * MiB + SLACK + 1)
+    m = c.source.get_meta("qcow2-img")
+    c.store.ensure_dirs()
+    stem = c.fetcher.choose_stem(m)[0]
+    with pytest.raises(exception.DiskOperationError) as err:
+        c.fetcher.fetch(m, stem, None, None, {})
+    assert err.value.path.startswith(c.base_path(stem) + ".converted-")
+    assert "qcow2-img" in err.value.reason
+    assert leftovers(c) == []
+
+
+def test_a_conversion_refused_through_fetch_names_the_image(c, fake_qemu):
+    fake_qemu.convert.side_effect = exception.QemuImgOutputTooLarge(
+        operation="convert", path="/p", exit_code=1, stderr="",
+        limit="output", option="-", size=1)
+    m = c.source.get_meta("qcow2-img")
+    c.store.ensure_dirs()
+    with pytest.raises(exception.ImageLimitExceeded) as err:
+        c.fetcher.fetch(m, c.fetcher.choose_stem(m)[0], None, None, {})
+    assert err.value.image_id == "qcow2-img"

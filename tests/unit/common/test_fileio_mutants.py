@@ -315,6 +315,45 @@ def test_read_json_reads_at_most_its_limit(tmp_path):
     assert fileio.read_json(path, limit=8) is None
 
 
+def test_read_json_limits_bytes_not_characters(tmp_path):
+    path = str(tmp_path / "r.json")
+    with open(path, "wb") as f:
+        f.write('{"a":"\u00e9"}'.encode())      # 10 bytes, 9 characters
+    assert fileio.read_json(path, limit=10) == {"a": "\u00e9"}
+    assert fileio.read_json(path, limit=9) is None
+
+
+def test_read_json_never_reads_more_than_one_byte_past_its_limit(tmp_path):
+    path = str(tmp_path / "r.json")
+    with open(path, "wb") as f:
+        f.write(b" " * 100)
+    sizes = []
+    real = os.fdopen
+
+    class Reader:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def read(self, size=-1):
+            sizes.append(size)
+            return self.f.read(size)
+
+    with mock.patch.object(os, "fdopen",
+                           side_effect=lambda *a: Reader(real(*a))):
+        assert fileio.read_json(path, limit=10) is None
+    assert sizes == [11]
+
+
 def test_read_json_never_follows_a_symlink(tmp_path, caplog):
     target = tmp_path / "target.json"
     target.write_bytes(b'{"a": 1}')
@@ -418,19 +457,6 @@ def test_temp_beside_names_exactly(tmp_path, umask):
     assert os.stat(path).st_mode & 0o777 == 0o644
     other = fileio.temp_beside(str(tmp_path / "x"), mode=0o600)
     assert os.stat(other).st_mode & 0o777 == 0o600
-
-
-def test_temp_beside_opens_its_file_close_on_exec(tmp_path):
-    seen = []
-    real = os.fchmod
-
-    def fchmod(fd, mode):
-        seen.append(cloexec(fd))
-        return real(fd, mode)
-
-    with mock.patch.object(os, "fchmod", side_effect=fchmod):
-        fileio.temp_beside(str(tmp_path / "base"))
-    assert seen == [True]
 
 
 def test_temp_beside_keeps_a_long_name_at_exactly_name_max(tmp_path):
@@ -563,7 +589,7 @@ def test_publish_fd_with_a_name_in_the_current_directory(tmp_path,
     assert os.listdir(tmp_path) == ["final"]
 
 
-def test_publish_fd_opens_its_directory_close_on_exec(tmp_path):
+def test_publish_fd_links_by_descriptor_into_its_directory(tmp_path):
     path, fd = scratch(tmp_path, "s.part", b"mine")
     seen = []
     real = os.link
