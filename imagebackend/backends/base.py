@@ -278,7 +278,8 @@ class ImageBackend(abc.ABC):
         :returns: what was removed (``path``, ``image_id``, ``backend``).
         :raises imagebackend.exception.DiskNotFound: there is no such disk.
         :raises imagebackend.exception.DiskOperationError: the library did
-            not make it.
+            not make it, or it could not be removed (it and its record are
+            kept).
         """
         target = self.normalize_target(target)
         record = self.cache.disk_record(target)
@@ -290,9 +291,15 @@ class ImageBackend(abc.ABC):
                 reason="no record of the image cache says this library "
                        "made it, so it is not removed; remove it yourself "
                        "if it is yours")
-        with disk_target.errors(record["image_id"], target, 0):
+        try:
             os.unlink(target)
             fileio.fsync_dir(os.path.dirname(target))
+        except OSError as exc:
+            raise exception.DiskOperationError(
+                path=target,
+                reason="it could not be removed (%s); it keeps its record "
+                       "of the image cache, so delete it again once that "
+                       "is fixed" % (exc.strerror or exc)) from exc
         self.cache.forget_disk(record)
         LOG.info("Deleted %s disk %s of image %s", self.name, target,
                  record["image_id"])
