@@ -516,3 +516,85 @@ def test_a_registry_that_cannot_be_trusted_is_logged(tmp_path, caplog):
     t.scanner().scan()
     assert warnings(caplog) == [err.value.message]
     assert os.path.join(t.base_dir, ".disks") in err.value.message
+
+
+# -- an entry skipped must not end the search ---------------------------------
+
+class Vanished:
+    """A directory entry whose file is removed before it is looked at."""
+
+    def __init__(self, directory, name):
+        self.name = name
+        self.path = os.path.join(directory, name)
+
+    def stat(self, follow_symlinks=True):
+        raise FileNotFoundError(errno.ENOENT, "gone", self.path)
+
+
+def listing(first=(), last=None, fail=None):
+    """A scandir that lists ``first`` (entries) before the real entries of
+    a directory, puts the entry whose path is ``last`` after them (so the
+    walk, last in first out, searches it first), and raises ``fail[path]``
+    for that directory.
+    """
+    scandir = os.scandir
+    fail = fail or {}
+
+    def scan(path):
+        if path in fail:
+            raise fail[path]
+        entries = sorted(scandir(path), key=lambda e: e.path == last)
+        return [e for e in first if os.path.dirname(e.path) == path] \
+            + entries
+    return scan
+
+
+@pytest.mark.parametrize("error, unreadable", [
+    (FileNotFoundError(errno.ENOENT, "gone"), False),     # removed meanwhile
+    (PermissionError(errno.EACCES, "denied"), True)])
+def test_a_directory_the_walk_cannot_list_ends_only_its_own_search(
+        tmp_path, error, unreadable):
+    t = Tree(tmp_path)
+    vm = overlay(os.path.join(t.instances, "vm", "disk"), t.base())
+    other = os.path.join(t.instances, "other")
+    os.mkdir(other)
+    scan = listing(last=other, fail={other: error})
+    with mock.patch.object(cache_usage.os, "scandir", side_effect=scan):
+        usage = t.scanner().scan()
+    assert usage.users == {CID: [vm]}
+    assert usage.unreadable == ([other] if unreadable else [])
+
+
+def test_a_file_removed_during_the_walk_is_skipped_not_the_rest(tmp_path):
+    t = Tree(tmp_path)
+    vm = os.path.join(t.instances, "vm")
+    disk = overlay(os.path.join(vm, "disk"), t.base())
+    scan = listing(first=[Vanished(vm, "disk.old")])
+    with mock.patch.object(cache_usage.os, "scandir", side_effect=scan):
+        usage = t.scanner().scan()
+    assert usage.users == {CID: [disk]}
+    assert usage.unreadable == []
+
+
+def test_a_base_removed_while_listed_hides_no_other_base(tmp_path):
+    t = Tree(tmp_path)
+    disk = overlay(os.path.join(t.instances, "vm", "disk"), t.base())
+    scan = listing(first=[Vanished(t.base_dir, CID + "-9")])
+    with mock.patch.object(cache_usage.os, "scandir", side_effect=scan):
+        chains = cache_usage.Chains(t.base_dir)
+        usage = t.scanner().scan()
+    assert chains.resolve(disk, t.base()) == {CID}
+    assert chains.resolve(disk, t.base(CID + "-2")) == {CID + "-2"}
+    assert usage.users == {CID: [disk]}
+
+
+def test_a_disk_seen_before_ends_only_its_own_turn(tmp_path):
+    t = Tree(tmp_path)
+    # Found first by the walk (files of a directory before its
+    # subdirectories), and already counted from its record.
+    registered = overlay(os.path.join(t.instances, "disk"), t.base())
+    record(t, registered, format="qcow2")
+    later = overlay(os.path.join(t.instances, "vm", "disk"),
+                    t.base(CID + "-2"))
+    usage = t.scanner().scan()
+    assert usage.users == {CID: [registered], CID + "-2": [later]}
