@@ -55,6 +55,11 @@ def age(path, seconds):
         json.dump(record, f)
 
 
+def content(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def uses_base(path, st):
     return {CID}
 
@@ -146,10 +151,26 @@ def test_collect_keeps_a_young_intent_whatever_its_files(reg, tmp_path):
 
 
 def test_collect_leaves_other_hosts_records(reg, tmp_path):
+    # Records are read in the order of their names (the key of the disk's
+    # path first): the other host's two come before this host's, so a
+    # collect that stopped at them would never reach this host's record.
+    disks = sorted((str(tmp_path / ("gone%d" % i)) for i in range(3)),
+                   key=reg._key)
     reg.host = "other"
-    reg.add(CID, "img", str(tmp_path / "gone"), "/b")
+    theirs = [reg.add(CID, "img", disk, "/b/" + CID) for disk in disks[:2]]
+    kept = {path: content(path) for path in theirs}
     reg.host = "this-host"
-    assert reg.collect(CID, uses_base) == 0
+    mine = reg.add(CID, "img", disks[2], "/b/" + CID)
+    assert sorted(os.listdir(os.path.dirname(mine))) == sorted(
+        os.path.basename(path) for path in theirs + [mine])
+    assert reg.collect(CID, uses_base) == 1
+    assert sorted(os.listdir(os.path.dirname(mine))) == sorted(
+        os.path.basename(path) for path in theirs)
+    assert {path: content(path) for path in theirs} == kept
+    assert [(r["disk"], r["host"], r["base"], r["state"])
+            for r in reg.records(CID)] == [
+        (disk, "other", "/b/" + CID, cache_registry.DONE)
+        for disk in disks[:2]]
 
 
 def test_a_record_of_a_replaced_file_is_collected_and_not_found(
