@@ -106,24 +106,9 @@ def test_records_of_the_sha256_scheme_are_still_verified(tmp_path):
                     else "base"].status == "corrupt", rows
 
 
-def sized_record(c, sized, image_id, stem, size, /, **changes):
-    record = {"kind": "sized", "image_id": image_id, "base": stem,
-              "size": size, "format": "raw",
-              "digest": {"scheme": "sparse-64k-xxh3",
-                         "value": cache_verify.digests(sized)["sparse"]},
-              "created_at": "2026-01-01T00:00:00+00:00"}
-    record.update(changes)
-    fileio.write_json_atomic(sized + ".json", record)
-
-
-def raw_cache(tmp_path):
-    conf = fakes.conf(tmp_path)
-    return cache.ImageCache(conf, fakes.FakeSource(
-        conf, images={"img": fakes.RAW_IMAGE}), fakes.qemu())
-
-
-def test_a_sized_base_verifies_against_its_own_record(tmp_path):
-    c = raw_cache(tmp_path)
+def test_a_sized_base_verifies_against_its_own_record(
+        make_cache, sized_record):
+    c = make_cache()
     entry, _ = c.get("img")
     size = len(fakes.RAW_IMAGE) + MiB
     sized = c.sized_path(entry.cache_id, size)
@@ -134,7 +119,7 @@ def test_a_sized_base_verifies_against_its_own_record(tmp_path):
     rows = c.verify()
     assert [(r.kind, r.status) for r in rows] == [
         ("sized", "unverified")]
-    sized_record(c, sized, "img", entry.cache_id, size)
+    sized_record(sized, entry.cache_id, size)
     assert [r.status for r in c.verify()] == ["ok"]
     assert [(r.kind, r.image_id) for r in c.entries()] == [
         ("sized", "img")]
@@ -148,26 +133,26 @@ def test_a_sized_base_verifies_against_its_own_record(tmp_path):
     {"kind": "base"}, {"size": 5}, {"base": "f" * 40}, {"digest": "x"},
     {"image_id": None}])
 def test_a_sized_record_that_does_not_describe_its_base_is_ignored(
-        tmp_path, changes):
-    c = raw_cache(tmp_path)
+        changes, make_cache, sized_record):
+    c = make_cache()
     entry, _ = c.get("img")
     size = len(fakes.RAW_IMAGE) + MiB
     sized = c.sized_path(entry.cache_id, size)
     write(sized, size, {0: fakes.RAW_IMAGE})
-    sized_record(c, sized, "img", entry.cache_id, size, **changes)
+    sized_record(sized, entry.cache_id, size, **changes)
     os.unlink(entry.path)
     assert [r.status for r in c.verify()] == ["unverified"]
 
 
-def test_prune_removes_a_sized_base_with_its_record(tmp_path):
-    c = raw_cache(tmp_path)
+def test_prune_removes_a_sized_base_with_its_record(make_cache, sized_record):
+    c = make_cache()
     c.conf.set_override("remove_unused_resized_minimum_age_seconds", 0,
                         group="image_cache")
     entry, _ = c.get("img")
     size = len(fakes.RAW_IMAGE) + MiB
     sized = c.sized_path(entry.cache_id, size)
     write(sized, size, {0: fakes.RAW_IMAGE})
-    sized_record(c, sized, "img", entry.cache_id, size)
+    sized_record(sized, entry.cache_id, size)
     assert [r.file for r in c.prune().removed] == [sized]
     assert not os.path.exists(sized + ".json")
     assert os.path.exists(entry.path + ".json")
@@ -178,8 +163,8 @@ def test_prune_removes_a_sized_base_with_its_record(tmp_path):
 
 
 def test_repair_marks_an_unverifiable_base_stale_and_never_moves_it(
-        tmp_path):
-    c = raw_cache(tmp_path)
+        make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     os.unlink(entry.path + ".json")
     rows = c.verify(repair=True)
@@ -192,9 +177,9 @@ def test_repair_marks_an_unverifiable_base_stale_and_never_moves_it(
         None]
 
 
-def test_a_base_pruned_while_verify_reads_it_is_skipped(tmp_path,
-                                                        monkeypatch):
-    c = raw_cache(tmp_path)
+def test_a_base_pruned_while_verify_reads_it_is_skipped(
+        monkeypatch, make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     real = cache_verify.digests
 
@@ -208,8 +193,8 @@ def test_a_base_pruned_while_verify_reads_it_is_skipped(tmp_path,
 
 
 def test_a_filesystem_error_is_a_library_error_naming_the_file(
-        tmp_path, monkeypatch):
-    c = raw_cache(tmp_path)
+        monkeypatch, make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
 
     def unreadable(path, *args, **kwargs):

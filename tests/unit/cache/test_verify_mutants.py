@@ -21,7 +21,6 @@ from unittest import mock
 
 import pytest
 
-from imagebackend import cache
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import results as cache_results
 from imagebackend.cache import scan as cache_scan
@@ -52,10 +51,10 @@ MARKED = "marked stale, left in place; new disks use a fresh copy"
 BUSY = "busy (a disk is being made from it); run again"
 
 
-def make_cache(tmp_path, images=None, **overrides):
-    conf = fakes.conf(tmp_path, **overrides)
-    return cache.ImageCache(conf, fakes.FakeSource(
-        conf, images=images or {"img": RAW}), fakes.qemu())
+@pytest.fixture
+def cache_images():
+    """The fake source serves RAW (see the conftest's make_cache)."""
+    return {"img": RAW}
 
 
 def cached(c, name):
@@ -87,15 +86,6 @@ def sized_copy(c, entry, extra=MiB, data=None):
         f.write(content)
         f.truncate(size)
     return path, size
-
-
-def own_record(path, stem, size, fmt="raw", scheme="sparse-64k-xxh3",
-               value=None):
-    fileio.write_json_atomic(path + ".json", {
-        "kind": "sized", "image_id": "img", "base": stem, "size": size,
-        "format": fmt, "digest": {
-            "scheme": scheme,
-            "value": value or sparse_of(path)}})
 
 
 def rows(verification):
@@ -204,8 +194,8 @@ def test_whether_a_record_describes_a_converted_base(record, expected):
 
 # -- check_base ---------------------------------------------------------------
 
-def test_an_untrusted_base_is_unverified_and_never_hashed(tmp_path):
-    c = make_cache(tmp_path)
+def test_an_untrusted_base_is_unverified_and_never_hashed(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     os.unlink(entry.path + ".json")
     with mock.patch.object(cache_verify, "digests") as digests:
@@ -214,16 +204,16 @@ def test_an_untrusted_base_is_unverified_and_never_hashed(tmp_path):
     digests.assert_not_called()
 
 
-def test_a_good_raw_base_is_ok_with_its_sparse_digest(tmp_path):
-    c = make_cache(tmp_path)
+def test_a_good_raw_base_is_ok_with_its_sparse_digest(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     assert c.verifier.check_base(cached(c, CID)) == (
         "ok", "", ("sparse-64k-xxh3", fakes.sparse_digest(RAW)))
     c.qemu.check.assert_not_called()        # nothing to check in raw
 
 
-def test_a_recorded_checksum_in_capitals_still_matches(tmp_path):
-    c = make_cache(tmp_path)
+def test_a_recorded_checksum_in_capitals_still_matches(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     record = dict(entry.record, checksum={
         "algo": "sha512", "value": entry.record["checksum"]["value"].upper()})
@@ -231,8 +221,8 @@ def test_a_recorded_checksum_in_capitals_still_matches(tmp_path):
     assert c.verifier.check_base(cached(c, CID))[:2] == ("ok", "")
 
 
-def test_a_flipped_byte_of_a_raw_base_names_both_hashes(tmp_path):
-    c = make_cache(tmp_path)
+def test_a_flipped_byte_of_a_raw_base_names_both_hashes(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     flip(entry.path, 3)
     with open(entry.path, "rb") as f:
@@ -242,8 +232,8 @@ def test_a_flipped_byte_of_a_raw_base_names_both_hashes(tmp_path):
             actual, entry.record["checksum"]["value"]), None)
 
 
-def test_a_raw_base_of_the_wrong_length_says_both_lengths(tmp_path):
-    c = make_cache(tmp_path)
+def test_a_raw_base_of_the_wrong_length_says_both_lengths(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     with open(entry.path, "ab") as f:
         f.write(b"more")
@@ -257,8 +247,8 @@ def test_a_raw_base_of_the_wrong_length_says_both_lengths(tmp_path):
         None)
 
 
-def test_an_unknown_hash_algorithm_is_unverified(tmp_path):
-    c = make_cache(tmp_path)
+def test_an_unknown_hash_algorithm_is_unverified(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     fileio.write_json_atomic(entry.path + ".json", dict(
         entry.record, checksum={"algo": "rot13", "value": "abc"}))
@@ -267,8 +257,8 @@ def test_an_unknown_hash_algorithm_is_unverified(tmp_path):
         None)
 
 
-def test_an_unknown_sparse_scheme_is_unverified(tmp_path):
-    c = make_cache(tmp_path, images={"img": fakes.QCOW2_IMAGE})
+def test_an_unknown_sparse_scheme_is_unverified(make_cache):
+    c = make_cache(images={"img": fakes.QCOW2_IMAGE})
     entry, _ = c.get("img")
     fileio.write_json_atomic(entry.path + ".json", dict(
         entry.record, base_checksum={"algo": "x", "scheme": "sparse-1k",
@@ -278,8 +268,8 @@ def test_an_unknown_sparse_scheme_is_unverified(tmp_path):
         "'sparse-1k'", None)
 
 
-def test_a_converted_base_is_checked_by_its_sparse_digest(tmp_path):
-    c = make_cache(tmp_path, images={"img": fakes.QCOW2_IMAGE})
+def test_a_converted_base_is_checked_by_its_sparse_digest(make_cache):
+    c = make_cache(images={"img": fakes.QCOW2_IMAGE})
     entry, _ = c.get("img")
     recorded = entry.record["base_checksum"]["value"]
     with mock.patch.object(cache_verify, "digests",
@@ -295,8 +285,8 @@ def test_a_converted_base_is_checked_by_its_sparse_digest(tmp_path):
         % (sparse_of(entry.path), recorded), None)
 
 
-def test_a_converted_base_of_the_old_scheme_keeps_its_scheme(tmp_path):
-    c = make_cache(tmp_path, images={"img": fakes.QCOW2_IMAGE})
+def test_a_converted_base_of_the_old_scheme_keeps_its_scheme(make_cache):
+    c = make_cache(images={"img": fakes.QCOW2_IMAGE})
     entry, _ = c.get("img")
     with open(entry.path, "rb") as f:
         old = fakes.sparse_digest(f.read(), "sparse-64k")
@@ -306,8 +296,8 @@ def test_a_converted_base_of_the_old_scheme_keeps_its_scheme(tmp_path):
         "ok", "", ("sparse-64k", old))
 
 
-def test_a_converted_base_without_its_digest_is_unverified(tmp_path):
-    c = make_cache(tmp_path, images={"img": fakes.QCOW2_IMAGE})
+def test_a_converted_base_without_its_digest_is_unverified(make_cache):
+    c = make_cache(images={"img": fakes.QCOW2_IMAGE})
     entry, _ = c.get("img")
     record = dict(entry.record)
     del record["base_checksum"]
@@ -316,8 +306,8 @@ def test_a_converted_base_without_its_digest_is_unverified(tmp_path):
         "unverified", NO_CONVERTED_DIGEST, None)
 
 
-def test_a_qcow2_base_is_hashed_and_checked_by_qemu_img(tmp_path):
-    c = make_cache(tmp_path, images={"img": fakes.QCOW2_IMAGE},
+def test_a_qcow2_base_is_hashed_and_checked_by_qemu_img(make_cache):
+    c = make_cache(images={"img": fakes.QCOW2_IMAGE},
                    force_raw_images=False)
     entry, _ = c.get("img")
     assert entry.record["format"] == "qcow2"
@@ -346,8 +336,8 @@ def test_a_qcow2_base_is_hashed_and_checked_by_qemu_img(tmp_path):
 
 
 def test_a_converted_qcow2_base_without_its_digest_stays_unverified(
-        tmp_path):
-    c = make_cache(tmp_path, images={"img": fakes.QCOW2_IMAGE},
+        make_cache):
+    c = make_cache(images={"img": fakes.QCOW2_IMAGE},
                    force_raw_images=False)
     entry, _ = c.get("img")
     record = dict(entry.record, converted=True)
@@ -361,8 +351,8 @@ def test_a_converted_qcow2_base_without_its_digest_stays_unverified(
 
 # -- check_sized -------------------------------------------------------------
 
-def test_a_sized_base_is_checked_against_its_original_digest(tmp_path):
-    c = make_cache(tmp_path)
+def test_a_sized_base_is_checked_against_its_original_digest(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
     f = cached(c, os.path.basename(path))
@@ -379,8 +369,8 @@ def test_a_sized_base_is_checked_against_its_original_digest(tmp_path):
     c.qemu.check.assert_not_called()
 
 
-def test_a_sized_base_of_the_wrong_length_is_corrupt(tmp_path):
-    c = make_cache(tmp_path)
+def test_a_sized_base_of_the_wrong_length_is_corrupt(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
     os.truncate(path, size + 7)
@@ -391,31 +381,32 @@ def test_a_sized_base_of_the_wrong_length_is_corrupt(tmp_path):
                                                               size))
 
 
-def test_a_sized_base_with_its_own_record_uses_only_that(tmp_path):
-    c = make_cache(tmp_path)
+def test_a_sized_base_with_its_own_record_uses_only_that(
+        make_cache, sized_record):
+    c = make_cache()
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
-    own_record(path, CID, size)
+    sized_record(path, CID, size)
     f = cached(c, os.path.basename(path))
     assert c.verifier.check_sized(f, ("sparse-64k-xxh3", "0" * 32)) == (
         "ok", "")
     assert c.verifier.check_sized(f, None) == ("ok", "")
-    own_record(path, CID, size, value="0" * 32)
+    sized_record(path, CID, size, value="0" * 32)
     f = cached(c, os.path.basename(path))
     expected = ("sparse-64k-xxh3", fakes.sparse_digest(RAW))
     assert c.verifier.check_sized(f, expected) == (
         "corrupt", "its content differs from what its own record records")
-    own_record(path, CID, size, scheme="sparse-64k", value=fakes.sparse_digest(
-        RAW, "sparse-64k"))
+    sized_record(path, CID, size, scheme="sparse-64k",
+                 value=fakes.sparse_digest(RAW, "sparse-64k"))
     assert c.verifier.check_sized(cached(c, os.path.basename(path)),
                                   None) == ("ok", "")
 
 
-def test_every_problem_of_a_sized_base_is_reported(tmp_path):
-    c = make_cache(tmp_path)
+def test_every_problem_of_a_sized_base_is_reported(make_cache, sized_record):
+    c = make_cache()
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
-    own_record(path, CID, size, value="0" * 32)
+    sized_record(path, CID, size, value="0" * 32)
     os.truncate(path, size + 7)
     assert c.verifier.check_sized(cached(c, os.path.basename(path)),
                                   None) == (
@@ -423,11 +414,11 @@ def test_every_problem_of_a_sized_base_is_reported(tmp_path):
         "it is %d bytes long, its name says %d" % (size + 7, size))
 
 
-def test_an_unconverted_base_digest_is_of_the_current_scheme(tmp_path):
+def test_an_unconverted_base_digest_is_of_the_current_scheme(make_cache):
     """Whatever sparse digest its record carries, a base verified by the
     download's hash is digested with the current scheme.
     """
-    c = make_cache(tmp_path)
+    c = make_cache()
     entry, _ = c.get("img")
     fileio.write_json_atomic(entry.path + ".json", dict(
         entry.record, base_checksum={
@@ -437,11 +428,11 @@ def test_an_unconverted_base_digest_is_of_the_current_scheme(tmp_path):
         "ok", "", ("sparse-64k-xxh3", fakes.sparse_digest(RAW)))
 
 
-def test_a_qcow2_sized_base_is_checked_by_qemu_img(tmp_path):
-    c = make_cache(tmp_path)
+def test_a_qcow2_sized_base_is_checked_by_qemu_img(make_cache, sized_record):
+    c = make_cache()
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry, data=fakes.qcow2_header(MiB))
-    own_record(path, CID, size, fmt="qcow2")
+    sized_record(path, CID, size, fmt="qcow2")
     f = cached(c, os.path.basename(path))
     # Its length is the qcow2 file's, not the disk size its name says.
     assert f.record["format"] == "raw"
@@ -453,8 +444,8 @@ def test_a_qcow2_sized_base_is_checked_by_qemu_img(tmp_path):
         "corrupt", "qemu-img check found 4 corruption(s) and 0 error(s)")
 
 
-def test_a_sized_base_of_a_qcow2_original_needs_its_own_record(tmp_path):
-    c = make_cache(tmp_path, images={"img": fakes.QCOW2_IMAGE},
+def test_a_sized_base_of_a_qcow2_original_needs_its_own_record(make_cache):
+    c = make_cache(images={"img": fakes.QCOW2_IMAGE},
                    force_raw_images=False)
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
@@ -463,8 +454,8 @@ def test_a_sized_base_of_a_qcow2_original_needs_its_own_record(tmp_path):
         "unverified", NO_SIZED_DIGEST)
 
 
-def test_a_sized_base_whose_original_has_no_record_counts_as_raw(tmp_path):
-    c = make_cache(tmp_path)
+def test_a_sized_base_whose_original_has_no_record_counts_as_raw(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
     os.unlink(entry.path + ".json")
@@ -476,8 +467,8 @@ def test_a_sized_base_whose_original_has_no_record_counts_as_raw(tmp_path):
 
 # -- verify -------------------------------------------------------------------
 
-def test_verify_reports_every_file_once_with_its_fields(tmp_path):
-    c = make_cache(tmp_path, images={"img": RAW, "other": RAW + b"x"})
+def test_verify_reports_every_file_once_with_its_fields(make_cache):
+    c = make_cache(images={"img": RAW, "other": RAW + b"x"})
     entry, _ = c.get("img")
     other, _ = c.get("other")
     path, size = sized_copy(c, entry)
@@ -497,8 +488,8 @@ def test_verify_reports_every_file_once_with_its_fields(tmp_path):
 
 
 def test_a_sized_base_is_verified_after_its_original_whatever_the_names(
-        tmp_path, monkeypatch):
-    c = make_cache(tmp_path)
+        monkeypatch, make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
     layout = cache_scan.scan(c.base_dir)
@@ -509,8 +500,8 @@ def test_a_sized_base_is_verified_after_its_original_whatever_the_names(
         ("base", "ok"), ("sized", "ok")]
 
 
-def test_sized_bases_are_reported_in_name_order(tmp_path, monkeypatch):
-    c = make_cache(tmp_path)
+def test_sized_bases_are_reported_in_name_order(monkeypatch, make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     small, _ = sized_copy(c, entry, extra=MiB)
     large, _ = sized_copy(c, entry, extra=3 * MiB)
@@ -522,8 +513,8 @@ def test_sized_bases_are_reported_in_name_order(tmp_path, monkeypatch):
             p != entry.path, os.path.basename(p)))
 
 
-def test_every_base_is_reported_before_any_sized_base(tmp_path):
-    c = make_cache(tmp_path, images={"img": RAW, "other": RAW + b"x"})
+def test_every_base_is_reported_before_any_sized_base(make_cache):
+    c = make_cache(images={"img": RAW, "other": RAW + b"x"})
     paths = []
     for image_id in ("img", "other"):
         entry, _ = c.get(image_id)
@@ -534,8 +525,8 @@ def test_every_base_is_reported_before_any_sized_base(tmp_path):
 
 
 def test_a_sized_base_of_a_corrupt_original_uses_the_recorded_digest(
-        tmp_path):
-    c = make_cache(tmp_path, images={"img": fakes.QCOW2_IMAGE})
+        make_cache):
+    c = make_cache(images={"img": fakes.QCOW2_IMAGE})
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
     flip(entry.path, 10)        # the original: corrupt, not the sized base
@@ -547,8 +538,8 @@ def test_a_sized_base_of_a_corrupt_original_uses_the_recorded_digest(
 
 
 def test_a_sized_base_of_a_converted_original_that_is_gone_verifies(
-        tmp_path):
-    c = make_cache(tmp_path, images={"img": fakes.QCOW2_IMAGE})
+        make_cache):
+    c = make_cache(images={"img": fakes.QCOW2_IMAGE})
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
     os.unlink(entry.path)
@@ -562,8 +553,8 @@ def test_a_sized_base_of_a_converted_original_that_is_gone_verifies(
 
 
 def test_a_file_gone_while_read_is_skipped_but_another_error_raised(
-        tmp_path, monkeypatch, caplog):
-    c = make_cache(tmp_path)
+        monkeypatch, caplog, make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
     real = cache_verify.digests
@@ -600,8 +591,8 @@ def test_a_file_gone_while_read_is_skipped_but_another_error_raised(
                                  None)]
 
 
-def test_a_corrupt_file_is_logged_with_what_was_found(tmp_path, caplog):
-    c = make_cache(tmp_path)
+def test_a_corrupt_file_is_logged_with_what_was_found(caplog, make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     flip(entry.path, 3)
     with caplog.at_level(logging.WARNING, logger=cache_verify.__name__):
@@ -614,8 +605,8 @@ def test_a_corrupt_file_is_logged_with_what_was_found(tmp_path, caplog):
 # -- repair -------------------------------------------------------------------
 
 def test_repair_moves_an_unused_corrupt_base_aside_and_marks_it_stale(
-        tmp_path, caplog):
-    c = make_cache(tmp_path)
+        caplog, make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     flip(entry.path, 3)
     with caplog.at_level(logging.WARNING, logger=cache_verify.__name__):
@@ -633,8 +624,8 @@ def test_repair_moves_an_unused_corrupt_base_aside_and_marks_it_stale(
     assert (again.generation, hit) == (2, False)
 
 
-def test_repair_never_moves_a_corrupt_base_a_disk_uses(tmp_path):
-    c = make_cache(tmp_path)
+def test_repair_never_moves_a_corrupt_base_a_disk_uses(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     disks = [test_usage.overlay(os.path.join(c.instances_path, vm, "disk"),
                                 entry.path) for vm in ("vm1", "vm2")]
@@ -649,8 +640,8 @@ def test_repair_never_moves_a_corrupt_base_a_disk_uses(tmp_path):
         "stale_reason"] == "corrupt"
 
 
-def test_repair_never_moves_a_corrupt_sized_base_a_disk_uses(tmp_path):
-    c = make_cache(tmp_path)
+def test_repair_never_moves_a_corrupt_sized_base_a_disk_uses(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
     disk = test_usage.overlay(os.path.join(c.instances_path, "vm", "disk"),
@@ -667,8 +658,8 @@ def test_repair_never_moves_a_corrupt_sized_base_a_disk_uses(tmp_path):
         "stale_reason"] == "corrupt"
 
 
-def test_repair_of_a_corrupt_sized_base_moves_only_it(tmp_path):
-    c = make_cache(tmp_path)
+def test_repair_of_a_corrupt_sized_base_moves_only_it(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     path, size = sized_copy(c, entry)
     flip(path, 3)
@@ -679,11 +670,11 @@ def test_repair_of_a_corrupt_sized_base_moves_only_it(tmp_path):
     assert os.path.exists(path + ".corrupt")
 
 
-def test_repair_asks_again_under_the_locks_who_uses_the_base(tmp_path):
+def test_repair_asks_again_under_the_locks_who_uses_the_base(make_cache):
     """A disk made after the usage scan (before the locks) keeps the base
     where it is.
     """
-    c = make_cache(tmp_path)
+    c = make_cache()
     entry, _ = c.get("img")
     flip(entry.path, 3)
     disk = os.path.join(c.instances_path, "vm", "disk")
@@ -704,8 +695,8 @@ def test_repair_asks_again_under_the_locks_who_uses_the_base(tmp_path):
     assert os.path.exists(entry.path)
 
 
-def test_repair_counts_an_unreadable_disk_as_a_user(tmp_path):
-    c = make_cache(tmp_path)
+def test_repair_counts_an_unreadable_disk_as_a_user(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     flip(entry.path, 3)
     usage = cache_usage.Usage(users={}, unreadable=["/i/vm1/disk",
@@ -720,8 +711,8 @@ def test_repair_counts_an_unreadable_disk_as_a_user(tmp_path):
 
 
 def test_repair_names_the_known_users_even_if_some_disk_is_unreadable(
-        tmp_path):
-    c = make_cache(tmp_path)
+        make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     flip(entry.path, 3)
     usage = cache_usage.Usage(users={CID: ["/i/vm/disk"]},
@@ -731,16 +722,16 @@ def test_repair_names_the_known_users_even_if_some_disk_is_unreadable(
     assert row.action.startswith("in use by /i/vm/disk: left in place")
 
 
-def test_repair_scans_for_disks_only_when_something_is_corrupt(tmp_path):
-    c = make_cache(tmp_path)
+def test_repair_scans_for_disks_only_when_something_is_corrupt(make_cache):
+    c = make_cache()
     c.get("img")
     with mock.patch.object(c.scanner, "scan") as scan:
         assert rows(c.verify(repair=True)) == [("base", "ok", "", None)]
     scan.assert_not_called()
 
 
-def test_repair_of_a_base_being_used_is_busy_and_moves_nothing(tmp_path):
-    c = make_cache(tmp_path)
+def test_repair_of_a_base_being_used_is_busy_and_moves_nothing(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     flip(entry.path, 3)
     with c.store.use(CID):          # a disk is being made from it
@@ -750,8 +741,8 @@ def test_repair_of_a_base_being_used_is_busy_and_moves_nothing(tmp_path):
     assert not cache_layout.read_record(entry.path + ".json").get("stale")
 
 
-def test_repair_marks_a_trusted_unverifiable_base_stale_in_place(tmp_path):
-    c = make_cache(tmp_path, images={"img": fakes.QCOW2_IMAGE})
+def test_repair_marks_a_trusted_unverifiable_base_stale_in_place(make_cache):
+    c = make_cache(images={"img": fakes.QCOW2_IMAGE})
     entry, _ = c.get("img")
     record = dict(entry.record)
     del record["base_checksum"]
@@ -766,8 +757,8 @@ def test_repair_marks_a_trusted_unverifiable_base_stale_in_place(tmp_path):
         ("base", "unverified", NO_CONVERTED_DIGEST, None)]
 
 
-def test_repair_gives_an_unrecorded_base_a_stale_record(tmp_path):
-    c = make_cache(tmp_path)
+def test_repair_gives_an_unrecorded_base_a_stale_record(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     os.unlink(entry.path + ".json")
     assert rows(c.verify(repair=True)) == [
@@ -779,8 +770,8 @@ def test_repair_gives_an_unrecorded_base_a_stale_record(tmp_path):
     assert os.path.exists(entry.path)
 
 
-def test_repair_keeps_the_image_id_of_an_untrusted_record(tmp_path):
-    c = make_cache(tmp_path)
+def test_repair_keeps_the_image_id_of_an_untrusted_record(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     record = dict(entry.record)
     del record["checksum"]
@@ -792,8 +783,8 @@ def test_repair_keeps_the_image_id_of_an_untrusted_record(tmp_path):
         "unverifiable": True}
 
 
-def test_repair_of_an_unverifiable_base_being_used_is_busy(tmp_path):
-    c = make_cache(tmp_path)
+def test_repair_of_an_unverifiable_base_being_used_is_busy(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     os.unlink(entry.path + ".json")
     with c.store.use(CID):
@@ -801,14 +792,14 @@ def test_repair_of_an_unverifiable_base_being_used_is_busy(tmp_path):
     assert not os.path.exists(entry.path + ".json")
 
 
-def test_repair_of_a_not_cached_image_does_nothing(tmp_path):
-    c = make_cache(tmp_path)
+def test_repair_of_a_not_cached_image_does_nothing(make_cache):
+    c = make_cache()
     found = c.verify(["img"], repair=True)
     assert [(r.status, r.action) for r in found] == [("not cached", None)]
 
 
-def test_the_verifier_repairs_nothing_unless_asked(tmp_path):
-    c = make_cache(tmp_path)
+def test_the_verifier_repairs_nothing_unless_asked(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     flip(entry.path, 3)
     assert [(r.status, r.action) for r in c.verifier.verify()] == [
@@ -817,8 +808,8 @@ def test_the_verifier_repairs_nothing_unless_asked(tmp_path):
     assert not cache_layout.read_record(entry.path + ".json").get("stale")
 
 
-def test_without_repair_nothing_is_changed(tmp_path):
-    c = make_cache(tmp_path)
+def test_without_repair_nothing_is_changed(make_cache):
+    c = make_cache()
     entry, _ = c.get("img")
     flip(entry.path, 3)
     with open(entry.path + ".json", "rb") as f:
