@@ -41,10 +41,9 @@ no encryption, snapshots, data file or allocated cluster) -- before it is
 cut to the overlay's length; a copy that fails is never used: the
 template is made again under the image's lock (a damaged one is removed
 first) and, if that fails too, the disk is made by ``qemu-img create``
-directly.  A template is made under the image's lock, in scratch of its
-own, fsynced and published without replacing anything; it is removed
-with its base (by the pruner, ``cache invalidate``, ``cache verify
---repair``), and one whose base is gone is removed by ``cache prune``.
+directly.  A template is made under the image's lock, in scratch of its own,
+fsynced and published without replacing anything; it goes with its base
+(:func:`drop`), and ``cache prune`` removes one whose base is gone.
 """
 
 import dataclasses
@@ -60,6 +59,7 @@ from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import store as cache_store
 from imagebackend.common import fileio
 from imagebackend.common import sparseio
+from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
 
 LOG = logging.getLogger(__name__)
@@ -137,6 +137,11 @@ class Spec:
     @property
     def key(self) -> str:
         return hashlib.sha256(self.description).hexdigest()[:KEY_HEX]
+
+    @property
+    def cid(self) -> str:
+        """The cache id of the image whose base this is."""
+        return os.path.basename(self.backing_file)[:40]
 
     def file_name(self) -> str:
         return "%s%s%d-%s" % (os.path.basename(self.backing_file), INFIX,
@@ -281,7 +286,9 @@ class Templates:
                 return True
             try:
                 built = self._build(path, spec, bad)
-            except OSError as exc:
+            except (OSError, exception.QemuImgError) as exc:
+                # qemu-img runs again below, for the disk itself: its
+                # error, if any, then names the disk.
                 LOG.warning("Cannot make overlay template %s (%s); making "
                             "%s with qemu-img", path, exc, target)
                 built = False
@@ -311,7 +318,10 @@ class Templates:
             os.ftruncate(fd, 0)
             try:
                 sparseio.sparse_copy(path, fd, writeback=False)
-            except FileNotFoundError:
+            except OSError as exc:
+                # Gone meanwhile, or unreadable: qemu-img makes the disk
+                # if it cannot be made again.
+                LOG.debug("Cannot copy overlay template %s: %s", path, exc)
                 return None
             why = self._check_copy(fd, spec)
             if why is None:
@@ -352,8 +362,7 @@ class Templates:
         :returns: whether a template is there now to copy.
         :raises OSError: the template could not be written.
         """
-        cid = spec_name(spec).cid
-        with self.store.lock(cid, what="overlay template %s" % path):
+        with self.store.lock(spec.cid, what="overlay template %s" % path):
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
@@ -402,8 +411,3 @@ class Templates:
         finally:
             os.close(fd)
         return True
-
-
-def spec_name(spec: Spec) -> TemplateName:
-    """The parsed file name of ``spec``'s template."""
-    return parse(spec.file_name())

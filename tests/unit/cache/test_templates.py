@@ -26,6 +26,7 @@ from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import results as cache_results
 from imagebackend.cache import scan as cache_scan
 from imagebackend.cache import templates
+from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
 from tests import fakes
 
@@ -391,4 +392,15 @@ def test_verify_repair_moving_a_base_aside_removes_its_templates(c, base):
         f.write(b"corrupt")
     c.verify(repair=True)
     assert os.path.exists(base.path + ".corrupt")
+    assert template_files(c) == []
+
+
+def test_a_qemu_img_failure_names_the_disk_not_the_template(c, base):
+    c.qemu.create.side_effect = exception.QemuImgError(
+        operation="create", path="x", exit_code=1, stderr="no space")
+    target = new_target(c)
+    with pytest.raises(exception.QemuImgError):
+        make(c, base, target)
+    assert [call.args[0] for call in c.qemu.create.call_args_list][-1] == (
+        target)
     assert template_files(c) == []
