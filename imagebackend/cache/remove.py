@@ -60,6 +60,10 @@ class Remover:
         """
         if report.dry_run:
             report.add(f.path, f.kind, reason, f.allocated, f.image_id)
+            for path, st in cache_templates.of_base(self.store.base_dir,
+                                                    f.name.name):
+                report.add(path, "template", "its base would be removed",
+                           st.st_blocks * 512, f.image_id)
             return True
         store = self.store
         sized_lock = (store.lock(f.name.name, blocking=False)

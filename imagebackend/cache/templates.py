@@ -12,38 +12,28 @@
 
 """Overlay templates: a warm qcow2 disk is a copy, not a qemu-img run.
 
-A new qcow2 overlay over a given base, at a given size and with given
-creation options, is the same bytes every time.  So the first disk made
-over a base runs ``qemu-img create`` once, into scratch in ``_base``, and
-keeps the result as a *template*; every later disk of that (base, size,
-options) is a copy of it (``copy_file_range``, a reflink where the
-filesystem has them) and starts no process.  The copy is byte for byte
-what ``qemu-img create`` would have written for the disk: the backing
-file is written as the same absolute path, with the same format.
-
-Names (never taken for a base, a sized base, a record or a generation by
-:func:`imagebackend.cache.layout.parse`, which does not match them)::
+A new qcow2 overlay over a given base, size and creation options is the
+same bytes every time.  The first disk over a base runs ``qemu-img
+create`` once, into scratch in ``_base`` under the image's lock, and keeps
+the result, fsynced and published without replacing anything, as a
+template; later disks copy it (``copy_file_range``, a reflink where the
+filesystem has them) and start no process.  The copy is byte for byte
+what ``qemu-img create`` writes for the disk (same backing path and
+format).  Names, which :func:`imagebackend.cache.layout.parse` never
+matches::
 
     _base/<base>.template-<size>-<key>             a template
     _base/<base>.template-<size>-<key>.part-<hex>  scratch: one being made
 
-``<base>`` is the file name of the base the overlays name (``<stem>`` or
-``<stem>_<size>``, so it includes the generation), ``<size>`` the virtual
-size in bytes and ``<key>`` 16 hex digits of the sha256 of the overlay
-format, the backing file's absolute path and format and the creation
-options: a template never serves another base, size, path or option.
-
-A template file holds the overlay followed by a trailer of
-:data:`TRAILER_SIZE` bytes (a magic, the overlay's length and the sha256
-of its key and bytes).  A copy is checked on the copy itself -- its
-trailer, digest and qcow2 header (magic, size, backing file and format,
-no encryption, snapshots, data file or allocated cluster) -- before it is
-cut to the overlay's length; a copy that fails is never used: the
-template is made again under the image's lock (a damaged one is removed
-first) and, if that fails too, the disk is made by ``qemu-img create``
-directly.  A template is made under the image's lock, in scratch of its own,
-fsynced and published without replacing anything; it goes with its base
-(:func:`drop`), and ``cache prune`` removes one whose base is gone.
+``<base>`` is the base's or sized base's file name (so the generation is
+in it), ``<key>`` 16 hex digits of the sha256 of the overlay format,
+backing path and format, size and options.  A template ends with a
+trailer (magic, length, sha256 of key and bytes).  Each copy is checked on
+the copy -- trailer, digest, qcow2 header (:func:`check_overlay`) --
+before the trailer is cut off; a copy that fails is never used: the
+template is made again (a damaged one removed first) or, failing that,
+``qemu-img create`` makes the disk.  Templates go with their base
+(:func:`drop`); ``cache prune`` removes one whose base is gone.
 """
 
 import dataclasses
@@ -221,6 +211,31 @@ def _backing_format(body, offset, end):
     return found
 
 
+def of_base(base_dir: str, base_name: str
+            ) -> list[tuple[str, os.stat_result]]:
+    """The templates (regular files, not scratch) of base ``base_name``
+    (a file name in ``base_dir``): (path, stat) each.
+    """
+    found = []
+    prefix = base_name + INFIX
+    try:
+        entries = list(os.scandir(base_dir))
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        name = (parse(entry.name) if entry.name.startswith(prefix)
+                else None)
+        if name is None or name.scratch or name.base != base_name:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found.append((entry.path, st))
+    return found
+
+
 def drop(base_dir: str, base_name: str) -> list[tuple[str, int]]:
     """Remove the templates of base ``base_name`` (a file name in
     ``base_dir``), never their scratch; for the caller that removes or
@@ -229,26 +244,10 @@ def drop(base_dir: str, base_name: str) -> list[tuple[str, int]]:
     :returns: (path, allocated bytes) of each template removed.
     """
     removed = []
-    prefix = base_name + INFIX
-    try:
-        entries = list(os.scandir(base_dir))
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(prefix):
-            continue
-        name = parse(entry.name)
-        if name is None or name.scratch or name.base != base_name:
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISREG(st.st_mode) and fileio.remove_if_same(
-                entry.path, st):
-            LOG.info("Removed overlay template %s with its base",
-                     entry.path)
-            removed.append((entry.path, st.st_blocks * 512))
+    for path, st in of_base(base_dir, base_name):
+        if fileio.remove_if_same(path, st):
+            LOG.info("Removed overlay template %s with its base", path)
+            removed.append((path, st.st_blocks * 512))
     return removed
 
 

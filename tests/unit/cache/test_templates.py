@@ -404,3 +404,14 @@ def test_a_qemu_img_failure_names_the_disk_not_the_template(c, base):
     assert [call.args[0] for call in c.qemu.create.call_args_list][-1] == (
         target)
     assert template_files(c) == []
+
+
+def test_a_dry_run_reports_the_templates_it_would_remove(c, base):
+    make(c, base, new_target(c))
+    [f] = cache_scan.scan(c.base_dir).bases
+    report = cache_results.PruneReport(dry_run=True)
+    assert c.remover.remove_base(f, "test", report) is True
+    [name] = template_files(c)
+    assert [(os.path.basename(r.file), r.kind) for r in report.removed] == [
+        (os.path.basename(base.path), "base"), (name, "template")]
+    assert report.removed[1].size > 0
