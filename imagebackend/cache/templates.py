@@ -321,6 +321,7 @@ class Templates:
                 # Gone meanwhile, or unreadable: qemu-img makes the disk
                 # if it cannot be made again.
                 LOG.debug("Cannot copy overlay template %s: %s", path, exc)
+                os.ftruncate(fd, 0)
                 return None
             why = self._check_copy(fd, spec)
             if why is None:
