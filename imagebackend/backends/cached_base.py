@@ -15,7 +15,9 @@
 The sized base ``_base/<cache_id>_<size>`` (``<size>`` in bytes, decimal)
 is made once per image and size, under its own lock, and shared by every
 disk of that size; the overlay then has the same virtual size as its
-backing file, as some tools expect.
+backing file, as some tools expect.  The overlay itself is copied from a
+template of the sized base, as the qcow2 backend's is (see
+:mod:`imagebackend.cache.templates`).
 """
 
 import os

@@ -33,6 +33,10 @@ The layout (``cache_id`` is
     _base/<stem>.part-<hex>      scratch: a download in progress
     _base/<stem>.converted-<hex> scratch: a conversion in progress
     _base/<stem>_<size>.part-<hex>  scratch: a sized base being built
+    _base/<base>.template-<size>-<key>
+                                 an overlay template of base or sized base
+                                 <base> (:mod:`imagebackend.cache.templates`);
+                                 :func:`parse` never matches it
     _base/<name>.corrupt         moved aside by ``cache verify --repair``
     _base/<name>.refused         moved aside by earlier releases
     _base/.disks/<cache_id>/     the disks the library made from the image,

@@ -29,6 +29,8 @@ removes, in this order:
    than ``min_free_space`` free, more unused bases, least recently used
    first;
 5. records whose base is gone (a sized base's own record goes with it),
+   overlay templates whose base is gone (a removed base takes its
+   templates with it; see :mod:`imagebackend.cache.templates`),
    registry records of deleted disks, and lock files of images no longer
    cached.  The claims of generation numbers (``.generations``) are never
    removed, so a number is never used twice.
@@ -239,7 +241,9 @@ class Pruner:
         report.cache_size = (sum(f.allocated for f in layout.bases)
                              + sum(_allocated(p) for _, p in layout.scratch)
                              + sum(st.st_blocks * 512
-                                   for _, _, st in layout.aside))
+                                   for _, _, st in layout.aside)
+                             + sum(st.st_blocks * 512
+                                   for _, _, st in layout.templates))
         usage = self.scanner.scan()
         now = time.time()
         self._leftovers(layout, now, policy.original_age, report)
@@ -263,7 +267,9 @@ class Pruner:
         return report
 
     def _leftovers(self, layout, now, aside_age, report) -> None:
-        """Orphaned scratch, old temporary files, old moved-aside files."""
+        """Orphaned scratch, old temporary files, old moved-aside files,
+        overlay templates whose base is gone.
+        """
         remove_file = self.remover.remove_file
         for name, path in layout.scratch:
             # Another host may lock elsewhere: only old scratch is a
@@ -284,6 +290,18 @@ class Pruner:
                 remove_file(path, "aside", "moved aside %d s ago"
                             % (now - st.st_mtime), st.st_blocks * 512,
                             name.cid, report)
+        for name, path, st in layout.templates:
+            if name.scratch:
+                if now - st.st_mtime < cache_layout.SCRATCH_MINIMUM_AGE:
+                    continue
+                reason = "orphaned (unmodified for %d s)" % (
+                    now - st.st_mtime)
+            elif os.path.lexists(os.path.join(layout.base_dir, name.base)):
+                continue
+            else:
+                reason = "its base is gone"
+            remove_file(path, "template", reason, st.st_blocks * 512,
+                        name.cid, report)
 
     def _collect(self, layout, report) -> None:
         """Records without bases, registry records of deleted disks, and

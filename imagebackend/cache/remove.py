@@ -31,6 +31,7 @@ from imagebackend.cache import locks as cache_locks
 from imagebackend.cache import results
 from imagebackend.cache import scan as cache_scan
 from imagebackend.cache import store as cache_store
+from imagebackend.cache import templates as cache_templates
 from imagebackend.common import fileio
 
 LOG = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class Remover:
         """
         if report.dry_run:
             report.add(f.path, f.kind, reason, f.allocated, f.image_id)
+            for path, st in cache_templates.of_base(self.store.base_dir,
+                                                    f.name.name):
+                report.add(path, "template", "its base would be removed",
+                           st.st_blocks * 512, f.image_id)
             return True
         store = self.store
         sized_lock = (store.lock(f.name.name, blocking=False)
@@ -74,6 +79,8 @@ class Remover:
                     # Its own record describes these bytes only.
                     fileio.remove_quietly(f.path + ".json")
                 self.drop_record_if_alone(f.cid, f.name.stem)
+                templates = cache_templates.drop(store.base_dir,
+                                                 f.name.name)
                 fileio.fsync_dir(store.base_dir)
         except cache_locks.Busy:
             report.keep(f, "busy: a fetch or a disk creation is in "
@@ -83,6 +90,9 @@ class Remover:
             return False
         LOG.info("Removed cached %s %s (%s)", f.kind, f.path, reason)
         report.add(f.path, f.kind, reason, f.allocated, f.image_id)
+        for path, size in templates:
+            report.add(path, "template", "its base was removed", size,
+                       f.image_id)
         return True
 
     def _still_removable(self, f) -> str | None:

@@ -22,6 +22,7 @@ import stat
 
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import results
+from imagebackend.cache import templates as cache_templates
 
 
 @dataclasses.dataclass
@@ -115,6 +116,11 @@ class Layout:
     #: leftover temporary files of atomic JSON writes: (path, stat)
     temp: list[tuple[str, os.stat_result]] = dataclasses.field(
         default_factory=list)
+    #: overlay templates and their scratch (never bases, never listed or
+    #: verified as images): (name, path, stat)
+    templates: list[tuple[cache_templates.TemplateName, str,
+                          os.stat_result]] = dataclasses.field(
+        default_factory=list)
 
     def cids(self) -> set[str]:
         """Every image with any file in the cache."""
@@ -147,6 +153,10 @@ def scan(base_dir: str) -> Layout:
             continue
         name = cache_layout.parse(entry.name)
         if name is None:
+            template = cache_templates.parse(entry.name)
+            st = _regular(entry) if template is not None else None
+            if st is not None:
+                layout.templates.append((template, entry.path, st))
             continue
         st = _regular(entry)
         if st is None:

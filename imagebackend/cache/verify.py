@@ -35,8 +35,9 @@ wrong type, no checksum) is ``unverified``: it is never used again (see
 a corrupt one.
 
 With ``repair``, under the image's fetch lock and use lock: a corrupt base
-nothing uses is moved aside (renamed to ``<name>.corrupt``) and its
-generation marked stale, so the next use fetches the image again; a
+nothing uses is moved aside (renamed to ``<name>.corrupt``, its overlay
+templates removed) and its generation marked stale, so the next use
+fetches the image again; a
 corrupt base in use is only marked stale (moving it would break the disks
 using it, which are reported).  An unverifiable base is marked stale and
 never moved.
@@ -51,6 +52,7 @@ from imagebackend.cache import locks as cache_locks
 from imagebackend.cache import results
 from imagebackend.cache import scan as cache_scan
 from imagebackend.cache import store as cache_store
+from imagebackend.cache import templates as cache_templates
 from imagebackend.cache import usage as cache_usage
 from imagebackend.common import digest
 from imagebackend import exception
@@ -300,6 +302,8 @@ class Verifier:
                             "disks use a fresh copy" % ", ".join(users))
                 aside = f.path + ".corrupt"
                 os.rename(f.path, aside)
+                # Overlays of a base that is gone are never made again.
+                cache_templates.drop(self.store.base_dir, f.name.name)
         except cache_locks.Busy:
             return "busy (a disk is being made from it); run again"
         LOG.warning("Moved corrupt cached %s %s aside to %s", f.kind, f.path,

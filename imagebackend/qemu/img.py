@@ -23,9 +23,10 @@ by :class:`imagebackend.qemu.running.Command`: failures become
 :class:`imagebackend.exception.QemuImgError` (or a subclass) with the
 useful line of qemu-img's standard error, and long commands report their
 progress as a percentage.  The ``[qemu_img]`` options and the process
-limits they set are :mod:`imagebackend.qemu.options`.  The fast path of
-the pipeline -- creating an overlay -- starts exactly one process: no
-version probe, no ``info``.
+limits they set are :mod:`imagebackend.qemu.options`.  Creating an
+overlay template (:mod:`imagebackend.cache.templates`) starts exactly one
+process: no version probe, no ``info``; the overlays copied from it start
+none.
 """
 
 import os

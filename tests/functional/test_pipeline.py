@@ -157,7 +157,8 @@ class TestCachedBaseBackend(contract.CachedBaseHooks,
         backend.create_image(w.qcow2_image, self.target("c"), w.other_size)
         cid = contract.cache_id(w.qcow2_image)
         sized = [n for n in w.base_listing()
-                 if "_" in n and not n.endswith(".json")]
+                 if "_" in n and not n.endswith(".json")
+                 and ".template-" not in n]
         assert sized == ["%s_%d" % (cid, w.disk_size),
                          "%s_%d" % (cid, w.other_size)]
         info = fenv.qemu_info(os.path.join(w.base_dir, sized[0]), "raw")

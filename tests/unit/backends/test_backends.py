@@ -27,6 +27,7 @@ from imagebackend.common import digest as content_digest
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
 from tests import fakes
+from tests.unit.cache import test_templates
 
 MiB = 1024 * 1024
 RAW = b"disk" + bytes(MiB)
@@ -38,7 +39,11 @@ def qemu():
 
     def create(path, fmt, size=None, **kwargs):
         with open(path, "wb") as f:
-            f.write(b"QFI\xfb")
+            # An overlay as qemu-img lays it out, so that it can serve as
+            # an overlay template.
+            f.write(test_templates.overlay_bytes(
+                kwargs["backing_file"], kwargs["backing_fmt"], size)
+                if kwargs.get("backing_file") else b"QFI\xfb")
     q.create.side_effect = create
     return q
 
@@ -54,14 +59,15 @@ def test_qcow2_overlay_names_backing_file_and_format(tmp_path, qemu):
     target = str(tmp_path / "vm" / "disk")
     disk = backend.create_image("img", target, 10 * MiB)
     base_path = backend.cache.base_path(content_digest.cache_id("img"))
-    # Built under a hidden temporary name beside the target, then named.
+    # qemu-img makes the overlay template once; the disk is its copy.
     qemu.create.assert_called_once_with(mock.ANY, "qcow2", 10 * MiB,
                                         backing_file=base_path,
-                                        backing_fmt="raw")
-    tmp = qemu.create.call_args.args[0]
-    assert os.path.dirname(tmp) == os.path.dirname(target)
-    assert os.path.basename(tmp).startswith(".disk.")
-    assert tmp.endswith(".tmp")
+                                        backing_fmt="raw", options=None)
+    template = qemu.create.call_args.args[0]
+    assert os.path.dirname(template) == backend.cache.base_dir
+    with open(target, "rb") as f:
+        assert f.read() == test_templates.overlay_bytes(base_path, "raw",
+                                                        10 * MiB)
     assert os.listdir(os.path.dirname(target)) == ["disk"]
     assert disk.format == "qcow2"
     assert set(disk.timings) >= {"lookup", "fetch", "extend", "overlay"}
@@ -72,14 +78,16 @@ def test_cached_base_makes_one_sized_base_per_size(tmp_path, qemu):
     for name in ("a", "b"):
         backend.create_image("img", str(tmp_path / name), 10 * MiB)
     sized = [n for n in os.listdir(backend.cache.base_dir)
-             if "_" in n and not n.endswith(".json")]
+             if "_" in n and not n.endswith(".json")
+             and ".template-" not in n]
     assert len(sized) == 1 and sized[0].endswith("_%d" % (10 * MiB))
     path = os.path.join(backend.cache.base_dir, sized[0])
     assert os.path.getsize(path) == 10 * MiB
     with open(path, "rb") as f:
         assert f.read(len(RAW)) == RAW
+    # One overlay template per sized base: both disks are its copies.
     backing = [c.kwargs["backing_file"] for c in qemu.create.call_args_list]
-    assert backing == [path, path]
+    assert backing == [path]
 
 
 def test_raw_backend_copies_without_qemu(tmp_path, qemu):
@@ -135,12 +143,15 @@ def test_intent_is_recorded_before_the_overlay_names_a_base(tmp_path, qemu):
     def create(path, fmt, size=None, **kwargs):
         seen.extend(records_of(backend, target))
         with open(path, "wb") as f:
-            f.write(b"QFI\xfb")
+            f.write(test_templates.overlay_bytes(base_path, "raw", size))
     qemu.create.side_effect = create
     backend.create_image("img", str(target), 10 * MiB)
-    assert [(r["state"], r["tmp"], r["base"], r["format"], r["image_id"])
-            for r in seen] == [("intent", qemu.create.call_args.args[0],
-                                base_path, "qcow2", "img")]
+    assert [(r["state"], r["base"], r["format"], r["image_id"])
+            for r in seen] == [("intent", base_path, "qcow2", "img")]
+    # The disk under its hidden temporary name beside the target.
+    tmp = seen[0]["tmp"]
+    assert os.path.dirname(tmp) == os.path.dirname(target)
+    assert os.path.basename(tmp).startswith(".disk.")
     [done] = records_of(backend, target)
     assert done["state"] == "done" and done["tmp"] is None
     assert done["ino"] == os.stat(target).st_ino
