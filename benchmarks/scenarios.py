@@ -18,13 +18,12 @@ use of the image: the cache directory is emptied before every run,
 including what the source remembers there about its images.
 """
 
-import contextlib
-import json
 import os
 import shutil
 import statistics
 import subprocess
 
+from benchmarks import glance_scenarios
 from benchmarks import harness
 from benchmarks import rbd_scenarios
 import imagebackend
@@ -280,10 +279,6 @@ def glance_download(bench):
     (``tools/glance-servers/setup-venv.sh``, installed on first use); the
     row says so and is skipped when that cannot be installed.
     """
-    # Test support, not library code: imported only when the row runs.
-    from tests.functional.fixtures import server_procs
-    from tests.functional.fixtures import servers
-
     row = {"name": "glance-download",
            "target": ">= 1.0x verified floor's throughput"}
     tools = {name: shutil.which(name)
@@ -293,20 +288,10 @@ def glance_download(bench):
         return dict(row, skipped="%s not installed (apt-get install curl "
                                  "coreutils bash)" % ", ".join(missing))
     args = bench.args
-    if args.servers:
-        # Servers the caller runs (the functional tests' own pair): a
-        # second pair would cost the start again.
-        with open(args.servers) as f:
-            running = contextlib.nullcontext(
-                servers.OpenStackServers.attach(json.load(f)))
-    else:
-        try:
-            venv = server_procs.ensure_venv()
-        except server_procs.ServersUnavailable as exc:
-            return dict(row, skipped=str(exc).splitlines()[0])
-        running = servers.servers_in_tempdir(venv, base_dir=bench.root)
     image = bench.image(harness.RAW_ID)
-    with running as srv:
+    with glance_scenarios.running_servers(bench) as (srv, skipped):
+        if skipped:
+            return dict(row, skipped=skipped)
         image_id = srv.upload_image(image, "raw", name="bench")
         stored = str(srv.image_store_file(image_id))
         conf = opts.new_conf(["--config-file", bench.config_file])
@@ -372,6 +357,7 @@ SCENARIOS = {
     "concurrent-images": concurrent_images,
     "memory": memory,
     "glance-download": glance_download,
+    "glance-warm-lookup": glance_scenarios.glance_warm_lookup,
     "rbd-cold-import": rbd_scenarios.rbd_cold_import,
     "rbd-warm-clone": rbd_scenarios.rbd_warm_clone,
 }
