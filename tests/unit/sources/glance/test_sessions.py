@@ -22,17 +22,10 @@ from imagebackend import exception
 from imagebackend.sources import glance
 from imagebackend.sources.glance import errors as glance_errors
 from imagebackend.sources.glance import sessions
+from tests.unit.sources.glance import test_glance
 
-IMAGE_ID = "0b4d8a0e-5bd3-4a6c-9c1f-6f3a0d2b7e11"
-PASSWORD_AUTH = {
-    "auth_type": "password",
-    "auth_url": "http://keystone.test/v3",
-    "username": "compute",
-    "password": "secret",
-    "project_name": "service",
-    "user_domain_name": "Default",
-    "project_domain_name": "Default",
-}
+IMAGE_ID = test_glance.IMAGE_ID
+PASSWORD_AUTH = test_glance.PASSWORD_AUTH
 
 
 @pytest.fixture
