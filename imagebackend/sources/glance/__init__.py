@@ -26,6 +26,11 @@ allow_unverified_images`` is set.  Uploads (:mod:`imagebackend.sources.
 glance_upload`) go through the same client: bounded answers, the file
 streamed from disk, no redirect followed, the stall timeout on every send.
 
+Sources built from the ``[glance]`` options share one keystoneauth1
+session per process and credential (:mod:`imagebackend.sources.glance.
+sessions`), so a token is asked for once per process, not once per source;
+a token Glance refuses with HTTP 401 is dropped.
+
 Connection failures and 5xx answers are retried ``[glance] num_retries``
 times with exponential backoff, moving through ``api_servers`` in turn;
 4xx answers are not retried.  Every keystoneauth1 and requests error
