@@ -19,6 +19,7 @@ command line, with the requests each one sends to Keystone and Glance
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -109,6 +110,10 @@ def glance_warm_lookup(bench):
     row = {"name": "glance-warm-lookup",
            "target": "1 request per warm create in a process; token once "
                      "per process"}
+    curl = shutil.which("curl")
+    if curl is None:
+        return dict(row, skipped="curl is not installed (apt-get install "
+                                 "curl)")
     args = bench.args
     image = os.path.join(bench.root, "lookup.raw")
     harness.write_sparse_raw(image, 64 * MiB, 4 * MiB, MiB, seed=3)
@@ -145,7 +150,7 @@ def glance_warm_lookup(bench):
                 per_create.append(_requests(proxy, srv, create_timed))
 
             def floor(i):
-                harness.run("curl", "-sSf", "-o", os.devnull, "-H",
+                harness.run(curl, "-sSf", "-o", os.devnull, "-H",
                             "X-Auth-Token: %s" % token, record_url)
                 harness.overlay(base, floor_disk, args.disk_size)
                 proxy.take()
