@@ -127,8 +127,34 @@ def test_glance_row_measures_a_real_download(bench_run):
     row = rows["glance-download"]
     assert row["image_bytes"] > 0
     assert row["throughput_mib_s"] > 0 and row["floor_throughput_mib_s"] > 0
+    # The verified floor hashed the very bytes Glance recorded.
+    assert row["verified_floor_throughput_mib_s"] > 0
+    assert row["verified_floor_hash_matches"] is True
     # No process but curl's floor: the library downloads in-process.
     assert row["spawned"] == []
+
+
+def test_cold_rows_are_judged_against_their_durable_floor(bench_run):
+    rows, _, _ = bench_run
+    for name, limit in (("cold-qcow2-image", 1.15), ("cold-raw-image", 1.1)):
+        row = rows[name]
+        assert row["met"] == (row["ratio_durable_floor"] <= limit
+                              and row["best_ratio_durable_floor"] <= limit)
+        assert row["step_s"]["fetch"] > 0
+
+
+def test_warm_glance_create_sends_one_request(bench_run):
+    rows, _, _ = bench_run
+    row = rows["glance-warm-lookup"]
+    if "skipped" in row:
+        pytest.skip(row["skipped"])
+    assert row["requests_per_create"] == [1]
+    assert row["create_requests_example"][0].startswith(
+        "glance GET /v2/images/")
+    assert [r["request"].split(" /")[0] for r in
+            row["first_create_requests"]] == [
+        "keystone GET", "keystone POST", "glance GET"]
+    assert len(row["cli_requests"]) == 3
 
 
 def test_table_has_a_row_per_scenario(bench_run):

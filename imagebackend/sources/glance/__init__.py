@@ -26,6 +26,11 @@ allow_unverified_images`` is set.  Uploads (:mod:`imagebackend.sources.
 glance_upload`) go through the same client: bounded answers, the file
 streamed from disk, no redirect followed, the stall timeout on every send.
 
+Sources built from the ``[glance]`` options share one keystoneauth1
+session per process and credential (:mod:`imagebackend.sources.glance.
+sessions`), so a token is asked for once per process, not once per source;
+a token Glance refuses with HTTP 401 is dropped.
+
 Connection failures and 5xx answers are retried ``[glance] num_retries``
 times with exponential backoff, moving through ``api_servers`` in turn;
 4xx answers are not retried.  Every keystoneauth1 and requests error
@@ -54,6 +59,7 @@ from imagebackend.sources import base
 from imagebackend.sources.glance import client as glance_client
 from imagebackend.sources.glance import errors as glance_errors
 from imagebackend.sources.glance import record as glance_record
+from imagebackend.sources.glance import sessions as glance_sessions
 from imagebackend.sources.glance import upload as glance_upload
 from imagebackend import textutils
 
@@ -244,10 +250,9 @@ class GlanceSource(base.ImageSource):
                 adapter.auth or adapter.session.auth, "the caller's adapter")
         try:
             if session is None:
-                auth = ks_loading.load_auth_from_conf_options(
-                    self.conf, GROUP)
-                session = ks_loading.load_session_from_conf_options(
-                    self.conf, GROUP, auth=auth)
+                # One token per process and credential, not one per
+                # source.
+                session = glance_sessions.shared(self.conf, GROUP)
                 credential = glance_errors.describe_conf_auth(
                     self.conf, GROUP)
             else:
@@ -265,6 +270,11 @@ class GlanceSource(base.ImageSource):
                        "and its credentials to find Glance in the Keystone "
                        "catalog, or endpoint_override or api_servers")
         return adapter, credential
+
+    def _forget_token(self) -> None:
+        auth = self._adapter.auth or self._adapter.session.auth
+        if auth is not None:
+            auth.invalidate()
 
     def _endpoints(self) -> list[str | None]:
         """Endpoint overrides to use in turn (None: the adapter's own)."""
@@ -302,6 +312,13 @@ class GlanceSource(base.ImageSource):
             except (ks_exc.ClientException,
                     requests.exceptions.RequestException,
                     glance_errors.HTTPFailure) as exc:
+                if (isinstance(exc, glance_errors.HTTPStatus)
+                        and exc.code == 401):
+                    # The token was refused (revoked, or Keystone forgot
+                    # it): the next request asks for a new one rather
+                    # than offering it again for as long as the process
+                    # keeps its session.
+                    self._forget_token()
                 error = glance_errors.translate(
                     exc, image_id=image_id, where=where,
                     credential=self.credential,
