@@ -58,7 +58,8 @@ class Remover:
         :returns: True when it was removed (or would be, on a dry run).
         """
         if report.dry_run:
-            report.add(f.path, f.kind, reason, f.allocated, f.image_id)
+            report.add(f.path, f.kind, reason,
+                       f.allocated if f.st.st_nlink == 1 else 0, f.image_id)
             return True
         store = self.store
         sized_lock = (store.lock(f.name.name, blocking=False)
@@ -69,6 +70,8 @@ class Remover:
                 if why_not:
                     report.keep(f, why_not)
                     return False
+                # Bytes another name still links to are not freed.
+                freed = f.allocated if os.lstat(f.path).st_nlink == 1 else 0
                 os.unlink(f.path)
                 if f.kind == "sized":
                     # Its own record describes these bytes only.
@@ -82,7 +85,7 @@ class Remover:
         except FileNotFoundError:
             return False
         LOG.info("Removed cached %s %s (%s)", f.kind, f.path, reason)
-        report.add(f.path, f.kind, reason, f.allocated, f.image_id)
+        report.add(f.path, f.kind, reason, freed, f.image_id)
         return True
 
     def _still_removable(self, f) -> str | None:
