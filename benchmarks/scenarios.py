@@ -24,6 +24,7 @@ import os
 import shutil
 import statistics
 
+from benchmarks import content_scenarios
 from benchmarks import harness
 from benchmarks import rbd_scenarios
 import imagebackend
@@ -344,4 +345,5 @@ SCENARIOS = {
     "glance-download": glance_download,
     "rbd-cold-import": rbd_scenarios.rbd_cold_import,
     "rbd-warm-clone": rbd_scenarios.rbd_warm_clone,
+    "second-id-same-bytes": content_scenarios.second_id_same_bytes,
 }

@@ -148,23 +148,45 @@ def _open_candidate(store: cache_store.Store, stem: str, key: tuple,
 
 
 def same_bytes(fd_a: int, fd_b: int) -> bool:
-    """Whether the open files ``fd_a`` and ``fd_b`` hold the same bytes
-    (read in full from both).
+    """Whether the open files ``fd_a`` and ``fd_b`` hold the same bytes:
+    read in full from both, except ranges that are holes in both.
     """
     size = os.fstat(fd_a).st_size
     if os.fstat(fd_b).st_size != size:
         return False
     buf_a, buf_b = bytearray(_CHUNK), bytearray(_CHUNK)
-    view_a, view_b = memoryview(buf_a), memoryview(buf_b)
     offset = 0
     while offset < size:
-        want = min(_CHUNK, size - offset)
-        got_a = os.preadv(fd_a, [view_a[:want]], offset)
-        got_b = os.preadv(fd_b, [view_b[:want]], offset)
-        if got_a != got_b or got_a == 0 or view_a[:got_a] != view_b[:got_b]:
+        offset = min(_seek(fd_a, offset, os.SEEK_DATA, size),
+                     _seek(fd_b, offset, os.SEEK_DATA, size))
+        # Up to where both files have a hole again.
+        end = max(_seek(fd_a, offset, os.SEEK_HOLE, size),
+                  _seek(fd_b, offset, os.SEEK_HOLE, size))
+        want = min(_CHUNK, end - offset, size - offset)
+        if want <= 0:
+            break
+        if want != len(buf_a):
+            buf_a, buf_b = bytearray(want), bytearray(want)
+        # Whole buffers compare with memcmp; a short read is a change.
+        if (os.preadv(fd_a, [buf_a], offset) != want
+                or os.preadv(fd_b, [buf_b], offset) != want
+                or buf_a != buf_b):
             return False
-        offset += got_a
+        offset += want
     return True
+
+
+def _seek(fd: int, offset: int, whence: int, size: int) -> int:
+    """Where ``lseek(fd, offset, whence)`` (``SEEK_DATA``/``SEEK_HOLE``)
+    lands: ``size`` past the last data, and where the filesystem cannot
+    tell, ``offset`` for data and ``size`` for a hole (all data).
+    """
+    try:
+        return min(os.lseek(fd, offset, whence), size)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return size
+        return offset if whence == os.SEEK_DATA else size
 
 
 def _link_scratch(fd: int, final: str) -> str | None:

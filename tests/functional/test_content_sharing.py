@@ -171,8 +171,7 @@ _KILLER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("point", ["publish_base", "publish_fd"])
-def test_a_crash_while_linking_leaves_nothing_under_the_final_name(dep,
-                                                                  point):
+def test_a_crash_while_linking_leaves_nothing_under_its_name(dep, point):
     a, b = two_copies(dep, "raw")
     disk_a = create(dep, "a.raw", "vm-a")
     with open(disk_a.backing_file + ".json", "rb") as f:

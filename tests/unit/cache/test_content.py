@@ -120,6 +120,39 @@ def test_same_bytes_reads_both_files_in_full(tmp_path, a, b, same):
         os.close(fd_b)
 
 
+def sparse(path, size, data):
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, chunk in data.items():
+            f.seek(offset)
+            f.write(chunk)
+    return os.open(path, os.O_RDONLY)
+
+
+@pytest.mark.parametrize("a,b,same", [
+    # zeros written as data where the other has a hole
+    ({0: b"x", 8 << 20: bytes(1 << 20)}, {0: b"x"}, True),
+    ({0: b"x"}, {0: b"x", 5 << 20: bytes(4096)}, True),
+    # data where the other has a hole, far from any other data
+    ({0: b"x"}, {0: b"x", 9 << 20: b"y"}, False),
+    ({12 << 20: b"y"}, {}, False),
+    ({}, {}, True),
+    # the same data behind holes of different lengths
+    ({3 << 20: b"y" * 9000}, {(3 << 20) + 4096: b"y" * (9000 - 4096),
+                              3 << 20: b"y" * 4096}, True),
+])
+def test_holes_and_zeros_compare_equal(tmp_path, a, b, same):
+    size = 16 << 20
+    fd_a = sparse(tmp_path / "a", size, a)
+    fd_b = sparse(tmp_path / "b", size, b)
+    try:
+        assert cache_content.same_bytes(fd_a, fd_b) is same
+        assert cache_content.same_bytes(fd_b, fd_a) is same
+    finally:
+        os.close(fd_a)
+        os.close(fd_b)
+
+
 # -- no download: a strong hash the cache recorded ---------------------------
 
 def test_an_image_with_a_cached_strong_hash_is_not_downloaded(
