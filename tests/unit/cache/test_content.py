@@ -379,6 +379,7 @@ def test_verify_reports_every_id_of_shared_bytes(tmp_path, fake_qemu):
 
     assert {r.image_id: r.status for r in found} == {"a": "corrupt",
                                                      "b": "corrupt"}
+    assert all("shared with 1 other base(s)" in r.detail for r in found)
     # Each name was moved aside on its own; the bytes were not changed.
     for path in (first.path, second.path):
         assert not os.path.exists(path)
