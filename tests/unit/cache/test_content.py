@@ -454,3 +454,20 @@ def test_a_candidate_is_opened_only_as_recorded(tmp_path, fake_qemu, change,
         os.close(fd)
         assert os.path.samestat(st, os.lstat(entry.path))
         assert rec["image_id"] == "a"
+
+
+def test_a_base_cached_under_another_conversion_policy_is_not_linked(
+        tmp_path, fake_qemu):
+    images = {"a": fakes.QCOW2_IMAGE, "b": fakes.QCOW2_IMAGE}
+    declared = {"a": "qcow2", "b": "qcow2"}
+    c = make(tmp_path, fake_qemu, images, declared=declared)
+    c.conf.set_override("force_raw_images", False, group="imagebackend")
+    first, _ = c.get("a")
+    assert record(c, "a")["format"] == "qcow2"
+    c.conf.set_override("force_raw_images", True, group="imagebackend")
+
+    second, _ = c.get("b")
+
+    assert c.source.opened == 2
+    assert record(c, "b")["format"] == "raw"
+    assert not os.path.samestat(os.lstat(first.path), os.lstat(second.path))
