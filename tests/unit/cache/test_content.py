@@ -471,3 +471,20 @@ def test_a_base_cached_under_another_conversion_policy_is_not_linked(
     assert c.source.opened == 2
     assert record(c, "b")["format"] == "raw"
     assert not os.path.samestat(os.lstat(first.path), os.lstat(second.path))
+
+
+def test_a_new_generation_may_share_another_ids_bytes(tmp_path, fake_qemu):
+    c = make(tmp_path, fake_qemu, {"a": RAW, "b": OTHER})
+    old, _ = c.get("a")
+    other, _ = c.get("b")
+    c.source.images["a"] = OTHER        # the image changed
+
+    new, hit = c.get("a")
+
+    assert not hit and new.path == base(c, "a", 2)
+    assert c.source.opened == 2         # b's bytes, not downloaded
+    assert os.path.samestat(os.lstat(new.path), os.lstat(other.path))
+    assert record(c, "a")["stale"] is True      # generation 1
+    with open(old.path, "rb") as f:
+        assert f.read() == RAW
+    assert inode(old.path)[1] == 1
