@@ -221,6 +221,9 @@ def _publish_link(store, stem, fd, record) -> dict | None:
     scratch = _link_scratch(fd, store.base_path(stem))
     if scratch is None:
         return None
+    # The scratch link has the shared file's age, so a prune may take it
+    # for a crash's leftover and remove it meanwhile: harmless, since the
+    # publish links the descriptor, and removing a name frees nothing.
     try:
         return cache_publish.publish_base(store, stem, fd, scratch, record)
     finally:
