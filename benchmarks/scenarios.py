@@ -23,6 +23,7 @@ import shutil
 import statistics
 import subprocess
 
+from benchmarks import content_scenarios
 from benchmarks import glance_scenarios
 from benchmarks import harness
 from benchmarks import rbd_scenarios
@@ -370,4 +371,5 @@ SCENARIOS = {
     "glance-warm-lookup": glance_scenarios.glance_warm_lookup,
     "rbd-cold-import": rbd_scenarios.rbd_cold_import,
     "rbd-warm-clone": rbd_scenarios.rbd_warm_clone,
+    "second-id-same-bytes": content_scenarios.second_id_same_bytes,
 }

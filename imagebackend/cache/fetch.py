@@ -26,6 +26,7 @@ import time
 
 from oslo_config import cfg
 
+from imagebackend.cache import content as cache_content
 from imagebackend.cache import download as cache_download
 from imagebackend.cache import generations as cache_generations
 from imagebackend.cache import layout as cache_layout
@@ -209,6 +210,11 @@ class Fetcher:
 
         :returns: its metadata record (``generation`` names the base).
         """
+        record = cache_content.link_same_image(
+            self.store, meta, stem, requested_size, self._converts)
+        if record is not None:
+            self._supersede(meta.image_id, record["generation"])
+            return record
         base = self.store.base_path(stem)
         part = cache_layout.scratch_name(base, ".part")
         converted = cache_layout.scratch_name(base, ".converted")
@@ -258,12 +264,16 @@ class Fetcher:
                 "checksum": {"algo": digest[0], "value": digest[1]},
                 "inspection": result.to_dict(),
                 "created_at": cache_layout.isotime(time.time()),
+                "disk_format": meta.disk_format,
+                "base_mtime_ns": os.fstat(fd).st_mtime_ns,
             }
             if base_digest is not None:
                 record["base_checksum"] = base_digest
             start = time.monotonic()
-            record = cache_publish.publish_base(self.store, stem, fd,
-                                                source_file, record)
+            record = (cache_content.publish_shared(self.store, stem, fd,
+                                                   source_file, record)
+                      or cache_publish.publish_base(self.store, stem, fd,
+                                                    source_file, record))
             timings["cache"] = time.monotonic() - start
         except BaseException:
             # Only this attempt's own scratch: another fetch (on a host that

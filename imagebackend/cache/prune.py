@@ -238,7 +238,8 @@ class Pruner:
         max_size, min_free = space_limits(policy,
                                           vfs.f_blocks * vfs.f_frsize)
         report.free_space = vfs.f_bavail * vfs.f_frsize
-        report.cache_size = (sum(f.allocated for f in layout.bases)
+        # Bases sharing their bytes (hard links) take the space once.
+        report.cache_size = (cache_scan.allocated_once(layout.bases)
                              + sum(_allocated(p) for _, p in layout.scratch)
                              + sum(st.st_blocks * 512
                                    for _, _, st in layout.aside)
@@ -258,9 +259,11 @@ class Pruner:
         for f in lru([f for f in unused if f.path not in gone]):
             if need <= 0:
                 break
+            freed = report.bytes_freed
             if self.remover.remove_base(f, "least recently used; freeing "
                                         "space", report):
-                need -= f.allocated
+                # A name whose bytes another base shares frees nothing.
+                need -= report.bytes_freed - freed
         report.space_target_met = need <= 0
         if not dry_run:
             self._collect(layout, report)

@@ -59,7 +59,8 @@ class Remover:
         :returns: True when it was removed (or would be, on a dry run).
         """
         if report.dry_run:
-            report.add(f.path, f.kind, reason, f.allocated, f.image_id)
+            report.add(f.path, f.kind, reason,
+                       f.allocated if f.st.st_nlink == 1 else 0, f.image_id)
             for path, st in cache_templates.of_base(self.store.base_dir,
                                                     f.name.name):
                 report.add(path, "template", "its base would be removed",
@@ -74,6 +75,8 @@ class Remover:
                 if why_not:
                     report.keep(f, why_not)
                     return False
+                # Bytes another name still links to are not freed.
+                freed = f.allocated if os.lstat(f.path).st_nlink == 1 else 0
                 os.unlink(f.path)
                 if f.kind == "sized":
                     # Its own record describes these bytes only.
@@ -89,7 +92,7 @@ class Remover:
         except FileNotFoundError:
             return False
         LOG.info("Removed cached %s %s (%s)", f.kind, f.path, reason)
-        report.add(f.path, f.kind, reason, f.allocated, f.image_id)
+        report.add(f.path, f.kind, reason, freed, f.image_id)
         for path, size in templates:
             report.add(path, "template", "its base was removed", size,
                        f.image_id)

@@ -215,6 +215,9 @@ class CachedBase:
 
     :param last_used: ISO 8601 UTC time of the last use.
     :param disks: how many disks use it.
+    :param shared_with: how many other bases and sized bases listed are
+        the same file (hard links: bytes shared by content, counted once
+        on disk).
     """
 
     image_id: str | None
@@ -227,6 +230,7 @@ class CachedBase:
     last_used: str
     disks: int
     stale: bool
+    shared_with: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

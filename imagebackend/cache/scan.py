@@ -193,11 +193,31 @@ def _regular(entry: os.DirEntry) -> os.stat_result | None:
     return st if stat.S_ISREG(st.st_mode) else None
 
 
+def sharers(files) -> dict[str, int]:
+    """For each scanned file (:class:`CachedFile`)
+    path, how many of the other ``files`` are the same inode.
+    """
+    by_inode: dict[tuple, int] = {}
+    for f in files:
+        key = (f.st.st_dev, f.st.st_ino)
+        by_inode[key] = by_inode.get(key, 0) + 1
+    return {f.path: by_inode[(f.st.st_dev, f.st.st_ino)] - 1 for f in files}
+
+
+def allocated_once(files) -> int:
+    """The bytes ``files`` take on disk, each inode counted once."""
+    seen = {}
+    for f in files:
+        seen[(f.st.st_dev, f.st.st_ino)] = f.allocated
+    return sum(seen.values())
+
+
 def listing(layout: Layout, users_of=None) -> list[results.CachedBase]:
     """The bases and sized bases of ``layout``, as listed.
 
     :param users_of: ``users_of(file name)`` -> the disks using that base.
     """
+    shared = sharers(layout.bases)
     return [results.CachedBase(
         image_id=f.image_id,
         kind=f.kind,
@@ -209,4 +229,4 @@ def listing(layout: Layout, users_of=None) -> list[results.CachedBase]:
         format=f.described.get("format"),
         last_used=cache_layout.isotime(f.last_used),
         disks=len(users_of(f.name.name)) if users_of else 0,
-        stale=f.stale) for f in layout.bases]
+        stale=f.stale, shared_with=shared[f.path]) for f in layout.bases]

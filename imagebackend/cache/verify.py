@@ -219,6 +219,7 @@ class Verifier:
         files = [f for f in layout.bases if wanted is None or f.cid in wanted]
         rows: list = []
         sparse: dict = {}
+        shared = cache_scan.sharers(layout.bases)
         for f in sorted(files, key=lambda f: (f.kind != "base", f.name.name)):
             try:
                 if f.kind == "base":
@@ -241,6 +242,10 @@ class Verifier:
                          "verified", f.kind, f.path)
                 continue
             if status == "corrupt":
+                if shared.get(f.path):
+                    detail += ("; its bytes are shared with %d other "
+                               "base(s) (hard links), each verified on its "
+                               "own record" % shared[f.path])
                 LOG.warning("Cached %s %s is corrupt: %s", f.kind, f.path,
                             detail)
             rows.append((results.VerifiedFile(

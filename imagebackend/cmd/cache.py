@@ -22,7 +22,8 @@ from imagebackend.qemu import img as qemu_img
 from imagebackend import sources
 
 LIST_COLUMNS = ["image_id", "kind", "generation", "file", "size_on_disk",
-                "virtual_size", "format", "last_used", "disks", "stale"]
+                "virtual_size", "format", "last_used", "disks", "stale",
+                "shared_with"]
 PRUNE_COLUMNS = ["action", "kind", "file", "bytes", "reason"]
 VERIFY_COLUMNS = ["status", "image_id", "kind", "generation", "file",
                   "detail", "action"]
@@ -40,7 +41,9 @@ def add_commands(groups) -> None:
         "list", help="List the cached bases.",
         description="One row per base and sized base: image id, kind, "
                     "generation, file, size on disk, virtual size, format, "
-                    "last use, number of disks using it, stale or not.")
+                    "last use, number of disks using it, stale or not, "
+                    "and how many other bases share its bytes (hard links "
+                    "of one file, stored once).")
     output.add_format_argument(listing)
     listing.set_defaults(func=list_cache, columns=LIST_COLUMNS)
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -45,7 +46,12 @@ def dep(tmp_path):
     return fenv.Deployment(str(tmp_path))
 
 
-def image(dep, name, seed=1):
+def image(dep, name, seed=None):
+    """Image ``name``; by default its bytes are its own (ids holding the
+    same bytes would share one base).
+    """
+    if seed is None:
+        seed = 10 + zlib.crc32(name.encode())
     path = os.path.join(dep.images, name)
     if name.endswith(".qcow2"):
         return fenv.make_qcow2(path, SIZE, seed=seed)

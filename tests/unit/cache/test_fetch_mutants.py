@@ -323,7 +323,9 @@ def test_a_raw_fetch_records_exactly_what_it_checked(c, caplog):
                      "value": hashlib.sha512(RAW).hexdigest()},
         "inspection": {"format": "raw", "virtual_size": len(RAW),
                        "version": inspection.INSPECTION_VERSION,
-                       "file_size": len(RAW), "declared_format": None}}
+                       "file_size": len(RAW), "declared_format": None},
+        "disk_format": m.disk_format,
+        "base_mtime_ns": os.stat(c.base_path(stem)).st_mtime_ns}
     with open(c.base_path(stem + ".json")) as f:
         assert json.load(f) == dict(record, created_at=created)
     with open(c.base_path(stem), "rb") as f:

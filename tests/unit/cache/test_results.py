@@ -96,5 +96,6 @@ def test_a_listed_base_keeps_its_json_shape():
                              stale=False)
     assert sorted(row.to_dict()) == sorted([
         "image_id", "kind", "generation", "file", "size_on_disk",
-        "virtual_size", "format", "last_used", "disks", "stale"])
+        "virtual_size", "format", "last_used", "disks", "stale",
+        "shared_with"])
     assert row.to_dict()["disks"] == 2
