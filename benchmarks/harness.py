@@ -174,7 +174,8 @@ class Bench:
 
     def build_images(self):
         """The raw image (random data in scattered extents, the rest
-        holes), its qcow2 conversion, hard links to it under other ids,
+        holes), its qcow2 conversion, qcow2 images of other random data
+        under other ids (distinct bytes: the cache shares identical ones),
         and the big raw image of the memory scenario.
         """
         args = self.args
@@ -183,7 +184,12 @@ class Bench:
         run(QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2",
             self.image(RAW_ID), self.image(QCOW2_ID))
         for i in range(args.images):
-            os.link(self.image(QCOW2_ID), self.image("bench-%d.qcow2" % i))
+            scratch = self.image("bench-%d.raw-scratch" % i)
+            write_sparse_raw(scratch, args.size, args.data, args.extent,
+                             seed=10 + i)
+            run(QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2",
+                scratch, self.image("bench-%d.qcow2" % i))
+            os.unlink(scratch)
         write_sparse_raw(self.image(BIG_ID), args.big_size,
                          args.big_size * args.data // args.size,
                          args.extent, seed=2)
