@@ -58,6 +58,19 @@ OPTIONS = [
                      "disks faster and let the raw backend copy them "
                      "without qemu-img. When false, a base keeps the "
                      "format it was downloaded in. Default: true."),
+    cfg.BoolOpt("reuse_by_source_hash",
+                default=True,
+                help="Do not download an image whose strong hash recorded "
+                     "by the image source (Glance's os_hash_algo sha256, "
+                     "sha384 or sha512 and its os_hash_value) equals the "
+                     "verified download hash of a base already cached: "
+                     "link that base under the image's own name instead. "
+                     "An md5 checksum never counts. Turn this off where "
+                     "image owners can set those hashes themselves (a "
+                     "Glance that accepts locations added with their own "
+                     "validation_data): identical bytes are then still "
+                     "shared, but only after a download and a byte-for-"
+                     "byte comparison. Default: true."),
 ]
 
 
@@ -100,8 +113,8 @@ class Fetcher:
     :param store: the cache's paths and locks.
     :param source: the image source.
     :param qemu: the qemu-img runner (check, convert).
-    :param conf: the configuration: ``[imagebackend] force_raw_images``
-        and the inspection options.
+    :param conf: the configuration: ``[imagebackend] force_raw_images``,
+        ``reuse_by_source_hash`` and the inspection options.
     :param registry: the registry of disks, whose records name the
         generations disks use (never reused).
     """
@@ -210,8 +223,10 @@ class Fetcher:
 
         :returns: its metadata record (``generation`` names the base).
         """
-        record = cache_content.link_same_image(
-            self.store, meta, stem, requested_size, self._converts)
+        record = None
+        if self.conf.imagebackend.reuse_by_source_hash:
+            record = cache_content.link_same_image(
+                self.store, meta, stem, requested_size, self._converts)
         if record is not None:
             self._supersede(meta.image_id, record["generation"])
             return record

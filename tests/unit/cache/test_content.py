@@ -178,6 +178,18 @@ def test_an_image_with_a_cached_strong_hash_is_not_downloaded(
                               (first.path, second.path) for s in ("", ".json"))
 
 
+def test_reuse_by_source_hash_off_downloads_then_shares_by_bytes(
+        tmp_path, fake_qemu):
+    c = make(tmp_path, fake_qemu, {"a": RAW, "b": RAW})
+    c.conf.set_override("reuse_by_source_hash", False, "imagebackend")
+    first, _ = c.get("a")
+    second, _ = c.get("b")
+
+    assert c.source.opened == 2
+    assert record(c, "b")["shared_from"] == os.path.basename(first.path)
+    assert os.path.samestat(os.lstat(first.path), os.lstat(second.path))
+
+
 def test_an_md5_checksum_alone_never_skips_a_download(tmp_path, fake_qemu):
     c = make(tmp_path, fake_qemu, {"a": RAW, "b": RAW}, HashlessSource)
     first, _ = c.get("a")
