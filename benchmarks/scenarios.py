@@ -26,6 +26,7 @@ import statistics
 
 from benchmarks import harness
 from benchmarks import rbd_scenarios
+from benchmarks import startup_scenarios
 import imagebackend
 from imagebackend import opts
 from imagebackend.sources import glance
@@ -344,4 +345,5 @@ SCENARIOS = {
     "glance-download": glance_download,
     "rbd-cold-import": rbd_scenarios.rbd_cold_import,
     "rbd-warm-clone": rbd_scenarios.rbd_warm_clone,
+    "cli-startup": startup_scenarios.cli_startup,
 }
