@@ -24,9 +24,13 @@ What a compute driver writes::
 """
 
 import importlib
+import sys
 import typing
 
-if typing.TYPE_CHECKING:
+# The annotations of load_backend name these; they are imported for type
+# checkers, and for Sphinx, whose autodoc resolves annotations in this
+# module's namespace to document them.
+if typing.TYPE_CHECKING or "sphinx" in sys.modules:
     from oslo_config import cfg
 
     from imagebackend.backends import base as backends_base
