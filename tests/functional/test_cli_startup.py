@@ -104,13 +104,19 @@ def test_an_argument_error_loads_no_library_code():
     assert loaded(modules, NOT_FOR_HELP) == []
 
 
-def test_cache_list_loads_no_glance_and_no_backend(dep):
+#: needed only to inspect an image or to run a command through
+#: processutils (a failure, or resource limits).
+INSPECTION = ("oslo_utils.strutils", "oslo_utils.imageutils",
+              "oslo_concurrency.processutils", "cryptography", "yaml")
+
+
+def test_cache_list_loads_no_glance_no_backend_and_no_inspector(dep):
     result, modules = imported(
         ["-m", "imagebackend.cmd.main", "--config-file", dep.config_file,
          "cache", "list"], env=dep.env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == "(none)\n"
-    assert loaded(modules, GLANCE + BACKENDS) == []
+    assert loaded(modules, GLANCE + BACKENDS + INSPECTION) == []
 
 
 def test_disk_info_loads_no_glance_and_no_backend(dep, tmp_path):
