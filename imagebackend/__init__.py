@@ -43,8 +43,8 @@ if typing.TYPE_CHECKING or "sphinx" in sys.modules:
 #: the subpackages and modules ``imagebackend.NAME`` reaches without an
 #: import of its own (as it did when they were loaded eagerly).
 _SUBMODULES = frozenset({
-    "backends", "cache", "cmd", "common", "disk", "exception", "fixture",
-    "inspection", "opts", "qemu", "sources", "textutils"})
+    "backends", "cache", "common", "disk", "exception", "inspection",
+    "opts", "qemu", "sources", "textutils"})
 
 
 def __getattr__(name: str) -> typing.Any:
