@@ -27,6 +27,7 @@ from benchmarks import content_scenarios
 from benchmarks import glance_scenarios
 from benchmarks import harness
 from benchmarks import rbd_scenarios
+from benchmarks import startup_scenarios
 import imagebackend
 from imagebackend import opts
 from imagebackend.sources import glance
@@ -372,4 +373,5 @@ SCENARIOS = {
     "rbd-cold-import": rbd_scenarios.rbd_cold_import,
     "rbd-warm-clone": rbd_scenarios.rbd_warm_clone,
     "second-id-same-bytes": content_scenarios.second_id_same_bytes,
+    "cli-startup": startup_scenarios.cli_startup,
 }

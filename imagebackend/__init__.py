@@ -23,19 +23,47 @@ What a compute driver writes::
     disk.libvirt_disk()      # the values of its libvirt <disk> element
 """
 
+import importlib
+import sys
 import typing
 
-from oslo_config import cfg
-import pbr.version
+# The annotations of load_backend name these; they are imported for type
+# checkers, and for Sphinx, whose autodoc resolves annotations in this
+# module's namespace to document them.
+if typing.TYPE_CHECKING or "sphinx" in sys.modules:
+    from oslo_config import cfg
 
-from imagebackend.backends import base as backends_base
-from imagebackend import opts
+    from imagebackend.backends import base as backends_base
 
-__version__ = pbr.version.VersionInfo("imagebackend").version_string()
+# Nothing is imported here that a caller may not need: the command line
+# starts with ``imagebackend.cmd``, and ``imagebackend --help`` needs no
+# cache, backend or configuration code.  The subpackages and
+# ``__version__`` are loaded the first time they are asked for.
+
+#: the subpackages and modules ``imagebackend.NAME`` reaches without an
+#: import of its own (as it did when they were loaded eagerly).
+_SUBMODULES = frozenset({
+    "backends", "cache", "common", "disk", "exception", "inspection",
+    "opts", "qemu", "sources", "textutils"})
 
 
-def load_backend(conf: cfg.ConfigOpts, name: str | None = None,
-                 **kwargs: typing.Any) -> backends_base.ImageBackend:
+def __getattr__(name: str) -> typing.Any:
+    if name == "__version__":
+        import pbr.version
+        version = pbr.version.VersionInfo("imagebackend").version_string()
+        globals()["__version__"] = version
+        return version
+    if name in _SUBMODULES:
+        return importlib.import_module("%s.%s" % (__name__, name))
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _SUBMODULES | {"__version__"})
+
+
+def load_backend(conf: "cfg.ConfigOpts", name: str | None = None,
+                 **kwargs: typing.Any) -> "backends_base.ImageBackend":
     """Build the image backend that makes instance disks.
 
     Registers every option of the library on ``conf`` first
@@ -58,5 +86,8 @@ def load_backend(conf: cfg.ConfigOpts, name: str | None = None,
     :raises imagebackend.exception.ConfigurationError: the configuration
         cannot be used (the message names the option).
     """
+    from imagebackend.backends import base as backends_base
+    from imagebackend import opts
+
     opts.register_opts(conf)
     return backends_base.load(conf, name, **kwargs)

@@ -183,8 +183,8 @@ def set_defaults(conf: cfg.ConfigOpts, instances_path: str | None = None,
 
 
 def new_conf(argv: list[str] | None = None,
-             default_config_files: list[str] | None = None
-             ) -> cfg.ConfigOpts:
+             default_config_files: list[str] | None = None,
+             image_sources: list[str] | None = None) -> cfg.ConfigOpts:
     """A new ConfigOpts with every option registered and ``argv`` parsed.
 
     Every option is read once here, so that a value that cannot be used (a
@@ -197,13 +197,17 @@ def new_conf(argv: list[str] | None = None,
     :param argv: command-line style arguments such as
         ``["--config-file", "/etc/imagebackend/imagebackend.conf"]``.
     :param default_config_files: files read when ``argv`` names none.
+    :param image_sources: as for :func:`register_opts`: the sources whose
+        options to register and check now (by default every installed
+        one's); :func:`imagebackend.sources.load` registers those of the
+        source it builds.
     :raises imagebackend.exception.ConfigValueError: an option's value
         cannot be read.
     :raises imagebackend.exception.ConfigFileError: a config file is
         missing or cannot be parsed (the message names it).
     """
     conf = cfg.ConfigOpts()
-    register_opts(conf)
+    register_opts(conf, image_sources)
     try:
         conf(argv or [], project="imagebackend",
              default_config_files=default_config_files or [])

@@ -10,16 +10,20 @@
 # License for the specific language governing permissions and limitations
 # under the License.
 
-"""``imagebackend cache ...``: base-image cache commands."""
+"""``imagebackend cache ...``: base-image cache commands.
+
+The parser is built from this module alone; each command imports the
+cache (and, for ``prefetch``, the image source) when it runs.
+"""
 
 import argparse
 import threading
+import typing
 
-from imagebackend.backends import base as backends_base
-from imagebackend import cache as image_cache
 from imagebackend.cmd import output
-from imagebackend.qemu import img as qemu_img
-from imagebackend import sources
+
+if typing.TYPE_CHECKING:
+    from imagebackend import cache as image_cache
 
 LIST_COLUMNS = ["image_id", "kind", "generation", "file", "size_on_disk",
                 "virtual_size", "format", "last_used", "disks", "stale",
@@ -114,11 +118,18 @@ def _positive(value: str) -> int:
     return number
 
 
-def make_cache(conf, with_source: bool = False) -> image_cache.ImageCache:
+def make_cache(conf, with_source: bool = False
+               ) -> "image_cache.ImageCache":
     """The cache; ``with_source`` for commands that fetch."""
-    return image_cache.ImageCache(
-        conf, sources.load(conf) if with_source else None,
-        qemu_img.QemuImg(conf))
+    from imagebackend import cache as image_cache
+    from imagebackend.qemu import img as qemu_img
+
+    source = None
+    if with_source:
+        from imagebackend import sources
+
+        source = sources.load(conf)
+    return image_cache.ImageCache(conf, source, qemu_img.QemuImg(conf))
 
 
 def rbd_backend(conf):
@@ -127,6 +138,8 @@ def rbd_backend(conf):
     """
     if conf.imagebackend.images_type != "rbd":
         return None
+    from imagebackend.backends import base as backends_base
+
     return backends_base.load(conf, "rbd")
 
 

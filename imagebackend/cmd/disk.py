@@ -13,19 +13,32 @@
 """``imagebackend disk ...``: making instance disks (``create``) and the
 operations on existing ones (``info``, ``check``, ``snapshot``,
 ``rebase``, ``extract``, ``resize``).
+
+The parser is built from this module alone; each command imports the
+library code it runs when it runs.  The choices below are those of the
+library (a unit test compares them), written out so that ``--help`` and
+argument errors need none of it.
 """
 
 import argparse
+import typing
 
-from imagebackend.backends import base as backends_base
-from imagebackend.cache import disk_records
 from imagebackend.cmd import output
-from imagebackend.disk import operations as disk_ops
-from imagebackend.disk import trust as disk_trust
-from imagebackend import exception
-from imagebackend.qemu import img as qemu_img
-from imagebackend.qemu import results as qemu_results
-from imagebackend import sources
+
+if typing.TYPE_CHECKING:
+    from imagebackend.disk import operations as disk_ops
+    from imagebackend.qemu import results as qemu_results
+
+#: :data:`imagebackend.disk.trust.DISK_FORMATS`.
+DISK_FORMATS = ("qcow2", "raw")
+#: :data:`imagebackend.disk.trust.BACKING_FORMATS`.
+BACKING_FORMATS = ("qcow2", "raw", "vdi", "vhdx", "vmdk", "vpc")
+#: :data:`imagebackend.qemu.results.REPAIR_MODES`.
+REPAIR_MODES = ("leaks", "all")
+#: :data:`imagebackend.disk.operations.EXTRACT_FORMATS`.
+EXTRACT_FORMATS = ("qcow2", "raw")
+#: the ``imagebackend.backends`` entry points the ``--backend`` help names.
+BACKENDS = ("raw", "qcow2", "cached-base", "rbd")
 
 SNAPSHOT_COLUMNS = ["id", "name", "vm_state_size", "date", "clock"]
 _SNAPSHOT_ACTIONS = (
@@ -68,8 +81,8 @@ def add_commands(groups) -> None:
                              "with a K, M, G or T suffix (1024-based).")
     create.add_argument("--backend", metavar="NAME",
                         help="Backend to use instead of [imagebackend] "
-                             "images_type: raw, qcow2, cached-base or "
-                             "rbd.")
+                             "images_type: %s or %s." % (
+                                 ", ".join(BACKENDS[:-1]), BACKENDS[-1]))
     output.add_format_argument(create)
     create.set_defaults(func=create_disk)
 
@@ -91,6 +104,9 @@ def add_commands(groups) -> None:
 
 
 def _size(value: str) -> int:
+    from imagebackend import exception
+    from imagebackend.qemu import results as qemu_results
+
     try:
         return qemu_results.parse_size(value)
     except exception.InvalidSize as exc:
@@ -98,6 +114,8 @@ def _size(value: str) -> int:
 
 
 def create_disk(args, conf) -> dict:
+    from imagebackend.backends import base as backends_base
+
     backend = backends_base.load(conf, args.backend)
     bar = output.ProgressBar(args)
     try:
@@ -109,6 +127,8 @@ def create_disk(args, conf) -> dict:
 
 
 def delete_disk(args, conf) -> dict:
+    from imagebackend.backends import base as backends_base
+
     return backends_base.load(conf, args.backend).delete_disk(args.target)
 
 
@@ -132,7 +152,7 @@ def _add_operations(commands) -> None:
                     "consistent, 2 when corruptions remain and 3 when only "
                     "leaks remain, as qemu-img check does." + _NOT_RUNNING)
     _disk_arguments(check)
-    check.add_argument("--repair", choices=qemu_results.REPAIR_MODES,
+    check.add_argument("--repair", choices=REPAIR_MODES,
                        help="'leaks' frees leaked clusters (only wasted "
                             "space; safe); 'all' also repairs corruptions, "
                             "which can lose the data of the clusters "
@@ -172,7 +192,7 @@ def _add_operations(commands) -> None:
     rebase.add_argument("new_backing", metavar="NEW_BACKING",
                         help="The new backing file.")
     rebase.add_argument("--backing-format", dest="backing_format",
-                        choices=disk_trust.BACKING_FORMATS,
+                        choices=BACKING_FORMATS,
                         help="NEW_BACKING's format. Needed unless "
                              "NEW_BACKING is a base in the image cache "
                              "(its record's format is used) or a disk the "
@@ -223,7 +243,7 @@ def add_extract_command(commands):
     extract.add_argument("output", metavar="OUTPUT",
                          help="Path of the image to write.")
     extract.add_argument("-O", "--image-format", dest="image_format",
-                         choices=disk_ops.EXTRACT_FORMATS, default="qcow2",
+                         choices=EXTRACT_FORMATS, default="qcow2",
                          help="Format of OUTPUT (default qcow2).")
     extract.add_argument("--compress", action="store_true",
                          help="Compress OUTPUT (qcow2 only): smaller, "
@@ -241,7 +261,7 @@ def add_extract_command(commands):
 
 def _disk_arguments(parser) -> None:
     parser.add_argument("path", metavar="PATH", help="The instance disk.")
-    parser.add_argument("--input-format", choices=disk_trust.DISK_FORMATS,
+    parser.add_argument("--input-format", choices=DISK_FORMATS,
                         help="The disk's format. Needed unless PATH is a "
                              "base in the image cache (its record's format "
                              "is used) or a disk the library made (its "
@@ -251,7 +271,10 @@ def _disk_arguments(parser) -> None:
     output.add_format_argument(parser)
 
 
-def make_ops(conf) -> disk_ops.DiskOperations:
+def make_ops(conf) -> "disk_ops.DiskOperations":
+    from imagebackend.cache import disk_records
+    from imagebackend.disk import operations as disk_ops
+
     return disk_ops.DiskOperations(
         conf, records=disk_records.DiskRecords(conf))
 
@@ -266,6 +289,8 @@ def show_info(args, conf) -> dict:
 
 
 def check_disk(args, conf) -> dict:
+    from imagebackend.qemu import img as qemu_img
+
     result = make_ops(conf).check(args.path, args.repair,
                                   fmt=args.input_format)
     if result.corruptions or result.check_errors:
@@ -305,6 +330,8 @@ def rebase_disk(args, conf) -> dict:
 
 
 def extract_disk(args, conf) -> dict:
+    from imagebackend import sources
+
     # Build the Glance source before the (long) extraction, so a
     # configuration mistake is reported before any work is done.
     glance = sources.load(conf, "glance") if args.upload else None
@@ -325,7 +352,7 @@ def extract_disk(args, conf) -> dict:
     return row
 
 
-def extract_row(args, image: qemu_results.ImageInfo) -> dict:
+def extract_row(args, image: "qemu_results.ImageInfo") -> dict:
     return {"path": image.filename, "format": image.format,
             "virtual_size": image.virtual_size,
             "actual_size": image.actual_size,
@@ -338,7 +365,7 @@ def resize_disk(args, conf) -> dict:
     return info_row(info, _json(args))
 
 
-def info_row(info: qemu_results.ImageInfo, structured: bool) -> dict:
+def info_row(info: "qemu_results.ImageInfo", structured: bool) -> dict:
     """A disk's :class:`imagebackend.qemu.results.ImageInfo` as output data.
 
     :param structured: backing files and snapshots as objects (JSON);
@@ -360,7 +387,7 @@ def info_row(info: qemu_results.ImageInfo, structured: bool) -> dict:
             "cluster_size": info.cluster_size, "dirty": info.dirty}
 
 
-def snapshot_row(snap: qemu_results.Snapshot) -> dict:
+def snapshot_row(snap: "qemu_results.Snapshot") -> dict:
     return {"id": snap.id, "name": snap.name,
             "vm_state_size": snap.vm_state_size,
             "date": snap.date.isoformat(timespec="seconds"),

@@ -20,6 +20,11 @@ Whatever goes wrong ends in one line on stderr (``imagebackend: error:
 ...``) and a non-zero exit status; ``--debug`` adds the traceback.  Text
 that others chose (image ids, server messages, file names) is escaped
 wherever it is shown: in results, error messages and log lines.
+
+Start-up is kept short (scripts and tests run the command many times):
+the parser is built from the command modules alone, which import what a
+command does only when it runs, so ``--help`` and a command that makes
+no disk load no cache, backend, image source or configuration code.
 """
 
 import argparse
@@ -28,15 +33,10 @@ import os
 import signal
 import sys
 
-from oslo_config import cfg
-
 from imagebackend.cmd import cache as cache_cmd
 from imagebackend.cmd import disk as disk_cmd
 from imagebackend.cmd import output
-from imagebackend.common import config_check
 from imagebackend import exception
-from imagebackend import opts
-from imagebackend.sources import base as source_base
 from imagebackend import textutils
 
 COMMAND_MODULES = (disk_cmd, cache_cmd)
@@ -116,6 +116,12 @@ def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_size(parser, args)
+    # Only a command that runs needs the configuration.
+    from oslo_config import cfg
+
+    from imagebackend import opts
+    from imagebackend.sources import base as source_base
+
     # The error itself is printed as the command's one-line result, so by
     # default only errors are logged; -v shows each step.
     level = (logging.DEBUG if args.debug else
@@ -132,7 +138,10 @@ def _main(argv) -> int:
     try:
         for image_id in _image_ids(args):
             source_base.check_image_id(image_id)
-        conf = opts.new_conf(conf_argv)
+        # An image source's options are registered (and checked) when the
+        # command builds the source: a command that uses none does not
+        # load the Glance client for its options.
+        conf = opts.new_conf(conf_argv, image_sources=[])
         result = args.func(args, conf)
         output.emit(result, args)
     except (BrokenPipeError, KeyboardInterrupt):
@@ -181,6 +190,8 @@ def _config_error(conf, exc):
     """The option behind oslo.config error ``exc``, when one can be found
     (as a :class:`imagebackend.exception.ConfigValueError`); else ``exc``.
     """
+    from imagebackend.common import config_check
+
     if conf is not None:
         try:
             config_check.check_conf(conf)

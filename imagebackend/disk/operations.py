@@ -33,7 +33,6 @@ import secrets
 import threading
 
 from oslo_config import cfg
-from oslo_utils import fileutils
 
 from imagebackend.common import fileio
 from imagebackend.common import progress as progress_mod
@@ -387,7 +386,7 @@ class DiskOperations:
             result = self.qemu.info(tmp, output_fmt)
             _publish(tmp, output)
         except BaseException:
-            fileutils.delete_if_exists(tmp)
+            fileio.remove_quietly(tmp)
             raise
         LOG.info("Extracted disk %s to %s (%s%s)", path, output, output_fmt,
                  ", compressed" if compress else "")

@@ -58,7 +58,6 @@ import stat
 
 from oslo_config import cfg
 from oslo_config import types
-from oslo_utils.imageutils import format_inspector as fi
 from oslo_utils import units
 
 from imagebackend import exception
@@ -233,7 +232,8 @@ class StreamInspector:
         self._finished = False
         self._result = None
         self._probes = {name: rules.Probe(name, cls())
-                        for name, cls in sorted(fi.ALL_FORMATS.items())
+                        for name, cls in sorted(
+                            rules.fi.ALL_FORMATS.items())
                         if name != "raw"}
         self._live = list(self._probes.values())
         self._idle = False

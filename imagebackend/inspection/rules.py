@@ -19,15 +19,34 @@ fields the inspectors do not check.  It keeps no state of its own; the
 stream bookkeeping is in :mod:`imagebackend.inspection`.
 """
 
+from __future__ import annotations
+
+import functools
+import importlib
 import logging
 import struct
-
-from oslo_utils.imageutils import format_inspector as fi
 
 from imagebackend import exception
 from imagebackend.inspection import signatures
 
 LOG = logging.getLogger(__name__)
+
+
+class _FormatInspector:
+    """oslo.utils' ``format_inspector`` module, imported when an image is
+    first inspected: importing it imports ``oslo_utils.strutils`` (about
+    0.1 s of CPU to compile its patterns) and ``cryptography``, which a
+    process that inspects nothing (the command line's ``cache list``)
+    need not load.
+    """
+
+    def __getattr__(self, name: str):
+        module = importlib.import_module(
+            "oslo_utils.imageutils.format_inspector")
+        return getattr(module, name)
+
+
+fi = _FormatInspector()
 
 # States of one inspector during a stream.
 LIVE = "live"        # still reading
@@ -36,12 +55,23 @@ DONE = "done"        # has all it needs
 FAILED = "failed"    # raised while parsing: the bytes are not its format
 SHORT = "short"      # the stream ended before it had all it needs
 
-#: The inspectors parse hostile bytes: a malformed header surfaces as any
-#: of these, and must mean "does not parse", never abort the download.
-INSPECTOR_ERRORS = (fi.ImageFormatError, fi.SafetyViolation,
-                    fi.SafetyCheckFailed, struct.error, ArithmeticError,
-                    LookupError, ValueError, TypeError, AttributeError,
-                    RuntimeError)
+
+@functools.cache
+def inspector_errors() -> tuple[type[BaseException], ...]:
+    """The inspectors parse hostile bytes: a malformed header surfaces as
+    any of these, and must mean "does not parse", never abort the
+    download.
+    """
+    return (fi.ImageFormatError, fi.SafetyViolation, fi.SafetyCheckFailed,
+            struct.error, ArithmeticError, LookupError, ValueError,
+            TypeError, AttributeError, RuntimeError)
+
+
+def __getattr__(name: str):
+    if name == "INSPECTOR_ERRORS":
+        return inspector_errors()
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
 
 #: The VMDK subformats whose data is inside the file itself.
 VMDK_SINGLE_FILE_TYPES = ("monolithicSparse", "streamOptimized")
@@ -149,7 +179,7 @@ class Probe:
                 if 0 < self.tail <= max_tail:
                     self.state = TAIL
                     return True
-        except INSPECTOR_ERRORS as exc:
+        except inspector_errors() as exc:
             LOG.debug("Not %s: %r", self.name, exc)
             self.state = FAILED
             return True
@@ -173,7 +203,7 @@ class Probe:
                 self.inspector.finish()
                 if self.inspector.complete:
                     self.state = DONE
-            except INSPECTOR_ERRORS:
+            except inspector_errors():
                 self.state = FAILED
 
     def _tail_needed(self):
@@ -195,7 +225,7 @@ def virtual_size(image_id: str, fmt: str, insp: fi.FileInspector,
     """
     try:
         vsize = int(insp.virtual_size)
-    except INSPECTOR_ERRORS as exc:
+    except inspector_errors() as exc:
         raise _invalid(image_id, fmt, "its virtual size cannot be read") \
             from exc
     if fmt == "vhd":
@@ -218,7 +248,7 @@ def _invalid(image_id, fmt, what):
 def _safe_match(insp):
     try:
         return bool(insp.format_match)
-    except INSPECTOR_ERRORS:
+    except inspector_errors():
         return False
 
 
@@ -272,7 +302,7 @@ class Policy:
             # 0x55aa; qemu-img reads it as raw either way.
             try:
                 insp.safety_check()
-            except INSPECTOR_ERRORS as exc:
+            except inspector_errors() as exc:
                 LOG.debug("Image %s: not a partition table: %s",
                           self.image_id, exc)
                 return False
@@ -350,7 +380,7 @@ class Policy:
             insp.safety_check()
         except fi.SafetyCheckFailed as exc:
             raise self._refusal(name, exc.failures) from exc
-        except INSPECTOR_ERRORS as exc:
+        except inspector_errors() as exc:
             raise _invalid(self.image_id, name,
                            "cannot be checked (%s)" % exc) from exc
 

@@ -41,11 +41,9 @@ import selectors
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
-
-from oslo_concurrency import processutils
-from oslo_utils import strutils
 
 LOG = logging.getLogger(__name__)
 
@@ -53,8 +51,57 @@ LOG = logging.getLogger(__name__)
 POLL_INTERVAL = 0.1
 #: how long a cancelled command gets to exit after SIGTERM before SIGKILL.
 TERMINATE_GRACE = 5.0
-# The real processutils.execute, to tell it from one patched in later.
-_PROCESSUTILS_EXECUTE = processutils.execute
+_PROCESSUTILS = "oslo_concurrency.processutils"
+
+
+# processutils (and oslo_utils.strutils, which it imports and whose
+# password patterns take about 0.1 s of CPU to compile) are imported when
+# first needed: a process whose commands all succeed without a
+# preexec_fn, or that runs none (the command line's cache list), needs
+# neither.
+def _processutils():
+    from oslo_concurrency import processutils
+    return processutils
+
+
+def _mask(text: str) -> str:
+    from oslo_utils import strutils
+    return strutils.mask_password(text)
+
+
+def __getattr__(name: str):
+    # ``runner.ProcessExecutionError``, for a caller's except clause,
+    # without importing processutils before a command fails.
+    if name == "ProcessExecutionError":
+        return _processutils().ProcessExecutionError
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+def _replaced_execute():
+    """processutils.execute when something replaced it (a consumer's test
+    fixture), else None: not loaded yet, it cannot have been replaced, and
+    the genuine function is the one its module defines.
+    """
+    processutils = sys.modules.get(_PROCESSUTILS)
+    if processutils is None:
+        return None
+    execute = processutils.execute
+    if getattr(execute, "__globals__", None) is vars(processutils) and (
+            execute.__name__ == "execute"):
+        return None
+    return execute
+
+
+class _Masked:
+    """A command line for a debug message, passwords masked only if the
+    message is shown.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return _mask(self.text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,15 +219,16 @@ class Runner:
 
     def __init__(self, execute: collections.abc.Callable | None = None
                  ) -> None:
-        self._execute = execute or processutils.execute
         self._custom = execute is not None
+        # None: processutils.execute itself, imported when first needed.
+        self._execute = execute or _replaced_execute()
         # Without a preexec_fn, subprocess can start the program with
         # vfork/posix_spawn instead of copying the whole Python process,
         # which costs milliseconds per command.  processutils always
         # passes one (to reset SIGPIPE, which restore_signals does too),
         # so commands that need nothing else run directly.  A patched
         # processutils.execute (a consumer's test fixture) is still used.
-        self._direct = self._execute is _PROCESSUTILS_EXECUTE
+        self._direct = self._execute is None
 
     def execute(self, argv: collections.abc.Sequence[str], *,
                 ok_codes: collections.abc.Collection[int] = (0,),
@@ -205,9 +253,10 @@ class Runner:
             if self._direct and preexec_fn is None:
                 stdout, stderr = _run(argv)
             else:
-                stdout, stderr = self._execute(*argv, check_exit_code=[0],
-                                               preexec_fn=preexec_fn)
-        except processutils.ProcessExecutionError as exc:
+                execute = self._execute or _processutils().execute
+                stdout, stderr = execute(*argv, check_exit_code=[0],
+                                         preexec_fn=preexec_fn)
+        except _processutils().ProcessExecutionError as exc:
             if exc.exit_code not in ok_codes:
                 raise
             return ProcessResult(exc.exit_code, exc.stdout or "",
@@ -266,7 +315,7 @@ class Runner:
             return ProcessResult(proc.returncode, stdout, stderr,
                                  cancelled=True)
         if proc.returncode not in ok_codes:
-            raise processutils.ProcessExecutionError(
+            raise _processutils().ProcessExecutionError(
                 stdout=stdout, stderr=stderr, exit_code=proc.returncode,
                 cmd=cmd)
         return ProcessResult(proc.returncode, stdout, stderr)
@@ -283,7 +332,7 @@ def _run(argv):
         command exited with a code other than 0.
     :raises OSError: the command could not be started.
     """
-    cmd = strutils.mask_password(" ".join(argv))
+    cmd = _Masked(" ".join(argv))
     LOG.debug("Running cmd (subprocess): %s", cmd)
     start = time.monotonic()
     proc = subprocess.run(  # argv list, no shell
@@ -294,9 +343,9 @@ def _run(argv):
     stdout = os.fsdecode(proc.stdout)
     stderr = os.fsdecode(proc.stderr)
     if proc.returncode != 0:
-        raise processutils.ProcessExecutionError(
-            exit_code=proc.returncode, stdout=strutils.mask_password(stdout),
-            stderr=strutils.mask_password(stderr), cmd=cmd)
+        raise _processutils().ProcessExecutionError(
+            exit_code=proc.returncode, stdout=_mask(stdout),
+            stderr=_mask(stderr), cmd=str(cmd))
     return stdout, stderr
 
 

@@ -32,8 +32,6 @@ import re
 import threading
 import typing
 
-from oslo_concurrency import processutils
-
 from imagebackend.common import fileio
 from imagebackend.common import sparseio
 from imagebackend import exception
@@ -125,7 +123,7 @@ class Command:
                     preexec_fn=preexec_fn)
             return self.runner.execute(argv, ok_codes=ok_codes,
                                        preexec_fn=preexec_fn)
-        except processutils.ProcessExecutionError as exc:
+        except runner.ProcessExecutionError as exc:
             raise _failed(operation, path, limits, exc) from exc
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):

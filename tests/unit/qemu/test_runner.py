@@ -12,6 +12,7 @@
 
 """The runner's contract, with processutils mocked (no processes)."""
 
+import logging
 import signal
 import threading
 from unittest import mock
@@ -168,3 +169,12 @@ def test_the_file_size_limit_is_set_in_the_child():
         runner.Limits(file_size=5 << 20).apply()
     assert setrlimit.call_args_list == [
         mock.call(runner.resource.RLIMIT_FSIZE, (5 << 20, 5 << 20))]
+
+
+def test_the_debug_log_of_a_plain_command_masks_passwords(run, caplog):
+    caplog.set_level(logging.DEBUG, logger=runner.__name__)
+    runner.Runner().execute(["prog", "--password", "secret"])
+    logged = [record.getMessage() for record in caplog.records]
+    assert len(logged) == 2
+    assert all("--password ***" in line for line in logged)
+    assert not any("secret" in line for line in logged)

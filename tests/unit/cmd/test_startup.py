@@ -1,0 +1,86 @@
+# Licensed under the Apache License, Version 2.0 (the "License"); you may
+# not use this file except in compliance with the License. You may obtain
+# a copy of the License at
+#
+#      http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS, WITHOUT
+# WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
+# License for the specific language governing permissions and limitations
+# under the License.
+
+"""The command line's parser is built without the library: the choices it
+writes out must be the library's, and ``import imagebackend`` must still
+reach everything it reached when it loaded it eagerly.  (What a command
+really imports: tests/functional/test_cli_startup.py.)
+"""
+
+import configparser
+import os
+import subprocess
+import sys
+
+import pytest
+
+import imagebackend
+from imagebackend.cmd import disk as disk_cmd
+from imagebackend.disk import operations as disk_ops
+from imagebackend.disk import trust as disk_trust
+from imagebackend.qemu import results as qemu_results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
+
+
+def test_the_written_out_choices_are_the_librarys():
+    assert disk_cmd.DISK_FORMATS == disk_trust.DISK_FORMATS
+    assert disk_cmd.BACKING_FORMATS == disk_trust.BACKING_FORMATS
+    assert disk_cmd.REPAIR_MODES == qemu_results.REPAIR_MODES
+    assert disk_cmd.EXTRACT_FORMATS == disk_ops.EXTRACT_FORMATS
+
+
+def test_the_backends_named_in_the_help_are_the_entry_points():
+    # setup.cfg is read rather than the installed metadata, which may
+    # predate a backend added since the package was installed.
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(ROOT, "setup.cfg"))
+    declared = {line.split("=")[0].strip() for line in
+                parser["entry_points"]["imagebackend.backends"].splitlines()
+                if line.strip()}
+    assert set(disk_cmd.BACKENDS) == declared
+
+
+def _fresh(code):
+    """Run ``code`` in a new interpreter (this one has the library
+    loaded already) and return what it printed.
+    """
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                          capture_output=True, text=True).stdout.split()
+
+
+def test_import_imagebackend_loads_nothing_else():
+    loaded = _fresh("import sys, imagebackend; print(' '.join(sorted(m for "
+                    "m in sys.modules if m.startswith(('imagebackend.', "
+                    "'oslo', 'stevedore', 'pbr')))))")
+    assert loaded == []
+
+
+def test_the_subpackages_are_reached_as_attributes():
+    found = _fresh("import imagebackend; print(imagebackend.opts.__name__, "
+                   "imagebackend.cache.ImageCache.__name__, "
+                   "imagebackend.exception.__name__)")
+    assert found == ["imagebackend.opts", "ImageCache",
+                     "imagebackend.exception"]
+
+
+def test_the_version_and_load_backend_are_there():
+    assert imagebackend.__version__ == subprocess.run(
+        [sys.executable, "-c", "import pbr.version; print(pbr.version."
+         "VersionInfo('imagebackend').version_string())"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    assert "load_backend" in dir(imagebackend)
+    assert "opts" in dir(imagebackend)
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        imagebackend.no_such_thing
