@@ -142,15 +142,17 @@ def local_source(tmp_path, c):
 
 
 def sparse_digest(data: bytes, scheme: str = "sparse-64k-xxh3") -> str:
-    """The sparse digest of ``data`` (scheme ``sparse-64k-xxh3``, or
-    ``sparse-64k``), spelled out as the definition says.
+    """The sparse digest of ``data`` (scheme ``sparse-64k-xxh3``,
+    ``sparse-64k-xxh3-padded`` or ``sparse-64k``), spelled out as the
+    definition says.
     """
     block = 64 * 1024
-    h = (xxhash.xxh3_128() if scheme == "sparse-64k-xxh3"
-         else hashlib.sha256())
+    h = hashlib.sha256() if scheme == "sparse-64k" else xxhash.xxh3_128()
     for offset in range(0, len(data), block):
         chunk = data[offset:offset + block]
         if chunk.count(0) != len(chunk):
+            if scheme == "sparse-64k-xxh3-padded":
+                chunk = chunk.ljust(block, b"\0")
             h.update(offset.to_bytes(8, "big") + chunk)
     return h.hexdigest()
 

@@ -24,6 +24,7 @@ import pytest
 from imagebackend import cache
 from imagebackend.cache import verify as cache_verify
 from imagebackend.common import digest
+from imagebackend import exception
 from tests import fakes
 
 BLOCK = 64 * 1024
@@ -128,3 +129,79 @@ def test_a_sized_base_records_the_digest_of_its_original(tmp_path):
     assert recorded["digest"] == {
         "scheme": digest.SPARSE,
         "value": cache_verify.digests(entry.path)["sparse"]}
+
+
+@pytest.mark.parametrize("scheme", ["sparse-64k-xxh3", "sparse-64k"])
+@pytest.mark.parametrize("length", [BLOCK - 1, BLOCK, BLOCK + 1])
+def test_records_of_earlier_schemes_verify_a_grown_copy(tmp_path, scheme,
+                                                        length):
+    """A converted base's record of an earlier release (a scheme without
+    padding) vouches for a sized base without its own record, while the
+    base is there and after it is pruned; a changed byte is found.
+    """
+    data = data_of(length)
+    c = image_cache(tmp_path, data)
+    entry, _ = c.get("img")
+    sized = grow(c, entry, length + MiB)
+    os.unlink(sized + ".json")
+    with open(entry.path + ".json") as f:
+        record = json.load(f)
+    record.update(converted=True, base_checksum={
+        "algo": "xxh3_128" if scheme.endswith("xxh3") else "sha256",
+        "scheme": scheme, "value": fakes.sparse_digest(data, scheme)})
+    with open(entry.path + ".json", "w") as f:
+        json.dump(record, f)
+    assert [(r.kind, r.status) for r in c.verify()] == [
+        ("base", "ok"), ("sized", "ok")]
+    os.rename(entry.path, entry.path + ".gone")
+    assert [(r.kind, r.status) for r in c.verify()] == [("sized", "ok")]
+    for offset in (length - 1, length, length + MiB - 1):
+        with open(sized, "r+b") as f:
+            f.seek(offset)
+            before = f.read(1)
+            f.seek(offset)
+            f.write(b"\x01" if before != b"\x01" else b"\x02")
+        assert [(r.kind, r.status) for r in c.verify()] == [
+            ("sized", "corrupt")], offset
+        with open(sized, "r+b") as f:
+            f.seek(offset)
+            f.write(before)
+    os.rename(entry.path + ".gone", entry.path)
+    assert [r.status for r in c.verify()] == ["ok", "ok"]
+
+
+@pytest.mark.parametrize("scheme", ["sparse-64k-xxh3", "sparse-64k"])
+def test_a_sized_record_of_an_earlier_scheme_is_adopted_if_it_matches(
+        tmp_path, scheme):
+    """The record of a sized base an earlier release published (its file
+    not yet linked, or never) describes what is built here when its digest,
+    under its scheme, is the built file's: the built file is published
+    under it.  Another digest is other content.
+    """
+    length = 3 * BLOCK + 1
+    data = data_of(length)
+    c = image_cache(tmp_path, data)
+    entry, _ = c.get("img")
+    size = length + MiB
+    final = c.sized_path(entry.cache_id, size)
+    theirs = {"kind": "sized", "image_id": "img",
+              "base": os.path.basename(entry.path),
+              "size": size, "format": "raw",
+              "digest": {"scheme": scheme, "value": "0" * 32},
+              "created_at": "2026-01-01T00:00:00+00:00"}
+    with open(final + ".json", "w") as f:
+        json.dump(theirs, f)
+    with pytest.raises(exception.CachePublishConflict):
+        grow(c, entry, size)
+    assert not os.path.exists(final)
+
+    theirs["digest"]["value"] = fakes.sparse_digest(
+        data + bytes(MiB), scheme)
+    with open(final + ".json", "w") as f:
+        json.dump(theirs, f)
+    grow(c, entry, size)
+    with open(final, "rb") as f:
+        assert f.read() == data + bytes(MiB)
+    with open(final + ".json") as f:
+        assert json.load(f) == theirs
+    assert [r.status for r in c.verify()] == ["ok", "ok"]
