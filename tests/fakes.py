@@ -22,6 +22,7 @@ from unittest import mock
 from oslo_concurrency import processutils
 import xxhash
 
+from imagebackend.cache import layout as cache_layout
 from imagebackend import exception
 from imagebackend import opts
 from imagebackend.qemu import img as qemu_img
@@ -155,6 +156,25 @@ def sparse_digest(data: bytes, scheme: str = "sparse-64k-xxh3") -> str:
                 chunk = chunk.ljust(block, b"\0")
             h.update(offset.to_bytes(8, "big") + chunk)
     return h.hexdigest()
+
+
+def open_scratch(directory, name: str, data: bytes) -> tuple[str, int]:
+    """A new file ``name`` in ``directory`` holding ``data``: its path and
+    a read-only descriptor of it (the caller closes it).
+    """
+    path = os.path.join(str(directory), name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path, os.open(path, os.O_RDONLY)
+
+
+def scratch_base(c, data: bytes) -> tuple[str, int]:
+    """A scratch file in the ``_base`` of image cache ``c`` holding
+    ``data``, as a fetch leaves one to publish (see :func:`open_scratch`).
+    """
+    c.store.ensure_dirs()
+    path = cache_layout.scratch_name(c.base_path("s"), ".part")
+    return open_scratch(os.path.dirname(path), os.path.basename(path), data)
 
 
 def local_identity(data: bytes) -> str:
