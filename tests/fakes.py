@@ -177,6 +177,25 @@ def scratch_base(c, data: bytes) -> tuple[str, int]:
     return open_scratch(os.path.dirname(path), os.path.basename(path), data)
 
 
+def flip_byte(path, offset: int) -> bytes:
+    """Change the byte at ``offset`` of file ``path``; returns what it
+    was, for :func:`put_byte`.
+    """
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        before = f.read(1)
+        f.seek(offset)
+        f.write(b"\x01" if before != b"\x01" else b"\x02")
+    return before
+
+
+def put_byte(path, offset: int, byte: bytes) -> None:
+    """Write ``byte`` back at ``offset`` of file ``path``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(byte)
+
+
 def local_identity(data: bytes) -> str:
     """The identity the local source gives a file holding ``data``."""
     return "sparse-64k-xxh3:%d:%s" % (len(data), sparse_digest(data))

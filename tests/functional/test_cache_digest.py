@@ -23,6 +23,7 @@ import pytest
 import xxhash
 
 from imagebackend.backends import base as backends_base
+from tests import fakes
 from tests.functional.fixtures import env as fenv
 
 MiB = fenv.MiB
@@ -63,21 +64,6 @@ def verify(dep, *argv):
     return result.returncode, [(r["kind"], r["status"]) for r in rows]
 
 
-def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        before = f.read(1)
-        f.seek(offset)
-        f.write(b"\x01" if before != b"\x01" else b"\x02")
-    return before
-
-
-def put_back(path, offset, byte):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(byte)
-
-
 def unpadded_xxh3(path):
     """The sparse digest as earlier releases defined it (``sparse-64k-xxh3``:
     a last, shorter block hashed as it is), spelled out.
@@ -98,9 +84,9 @@ def test_a_sized_base_without_its_own_record_verifies(dep):
     os.unlink(sized + ".json")      # as made by a release without them
     assert verify(dep) == (0, [("base", "ok"), ("sized", "ok")])
     for offset in (LENGTH - 1, LENGTH + 5):
-        byte = flip(sized, offset)
+        byte = fakes.flip_byte(sized, offset)
         assert verify(dep) == (1, [("base", "ok"), ("sized", "corrupt")])
-        put_back(sized, offset, byte)
+        fakes.put_byte(sized, offset, byte)
     code, rows = verify(dep, "--repair")
     assert (code, rows) == (0, [("base", "ok"), ("sized", "ok")])
     assert os.path.isfile(sized)
@@ -133,18 +119,18 @@ def test_records_of_the_unpadded_scheme_still_verify(dep):
     with open(sized + ".json", "w") as f:
         json.dump(own, f)
     assert verify(dep) == (0, [("base", "ok"), ("sized", "ok")])
-    byte = flip(sized, LENGTH - 1)
+    byte = fakes.flip_byte(sized, LENGTH - 1)
     assert verify(dep) == (1, [("base", "ok"), ("sized", "corrupt")])
-    put_back(sized, LENGTH - 1, byte)
+    fakes.put_byte(sized, LENGTH - 1, byte)
 
     os.unlink(sized + ".json")
     assert verify(dep) == (0, [("base", "ok"), ("sized", "ok")])
     for offset in (LENGTH - 1, LENGTH + 5):
-        byte = flip(sized, offset)
+        byte = fakes.flip_byte(sized, offset)
         assert verify(dep) == (1, [("base", "ok"), ("sized", "corrupt")])
-        put_back(sized, offset, byte)
-    byte = flip(base, LENGTH - 1)
+        fakes.put_byte(sized, offset, byte)
+    byte = fakes.flip_byte(base, LENGTH - 1)
     assert verify(dep)[0] == 1
-    put_back(base, LENGTH - 1, byte)
+    fakes.put_byte(base, LENGTH - 1, byte)
     assert verify(dep, "--repair") == (0, [("base", "ok"), ("sized", "ok")])
     assert os.path.isfile(base) and os.path.isfile(sized)

@@ -106,17 +106,11 @@ def test_a_sized_base_without_its_own_record_verifies(tmp_path, length):
         ("base", "ok", ""), ("sized", "ok", "")]
 
     for offset in (length - 1, length + 5):     # its data; its zeros
-        with open(sized, "r+b") as f:
-            f.seek(offset)
-            before = f.read(1)
-            f.seek(offset)
-            f.write(b"\x01" if before != b"\x01" else b"\x02")
+        before = fakes.flip_byte(sized, offset)
         rows = c.verify()
         assert [(r.kind, r.status) for r in rows] == [
             ("base", "ok"), ("sized", "corrupt")], offset
-        with open(sized, "r+b") as f:
-            f.seek(offset)
-            f.write(before)
+        fakes.put_byte(sized, offset, before)
         assert [r.status for r in c.verify()] == ["ok", "ok"]
 
 
@@ -156,16 +150,10 @@ def test_records_of_earlier_schemes_verify_a_grown_copy(tmp_path, scheme,
     os.rename(entry.path, entry.path + ".gone")
     assert [(r.kind, r.status) for r in c.verify()] == [("sized", "ok")]
     for offset in (length - 1, length, length + MiB - 1):
-        with open(sized, "r+b") as f:
-            f.seek(offset)
-            before = f.read(1)
-            f.seek(offset)
-            f.write(b"\x01" if before != b"\x01" else b"\x02")
+        before = fakes.flip_byte(sized, offset)
         assert [(r.kind, r.status) for r in c.verify()] == [
             ("sized", "corrupt")], offset
-        with open(sized, "r+b") as f:
-            f.seek(offset)
-            f.write(before)
+        fakes.put_byte(sized, offset, before)
     os.rename(entry.path + ".gone", entry.path)
     assert [r.status for r in c.verify()] == ["ok", "ok"]
 
