@@ -338,10 +338,11 @@ def _worker(config_file, backend_name, downloads_log, wrapper, jobs, go,
         results.put({"ready": True})
         if not go.wait(WORKER_TIMEOUT):
             raise RuntimeError("never told to start")
+        start = time.monotonic()
         hits = [backend.create_image(image_id, target, size).cache_hit
                 for image_id, target, size in jobs]
         results.put({"hits": hits, "spawned": list(SPAWNS),
-                     "end": time.monotonic(),
+                     "start": start, "end": time.monotonic(),
                      "maxrss": resource.getrusage(
                          resource.RUSAGE_SELF).ru_maxrss * KiB,
                      "children_maxrss": resource.getrusage(
@@ -375,7 +376,11 @@ def run_workers(bench, backend_name, job_lists, counting=False,
                 method="fork"):
     """Start one process per job list (``(image_id, target, size)``
     tuples); time from the moment they all start creating until the last
-    one is done.
+    one is done.  How far the workers' creates ran at once is measured
+    from when each began and ended (one clock for all processes):
+    ``overlap_s``, from the last start to the first end (negative if some
+    worker began only after another was done), and ``overlapping``, how
+    many workers had begun before the first was done.
 
     :param counting: run qemu-img through the logging wrapper.
     :param method: the multiprocessing start method; ``spawn`` gives each
@@ -401,7 +406,10 @@ def run_workers(bench, backend_name, job_lists, counting=False,
                 p.terminate()
             p.join(WORKER_TIMEOUT)
     spawned = [cmd for d in done for cmd in d["spawned"]]
+    first_end = min(d["end"] for d in done)
     return {"seconds": max(d["end"] for d in done) - start,
+            "overlap_s": first_end - max(d["start"] for d in done),
+            "overlapping": sum(d["start"] < first_end for d in done),
             "spawned": spawned,
             "conversions": sum(c == "qemu-img convert" for c in spawned),
             "downloads": bench.drain(bench.downloads_log),

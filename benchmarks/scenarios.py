@@ -219,7 +219,9 @@ def _concurrent(bench, name, what, floor_is, target, library_jobs,
         downloads=max(len(r["downloads"]) for r in checks),
         conversions=max(r["conversions"] for r in checks),
         cache_misses=max(r["cache_misses"] for r in checks),
-        qemu_img_peak_rss_mib=max(r["qemu_img_peak_rss"] for r in lib) / MiB)
+        qemu_img_peak_rss_mib=max(r["qemu_img_peak_rss"] for r in lib) / MiB,
+        overlap_s=min(r["overlap_s"] for r in checks),
+        overlapping=min(r["overlapping"] for r in checks))
     result["spawned"] = sorted(set(result["spawned"]))
     result["met"] = (harness.within(result, limit)
                      and result["downloads"] == len(images)

@@ -22,6 +22,7 @@ from unittest import mock
 from oslo_concurrency import processutils
 import xxhash
 
+from imagebackend.cache import layout as cache_layout
 from imagebackend import exception
 from imagebackend import opts
 from imagebackend.qemu import img as qemu_img
@@ -142,17 +143,57 @@ def local_source(tmp_path, c):
 
 
 def sparse_digest(data: bytes, scheme: str = "sparse-64k-xxh3") -> str:
-    """The sparse digest of ``data`` (scheme ``sparse-64k-xxh3``, or
-    ``sparse-64k``), spelled out as the definition says.
+    """The sparse digest of ``data`` (scheme ``sparse-64k-xxh3``,
+    ``sparse-64k-xxh3-padded`` or ``sparse-64k``), spelled out as the
+    definition says.
     """
     block = 64 * 1024
-    h = (xxhash.xxh3_128() if scheme == "sparse-64k-xxh3"
-         else hashlib.sha256())
+    h = hashlib.sha256() if scheme == "sparse-64k" else xxhash.xxh3_128()
     for offset in range(0, len(data), block):
         chunk = data[offset:offset + block]
         if chunk.count(0) != len(chunk):
+            if scheme == "sparse-64k-xxh3-padded":
+                chunk = chunk.ljust(block, b"\0")
             h.update(offset.to_bytes(8, "big") + chunk)
     return h.hexdigest()
+
+
+def open_scratch(directory, name: str, data: bytes) -> tuple[str, int]:
+    """A new file ``name`` in ``directory`` holding ``data``: its path and
+    a read-only descriptor of it (the caller closes it).
+    """
+    path = os.path.join(str(directory), name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path, os.open(path, os.O_RDONLY)
+
+
+def scratch_base(c, data: bytes) -> tuple[str, int]:
+    """A scratch file in the ``_base`` of image cache ``c`` holding
+    ``data``, as a fetch leaves one to publish (see :func:`open_scratch`).
+    """
+    c.store.ensure_dirs()
+    path = cache_layout.scratch_name(c.base_path("s"), ".part")
+    return open_scratch(os.path.dirname(path), os.path.basename(path), data)
+
+
+def flip_byte(path, offset: int) -> bytes:
+    """Change the byte at ``offset`` of file ``path``; returns what it
+    was, for :func:`put_byte`.
+    """
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        before = f.read(1)
+        f.seek(offset)
+        f.write(b"\x01" if before != b"\x01" else b"\x02")
+    return before
+
+
+def put_byte(path, offset: int, byte: bytes) -> None:
+    """Write ``byte`` back at ``offset`` of file ``path``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(byte)
 
 
 def local_identity(data: bytes) -> str:

@@ -52,7 +52,7 @@ class SizedBases:
         ``lock_name``, without ever replacing anything.
 
         It is built in a scratch file of its own, fsynced, checked (its
-        size) and hashed (``sparse-64k-xxh3``); its record
+        size) and hashed (``sparse-64k-xxh3-padded``); its record
         ``<final>.json`` is published first and the file then linked
         into place, both without replacing: a sized base another process
         published meanwhile is adopted.
@@ -114,7 +114,7 @@ class SizedBases:
             try:
                 found = cache_publish.publish_record(final + ".json",
                                                      record)
-                if found is None or _same_sized(found, record):
+                if found is None or _same_sized(found, record, fd):
                     if fileio.publish_fd(fd, tmp, final):
                         fileio.fsync_dir(self.store.base_dir)
                         return True
@@ -135,14 +135,29 @@ class SizedBases:
                    "than was built" % final)
 
 
-def _same_sized(found: dict, ours: dict) -> bool:
-    """Whether sized-base record ``found`` describes what ``ours`` does."""
+def _same_sized(found: dict, ours: dict, fd: int) -> bool:
+    """Whether sized-base record ``found`` describes what ``ours`` (of the
+    file open as ``fd``) does.
+    """
     keys = ("kind", "image_id", "base", "size", "format")
     if any(found.get(key) != ours.get(key) for key in keys):
         return False
     # A raw sized base's bytes are fixed by its base; another qemu-img may
     # lay out a qcow2 one differently.
-    return ours["format"] != "raw" or found.get("digest") == ours["digest"]
+    if ours["format"] != "raw":
+        return True
+    theirs = found.get("digest")
+    if not isinstance(theirs, dict) or not isinstance(theirs.get("scheme"),
+                                                      str):
+        return False
+    if theirs["scheme"] != ours["digest"]["scheme"]:
+        # Recorded by an earlier release: hash the file as it did.
+        try:
+            mine = content_digest.file_digests(fd, scheme=theirs["scheme"])
+        except ValueError:
+            return False
+        return theirs.get("value") == mine["sparse"]
+    return theirs == ours["digest"]
 
 
 def _utime_quietly(path: str) -> None:

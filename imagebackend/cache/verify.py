@@ -17,12 +17,14 @@ Each base's record keeps the checksum of the bytes the source served
 download holds exactly those bytes and is re-hashed with that algorithm.
 A converted base holds other bytes, so its record also keeps
 ``base_checksum``: a hash over the base file's non-zero 64 KiB blocks,
-each prefixed with its offset (scheme ``sparse-64k-xxh3``, or
-``sparse-64k`` in records of earlier releases: see
+each prefixed with its offset (scheme ``sparse-64k-xxh3-padded``, or
+``sparse-64k-xxh3`` or ``sparse-64k`` in records of earlier releases: see
 :mod:`imagebackend.common.digest`).  Holes and zero blocks are skipped, so the
 digest is cheap for sparse files and the same for a raw base and any sized
-base grown from it, which is how raw sized bases are verified.  Non-raw
-bases also go through ``qemu-img check``.
+base grown from it, which is how raw sized bases are verified (under an
+earlier scheme, over the first bytes of the sized base, as many as its
+original has, and the rest must be zeros).  Non-raw bases also go through
+``qemu-img check``.
 
 A sized base has a record of its own (``<stem>_<size>.json``, kind
 ``sized``) with the sparse digest of its bytes, so it stays verifiable
@@ -66,13 +68,14 @@ _SPARSE_HASH = "xxh3_128"
 
 
 def digests(path: str, algos: typing.Sequence[str] = (),
-            sparse: bool = True, scheme: str = digest.SPARSE) -> dict:
+            sparse: bool = True, scheme: str = digest.SPARSE,
+            length: int | None = None) -> dict:
     """Hash file ``path`` (never through a symlink) in one pass, reading
     only its data extents: see :func:`imagebackend.common.digest.file_digests`.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        return digest.file_digests(fd, algos, sparse, scheme)
+        return digest.file_digests(fd, algos, sparse, scheme, length)
     finally:
         os.close(fd)
 
@@ -173,14 +176,19 @@ class Verifier:
         """
         own = f.own_record
         fmt = (own or f.record).get("format") or "raw"
+        length = None
         if own is not None:
             expected = (own["digest"]["scheme"], own["digest"]["value"])
         elif fmt != "raw" or expected is None:
             return ("unverified", "it has no valid record of its own, and "
                     "its original base's digest is not known; invalidate the "
                     "image to make it again")
+        else:
+            # The original's digest covers the original's length (a
+            # scheme of earlier records does not pad its last block).
+            length = f.record.get("virtual_size")
         try:
-            found = digests(f.path, scheme=expected[0])
+            found = digests(f.path, scheme=expected[0], length=length)
         except ValueError:
             return ("unverified", "its record names an unknown digest scheme "
                     "%r" % expected[0])

@@ -12,29 +12,35 @@
 
 """Digests of image content, including one that skips zeros.
 
-``sparse-64k-xxh3`` is an XXH3-128 hash over a file's non-zero 64 KiB
-blocks (aligned to the file), each prefixed with its offset as 8
-big-endian bytes; the last block may be shorter.  Zero blocks and holes
-contribute nothing, so the digest depends only on the content (not on
-which zeros are holes), and a reader that knows where the holes are never
-reads or hashes them.  It names content only together with a length: a
-file and the same file grown with zeros have the same digest.
+``sparse-64k-xxh3-padded`` is an XXH3-128 hash over a file's non-zero
+64 KiB blocks (aligned to the file), each prefixed with its offset as 8
+big-endian bytes; a last, shorter block is hashed padded with zeros to
+64 KiB.  Zero blocks and holes contribute nothing, so the digest depends
+only on the content (not on which zeros are holes), and a reader that
+knows where the holes are never reads or hashes them.  A file and the same
+file grown with zeros have the same digest, whatever its length: a base
+and the sized bases grown from it.  It names content only together with
+a length.
 
 It is what the cache records to notice change and corruption in bytes
-that no image service vouches for: a local image's content and a
-converted base.  XXH3 is not a cryptographic hash, and does not need to
-be there: whoever could craft a collision can already write the image
-directory or ``_base`` itself.  It hashes about 9 GiB/s where SHA-256
-manages 1.2 (with the CPU's SHA instructions), and a cold disk creation
-hashes every byte once or twice.  Bytes from Glance are still checked
-against the hash Glance records, whatever its algorithm.
+that no image service vouches for: a converted base and a sized base.
+XXH3 is not a cryptographic hash, and does not need to be there: whoever
+could craft a collision can already write the image directory or
+``_base`` itself.  It hashes about 9 GiB/s where SHA-256 manages 1.2
+(with the CPU's SHA instructions), and a cold disk creation hashes every
+byte once or twice.  Bytes from Glance are still checked against the hash
+Glance records, whatever its algorithm.
 
-``sparse-64k`` is the same over SHA-256, which records of earlier releases
-name; it is still verified, never written.
+The schemes of earlier records hash a last, shorter block as it is, so
+their digest of a file whose length is not a multiple of 64 KiB differs
+from that of the file grown with zeros: ``sparse-64k-xxh3`` (XXH3-128),
+still the local image source's identity of a file (with its length), and
+``sparse-64k`` (SHA-256), only verified.  A grown copy is checked against
+such a digest over the original's length only (see :func:`file_digests`).
 
 :func:`cache_id` names an image in the cache (the sha1 of its id).
-:func:`new` makes a hasher for any :mod:`hashlib` algorithm or either
-sparse scheme, with ``update`` and ``hexdigest``.
+:func:`new` makes a hasher for any :mod:`hashlib` algorithm or sparse
+scheme, with ``update`` and ``hexdigest``.
 """
 
 import hashlib
@@ -45,10 +51,16 @@ import xxhash
 from imagebackend.common import sparseio
 
 #: the sparse scheme new records use.
-SPARSE = "sparse-64k-xxh3"
-#: the SHA-256 sparse scheme of earlier records.
+SPARSE = "sparse-64k-xxh3-padded"
+#: the XXH3 scheme of earlier records, without padding; the local image
+#: source's identity.
+SPARSE_XXH3 = "sparse-64k-xxh3"
+#: the SHA-256 scheme of earlier records, without padding.
 SPARSE_SHA256 = "sparse-64k"
-_SCHEMES = {SPARSE: xxhash.xxh3_128, SPARSE_SHA256: hashlib.sha256}
+# scheme -> (hash, whether a last, shorter block is padded with zeros)
+_SCHEMES = {SPARSE: (xxhash.xxh3_128, True),
+            SPARSE_XXH3: (xxhash.xxh3_128, False),
+            SPARSE_SHA256: (hashlib.sha256, False)}
 # The digest's block is the unit in which zeros are skipped: the one the
 # sparse writer leaves holes in.
 _BLOCK = sparseio.ZERO_BLOCK
@@ -60,12 +72,14 @@ class SparseDigest:
     """A streaming sparse digest: feed it the whole content with
     :meth:`update` (any chunking), or skip known zeros with :meth:`zeros`.
 
-    :param scheme: :data:`SPARSE` or :data:`SPARSE_SHA256`.
+    :param scheme: :data:`SPARSE`, :data:`SPARSE_XXH3` or
+        :data:`SPARSE_SHA256`.
     """
 
     def __init__(self, scheme: str = SPARSE) -> None:
         self.name = scheme
-        self._hash = _SCHEMES[scheme]()
+        algo, self._padded = _SCHEMES[scheme]
+        self._hash = algo()
         self._base = 0                  # offset of _pending's first byte
         self._pending = bytearray()     # a block not yet complete
 
@@ -110,6 +124,9 @@ class SparseDigest:
         if self._pending and not sparseio.all_zeros(self._pending):
             final.update(self._base.to_bytes(8, "big"))
             final.update(self._pending)
+            if self._padded:
+                final.update(memoryview(sparseio.HOLE)[
+                    :_BLOCK - len(self._pending)])
         return final.hexdigest()
 
 
@@ -132,12 +149,16 @@ def new(algo: str):
 
 
 def file_digests(fd: int, algos=(), sparse: bool = True,
-                 scheme: str = SPARSE) -> dict:
+                 scheme: str = SPARSE, length: int | None = None) -> dict:
     """Hash the open file ``fd`` in one pass, reading only its data.
 
     :param algos: algorithms for :func:`new`, over the whole byte stream
         (holes read as zeros).
     :param sparse: also compute the sparse digest of ``scheme``.
+    :param length: compute the sparse digest over the file's first
+        ``length`` bytes only: the digest of the original a copy was grown
+        from, under a scheme that does not pad.  It is None if the file is
+        shorter or any byte after them is not zero.
     :returns: ``{"full": {algo: hex}, "sparse": hex or None, "size": n}``.
     :raises ValueError: an unknown algorithm or scheme.
     :raises OSError: the file cannot be read.
@@ -145,19 +166,28 @@ def file_digests(fd: int, algos=(), sparse: bool = True,
     if scheme not in _SCHEMES:
         raise ValueError("unknown sparse digest scheme %r" % scheme)
     full = {algo: new(algo) for algo in algos}
-    hashers = list(full.values())
     blocks = SparseDigest(scheme) if sparse else None
-    if blocks is not None:
-        hashers.append(blocks)
     size = os.fstat(fd).st_size
-    for length, data in sparseio.read_regions(fd, size, _READ):
+    end = size if length is None else length
+    grown = end <= size     # nothing but zeros after ``end``
+    pos = 0
+    for count, data in sparseio.read_regions(fd, size, _READ):
+        inside = max(0, min(count, end - pos))
+        pos += count
         if data is None:
-            _zeros(hashers, length)
+            _zeros(full.values(), count)
+            if blocks is not None:
+                blocks.zeros(inside)
             continue
-        for h in hashers:
+        for h in full.values():
             h.update(data)
+        if blocks is not None:
+            view = memoryview(data)
+            blocks.update(view[:inside])
+            grown = grown and sparseio.all_zeros(view[inside:])
     return {"full": {a: h.hexdigest() for a, h in full.items()},
-            "sparse": blocks.hexdigest() if blocks is not None else None,
+            "sparse": (blocks.hexdigest() if blocks is not None and grown
+                       else None),
             "size": size}
 
 

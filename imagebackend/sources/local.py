@@ -16,8 +16,10 @@ The directory is trusted, its files are not: an id must name a regular file
 directly inside the directory, never through ``..``, an absolute path or a
 symlink.  Each image's content identity is its length and
 ``sparse-64k-xxh3`` digest (:mod:`imagebackend.common.digest`: an XXH3-128 of
-its non-zero blocks, so that holes are neither read nor hashed).  It is
-computed once per version of the file and remembered in
+its non-zero blocks, so that holes are neither read nor hashed; the scheme
+that does not pad a last, shorter block, which an identity with its length
+does not need, so that images cached before the padded scheme keep their
+identity).  It is computed once per version of the file and remembered in
 ``<base_dir>/.sources/local/<sha1 of the image id>.json``, keyed by the
 file's device, inode, size, mtime and ctime; a file modified less than
 ``_RACY_SECONDS`` before it was hashed is hashed again next time, since a
@@ -48,7 +50,7 @@ LOG = logging.getLogger(__name__)
 
 _RACY_SECONDS = 2
 # The memo's key for the digest (memos of other digests are not used).
-_MEMO_KEY = content_digest.SPARSE
+_MEMO_KEY = content_digest.SPARSE_XXH3
 
 OPTIONS = [
     cfg.StrOpt("path",
@@ -185,7 +187,8 @@ class LocalSource(base.ImageSource):
             digest = self._remembered(meta.image_id, st)
             if digest is not None:
                 return self._meta(meta.image_id, st, digest)
-            digest = content_digest.file_digests(fd)["sparse"]
+            digest = content_digest.file_digests(
+                fd, scheme=content_digest.SPARSE_XXH3)["sparse"]
             if _version(os.fstat(fd)) == _version(st):
                 self._remember(meta.image_id, st, digest)
         except OSError as exc:
@@ -214,7 +217,7 @@ class LocalSource(base.ImageSource):
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        if (algo != content_digest.SPARSE
+        if (algo != content_digest.SPARSE_XXH3
                 or _version(st) != meta.extra.get("version")):
             raise exception.ImageDownloadError(
                 image_id=meta.image_id, source=meta.source,
@@ -230,7 +233,7 @@ class LocalSource(base.ImageSource):
             source=self.describe(),
             disk_format=self.declared_format(image_id),
             size=st.st_size,
-            hash_algo=content_digest.SPARSE,
+            hash_algo=content_digest.SPARSE_XXH3,
             hash_value=digest,
             identity=_identity(st, digest) if digest else None,
             identity_deferred=digest is None,
@@ -298,7 +301,8 @@ def _version(st: os.stat_result) -> str:
 
 def _identity(st: os.stat_result, hexdigest: str) -> str:
     # The sparse digest does not cover trailing zeros: add the length.
-    return "%s:%d:%s" % (content_digest.SPARSE, st.st_size, hexdigest)
+    return "%s:%d:%s" % (content_digest.SPARSE_XXH3, st.st_size,
+                         hexdigest)
 
 
 class _Stream:

@@ -31,6 +31,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks" / "bench.py"
 
+# Processes of the concurrent scenarios.
+CONCURRENCY = 8
 TIMED = ("warm-qcow2", "warm-cached-base", "cold-qcow2-image",
          "cold-raw-image", "raw-backend", "concurrent-one-image",
          "concurrent-images", "glance-download")
@@ -56,7 +58,8 @@ def bench_run(tmp_path_factory, session_servers):
     # Eight processes still race for one image, and two for each of the
     # four images of concurrent-images; sixteen cost a third more CPU.
     argv = [sys.executable, str(BENCH), "--quick", "--repeat", "1",
-            "--concurrency", "8", "--workdir", str(work), "--json", str(out)]
+            "--concurrency", str(CONCURRENCY), "--workdir", str(work),
+            "--json", str(out)]
     if session_servers is not None:
         # The benchmark uses the run's servers rather than starting a
         # second pair; the file holds their passwords: owner-only.
@@ -178,6 +181,19 @@ def test_concurrent_creates_download_and_convert_each_image_once(bench_run):
     assert rows["concurrent-one-image"]["conversions"] == 1
     assert rows["concurrent-images"]["downloads"] == 4
     assert rows["concurrent-images"]["conversions"] == 4
+
+
+def test_concurrent_creates_really_ran_at_once(bench_run):
+    """Every worker of each concurrent run began its create before the
+    first one was done (in every run of the scenario), so the single
+    download and conversion above were shared by racing creates, not
+    reused by creates that came after.
+    """
+    rows, _, _ = bench_run
+    for name in ("concurrent-one-image", "concurrent-images"):
+        row = rows[name]
+        assert row["overlapping"] == CONCURRENCY, (name, row)
+        assert row["overlap_s"] > 0, (name, row)
 
 
 def test_raw_disk_allocates_no_more_than_its_base(bench_run):

@@ -32,15 +32,12 @@ from tests.functional import test_qemu_img as qemu_tests
 MiB = fenv.MiB
 IMAGE = "guest.qcow2"
 
-pytestmark = pytest.mark.skipif(fenv.REAL_QEMU_IMG is None,
-                                reason="qemu-img is not installed")
+pytestmark = fenv.NEEDS_QEMU_IMG
 
 
 @pytest.fixture
 def dep(tmp_path):
-    d = fenv.Deployment(str(tmp_path))
-    fenv.make_qcow2(os.path.join(d.images, IMAGE), size=32 * MiB)
-    return d
+    return fenv.with_qcow2(str(tmp_path), IMAGE, 32 * MiB)
 
 
 def _ops(dep):
@@ -502,9 +499,8 @@ def test_rebase_checks_the_new_backing_chain_before_changing(dep):
 @pytest.fixture
 def qcow2_base(tmp_path):
     """A deployment keeping bases as qcow2, and its base of IMAGE."""
-    d = fenv.Deployment(str(tmp_path),
+    d = fenv.with_qcow2(str(tmp_path), IMAGE, 32 * MiB,
                         imagebackend={"force_raw_images": "false"})
-    fenv.make_qcow2(os.path.join(d.images, IMAGE), size=32 * MiB)
     disk = make_disk(d)
     assert fenv.qemu_info(disk.backing_file, "qcow2")["format"] == "qcow2"
     return d, disk.backing_file

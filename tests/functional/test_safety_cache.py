@@ -31,15 +31,12 @@ MiB = fenv.MiB
 IMAGE = "guest.qcow2"
 VICTIM = b"a host file the cache must never write or serve\n" * 64
 
-pytestmark = pytest.mark.skipif(fenv.REAL_QEMU_IMG is None,
-                                reason="qemu-img is not installed")
+pytestmark = fenv.NEEDS_QEMU_IMG
 
 
 @pytest.fixture
 def dep(tmp_path):
-    d = fenv.Deployment(str(tmp_path))
-    fenv.make_qcow2(os.path.join(d.images, IMAGE), size=16 * MiB)
-    return d
+    return fenv.with_qcow2(str(tmp_path), IMAGE, 16 * MiB)
 
 
 def _victim(dep):

@@ -122,7 +122,7 @@ def test_two_lock_directories_never_publish_a_corrupt_base(dep, name):
             assert record["kind"] == "sized"
             assert record["size"] == 2 * SIZE
             assert record["base"] == os.path.basename(base)
-            assert record["digest"]["scheme"] == "sparse-64k-xxh3"
+            assert record["digest"]["scheme"] == "sparse-64k-xxh3-padded"
             assert record["digest"]["value"] == cache_verify.digests(
                 sized)["sparse"]
         # Nothing half-made under a final name, no scratch left behind.

@@ -14,6 +14,7 @@
 
 import pytest
 
+from imagebackend import cache
 from tests import fakes
 
 
@@ -21,3 +22,13 @@ from tests import fakes
 def fake_qemu():
     """An autospec QemuImg whose convert writes an 8 MiB raw target."""
     return fakes.qemu()
+
+
+@pytest.fixture
+def img_cache(tmp_path, fake_qemu):
+    """An image cache under ``tmp_path`` whose source serves one image,
+    ``img`` (:data:`tests.fakes.RAW_IMAGE`).
+    """
+    conf = fakes.conf(tmp_path)
+    source = fakes.FakeSource(conf, images={"img": fakes.RAW_IMAGE})
+    return cache.ImageCache(conf, source, fake_qemu)

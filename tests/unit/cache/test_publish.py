@@ -19,7 +19,6 @@ from unittest import mock
 
 import pytest
 
-from imagebackend import cache
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import publish as cache_publish
 from imagebackend.common import fileio
@@ -30,18 +29,8 @@ RAW = fakes.RAW_IMAGE
 
 
 @pytest.fixture
-def c(tmp_path, fake_qemu):
-    conf = fakes.conf(tmp_path)
-    source = fakes.FakeSource(conf, images={"img": RAW})
-    return cache.ImageCache(conf, source, fake_qemu)
-
-
-def scratch(c, data=b"x" * 4096):
-    c.store.ensure_dirs()
-    path = cache_layout.scratch_name(c.base_path("s"), ".part")
-    with open(path, "wb") as f:
-        f.write(data)
-    return path, os.open(path, os.O_RDONLY)
+def c(img_cache):
+    return img_cache
 
 
 def test_a_record_is_published_only_where_none_is(c):
@@ -61,7 +50,7 @@ def _record(c, **changes):
 
 def test_a_base_published_meanwhile_with_the_same_bytes_is_adopted(c):
     entry, record = _record(c)
-    path, fd = scratch(c, RAW)
+    path, fd = fakes.scratch_base(c, RAW)
     try:
         got = cache_publish.publish_base(c.store, entry.cache_id, fd, path,
                                          dict(record, created_at="later"))
@@ -76,7 +65,7 @@ def test_a_base_published_meanwhile_with_the_same_bytes_is_adopted(c):
 def test_other_bytes_under_a_taken_name_go_to_the_next_generation(c):
     entry, record = _record(c)
     before = os.stat(entry.path)
-    path, fd = scratch(c, b"other bytes")
+    path, fd = fakes.scratch_base(c, b"other bytes")
     other = dict(record, identity="changed", virtual_size=11,
                  checksum={"algo": "sha512", "value": "0" * 128})
     try:
@@ -96,7 +85,7 @@ def test_a_stale_record_is_never_replaced(c):
     os.unlink(entry.path)           # moved aside, its record marked stale
     c.store.mark_stale(entry.cache_id, "corrupt")
     stale = json.load(open(entry.path + ".json"))
-    path, fd = scratch(c, RAW)
+    path, fd = fakes.scratch_base(c, RAW)
     try:
         got = cache_publish.publish_base(c.store, entry.cache_id, fd, path,
                                          dict(record))
@@ -109,7 +98,7 @@ def test_a_stale_record_is_never_replaced(c):
 
 def test_publishing_gives_up_cleanly_when_every_name_is_taken(c):
     entry, record = _record(c)
-    path, fd = scratch(c, b"other bytes")
+    path, fd = fakes.scratch_base(c, b"other bytes")
     other = dict(record, identity="changed")
     try:
         with mock.patch.object(cache_publish, "_adopt", return_value=None), \
@@ -147,8 +136,9 @@ def test_a_sized_base_gets_its_own_record_before_it_is_published(c):
     assert record["base"] == entry.cache_id
     assert record["size"] == 4 * fakes.MiB and record["format"] == "raw"
     content = RAW[:4096] + bytes(4 * fakes.MiB - 4096)
-    assert record["digest"] == {"scheme": "sparse-64k-xxh3",
-                                "value": fakes.sparse_digest(content)}
+    assert record["digest"] == {
+        "scheme": "sparse-64k-xxh3-padded",
+        "value": fakes.sparse_digest(content, "sparse-64k-xxh3-padded")}
     assert not [n for n in os.listdir(c.base_dir)
                 if cache_layout.parse(n) and cache_layout.parse(n).is_scratch]
 

@@ -22,7 +22,6 @@ from unittest import mock
 
 import pytest
 
-from imagebackend import cache
 from imagebackend.cache import generations as cache_generations
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import publish as cache_publish
@@ -35,10 +34,8 @@ RAW = fakes.RAW_IMAGE
 
 
 @pytest.fixture
-def c(tmp_path, fake_qemu):
-    conf = fakes.conf(tmp_path)
-    source = fakes.FakeSource(conf, images={"img": RAW})
-    return cache.ImageCache(conf, source, fake_qemu)
+def c(img_cache):
+    return img_cache
 
 
 @pytest.fixture
@@ -46,16 +43,8 @@ def entry(c):
     return c.get("img")[0]
 
 
-def scratch(c, data):
-    c.store.ensure_dirs()
-    path = cache_layout.scratch_name(c.base_path("s"), ".part")
-    with open(path, "wb") as f:
-        f.write(data)
-    return path, os.open(path, os.O_RDONLY)
-
-
 def publish(c, stem, data, record):
-    path, fd = scratch(c, data)
+    path, fd = fakes.scratch_base(c, data)
     try:
         return cache_publish.publish_base(c.store, stem, fd, path, record), \
             path

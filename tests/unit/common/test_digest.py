@@ -17,11 +17,27 @@ import os
 import random
 
 import pytest
+import xxhash
 
 from imagebackend.common import digest
-from tests import fakes
 
 BLOCK = 64 * 1024
+SCHEMES = ["sparse-64k-xxh3-padded", "sparse-64k-xxh3", "sparse-64k"]
+
+
+def definition(data, scheme="sparse-64k-xxh3-padded"):
+    """The digest of ``data`` as the scheme defines it: each non-zero
+    64 KiB block (the last one padded with zeros to 64 KiB in the padded
+    scheme, as it is in the others) after its offset.
+    """
+    h = hashlib.sha256() if scheme == "sparse-64k" else xxhash.xxh3_128()
+    for offset in range(0, len(data), BLOCK):
+        block = data[offset:offset + BLOCK]
+        if any(block):
+            if scheme.endswith("-padded"):
+                block += bytes(BLOCK - len(block))
+            h.update(offset.to_bytes(8, "big") + block)
+    return h.hexdigest()
 
 
 def content(seed=1):
@@ -35,8 +51,8 @@ def content(seed=1):
     return b"".join(parts)
 
 
-def feed(data, sizes):
-    h = digest.SparseDigest()
+def feed(data, sizes, scheme=digest.SPARSE):
+    h = digest.SparseDigest(scheme)
     pos = 0
     for size in sizes:
         h.update(data[pos:pos + size])
@@ -45,39 +61,83 @@ def feed(data, sizes):
     return h.hexdigest()
 
 
+def test_new_records_use_the_padded_scheme():
+    assert digest.SPARSE == "sparse-64k-xxh3-padded"
+    assert digest.SparseDigest().name == digest.SPARSE
+    assert digest.SPARSE_XXH3 == "sparse-64k-xxh3"
+    assert digest.SPARSE_SHA256 == "sparse-64k"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("sizes", [
     [], [1], [BLOCK], [BLOCK - 1, 2, 3], [17] * 50, [4 * BLOCK + 5, 1],
     [10 ** 6],
 ])
-def test_any_chunking_gives_the_digest_of_the_definition(sizes):
+def test_any_chunking_gives_the_digest_of_the_definition(sizes, scheme):
     data = content()
-    assert feed(data, sizes) == fakes.sparse_digest(data)
+    assert feed(data, sizes, scheme) == definition(data, scheme)
 
 
-def test_zeros_may_be_skipped_at_any_offset():
+@pytest.mark.parametrize("length", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1,
+                                    2 * BLOCK - 1, 2 * BLOCK, 2 * BLOCK + 1])
+def test_only_the_padded_scheme_ignores_zeros_after_a_short_last_block(
+        length):
+    data = content()[:length]
+    grown = data + bytes(3 * BLOCK + 11)
+    assert feed(grown, [BLOCK - 1]) == feed(data, [7]) == definition(data)
+    old = digest.SPARSE_XXH3
+    if length % BLOCK and any(data[length - length % BLOCK:]):
+        assert feed(grown, [], old) != feed(data, [], old)
+    else:
+        assert feed(grown, [], old) == feed(data, [], old)
+    assert feed(data, [], old) == definition(data, old)
+
+
+def test_the_padded_scheme_differs_only_in_a_short_last_block():
+    aligned = content()[:3 * BLOCK]
+    assert definition(aligned) == definition(aligned, "sparse-64k-xxh3")
+    assert feed(aligned, []) == feed(aligned, [], digest.SPARSE_XXH3)
+    tail = content()
+    assert len(tail) % BLOCK and any(tail[-(len(tail) % BLOCK):])
+    assert feed(tail, []) != feed(tail, [], digest.SPARSE_XXH3)
+
+
+def test_an_empty_input_hashes_nothing():
+    for scheme in SCHEMES:
+        empty = feed(b"", [], scheme)
+        assert empty == definition(b"", scheme)
+        assert feed(bytes(BLOCK + 1), [3], scheme) == empty
+        h = digest.SparseDigest(scheme)
+        h.zeros(5 * BLOCK + 3)
+        assert h.hexdigest() == empty
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_zeros_may_be_skipped_at_any_offset(scheme):
     data = content()
-    expected = fakes.sparse_digest(data)
+    expected = definition(data, scheme)
     zero_runs = [(BLOCK, 4 * BLOCK), (BLOCK + 50, 2 * BLOCK),
                  (4 * BLOCK + 100, 5 * BLOCK), (6 * BLOCK, 6 * BLOCK + 10)]
     for start, end in zero_runs:
         assert data[start:end] == bytes(end - start)
-        h = digest.SparseDigest()
+        h = digest.SparseDigest(scheme)
         h.update(data[:start])
         h.zeros(end - start)
         h.update(data[end:])
         assert h.hexdigest() == expected, (start, end)
 
 
-def test_a_trailing_partial_block_of_zeros_adds_nothing():
-    h = digest.SparseDigest()
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_trailing_partial_block_of_zeros_adds_nothing(scheme):
+    h = digest.SparseDigest(scheme)
     h.update(b"x" * BLOCK)
     h.zeros(10)
-    assert h.hexdigest() == fakes.sparse_digest(b"x" * BLOCK)
+    assert h.hexdigest() == definition(b"x" * BLOCK, scheme)
 
 
 def test_content_changes_change_the_digest_and_holes_do_not():
     data = bytearray(content())
-    before = fakes.sparse_digest(bytes(data))
+    before = definition(bytes(data))
     assert feed(bytes(data), [BLOCK]) == before
     data[2 * BLOCK + 5] = 1             # inside what was a zero block
     assert feed(bytes(data), [BLOCK]) != before
@@ -89,13 +149,14 @@ def test_the_sha256_scheme_of_earlier_records_follows_its_definition():
     h.update(data[:BLOCK + 3])
     h.zeros(0)
     h.update(data[BLOCK + 3:])
-    assert h.hexdigest() == fakes.sparse_digest(data, "sparse-64k")
-    assert h.hexdigest() != fakes.sparse_digest(data)
-    assert len(h.hexdigest()) == 64 and len(fakes.sparse_digest(data)) == 32
+    assert h.hexdigest() == definition(data, "sparse-64k")
+    assert h.hexdigest() != definition(data)
+    assert len(h.hexdigest()) == 64 and len(definition(data)) == 32
 
 
 def test_new_knows_hashlib_and_sparse():
-    assert isinstance(digest.new("sparse-64k-xxh3"), digest.SparseDigest)
+    for scheme in SCHEMES:
+        assert digest.new(scheme).name == scheme
     h = digest.new("sha512")
     h.update(b"abc")
     assert h.hexdigest() == hashlib.sha512(b"abc").hexdigest()
@@ -103,23 +164,82 @@ def test_new_knows_hashlib_and_sparse():
         digest.new("no-such-hash")
 
 
-def test_file_digests_read_only_data_and_match_full_hashes(tmp_path):
+def sparse_file(path, data, size=None):
+    """An open file of ``data`` grown to ``size``, zero blocks as holes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    os.ftruncate(fd, len(data) if size is None else size)
+    for offset in range(0, len(data), BLOCK):
+        block = data[offset:offset + BLOCK]
+        if block.count(0) != len(block):
+            os.pwrite(fd, block, offset)
+    return fd
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_file_digests_read_only_data_and_match_full_hashes(tmp_path,
+                                                           scheme):
     data = content() + bytes(8 * BLOCK)
-    path = tmp_path / "sparse.raw"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fd = sparse_file(tmp_path / "sparse.raw", data)
     try:
-        os.ftruncate(fd, len(data))
-        for offset in range(0, len(data), BLOCK):
-            block = data[offset:offset + BLOCK]
-            if block.count(0) != len(block):
-                os.pwrite(fd, block, offset)
-        found = digest.file_digests(fd, ["sha256", "sparse-64k-xxh3"])
+        found = digest.file_digests(fd, ["sha256", scheme], scheme=scheme)
     finally:
         os.close(fd)
     assert found["size"] == len(data)
     assert found["full"]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert found["sparse"] == fakes.sparse_digest(data)
-    assert found["full"]["sparse-64k-xxh3"] == found["sparse"]
+    assert found["sparse"] == definition(data, scheme)
+    assert found["full"][scheme] == found["sparse"]
+
+
+def test_file_digests_default_to_the_padded_scheme(tmp_path):
+    data = content()
+    fd = sparse_file(tmp_path / "f", data)
+    try:
+        found = digest.file_digests(fd)
+    finally:
+        os.close(fd)
+    assert found == {"full": {}, "sparse": definition(data),
+                     "size": len(data)}
+    assert found["sparse"] != definition(data, "sparse-64k-xxh3")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("length", [0, 1, BLOCK - 1, BLOCK, BLOCK + 1,
+                                    11 * BLOCK + 7])
+def test_a_grown_copy_hashes_as_its_original_over_its_length(
+        tmp_path, scheme, length):
+    """Under any scheme, the digest of a grown copy's first ``length``
+    bytes is its original's, and any non-zero byte after them makes it
+    None; the whole-file hashes still cover every byte.
+    """
+    data = content()[:length]
+    fd = sparse_file(tmp_path / "grown", data, length + 2 * BLOCK + 1)
+    try:
+        found = digest.file_digests(fd, ["md5"], scheme=scheme,
+                                    length=length)
+        assert found["sparse"] == definition(data, scheme)
+        assert found["size"] == length + 2 * BLOCK + 1
+        assert found["full"]["md5"] == hashlib.md5(
+            data + bytes(2 * BLOCK + 1)).hexdigest()
+        for offset in (length, length + BLOCK + 3, length + 2 * BLOCK):
+            os.pwrite(fd, b"\x01", offset)
+            found = digest.file_digests(fd, scheme=scheme, length=length)
+            assert found["sparse"] is None, offset
+            os.pwrite(fd, b"\x00", offset)
+        # A file shorter than the original is not a copy grown from it.
+        found = digest.file_digests(fd, scheme=scheme,
+                                    length=length + 2 * BLOCK + 2)
+        assert found["sparse"] is None
+    finally:
+        os.close(fd)
+
+
+def test_unknown_schemes_are_refused(tmp_path):
+    fd = sparse_file(tmp_path / "f", b"x")
+    try:
+        with pytest.raises(ValueError):
+            digest.file_digests(fd, scheme="sparse-64k-md5")
+    finally:
+        os.close(fd)
 
 
 def test_cache_id_is_sha1_of_the_image_id():

@@ -19,6 +19,7 @@ import pytest
 
 from imagebackend.common import fileio
 from imagebackend.common import sparseio
+from tests import fakes
 
 MiB = 1024 * 1024
 
@@ -424,21 +425,14 @@ def test_publish_undoes_its_name_if_it_cannot_be_made_durable(tmp_path):
     assert not final.exists()
 
 
-def _open_scratch(directory, name, data):
-    path = str(directory / name)
-    with open(path, "wb") as f:
-        f.write(data)
-    return path, os.open(path, os.O_RDONLY)
-
-
 def test_publish_fd_links_the_open_file_and_never_replaces(tmp_path):
-    path, fd = _open_scratch(tmp_path, "s.part", b"x" * 4096)
+    path, fd = fakes.open_scratch(tmp_path, "s.part", b"x" * 4096)
     final = str(tmp_path / "final")
     try:
         assert fileio.publish_fd(fd, path, final) is True
         assert not os.path.exists(path)
         assert os.path.samestat(os.fstat(fd), os.stat(final))
-        other, fd2 = _open_scratch(tmp_path, "o.part", b"other")
+        other, fd2 = fakes.open_scratch(tmp_path, "o.part", b"other")
         assert fileio.publish_fd(fd2, other, final) is False
         os.close(fd2)
     finally:
@@ -451,7 +445,7 @@ def test_publish_fd_links_the_open_file_and_never_replaces(tmp_path):
 @pytest.mark.parametrize("code", [errno.EPERM, errno.EOPNOTSUPP])
 def test_publish_fd_without_hard_links_renames_without_replacing(tmp_path,
                                                                  code):
-    path, fd = _open_scratch(tmp_path, "s.part", b"x" * 4096)
+    path, fd = fakes.open_scratch(tmp_path, "s.part", b"x" * 4096)
     final = str(tmp_path / "final")
 
     def no_links(*args, **kwargs):
@@ -460,7 +454,7 @@ def test_publish_fd_without_hard_links_renames_without_replacing(tmp_path,
     try:
         with mock.patch.object(os, "link", side_effect=no_links):
             assert fileio.publish_fd(fd, path, final) is True
-            other, fd2 = _open_scratch(tmp_path, "o.part", b"other")
+            other, fd2 = fakes.open_scratch(tmp_path, "o.part", b"other")
             assert fileio.publish_fd(fd2, other, final) is False
             os.close(fd2)
     finally:
@@ -473,7 +467,7 @@ def test_publish_fd_never_looks_before_renaming(tmp_path):
     """Without hard links and without renameat2 it fails rather than
     rename after a look another host could race.
     """
-    path, fd = _open_scratch(tmp_path, "s.part", b"x")
+    path, fd = fakes.open_scratch(tmp_path, "s.part", b"x")
     final = str(tmp_path / "final")
     try:
         with mock.patch("os.link", side_effect=_no_links), \
@@ -487,9 +481,9 @@ def test_publish_fd_never_looks_before_renaming(tmp_path):
 
 
 def test_publish_fd_refuses_a_scratch_replaced_under_its_name(tmp_path):
-    path, fd = _open_scratch(tmp_path, "s.part", b"checked")
+    path, fd = fakes.open_scratch(tmp_path, "s.part", b"checked")
     os.unlink(path)
-    _, fd2 = _open_scratch(tmp_path, "s.part", b"swapped")
+    _, fd2 = fakes.open_scratch(tmp_path, "s.part", b"swapped")
     os.close(fd2)
     final = str(tmp_path / "final")
     try:

@@ -26,6 +26,7 @@ from unittest import mock
 import pytest
 
 from imagebackend.common import fileio
+from tests import fakes
 
 
 @pytest.fixture
@@ -571,17 +572,10 @@ def test_publish_without_links_undoes_a_rename_it_cannot_make_durable(
     assert os.listdir(tmp_path) == []
 
 
-def scratch(directory, name, data):
-    path = str(directory / name)
-    with open(path, "wb") as f:
-        f.write(data)
-    return path, os.open(path, os.O_RDONLY)
-
-
 def test_publish_fd_with_a_name_in_the_current_directory(tmp_path,
                                                          monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path, fd = scratch(tmp_path, "s.part", b"mine")
+    path, fd = fakes.open_scratch(tmp_path, "s.part", b"mine")
     try:
         assert fileio.publish_fd(fd, "s.part", "final") is True
     finally:
@@ -590,7 +584,7 @@ def test_publish_fd_with_a_name_in_the_current_directory(tmp_path,
 
 
 def test_publish_fd_links_by_descriptor_into_its_directory(tmp_path):
-    path, fd = scratch(tmp_path, "s.part", b"mine")
+    path, fd = fakes.open_scratch(tmp_path, "s.part", b"mine")
     seen = []
     real = os.link
 
@@ -611,7 +605,7 @@ def test_publish_fd_links_by_descriptor_into_its_directory(tmp_path):
                                   errno.ENOENT, errno.EACCES])
 def test_publish_fd_renames_where_it_cannot_link_by_descriptor(tmp_path,
                                                                code):
-    path, fd = scratch(tmp_path, "s.part", b"mine")
+    path, fd = fakes.open_scratch(tmp_path, "s.part", b"mine")
     try:
         with mock.patch.object(os, "link",
                                side_effect=OSError(code, "no link")):
@@ -622,7 +616,7 @@ def test_publish_fd_renames_where_it_cannot_link_by_descriptor(tmp_path,
 
 
 def test_publish_fd_raises_other_link_errors(tmp_path):
-    path, fd = scratch(tmp_path, "s.part", b"mine")
+    path, fd = fakes.open_scratch(tmp_path, "s.part", b"mine")
     try:
         with mock.patch.object(os, "link",
                                side_effect=OSError(errno.EIO, "I/O error")):
@@ -635,7 +629,7 @@ def test_publish_fd_raises_other_link_errors(tmp_path):
 
 
 def test_publish_fd_says_which_scratch_was_replaced(tmp_path):
-    path, fd = scratch(tmp_path, "s.part", b"checked")
+    path, fd = fakes.open_scratch(tmp_path, "s.part", b"checked")
     os.unlink(path)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT))
     try:
@@ -652,11 +646,11 @@ def test_publish_fd_says_which_scratch_was_replaced(tmp_path):
 
 
 def test_publish_fd_closes_its_directory(tmp_path):
-    path, fd = scratch(tmp_path, "s.part", b"mine")
+    path, fd = fakes.open_scratch(tmp_path, "s.part", b"mine")
     before = set(os.listdir("/proc/self/fd"))
     try:
         fileio.publish_fd(fd, path, str(tmp_path / "f"))
-        path, fd2 = scratch(tmp_path, "t.part", b"mine")
+        path, fd2 = fakes.open_scratch(tmp_path, "t.part", b"mine")
         before.add(str(fd2))
         fileio.publish_fd(fd2, path, str(tmp_path / "f"))
         os.close(fd2)
@@ -792,7 +786,7 @@ def test_publish_without_links_says_why_it_renames(tmp_path, caplog):
 
 
 def test_publish_fd_without_links_says_why_it_renames(tmp_path, caplog):
-    path, fd = scratch(tmp_path, "s.part", b"mine")
+    path, fd = fakes.open_scratch(tmp_path, "s.part", b"mine")
     try:
         with mock.patch.object(os, "link", side_effect=OSError(
                 errno.EXDEV, "Invalid cross-device link")), \

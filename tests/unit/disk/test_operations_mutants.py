@@ -36,9 +36,8 @@ image = base_tests.image
 LOGGER = "imagebackend.disk.operations"
 
 
-@pytest.fixture
-def disks(tmp_path):
-    return base_tests.Disks(tmp_path)
+# The base tests' fixture: a directory of fake disks and their operations.
+disks = base_tests.disks
 
 
 def rechecks(disks):
