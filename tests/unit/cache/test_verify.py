@@ -86,7 +86,8 @@ def test_records_of_the_sha256_scheme_are_still_verified(tmp_path):
             fakes.conf(tmp_path), images={"img": fakes.QCOW2_IMAGE}),
         fakes.qemu())
     entry, _ = c.get("img")
-    assert entry.record["base_checksum"]["scheme"] == "sparse-64k-xxh3"
+    assert entry.record["base_checksum"]["scheme"] == (
+        "sparse-64k-xxh3-padded")
     with open(entry.path, "rb") as f:
         content = f.read()
     record = dict(entry.record, base_checksum={

@@ -50,6 +50,8 @@ RAW = fakes.RAW_IMAGE + b"z" * (-len(fakes.RAW_IMAGE) % (64 * 1024))
 MARKED = "marked stale, left in place; new disks use a fresh copy"
 BUSY = "busy (a disk is being made from it); run again"
 
+PADDED = "sparse-64k-xxh3-padded"
+
 
 @pytest.fixture
 def cache_images():
@@ -98,7 +100,7 @@ def test_digests_by_default_are_the_sparse_xxh3_digest_only(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"data" * 50000)
     assert cache_verify.digests(str(path)) == {
-        "full": {}, "sparse": fakes.sparse_digest(b"data" * 50000),
+        "full": {}, "sparse": fakes.sparse_digest(b"data" * 50000, PADDED),
         "size": 200000}
     assert cache_verify.digests(str(path), ["md5"], sparse=False) == {
         "full": {"md5": hashlib.md5(b"data" * 50000).hexdigest()},
@@ -158,8 +160,8 @@ def test_sparse_digest_is_the_record_written_for_a_converted_base(
     path = tmp_path / "f"
     path.write_bytes(b"x" * 1000)
     assert cache_verify.sparse_digest(str(path)) == {
-        "algo": "xxh3_128", "scheme": "sparse-64k-xxh3",
-        "value": fakes.sparse_digest(b"x" * 1000)}
+        "algo": "xxh3_128", "scheme": PADDED,
+        "value": fakes.sparse_digest(b"x" * 1000, PADDED)}
 
 
 @pytest.mark.parametrize("record, expected", [
@@ -208,7 +210,7 @@ def test_a_good_raw_base_is_ok_with_its_sparse_digest(make_cache):
     c = make_cache()
     entry, _ = c.get("img")
     assert c.verifier.check_base(cached(c, CID)) == (
-        "ok", "", ("sparse-64k-xxh3", fakes.sparse_digest(RAW)))
+        "ok", "", (PADDED, fakes.sparse_digest(RAW, PADDED)))
     c.qemu.check.assert_not_called()        # nothing to check in raw
 
 
@@ -275,10 +277,10 @@ def test_a_converted_base_is_checked_by_its_sparse_digest(make_cache):
     with mock.patch.object(cache_verify, "digests",
                            wraps=cache_verify.digests) as digests:
         assert c.verifier.check_base(cached(c, CID)) == (
-            "ok", "", ("sparse-64k-xxh3", recorded))
+            "ok", "", (PADDED, recorded))
     # The download's hash is of other bytes: never computed.
     digests.assert_called_once_with(entry.path, [], sparse=True,
-                                    scheme="sparse-64k-xxh3")
+                                    scheme=PADDED)
     flip(entry.path, 10)
     assert c.verifier.check_base(cached(c, CID)) == (
         "corrupt", "its content digest is %s, the record says %s"
@@ -317,7 +319,7 @@ def test_a_qcow2_base_is_hashed_and_checked_by_qemu_img(make_cache):
         # No sparse digest of a qcow2 file: nothing grows from it.
         assert c.verifier.check_base(cached(c, CID)) == ("ok", "", None)
     digests.assert_called_once_with(entry.path, ["sha512"], sparse=False,
-                                    scheme="sparse-64k-xxh3")
+                                    scheme=PADDED)
     c.qemu.check.assert_called_once_with(entry.path, "qcow2")
     c.qemu.check.return_value = qemu_results.CheckResult(
         filename=entry.path, format="qcow2", corruptions=2, check_errors=1)
@@ -425,7 +427,7 @@ def test_an_unconverted_base_digest_is_of_the_current_scheme(make_cache):
             "algo": "sha256", "scheme": "sparse-64k",
             "value": fakes.sparse_digest(RAW, "sparse-64k")}))
     assert c.verifier.check_base(cached(c, CID)) == (
-        "ok", "", ("sparse-64k-xxh3", fakes.sparse_digest(RAW)))
+        "ok", "", (PADDED, fakes.sparse_digest(RAW, PADDED)))
 
 
 def test_a_qcow2_sized_base_is_checked_by_qemu_img(make_cache, sized_record):
