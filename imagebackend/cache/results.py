@@ -22,8 +22,8 @@ class Removed:
     """A file a prune or an invalidation removed (or would remove, on a
     dry run).
 
-    :param kind: ``base``, ``sized``, ``scratch``, ``temporary`` or
-        ``aside``.
+    :param kind: ``base``, ``sized``, ``scratch``, ``temporary``,
+        ``aside`` or ``template`` (an overlay template of a removed base).
     :param size: the bytes it took on disk.
     """
 
