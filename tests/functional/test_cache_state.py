@@ -19,7 +19,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -28,6 +27,8 @@ from imagebackend.backends import base as backends_base
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import verify as cache_verify
 from imagebackend.common import digest as content_digest
+from imagebackend import inspection
+from tests.functional.fixtures import cli_runner
 from tests.functional.fixtures import env as fenv
 
 MiB = fenv.MiB
@@ -37,13 +38,12 @@ AGES_ZERO = {"remove_unused_original_minimum_age_seconds": 0,
              "remove_unused_resized_minimum_age_seconds": 0}
 QEMU_IMG = fenv.REAL_QEMU_IMG
 
-# The command line with the inspection policy one version newer, as after
-# an upgrade that changes it.
-BUMPED = ("import sys\n"
-          "from imagebackend import inspection\n"
-          "inspection.INSPECTION_VERSION += 1\n"
-          "from imagebackend.cmd import main\n"
-          "sys.exit(main.main(sys.argv[1:]))\n")
+
+def bump_inspection():
+    """In a command-line process: the inspection policy one version
+    newer, as after an upgrade that changes it.
+    """
+    inspection.INSPECTION_VERSION += 1
 
 
 @pytest.fixture
@@ -69,11 +69,9 @@ def run(dep, *argv, bumped=False, timeout=120):
     """The command line in a child process (with the inspection policy
     bumped if asked); fails the test if it hangs.
     """
-    prefix = ([sys.executable, "-c", BUMPED] if bumped
-              else [sys.executable, "-m", "imagebackend.cmd.main"])
-    return subprocess.run(prefix + ["--config-file", dep.config_file]
-                          + list(argv), env=dep.env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return cli_runner.run(["--config-file", dep.config_file] + list(argv),
+                          dep.env(), check=False, timeout=timeout,
+                          prelude=bump_inspection if bumped else None)
 
 
 def run_json(dep, *argv, **kwargs):

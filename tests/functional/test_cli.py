@@ -23,7 +23,7 @@ GiB = fenv.GiB
 
 @pytest.fixture
 def dep(tmp_path):
-    d = fenv.Deployment(str(tmp_path))
+    d = fenv.Deployment(str(tmp_path), real_cli=True)
     fenv.make_qcow2(os.path.join(d.images, "guest.qcow2"))
     return d
 

@@ -33,7 +33,7 @@ FORGED = "evil\nimagebackend: error: forged\x1b[2J\x1b]0;pwned\x07"
 
 @pytest.fixture
 def dep(tmp_path):
-    d = fenv.Deployment(str(tmp_path))
+    d = fenv.Deployment(str(tmp_path), real_cli=True)
     fenv.make_qcow2(os.path.join(d.images, "guest.qcow2"))
     return d
 
