@@ -99,3 +99,21 @@ def test_a_format_match_that_raises_on_a_signed_header_is_invalid():
         policy.judge("vdi", _Inspector(ValueError("bad")), rules.DONE)
     assert err.value.kwargs["detected_format"] == "vdi"
     assert "but its header is invalid;" in err.value.kwargs["reason"]
+
+
+@pytest.mark.parametrize("declared", (None, "", "   ", "\t\n"))
+def test_a_blank_declared_format_declares_nothing(declared):
+    # Glance may send an empty disk_format: the content alone decides.
+    assert rules.canonical_declared("img-7", declared) is None
+
+
+def test_an_unsupported_declared_format_is_named_in_the_refusal():
+    with pytest.raises(exception.UnsupportedFormat) as err:
+        rules.canonical_declared("img-7", "Ploop")
+    assert err.value.kwargs == {
+        "image_id": "img-7", "declared_format": "Ploop",
+        "rule": "unsupported-format",
+        "reason": "its declared format 'Ploop' cannot be inspected safely "
+                  "(use one of aki, ami, ari, gpt, iso, qcow2, raw, vdi, "
+                  "vhd, vhdx, vmdk, vpc); convert it to qcow2 or raw and "
+                  "correct its disk format"}
