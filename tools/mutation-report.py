@@ -228,14 +228,15 @@ def render(rows, durations, equivalent, before, with_diffs=True):
       "a")
     w("run selected fewer tests than ``tests/unit`` (to finish on a "
       "loaded")
-    w("machine), its rate is a lower bound; the wall-clock column says "
-      "so.")
+    w("machine), its rate is a lower bound; the list under the table "
+      "says so.")
     w("")
-    w("*Kill rate* is detected / (run - equivalent).  *Wall clock* is the")
-    w("measured duration of ``mutmut run`` for that module with two test")
-    w("processes on the shared two-core machine; *test time* is the sum of")
-    w("the per-mutant test durations mutmut recorded.  Modules marked *not "
-      "run*")
+    w("*Kill rate* is detected / (run - equivalent).  *Test time* is the "
+      "sum of")
+    w("the per-mutant test durations mutmut recorded; how long each "
+      "module's")
+    w("runs took on the shared two-core machine, and with which tests, is")
+    w("listed under the table.  Modules marked *not run*")
     w("have no results yet: run ``tox -e mutation -- "
       "\"imagebackend.disk.chain*\"``")
     w("(a glob on mutant names) and regenerate this page.")
@@ -250,14 +251,12 @@ def render(rows, durations, equivalent, before, with_diffs=True):
         w("Now:")
         w("")
     table = [("Module", "Mutants", "Run", "Detected", "Timeouts",
-              "Survived", "Equivalent", "Kill rate", "Wall clock",
-              "Test time")]
+              "Survived", "Equivalent", "Kill rate", "Test time")]
     for path, res in rows:
         if res is None or res["total"] == res["counts"]["not run"]:
             total = res["total"] if res else 0
             table.append((path, str(total) if total else "-", "0", "-", "-",
-                          "-", "-", "not run", durations.get(path, "-"),
-                          "-"))
+                          "-", "-", "not run", "-"))
             continue
         c = res["counts"]
         run = res["total"] - c["not run"]
@@ -266,7 +265,6 @@ def render(rows, durations, equivalent, before, with_diffs=True):
         table.append((path, str(res["total"]), str(run), str(c["detected"]),
                       str(c["timeout"]), str(live), str(equiv),
                       pct(c["detected"], run - equiv),
-                      durations.get(path, "-"),
                       "%.0f s" % res["test_seconds"]))
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     rule = "  ".join("=" * n for n in widths)
@@ -277,6 +275,14 @@ def render(rows, durations, equivalent, before, with_diffs=True):
         w("  ".join(v.ljust(n) for v, n in zip(r, widths)).rstrip())
     w(rule)
     w("")
+    heading = "How each module was run"
+    w(heading)
+    w("=" * len(heading))
+    w("")
+    for path, _ in rows:
+        w("``%s``" % path)
+        w("    %s" % durations.get(path, "not run yet"))
+        w("")
     heading = "Surviving mutants"
     w(heading)
     w("=" * len(heading))
