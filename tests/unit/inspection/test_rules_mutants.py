@@ -535,3 +535,30 @@ def test_eat_gives_each_byte_once_from_where_the_probe_is(pos, start,
     assert [c.args[0] for c in probe.inspector.eat_chunk.call_args_list] \
         == pieces
     assert probe.pos == start + 16
+
+
+def test_the_format_inspector_module_is_oslo_utils_one():
+    # rules.fi imports oslo.utils' module when first read and hands out
+    # its very objects.
+    assert rules.fi.ALL_FORMATS is fi.ALL_FORMATS
+    assert rules.fi.ImageFormatError is fi.ImageFormatError
+    with pytest.raises(AttributeError, match="no_such_name"):
+        rules.fi.no_such_name
+
+
+def test_inspector_errors_is_still_readable_as_a_module_constant():
+    errors = rules.INSPECTOR_ERRORS
+    assert errors is rules.inspector_errors()
+    assert errors == (fi.ImageFormatError, fi.SafetyViolation,
+                      fi.SafetyCheckFailed, struct.error, ArithmeticError,
+                      LookupError, ValueError, TypeError, AttributeError,
+                      RuntimeError)
+
+
+def test_an_unknown_module_attribute_is_an_attribute_error():
+    with pytest.raises(AttributeError) as err:
+        rules.no_such_name
+    assert str(err.value) == (
+        "module 'imagebackend.inspection.rules' has no attribute "
+        "'no_such_name'")
+    assert not hasattr(rules, "inspector_errors_")

@@ -18,6 +18,9 @@ inspector (VMDK) still reads a long descriptor.  The tests of a VMDK with a
 footer so small that the whole image arrives in the last, short piece pin
 down the case that makes the kept end's start equivalent when mutated (the
 inspector then has the whole image before it waits for the end).
+A VMDK subformat that the configuration forbids must be refused by the
+very feed that completes a descriptor longer than one piece, even though
+the VMDK inspector then goes on waiting for the footer.
 """
 
 import struct
@@ -104,3 +107,24 @@ def test_a_corrupt_footer_of_a_short_vmdk_is_refused(conf):
     assert type(result) is exception.InvalidImageFormat
     assert result.kwargs["image_id"] == "img-1"
     assert "footer" in result.kwargs["reason"]
+
+
+def test_a_refused_subformat_is_refused_by_the_piece_ending_its_descriptor(
+        conf):
+    # A streamOptimized VMDK whose descriptor ends 150.5 KiB in, in the
+    # third 64 KiB piece; only monolithicSparse is allowed.  Once that
+    # piece completes the descriptor the VMDK inspector waits only for the
+    # footer, and the subformat must be refused by that very feed(), not
+    # by a later one or by finish().
+    conf.set_override("vmdk_allowed_types", ["monolithicSparse"],
+                      "imagebackend")
+    data = (_vmdk_header(300, 3, gd_offset=0xFFFFFFFFFFFFFFFF)
+            + ti.vmdk_descriptor("streamOptimized")).ljust(512 * KiB, b"\0")
+    inspector = inspection.StreamInspector("img-1", conf)
+    inspector.feed(data[:64 * KiB])
+    inspector.feed(data[64 * KiB:128 * KiB])
+    with pytest.raises(exception.VMDKSubformatRefused) as err:
+        inspector.feed(data[128 * KiB:192 * KiB])
+    assert err.value.kwargs["image_id"] == "img-1"
+    assert "streamoptimized" in err.value.kwargs["reason"]
+    assert inspector.bytes_seen == 192 * KiB
