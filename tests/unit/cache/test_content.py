@@ -500,3 +500,21 @@ def test_a_new_generation_may_share_another_ids_bytes(tmp_path, fake_qemu):
     with open(old.path, "rb") as f:
         assert f.read() == RAW
     assert inode(old.path)[1] == 1
+
+
+def test_a_corrupt_shared_base_says_why_and_that_its_bytes_are_shared(
+        tmp_path, fake_qemu):
+    c = make(tmp_path, fake_qemu, {"a": RAW, "b": RAW})
+    first, _ = c.get("a")
+    c.get("b")
+    with open(first.path, "r+b") as f:
+        f.write(b"X")
+    found = hashlib.sha512(b"X" + RAW[1:]).hexdigest()
+    expected = hashlib.sha512(RAW).hexdigest()
+
+    details = {r.image_id: r.detail for r in c.verify()}
+
+    assert details == dict.fromkeys(("a", "b"), (
+        "its sha512 is %s, the image's is %s; its bytes are shared with 1 "
+        "other base(s) (hard links), each verified on its own record"
+        % (found, expected)))
