@@ -500,3 +500,39 @@ def test_a_new_generation_may_share_another_ids_bytes(tmp_path, fake_qemu):
     with open(old.path, "rb") as f:
         assert f.read() == RAW
     assert inode(old.path)[1] == 1
+
+
+def test_a_corrupt_shared_base_says_why_and_that_its_bytes_are_shared(
+        tmp_path, fake_qemu):
+    c = make(tmp_path, fake_qemu, {"a": RAW, "b": RAW})
+    first, _ = c.get("a")
+    c.get("b")
+    with open(first.path, "r+b") as f:
+        f.write(b"X")
+    found = hashlib.sha512(b"X" + RAW[1:]).hexdigest()
+    expected = hashlib.sha512(RAW).hexdigest()
+
+    details = {r.image_id: r.detail for r in c.verify()}
+
+    assert details == dict.fromkeys(("a", "b"), (
+        "its sha512 is %s, the image's is %s; its bytes are shared with 1 "
+        "other base(s) (hard links), each verified on its own record"
+        % (found, expected)))
+
+
+class SizelessSource(fakes.FakeSource):
+    """Records no size, so only the cached base's own record tells it."""
+
+    def get_meta(self, image_id):
+        return dataclasses.replace(super().get_meta(image_id), size=None,
+                                   virtual_size=None)
+
+
+def test_a_cached_base_larger_than_the_disk_is_never_linked(
+        tmp_path, fake_qemu):
+    c = make(tmp_path, fake_qemu, {"a": RAW, "b": RAW},
+             source=SizelessSource)
+    c.get("a")
+    with pytest.raises(exception.InvalidImageSize):
+        c.get("b", requested_size=len(RAW) - 1)
+    assert not os.path.exists(base(c, "b"))

@@ -374,6 +374,10 @@ def test_a_fetch_kept_in_its_format_records_its_virtual_size(
     assert "base_checksum" not in record
     fake_qemu.check.assert_called_once()
     assert fake_qemu.check.call_args.args[1] == "qcow2"
+    # ... the download's own scratch, before it is published
+    checked = fake_qemu.check.call_args.args[0]
+    assert os.path.dirname(checked) == c.base_dir
+    assert os.path.basename(checked).startswith(stem + ".part-")
 
 
 def test_a_deferred_identity_is_taken_from_the_download(c):
