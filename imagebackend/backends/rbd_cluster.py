@@ -23,6 +23,7 @@ under a temporary name, resized, then renamed.  A rename never replaces an
 image (librbd refuses an existing name).
 """
 
+import atexit
 import calendar
 import contextlib
 import errno
@@ -94,9 +95,20 @@ class Connection:
                   "client_mount_timeout": seconds})
         with self.errors("connection to the cluster"):
             self.client.connect(timeout=timeout)
+        # A client still connected when the interpreter finalizes can
+        # crash the process as it exits (librados' threads outlive the
+        # objects they use): close it first if nobody did.
+        atexit.register(self.close)
+        self._open = True
 
     def close(self) -> None:
-        """Close the pools and the connection."""
+        """Close the pools and the connection (once; later calls do
+        nothing).
+        """
+        if not getattr(self, "_open", False):
+            return
+        self._open = False
+        atexit.unregister(self.close)
         for ioctx in self._ioctxs.values():
             ioctx.close()
         self._ioctxs.clear()

@@ -20,6 +20,10 @@ import dataclasses
 import datetime
 import errno
 import hashlib
+import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -32,6 +36,9 @@ from imagebackend.common import digest
 from imagebackend import exception
 from tests import fakes
 from tests.unit.backends import fake_ceph
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))
 
 MiB = 1024 * 1024
 CHUNK = rbd_import.CHUNK
@@ -533,3 +540,31 @@ def test_prune_keeps_an_old_temporary_base_while_its_import_runs(tmp_path,
     assert [r["file"] for r in backend.prune_bases()["removed"]] == [
         "bases/" + tmp]
     assert cluster.locks == {}
+
+
+@pytest.mark.parametrize("close_first", [False, True])
+def test_a_connection_left_open_is_shut_down_before_the_interpreter_exits(
+        close_first):
+    # A process that exits with its client still connected can crash in
+    # librados' threads; the connection closes itself at exit, once.
+    script = textwrap.dedent("""
+        from imagebackend.backends import rbd_cluster
+        from tests.unit.backends import fake_ceph
+
+        cluster = fake_ceph.Cluster(pools=("rbd",))
+        conn = rbd_cluster.Connection("/etc/ceph/ceph.conf", None, 5,
+                                      modules=cluster.modules())
+        shutdown = conn.client.shutdown
+        conn.client.shutdown = lambda: (print("shutdown"), shutdown())
+        if %r:
+            conn.close()
+            conn.close()
+        print("connected", cluster.connected)
+    """ % close_first)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == (
+        ["shutdown", "connected", "0"] if close_first
+        else ["connected", "1", "shutdown"])
