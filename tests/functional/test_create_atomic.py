@@ -136,8 +136,11 @@ def test_raw_create_killed_mid_copy_leaves_no_target_and_retry_works(dep):
     os.makedirs(vm)
     target = os.path.join(vm, "disk")
     proc = _popen_create(dep, "big.raw", target, "raw", 2 * GiB)
+    # Its temporary file appears first, then its intent record (fsynced),
+    # then the copy starts.
     deadline = time.monotonic() + 60
-    while not os.listdir(vm) and proc.poll() is None:
+    while ((not os.listdir(vm) or not records_of(dep, target))
+           and proc.poll() is None):
         assert time.monotonic() < deadline
         time.sleep(0.001)
     time.sleep(0.05)        # well into the copy

@@ -316,10 +316,12 @@ class _Mixer:
                 except exception.ImageBackendException as exc:
                     error = exc.message
             if (error is not None and image_id == self.changing
-                    and "download failed" in error
+                    and ("download failed" in error
+                         or "the downloaded bytes do not match" in error)
                     and not os.path.lexists(target)):
-                # The file changed while it was read: a clean refusal
-                # the caller retries, not a broken promise.
+                # The file changed while it was read (or between its
+                # digest and its read): a clean refusal the caller
+                # retries, not a broken promise.
                 with self.lock:
                     self.refused_changing += 1
                 self._event("create", image_id, start, {"ok": False})
