@@ -34,8 +34,7 @@ from tests.functional.fixtures import env as fenv
 MiB = fenv.MiB
 SIZE = 16 * MiB
 DISK = 32 * MiB
-AGES_ZERO = {"remove_unused_original_minimum_age_seconds": 0,
-             "remove_unused_resized_minimum_age_seconds": 0}
+AGES_ZERO = fenv.AGES_ZERO
 QEMU_IMG = fenv.REAL_QEMU_IMG
 
 

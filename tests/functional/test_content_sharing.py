@@ -35,8 +35,7 @@ from tests.functional.fixtures import hostile_glance as hg
 MiB = fenv.MiB
 SIZE = 16 * MiB
 DISK = 32 * MiB
-AGES_ZERO = {"remove_unused_original_minimum_age_seconds": 0,
-             "remove_unused_resized_minimum_age_seconds": 0}
+AGES_ZERO = fenv.AGES_ZERO
 
 
 @pytest.fixture
@@ -216,9 +215,7 @@ def server():
 
 @pytest.fixture
 def gdep(tmp_path, server):
-    return fenv.Deployment(str(tmp_path),
-                           imagebackend={"image_source": "glance"},
-                           glance=server.glance_options())
+    return server.deployment(str(tmp_path))
 
 
 def glance_image(server, total, strong=True, disk_format="raw"):

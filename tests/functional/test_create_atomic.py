@@ -37,8 +37,7 @@ MiB = fenv.MiB
 GiB = fenv.GiB
 BACKENDS = ["qcow2", "cached-base", "raw"]
 FORMATS = {"qcow2": "qcow2", "cached-base": "qcow2", "raw": "raw"}
-AGES_ZERO = {"remove_unused_original_minimum_age_seconds": 0,
-             "remove_unused_resized_minimum_age_seconds": 0}
+AGES_ZERO = fenv.AGES_ZERO
 
 
 @pytest.fixture

@@ -60,9 +60,7 @@ def other_origin():
 
 @pytest.fixture
 def dep(tmp_path, server):
-    return fenv.Deployment(str(tmp_path),
-                           imagebackend={"image_source": "glance"},
-                           glance=server.glance_options())
+    return server.deployment(str(tmp_path))
 
 
 @pytest.fixture(scope="module")

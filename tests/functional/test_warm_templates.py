@@ -140,9 +140,7 @@ def test_a_damaged_template_is_made_again_and_the_disk_is_right(dep):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prune_and_invalidate_remove_the_templates(dep, backend):
-    dep.write_config(image_cache={
-        "remove_unused_original_minimum_age_seconds": 0,
-        "remove_unused_resized_minimum_age_seconds": 0})
+    dep.write_config(image_cache=fenv.AGES_ZERO)
     b = imagebackend.load_backend(dep.conf(), backend)
     disk = b.create_image("guest.raw", disk_path(dep, "one"), 2 * GiB)
     b.create_image("guest.raw", disk_path(dep, "two"), 3 * GiB)
