@@ -16,7 +16,6 @@ invalidate, prefetch -- with real files and the real qemu-img.
 
 import concurrent.futures
 import json
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from imagebackend import cache
 from imagebackend.cache import layout as cache_layout
 from imagebackend.common import digest as content_digest
 from imagebackend import sources
+from tests.functional.fixtures import children
 from tests.functional.fixtures import env as fenv
 
 MiB = fenv.MiB
@@ -247,19 +247,19 @@ def test_prune_racing_sixteen_creates_removes_nothing_in_use(dep):
         jobs.append(("x.qcow2" if i % 2 else "y.raw",
                      target(dep, "vm%02d" % i), backend,
                      DISK if i % 4 else SIZE))
-    ctx = multiprocessing.get_context("spawn")
+    ctx = children.context()
     queue, stop, ready = ctx.Queue(), ctx.Event(), ctx.Event()
-    pruner = ctx.Process(target=_prune_in_child,
-                         args=(dep.config_file, stop, ready, queue))
-    creators = [ctx.Process(target=_create_in_child,
-                            args=(dep.config_file, jobs[n:n + 4], queue))
+    pruner = children.process(ctx, _prune_in_child,
+                              (dep.config_file, stop, ready, queue))
+    creators = [children.process(ctx, _create_in_child,
+                                 (dep.config_file, jobs[n:n + 4], queue))
                 for n in (0, 4)]
     local_stop, local_ready = threading.Event(), threading.Event()
     local_pruner = concurrent.futures.ThreadPoolExecutor(1).submit(
         _prune_until, cache.ImageCache(dep.conf()), local_stop, local_ready)
     pruner.start()
     # Both pruners are looping before the first create starts, so every
-    # create races them (a spawned child takes a while to import).
+    # create races them.
     assert ready.wait(60) and local_ready.wait(60)
     litter_stop = threading.Event()
     started = time.time()

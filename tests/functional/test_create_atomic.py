@@ -17,7 +17,6 @@ the library must refuse.  Real qemu-img, real files.
 """
 
 import json
-import multiprocessing
 import os
 import random
 import signal
@@ -31,6 +30,7 @@ import imagebackend
 from imagebackend import cache
 from imagebackend.cache import registry as cache_registry
 from imagebackend.common import digest as content_digest
+from tests.functional.fixtures import children
 from tests.functional.fixtures import env as fenv
 
 MiB = fenv.MiB
@@ -83,12 +83,12 @@ def _create_at_signal(config_file, backend, target, go, queue):
 def test_one_of_many_concurrent_creates_of_a_target_wins(dep, backend):
     dep.prefetch("guest.raw")
     target = os.path.join(dep.instances, "vm", "disk")
-    ctx = multiprocessing.get_context("spawn")
+    ctx = children.context()
     # Every child and this process meet at ``go``: no create starts
     # before the last child has imported and loaded its backend.
     queue, go = ctx.Queue(), ctx.Barrier(7)
-    procs = [ctx.Process(target=_create_at_signal,
-                         args=(dep.config_file, backend, target, go, queue))
+    procs = [children.process(ctx, _create_at_signal,
+                              (dep.config_file, backend, target, go, queue))
              for _ in range(6)]
     old_path = os.environ["PATH"]
     os.environ["PATH"] = dep.env()["PATH"]

@@ -16,7 +16,6 @@ one backend does; and a check that the fake qemu-img the unit level runs
 the contract with answers as the real one does.
 """
 
-import multiprocessing
 import os
 
 import pytest
@@ -26,6 +25,7 @@ from imagebackend.qemu import img as qemu_img
 from imagebackend import sources
 from tests.contract import backend as contract
 from tests import fakes
+from tests.functional.fixtures import children
 from tests.functional.fixtures import env as fenv
 
 MiB = fenv.MiB
@@ -116,10 +116,10 @@ class RealWorld(contract.BackendWorld):
                 "value": fakes.sparse_digest(self.image_bytes(image_id))}
 
     def create_concurrently(self, backend_name, image_id, targets, size):
-        ctx = multiprocessing.get_context("spawn")
+        ctx = children.context()
         queue, go = ctx.Queue(), ctx.Barrier(len(targets))
-        procs = [ctx.Process(target=_create_in_child,
-                             args=(self.dep.config_file, image_id, target,
+        procs = [children.process(ctx, _create_in_child,
+                                  (self.dep.config_file, image_id, target,
                                    size, backend_name, go, queue))
                  for target in targets]
         old_path = os.environ["PATH"]

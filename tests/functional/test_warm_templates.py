@@ -16,7 +16,6 @@ template removed with its base, never half-made, made once however many
 creates race.  Real qemu-img, real files.
 """
 
-import multiprocessing
 import os
 import signal
 import stat
@@ -29,6 +28,7 @@ import pytest
 import imagebackend
 from imagebackend import cache
 from imagebackend.cache import templates
+from tests.functional.fixtures import children
 from tests.functional.fixtures import env as fenv
 
 MiB = fenv.MiB
@@ -229,11 +229,11 @@ def _create_at_barrier(config_file, target, go, queue):
 def test_eight_concurrent_creates_make_one_template(dep):
     dep.prefetch("guest.raw")
     dep.reset_qemu_log()
-    ctx = multiprocessing.get_context("spawn")
+    ctx = children.context()
     queue, go = ctx.Queue(), ctx.Barrier(8)
     targets = [disk_path(dep, "vm%d" % i) for i in range(8)]
-    procs = [ctx.Process(target=_create_at_barrier,
-                         args=(dep.config_file, t, go, queue))
+    procs = [children.process(ctx, _create_at_barrier,
+                              (dep.config_file, t, go, queue))
              for t in targets]
     for p in procs:
         p.start()
