@@ -93,7 +93,8 @@ def parse_args(argv):
                         "which take milliseconds and need more runs to see "
                         "through noise (default 4x --repeat)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny sizes, for a smoke run")
+                   help="tiny sizes, and as many warm runs as --repeat, "
+                        "for a smoke run")
     p.add_argument("--scenario", action="append",
                    choices=list(scenarios.SCENARIOS),
                    help="run only this scenario (repeatable)")
@@ -114,7 +115,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.quick:
         args.size, args.data, args.extent = 64 * MiB, 16 * MiB, 256 * KiB
-        args.disk_size, args.big_size = GiB, 256 * MiB
+        args.disk_size, args.big_size = GiB, 128 * MiB
+        # A smoke run: as many warm runs as cold ones.
+        args.warm_repeat = args.warm_repeat or args.repeat
     args.warm_repeat = args.warm_repeat or 4 * args.repeat
     if min(args.repeat, args.warm_repeat, args.images,
            args.concurrency) < 1:
