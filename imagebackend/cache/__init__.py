@@ -69,6 +69,7 @@ of them knows the facade: the miss path
 :mod:`~imagebackend.cache.results`.
 """
 
+import importlib
 import typing
 
 from oslo_config import cfg
@@ -97,6 +98,15 @@ def __getattr__(name: str) -> typing.Any:
         value = getattr(facade, name)
         globals()[name] = value
         return value
+    if not name.startswith("_"):
+        # A module of the package (``imagebackend.cache.results``), as
+        # reachable without an import of its own as when the package
+        # imported them all.
+        try:
+            return importlib.import_module("%s.%s" % (__name__, name))
+        except ModuleNotFoundError as exc:
+            if exc.name != "%s.%s" % (__name__, name):
+                raise
     raise AttributeError("module %r has no attribute %r" % (__name__, name))
 
 

@@ -144,3 +144,10 @@ def test_the_cache_package_loads_its_facade_when_it_is_asked_for():
                     "'imagebackend.cache.facade' in sys.modules, "
                     "'ImageCache' in dir(c))")
     assert loaded == ["False", "imagebackend.cache.facade", "True", "True"]
+
+
+def test_the_cache_packages_modules_are_reached_as_attributes():
+    found = _fresh("import imagebackend.cache as c; "
+                   "print(c.results.CachedBase.__name__, "
+                   "c.store.Store.__name__, hasattr(c, 'no_such_module'))")
+    assert found == ["CachedBase", "Store", "False"]
