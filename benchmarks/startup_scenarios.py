@@ -11,9 +11,20 @@
 # under the License.
 
 """The command line's start-up: ``imagebackend --help``, a subcommand's
-``--help`` and two cheap real commands, each a new process, against the
-floor of a bare ``python -c "import oslo_config.cfg"`` (every real
-command needs oslo.config) started the same way, interleaved.
+``--help`` and every subcommand a user runs for real, on work small
+enough that starting the process is what is measured, each a new
+process, against the floor of a bare ``python -c "import
+oslo_config.cfg"`` (every real command needs oslo.config) started the
+same way, interleaved.
+
+The real commands: on an empty cache, ``cache list``, ``cache prune
+--dry-run``, ``cache verify`` and ``cache invalidate``; on a cache
+holding one base, ``cache list``, ``cache prefetch`` of that image (a
+hit: nothing downloaded), ``disk create`` from it (warm: no process) and
+``disk delete`` of a disk the library made; on a small qcow2 disk, ``disk
+info``, ``disk check``, ``disk snapshot list`` and ``disk resize`` to its
+own size.  (``disk rebase``, ``disk extract`` and the snapshot changes
+start as these do and then spend their time in qemu-img copying data.)
 
 Every process starts from byte-code already written (one untimed round
 first, with ``PYTHONDONTWRITEBYTECODE`` left out of the children's
@@ -33,6 +44,8 @@ import sys
 import time
 
 from benchmarks import harness
+import imagebackend
+from imagebackend import opts
 
 TARGET = 1.5
 FLOOR = [sys.executable, "-c", "import oslo_config.cfg"]
@@ -48,22 +61,98 @@ def _cli():
     return [sys.executable, "-m", "imagebackend.cmd.main"]
 
 
-def _deployment(root):
-    """A config file whose cache is empty, and a small qcow2 disk."""
-    os.makedirs(os.path.join(root, "instances"))
-    os.makedirs(os.path.join(root, "images"))
-    config = os.path.join(root, "imagebackend.conf")
-    with open(config, "w") as f:
+def _config(root, name, instances, images):
+    """A config file ``name`` under ``root`` for a cache in
+    ``instances`` and the local images in ``images``.
+    """
+    path = os.path.join(root, name)
+    with open(path, "w") as f:
         f.write("[imagebackend]\ninstances_path = %s\nimage_source = local\n"
                 "\n[local_source]\npath = %s\n\n[qemu_img]\nbinary = %s\n"
                 "\n[oslo_concurrency]\nlock_path = %s\n" % (
-                    os.path.join(root, "instances"),
-                    os.path.join(root, "images"), harness.QEMU_IMG,
-                    os.path.join(root, "locks")))
-    disk = os.path.join(root, "disk.qcow2")
-    harness.run(harness.QEMU_IMG, "create", "-q", "-f", "qcow2", disk,
-                str(64 * harness.MiB))
-    return config, disk
+                    instances, images, harness.QEMU_IMG,
+                    os.path.join(instances, "locks")))
+    return path
+
+
+class _Deployment:
+    """An empty cache, a cache holding the base of one small image with
+    ``count`` disks made from it (for ``disk delete``), and a small qcow2
+    disk.
+    """
+
+    IMAGE = "small.qcow2"
+    SIZE = 64 * harness.MiB
+
+    def __init__(self, root, count):
+        images = os.path.join(root, "images")
+        self.warm_instances = os.path.join(root, "warm")
+        for d in (images, os.path.join(root, "empty"), self.warm_instances):
+            os.makedirs(d)
+        self.empty = _config(root, "empty.conf", os.path.join(root, "empty"),
+                             images)
+        self.warm = _config(root, "warm.conf", self.warm_instances, images)
+        image = os.path.join(images, self.IMAGE)
+        raw = image + ".raw"
+        harness.write_sparse_raw(raw, 16 * harness.MiB, harness.MiB,
+                                 harness.MiB, 1)
+        harness.run(harness.QEMU_IMG, "convert", "-q", "-f", "raw", "-O",
+                    "qcow2", raw, image)
+        os.unlink(raw)
+        self.disk = os.path.join(root, "disk.qcow2")
+        harness.run(harness.QEMU_IMG, "create", "-q", "-f", "qcow2",
+                    self.disk, str(self.SIZE))
+        # The base, its overlay template, and the disks to delete, made
+        # by the library as a compute driver would make them.
+        conf = opts.new_conf(["--config-file", self.warm])
+        backend = imagebackend.load_backend(conf, "qcow2")
+        for i in range(count):
+            backend.create_image(self.IMAGE, self.made(i), self.SIZE)
+
+    def made(self, i):
+        """The disk ``disk delete`` removes in run ``i``."""
+        return os.path.join(self.warm_instances, "made-%d" % i)
+
+    def created(self, i):
+        """The disk ``disk create`` makes in run ``i``."""
+        return os.path.join(self.warm_instances, "created-%d" % i)
+
+    def commands(self, cli):
+        """Name -> a function of the run's number giving its argv."""
+        def fixed(*argv):
+            return lambda i: cli + list(argv)
+
+        def on_empty(*argv):
+            return fixed("--config-file", self.empty, *argv)
+
+        def on_warm(*argv):
+            return fixed("--config-file", self.warm, *argv)
+
+        size = str(self.SIZE)
+        disk = ["--input-format", "qcow2", self.disk]
+        return {
+            "--help": fixed("--help"),
+            "disk info --help": fixed("disk", "info", "--help"),
+            "cache list (empty cache)": on_empty("cache", "list"),
+            "cache prune --dry-run (empty cache)": on_empty(
+                "cache", "prune", "--dry-run"),
+            "cache verify (empty cache)": on_empty("cache", "verify"),
+            "cache invalidate (not cached)": on_empty(
+                "cache", "invalidate", "other.qcow2"),
+            "cache list (one base)": on_warm("cache", "list"),
+            "cache prefetch (cached)": on_warm("cache", "prefetch",
+                                               self.IMAGE),
+            "disk create (warm qcow2)": lambda i: cli + [
+                "--config-file", self.warm, "disk", "create", self.IMAGE,
+                self.created(i), "--size", size],
+            "disk delete": lambda i: cli + [
+                "--config-file", self.warm, "disk", "delete", self.made(i)],
+            "disk info (64 MiB qcow2)": on_warm("disk", "info", *disk),
+            "disk check": on_warm("disk", "check", *disk),
+            "disk snapshot list": on_warm("disk", "snapshot", "list", *disk),
+            "disk resize (same size)": on_warm("disk", "resize", *disk[:2],
+                                               self.disk, size),
+        }
 
 
 def _time(argv, env):
@@ -89,29 +178,25 @@ def _summary(wall, cpu, floor_wall, floor_cpu):
 
 def cli_startup(bench):
     root = os.path.join(bench.root, "cli-startup")
-    config, disk = _deployment(root)
+    runs = 2 * bench.args.repeat
+    deployment = _Deployment(root, runs + 1)
     cli = _cli()
-    commands = {
-        "--help": cli + ["--help"],
-        "disk info --help": cli + ["disk", "info", "--help"],
-        "cache list (empty cache)": cli + ["--config-file", config, "cache",
-                                           "list"],
-        "disk info (64 MiB qcow2)": cli + ["--config-file", config, "disk",
-                                           "info", "--input-format",
-                                           "qcow2", disk],
-    }
-    runs = dict({"floor": FLOOR}, **commands)
+    commands = deployment.commands(cli)
+    floor = {"floor": lambda i: FLOOR}
+    everything = dict(floor, **commands)
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    for argv in runs.values():
-        _time(argv, env)        # untimed: byte-code written, files cached
-    times = {name: ([], []) for name in runs}
-    for i in range(2 * bench.args.repeat):
-        order = list(runs.items())
+    # Untimed: byte-code written, files cached (run number ``runs``: the
+    # last disk to delete, a disk name no timed run creates).
+    for argv in everything.values():
+        _time(argv(runs), env)
+    times = {name: ([], []) for name in everything}
+    for i in range(runs):
+        order = list(everything.items())
         if i % 2:
             order.reverse()
         for name, argv in order:
-            wall, cpu = _time(argv, env)
+            wall, cpu = _time(argv(i), env)
             times[name][0].append(wall)
             times[name][1].append(cpu)
     floor_wall, floor_cpu = times.pop("floor")
@@ -120,8 +205,8 @@ def cli_startup(bench):
     worst = max(per_command, key=lambda n: per_command[n]["ratio"])
     result = harness.row(
         "cli-startup",
-        "new process: imagebackend %s (slowest of %s)" % (
-            worst, ", ".join(commands)),
+        "new process: imagebackend %s (slowest of %d: %s)" % (
+            worst, len(commands), ", ".join(commands)),
         "python -c 'import oslo_config.cfg'",
         "<= %gx floor, every command" % TARGET,
         times[worst][0], [[cli[0]]] * len(times[worst][0]),

@@ -12,8 +12,11 @@
 
 """Configuration: the one place every option of the library is registered.
 
-Options are declared beside the code that reads them; this module gathers
-them, as oslo libraries' ``opts`` modules do:
+Options are declared in small modules of their own beside the code that
+reads them (``imagebackend.cache.options``, ``imagebackend.backends.options``,
+``imagebackend.qemu.options``, ...), which import nothing but oslo.config,
+so that a configuration is built without loading the code that reads it;
+this module gathers them, as oslo libraries' ``opts`` modules do:
 
 * :func:`register_opts` registers every option on a ``ConfigOpts`` (the
   library's constructors register nothing themselves);
@@ -36,9 +39,8 @@ import os
 from oslo_concurrency import lockutils
 from oslo_config import cfg
 
-from imagebackend.backends import base as backends_base
-from imagebackend.backends import rbd as rbd_backend
-from imagebackend import cache
+from imagebackend.backends import options as backends_options
+from imagebackend.cache import options as cache_options
 from imagebackend.common import config_check
 from imagebackend.common import plugins
 from imagebackend import exception
@@ -59,9 +61,11 @@ _DEFAULTABLE = {
     "force_raw_images": (GROUP, "force_raw_images"),
     "preallocate_images": (GROUP, "preallocate_images"),
     "remove_unused_original_minimum_age_seconds": (
-        cache.IMAGE_CACHE_GROUP, "remove_unused_original_minimum_age_seconds"),
+        cache_options.IMAGE_CACHE_GROUP,
+        "remove_unused_original_minimum_age_seconds"),
     "remove_unused_resized_minimum_age_seconds": (
-        cache.IMAGE_CACHE_GROUP, "remove_unused_resized_minimum_age_seconds"),
+        cache_options.IMAGE_CACHE_GROUP,
+        "remove_unused_resized_minimum_age_seconds"),
     "lock_path": ("oslo_concurrency", "lock_path"),
 }
 
@@ -243,12 +247,14 @@ def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
 
 def _library_opts() -> list[tuple[str, list[cfg.Opt]]]:
     """Every (group, options) pair but the image sources'."""
-    core = list(itertools.chain(cache.OPTIONS, backends_base.OPTIONS,
-                                sources.OPTIONS, inspection.OPTIONS))
+    core = list(itertools.chain(cache_options.OPTIONS,
+                                backends_options.OPTIONS, sources.OPTIONS,
+                                inspection.OPTIONS))
     return [(GROUP, core),
-            (cache.IMAGE_CACHE_GROUP, list(cache.IMAGE_CACHE_OPTIONS)),
+            (cache_options.IMAGE_CACHE_GROUP,
+             list(cache_options.IMAGE_CACHE_OPTIONS)),
             (qemu_options.GROUP, list(qemu_options.OPTIONS)),
-            (rbd_backend.GROUP, list(rbd_backend.OPTIONS))]
+            (backends_options.RBD_GROUP, list(backends_options.RBD_OPTIONS))]
 
 
 def _all_source_opts():

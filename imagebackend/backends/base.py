@@ -45,34 +45,6 @@ from imagebackend.sources import base as source_base
 
 LOG = logging.getLogger(__name__)
 
-OPTIONS = [
-    cfg.StrOpt("images_type",
-               default="qcow2",
-               choices=[
-                   ("qcow2", "a qcow2 copy-on-write overlay over the "
-                             "cached base"),
-                   ("cached-base", "a qcow2 overlay over a shared base "
-                                   "already grown to the disk's size"),
-                   ("raw", "an independent sparse raw copy of the base"),
-                   ("rbd", "a Ceph RBD copy-on-write clone of a base "
-                           "imported once per cluster (options in [rbd])"),
-               ],
-               help="How instance disks are made from cached base images "
-                    "(the name of an 'imagebackend.backends' entry "
-                    "point). Default: qcow2."),
-    cfg.StrOpt("preallocate_images",
-               default="none",
-               choices=[
-                   ("none", "allocate disk space as the guest writes"),
-                   ("space", "reserve the disk's full size when it is "
-                             "created (fallocate), so a full host "
-                             "filesystem is found at creation, not by a "
-                             "guest I/O error"),
-               ],
-               help="Whether instance disks reserve their space up front. "
-                    "Applies to every backend. Default: none."),
-]
-
 
 @dataclasses.dataclass(frozen=True)
 class LibvirtDisk:

@@ -28,9 +28,8 @@ import socket
 import tempfile
 import time
 
-from oslo_config import cfg
-
 from imagebackend.backends import base
+from imagebackend.backends import options as backends_options
 from imagebackend.backends import rbd_bases
 from imagebackend.backends import rbd_cluster
 from imagebackend.backends import rbd_disk
@@ -39,38 +38,7 @@ from imagebackend.cache import lookup as cache_lookup
 from imagebackend.common import digest
 from imagebackend import exception
 
-GROUP = "rbd"
-OPTIONS = [
-    cfg.StrOpt("pool",
-               default="rbd",
-               help="Ceph pool that holds the instance disks (RBD clones "
-                    "of the bases). Default: rbd."),
-    cfg.StrOpt("base_pool",
-               help="Ceph pool that holds the base images, one per image "
-                    "for the whole cluster, each with a protected "
-                    "snapshot 'snap' the disks are cloned from. Unset: "
-                    "the same pool as [rbd] pool."),
-    cfg.StrOpt("ceph_conf",
-               default="/etc/ceph/ceph.conf",
-               help="The cluster's configuration file (monitors, "
-                    "keyring). Default: /etc/ceph/ceph.conf."),
-    cfg.StrOpt("user",
-               help="The cephx user to connect as, without 'client.' "
-                    "(its key must be in a keyring that ceph_conf names), "
-                    "also given to libvirt as the disk's auth user. Unset: "
-                    "Ceph's default, client.admin."),
-    cfg.StrOpt("secret_uuid",
-               help="UUID of the libvirt secret that holds the key of "
-                    "[rbd] user, written into the network disk libvirt is "
-                    "given. Unset: no auth element (a cluster without "
-                    "cephx)."),
-    cfg.IntOpt("connect_timeout",
-               default=5, min=1,
-               help="Seconds to wait for the cluster when connecting and "
-                    "for each monitor or OSD operation; a cluster that "
-                    "does not answer in time fails the request with an "
-                    "error naming it, instead of hanging. Default: 5."),
-]
+GROUP = backends_options.RBD_GROUP
 
 
 class RbdBackend(base.ImageBackend):
@@ -83,7 +51,7 @@ class RbdBackend(base.ImageBackend):
 
     name = "rbd"
     disk_format = "raw"
-    OPTIONS = [(GROUP, OPTIONS)]
+    OPTIONS = [(GROUP, backends_options.RBD_OPTIONS)]
 
     def __init__(self, conf, source=None, qemu=None, modules=None):
         super().__init__(conf, source=source, qemu=qemu)

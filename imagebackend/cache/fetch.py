@@ -48,31 +48,6 @@ from imagebackend.sources import base as source_base
 
 LOG = logging.getLogger(__name__)
 
-#: the ``[imagebackend]`` option read here (registered through
-#: :data:`imagebackend.cache.OPTIONS`).
-OPTIONS = [
-    cfg.BoolOpt("force_raw_images",
-                default=True,
-                help="Convert every non-raw image to raw when it is "
-                     "cached. Raw bases cost disk space but make instance "
-                     "disks faster and let the raw backend copy them "
-                     "without qemu-img. When false, a base keeps the "
-                     "format it was downloaded in. Default: true."),
-    cfg.BoolOpt("reuse_by_source_hash",
-                default=True,
-                help="Do not download an image whose strong hash recorded "
-                     "by the image source (Glance's os_hash_algo sha256, "
-                     "sha384 or sha512 and its os_hash_value) equals the "
-                     "verified download hash of a base already cached: "
-                     "link that base under the image's own name instead. "
-                     "An md5 checksum never counts. Turn this off where "
-                     "image owners can set those hashes themselves (a "
-                     "Glance that accepts locations added with their own "
-                     "validation_data): identical bytes are then still "
-                     "shared, but only after a download and a byte-for-"
-                     "byte comparison. Default: true."),
-]
-
 
 def precheck_size(meta, requested_size: int | None) -> None:
     """Refuse, before downloading, an image the source says is larger

@@ -66,48 +66,6 @@ from imagebackend.qemu import results as qemu_results
 
 LOG = logging.getLogger(__name__)
 
-OPTIONS = [
-    cfg.IntOpt("remove_unused_original_minimum_age_seconds",
-               default=86400, min=0,
-               help="Age, in seconds since its last use, at which "
-                    "'imagebackend cache prune' removes an original base "
-                    "(a cached image) that no disk uses. Stale bases "
-                    "(superseded by a changed image, or invalidated) are "
-                    "removed as soon as nothing uses them, whatever this "
-                    "age; max_size and min_free_space may remove unused "
-                    "bases sooner. Files moved aside by 'cache verify "
-                    "--repair' are removed at this age too. 0 removes "
-                    "every unused base. Default: 86400 (one day)."),
-    cfg.IntOpt("remove_unused_resized_minimum_age_seconds",
-               default=3600, min=0,
-               help="Age, in seconds since its last use, at which "
-                    "'imagebackend cache prune' removes a sized base (made "
-                    "by the cached-base backend, '<base>_<size>') that no "
-                    "disk uses. Sized bases are cheap to remake from their "
-                    "original, hence the shorter default. Default: 3600 "
-                    "(one hour)."),
-    cfg.StrOpt("max_size",
-               default="0",
-               help="Largest size the base-image cache may take on disk "
-                    "(allocated bytes of bases, sized bases and scratch "
-                    "files): bytes, or a number with a K, M, G or T suffix "
-                    "(1024-based). When pruning finds the cache larger, it "
-                    "removes bases no disk uses, least recently used "
-                    "first, whatever their age, until the cache fits. "
-                    "Bases in use are never removed, so the cache may stay "
-                    "above this size. 0 means no limit. Default: 0."),
-    cfg.StrOpt("min_free_space",
-               default="0",
-               help="Free space pruning keeps on the filesystem holding "
-                    "the cache: bytes, a number with a K, M, G or T suffix "
-                    "(1024-based), or a percentage of the filesystem's "
-                    "size such as '10%'. When less is free, pruning "
-                    "removes bases no disk uses, least recently used "
-                    "first, whatever their age, until enough is free or "
-                    "nothing unused remains. Works together with "
-                    "max_size: both are met when possible. 0 means no "
-                    "minimum. Default: 0."),
-]
 
 #: temporary files of atomic record writes older than this are leftovers.
 TEMP_FILE_AGE = 3600
@@ -117,7 +75,8 @@ _UNREADABLE = ("not removed: the search for disks could not read %s, so "
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """The ``[image_cache]`` values pruning follows (see :data:`OPTIONS`).
+    """The ``[image_cache]`` values pruning follows (see
+    :data:`imagebackend.cache.options.PRUNE_OPTIONS`).
 
     :param max_size: as configured: bytes or a size with a suffix.
     :param min_free_space: as configured: also a percentage.

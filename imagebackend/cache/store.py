@@ -32,52 +32,6 @@ from imagebackend.disk import trust as disk_trust
 from imagebackend import exception
 
 
-#: the ``[imagebackend]`` options read here (registered by
-#: :func:`imagebackend.opts.register_opts` through
-#: :data:`imagebackend.cache.OPTIONS`).
-OPTIONS = [
-    cfg.StrOpt("instances_path",
-               default="/var/lib/imagebackend/instances",
-               help="Directory under which instance disks and the shared "
-                    "base-image cache live. The cache is the subdirectory "
-                    "named by base_dir_name; inter-process locks go to a "
-                    "'locks' subdirectory unless [oslo_concurrency] "
-                    "lock_path is set. Disks anywhere under it keep the "
-                    "bases they use from being pruned. Default: "
-                    "/var/lib/imagebackend/instances."),
-    cfg.StrOpt("base_dir_name",
-               default="_base",
-               help="Name of the base-image cache directory inside "
-                    "instances_path: a plain name (no '/', not '.' or "
-                    "'..'), checked before anything is created. Several "
-                    "compute hosts may share it over a filesystem with "
-                    "working POSIX locks; they must "
-                    "then also share one lock directory (the default "
-                    "'locks' beside it, or one [oslo_concurrency] lock_path "
-                    "on that shared filesystem), or they download and "
-                    "convert each image in duplicate. The cache records "
-                    "which lock directory each host uses in "
-                    "<base_dir_name>/.lock-dirs/ and refuses to start with "
-                    "a different one. Default: _base."),
-    cfg.IntOpt("lock_wait_timeout",
-               default=600, min=0,
-               help="Longest wait, in seconds, for one of the cache's "
-                    "locks without progress from its holder: an image "
-                    "being downloaded and converted by another request "
-                    "(the wait goes on while the holder's scratch file in "
-                    "the cache keeps changing), a sized base being built, "
-                    "or a base being pruned. A waiter logs a warning every "
-                    "30 seconds naming the holder (host, pid and command, "
-                    "recorded in the lock file), and when the time is up "
-                    "the request fails with an error naming the image and "
-                    "the holder. Raise it if a sound holder can go that "
-                    "long without writing (a very slow image service). "
-                    "0 waits without limit (not "
-                    "recommended: a stuck process then blocks every "
-                    "request for its image). Default: 600."),
-]
-
-
 def check_base_dir_name(name) -> None:
     """Refuse an ``[imagebackend] base_dir_name`` that is not a plain
     directory name: the cache must sit directly inside instances_path.

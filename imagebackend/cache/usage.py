@@ -46,8 +46,6 @@ import os
 import stat
 import time
 
-from oslo_config import cfg
-
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import registry as cache_registry
 from imagebackend.disk import chain as disk_chain
@@ -56,19 +54,6 @@ from imagebackend.inspection import signatures
 
 LOG = logging.getLogger(__name__)
 
-OPTIONS = [
-    cfg.ListOpt("disk_dirs",
-                default=[],
-                help="More directories holding instance disks, beside "
-                     "[imagebackend] instances_path, which is always "
-                     "searched. A cached base used as the backing file of "
-                     "any qcow2 file under these directories (searched "
-                     "recursively, symlinks not followed) is never removed "
-                     "by 'imagebackend cache prune' or by invalidation. "
-                     "Disks the library created are also recorded in the "
-                     "cache itself, so list a directory here only for disks "
-                     "made by other tools. Default: empty."),
-]
 
 #: qemu refuses backing file names longer than this.
 MAX_BACKING_NAME = 1023

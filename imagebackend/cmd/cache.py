@@ -12,8 +12,9 @@
 
 """``imagebackend cache ...``: base-image cache commands.
 
-The parser is built from this module alone; each command imports the
-cache (and, for ``prefetch``, the image source) when it runs.
+The parser is built from this module alone, a command's arguments only
+when the command is used; each command imports the cache (and, for
+``prefetch``, the image source) when it runs.
 """
 
 import argparse
@@ -36,49 +37,72 @@ PREFETCH_COLUMNS = ["image_id", "cache_hit", "generation", "file",
 
 
 def add_commands(groups) -> None:
-    parser = groups.add_parser("cache", help="Inspect and manage the "
-                                             "base-image cache.")
+    groups.add_parser("cache", help="Inspect and manage the base-image "
+                                    "cache.", build=_add_cache_commands)
+
+
+def _add_cache_commands(parser) -> None:
+    """Add the ``cache`` group's commands to its ``parser``; each
+    command's parser gets a function that adds its arguments.
+    """
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-
-    listing = commands.add_parser(
+    commands.add_parser(
         "list", help="List the cached bases.",
         description="One row per base and sized base: image id, kind, "
                     "generation, file, size on disk, virtual size, format, "
                     "last use, number of disks using it, stale or not, "
                     "and how many other bases share its bytes (hard links "
-                    "of one file, stored once).")
-    output.add_format_argument(listing)
-    listing.set_defaults(func=list_cache, columns=LIST_COLUMNS)
-
-    prune = commands.add_parser(
+                    "of one file, stored once).", build=_list_arguments)
+    commands.add_parser(
         "prune", help="Remove what the cache no longer needs.",
         description="Remove orphaned scratch files, stale and old unused "
                     "bases, and unused bases least recently used first "
                     "while the cache exceeds [image_cache] max_size or "
                     "free space is below min_free_space. A base any disk "
-                    "uses is never removed.")
+                    "uses is never removed.", build=_prune_arguments)
+    commands.add_parser(
+        "invalidate", help="Make the next use of an image fetch it again.",
+        description="Mark every cached base of IMAGE_ID stale, so the next "
+                    "disk made from it fetches the image again, and remove "
+                    "the stale bases no disk uses.",
+        build=_invalidate_arguments)
+    commands.add_parser(
+        "verify", help="Check cached bases against their records.",
+        description="Re-hash bases (all, or those of the given images) "
+                    "against their metadata records and run 'qemu-img "
+                    "check' on non-raw ones. Exits 1 if any is corrupt or "
+                    "cannot be verified (no valid record).",
+        build=_verify_arguments)
+    commands.add_parser(
+        "prefetch", help="Fetch images into the cache ahead of use.",
+        description="Download (and convert) images into the cache so that "
+                    "the first disk made from them is fast. Each image is "
+                    "downloaded once, even while disks are being made from "
+                    "it. Exits 1 if any image fails.",
+        build=_prefetch_arguments)
+
+
+def _list_arguments(listing) -> None:
+    output.add_format_argument(listing)
+    listing.set_defaults(func=list_cache, columns=LIST_COLUMNS)
+
+
+def _prune_arguments(prune) -> None:
     prune.add_argument("--dry-run", action="store_true",
                        help="Report what would be removed; remove nothing.")
     output.add_format_argument(prune)
     prune.set_defaults(func=prune_cache, columns=PRUNE_COLUMNS)
 
-    invalidate = commands.add_parser(
-        "invalidate", help="Make the next use of an image fetch it again.",
-        description="Mark every cached base of IMAGE_ID stale, so the next "
-                    "disk made from it fetches the image again, and remove "
-                    "the stale bases no disk uses.")
+
+def _invalidate_arguments(invalidate) -> None:
     invalidate.add_argument("image_id", metavar="IMAGE_ID",
                             help="The image's id in the image source.")
     output.add_format_argument(invalidate)
     invalidate.set_defaults(func=invalidate_image, columns=PRUNE_COLUMNS)
 
-    verify = commands.add_parser(
-        "verify", help="Check cached bases against their records.",
-        description="Re-hash bases (all, or those of the given images) "
-                    "against their metadata records and run 'qemu-img "
-                    "check' on non-raw ones. Exits 1 if any is corrupt or "
-                    "cannot be verified (no valid record).")
+
+def _verify_arguments(verify) -> None:
     verify.add_argument("image_ids", metavar="IMAGE_ID", nargs="*",
                         help="Images whose bases to verify (default: "
                              "every base in the cache).")
@@ -90,12 +114,8 @@ def add_commands(groups) -> None:
     output.add_format_argument(verify)
     verify.set_defaults(func=verify_cache, columns=VERIFY_COLUMNS)
 
-    prefetch = commands.add_parser(
-        "prefetch", help="Fetch images into the cache ahead of use.",
-        description="Download (and convert) images into the cache so that "
-                    "the first disk made from them is fast. Each image is "
-                    "downloaded once, even while disks are being made from "
-                    "it. Exits 1 if any image fails.")
+
+def _prefetch_arguments(prefetch) -> None:
     prefetch.add_argument("image_ids", metavar="IMAGE_ID", nargs="+",
                           help="The images to fetch, by their ids in the "
                                "image source.")

@@ -14,13 +14,15 @@
 operations on existing ones (``info``, ``check``, ``snapshot``,
 ``rebase``, ``extract``, ``resize``).
 
-The parser is built from this module alone; each command imports the
-library code it runs when it runs.  The choices below are those of the
+The parser is built from this module alone, a command's arguments only
+when the command is used; each command imports the library code it runs
+when it runs.  The choices below are those of the
 library (a unit test compares them), written out so that ``--help`` and
 argument errors need none of it.
 """
 
 import argparse
+import functools
 import typing
 
 from imagebackend.cmd import output
@@ -56,16 +58,31 @@ _WRITES = (" A disk in the image cache or the lock directory (by its real "
 
 
 def add_commands(groups) -> None:
-    parser = groups.add_parser("disk", help="Make and manage instance "
-                                            "disks.")
+    groups.add_parser("disk", help="Make and manage instance disks.",
+                      build=_add_disk_commands)
+
+
+def _add_disk_commands(parser) -> None:
+    """Add the ``disk`` group's commands to its ``parser``; each
+    command's parser gets a function that adds its arguments.
+    """
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-
-    create = commands.add_parser(
+    commands.add_parser(
         "create", help="Make an instance disk from an image.",
         description="Fetch IMAGE_ID into the base-image cache (once) and "
                     "make the instance disk TARGET from it with the "
-                    "configured backend.")
+                    "configured backend.", build=_create_arguments)
+    commands.add_parser(
+        "delete", help="Remove an instance disk this library made.",
+        description="Remove the disk TARGET and its record, if this library "
+                    "made it (a file with a registry record, or an RBD "
+                    "clone whose metadata says it made it); anything else "
+                    "is refused and left alone.", build=_delete_arguments)
+    _add_operations(commands)
+
+
+def _create_arguments(create) -> None:
     create.add_argument("image_id", metavar="IMAGE_ID",
                         help="The image's id in the image source (for the "
                              "local source, its file name).")
@@ -86,12 +103,8 @@ def add_commands(groups) -> None:
     output.add_format_argument(create)
     create.set_defaults(func=create_disk)
 
-    delete = commands.add_parser(
-        "delete", help="Remove an instance disk this library made.",
-        description="Remove the disk TARGET and its record, if this library "
-                    "made it (a file with a registry record, or an RBD "
-                    "clone whose metadata says it made it); anything else "
-                    "is refused and left alone.")
+
+def _delete_arguments(delete) -> None:
     delete.add_argument("target", metavar="TARGET",
                         help="The disk's path, or its RBD image name.")
     delete.add_argument("--backend", metavar="NAME",
@@ -99,8 +112,6 @@ def add_commands(groups) -> None:
                              "[imagebackend] images_type.")
     output.add_format_argument(delete)
     delete.set_defaults(func=delete_disk)
-
-    _add_operations(commands)
 
 
 def _size(value: str) -> int:
@@ -136,48 +147,26 @@ def _add_operations(commands) -> None:
     """Add the operations on existing disks to the ``disk`` group's
     ``commands``.
     """
-    info = commands.add_parser(
+    commands.add_parser(
         "info", help="Show a disk's format, size, backing chain and "
                      "snapshots.",
         description="Show the format, virtual size, allocated size, "
                     "backing chain and internal snapshots of instance "
-                    "disk PATH.")
-    _disk_arguments(info)
-    info.set_defaults(func=show_info)
-
-    check = commands.add_parser(
+                    "disk PATH.", build=_info_arguments)
+    commands.add_parser(
         "check", help="Check a disk's consistency, and repair it.",
         description="Run 'qemu-img check' on qcow2 disk PATH (raw disks "
                     "have nothing to check). Exits 0 when the disk is "
                     "consistent, 2 when corruptions remain and 3 when only "
-                    "leaks remain, as qemu-img check does." + _NOT_RUNNING)
-    _disk_arguments(check)
-    check.add_argument("--repair", choices=REPAIR_MODES,
-                       help="'leaks' frees leaked clusters (only wasted "
-                            "space; safe); 'all' also repairs corruptions, "
-                            "which can lose the data of the clusters "
-                            "concerned. Refused for a file in the image "
-                            "cache or the lock directory.")
-    check.set_defaults(func=check_disk)
-
-    snapshot = commands.add_parser(
+                    "leaks remain, as qemu-img check does." + _NOT_RUNNING,
+        build=_check_arguments)
+    commands.add_parser(
         "snapshot", help="Create, apply, delete and list internal "
                          "snapshots of a qcow2 disk.",
         description="Internal snapshots are kept inside a qcow2 disk; raw "
-                    "disks have none." + _NOT_RUNNING + _WRITES)
-    actions = snapshot.add_subparsers(dest="action", metavar="ACTION")
-    actions.required = True
-    listing = actions.add_parser("list", help="List the snapshots.")
-    _disk_arguments(listing)
-    listing.set_defaults(func=list_snapshots, columns=SNAPSHOT_COLUMNS)
-    for action, text, done in _SNAPSHOT_ACTIONS:
-        parser = actions.add_parser(action, help=text, description=text)
-        _disk_arguments(parser)
-        parser.add_argument("name", metavar="NAME",
-                            help="The snapshot's name.")
-        parser.set_defaults(func=change_snapshot, action_done=done)
-
-    rebase = commands.add_parser(
+                    "disks have none." + _NOT_RUNNING + _WRITES,
+        build=_snapshot_actions)
+    commands.add_parser(
         "rebase", help="Give a qcow2 disk another backing file.",
         description="Make NEW_BACKING the backing file of qcow2 disk PATH, "
                     "recording its absolute path and its format "
@@ -187,7 +176,65 @@ def _add_operations(commands) -> None:
                     "The guest sees the same content afterwards: whatever "
                     "differs between the old and the new backing file is "
                     "copied into the disk, with a progress bar on a "
-                    "terminal." + _NOT_RUNNING + _WRITES)
+                    "terminal." + _NOT_RUNNING + _WRITES,
+        build=_rebase_arguments)
+    commands.add_parser(
+        "extract", help="Write a disk's content to a standalone image.",
+        description="Write the content the guest sees on disk PATH -- its "
+                    "backing chain flattened -- to a new image OUTPUT with "
+                    "no backing file, suitable for upload to an image "
+                    "service. Internal snapshots are not copied. OUTPUT "
+                    "must not exist and may not be in the image cache or "
+                    "the lock directory; it appears only once complete "
+                    "and flushed to disk. A progress bar is drawn on a "
+                    "terminal.", build=_extract_arguments)
+    commands.add_parser(
+        "resize", help="Change a disk's virtual size.",
+        description="Set the virtual size of disk PATH. Only growing is "
+                    "allowed unless --shrink is given; the guest's "
+                    "partitions and filesystems are not changed." +
+                    _NOT_RUNNING + _WRITES, build=_resize_arguments)
+
+
+def _info_arguments(info) -> None:
+    _disk_arguments(info)
+    info.set_defaults(func=show_info)
+
+
+def _check_arguments(check) -> None:
+    _disk_arguments(check)
+    check.add_argument("--repair", choices=REPAIR_MODES,
+                       help="'leaks' frees leaked clusters (only wasted "
+                            "space; safe); 'all' also repairs corruptions, "
+                            "which can lose the data of the clusters "
+                            "concerned. Refused for a file in the image "
+                            "cache or the lock directory.")
+    check.set_defaults(func=check_disk)
+
+
+def _snapshot_actions(snapshot) -> None:
+    actions = snapshot.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    actions.add_parser("list", help="List the snapshots.",
+                       build=_snapshot_list_arguments)
+    for action, text, done in _SNAPSHOT_ACTIONS:
+        actions.add_parser(action, help=text, description=text,
+                           build=functools.partial(_snapshot_arguments,
+                                                   done=done))
+
+
+def _snapshot_list_arguments(listing) -> None:
+    _disk_arguments(listing)
+    listing.set_defaults(func=list_snapshots, columns=SNAPSHOT_COLUMNS)
+
+
+def _snapshot_arguments(parser, done) -> None:
+    _disk_arguments(parser)
+    parser.add_argument("name", metavar="NAME", help="The snapshot's name.")
+    parser.set_defaults(func=change_snapshot, action_done=done)
+
+
+def _rebase_arguments(rebase) -> None:
     _disk_arguments(rebase)
     rebase.add_argument("new_backing", metavar="NEW_BACKING",
                         help="The new backing file.")
@@ -206,14 +253,8 @@ def _add_operations(commands) -> None:
                              "new file's content differs.")
     rebase.set_defaults(func=rebase_disk)
 
-    add_extract_command(commands)
 
-    resize = commands.add_parser(
-        "resize", help="Change a disk's virtual size.",
-        description="Set the virtual size of disk PATH. Only growing is "
-                    "allowed unless --shrink is given; the guest's "
-                    "partitions and filesystems are not changed." +
-                    _NOT_RUNNING + _WRITES)
+def _resize_arguments(resize) -> None:
     _disk_arguments(resize)
     resize.add_argument("size", metavar="SIZE", type=_size,
                         help="The new virtual size: bytes, or a number "
@@ -225,20 +266,7 @@ def _add_operations(commands) -> None:
     resize.set_defaults(func=resize_disk)
 
 
-def add_extract_command(commands):
-    """Add ``disk extract``; returns its parser, to which further options
-    of the extraction can be added.
-    """
-    extract = commands.add_parser(
-        "extract", help="Write a disk's content to a standalone image.",
-        description="Write the content the guest sees on disk PATH -- its "
-                    "backing chain flattened -- to a new image OUTPUT with "
-                    "no backing file, suitable for upload to an image "
-                    "service. Internal snapshots are not copied. OUTPUT "
-                    "must not exist and may not be in the image cache or "
-                    "the lock directory; it appears only once complete "
-                    "and flushed to disk. A progress bar is drawn on a "
-                    "terminal.")
+def _extract_arguments(extract) -> None:
     _disk_arguments(extract)
     extract.add_argument("output", metavar="OUTPUT",
                          help="Path of the image to write.")
@@ -256,7 +284,6 @@ def add_extract_command(commands):
                          help="Glance disk_format of the uploaded image "
                               "(default: the --image-format).")
     extract.set_defaults(func=extract_disk)
-    return extract
 
 
 def _disk_arguments(parser) -> None:

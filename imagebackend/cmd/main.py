@@ -12,8 +12,10 @@
 
 """``imagebackend``: make instance disks and look after the image cache.
 
-Each command module adds its subcommands with ``add_commands(subparsers)``;
-a command is a function ``run(args, conf)`` returning data that
+Each command module adds its group of commands with
+``add_commands(subparsers)``, each command's parser with a function that
+adds its arguments (called only for the command used); a command is a
+function ``run(args, conf)`` returning data that
 :mod:`imagebackend.cmd.output` prints as text or, with ``-f json``, as JSON.
 
 Whatever goes wrong ends in one line on stderr (``imagebackend: error:
@@ -54,13 +56,54 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse, with its error messages (which quote the arguments they
     refuse, some of them raw) shown escaped, on one line.
+
+    A parser may be given ``build``, a function called with the parser
+    that adds its arguments and subcommands: at once here, when the
+    parser is used in :class:`_LazyParser`.
     """
+
+    #: whether ``build`` waits for the parser to be used.
+    LAZY = False
+
+    def __init__(self, *args, build=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._build = build
+        if not self.LAZY:
+            self._complete()
+
+    def _complete(self) -> None:
+        build, self._build = self._build, None
+        if build is not None:
+            build(self)
 
     def error(self, message):
         self.print_usage(sys.stderr)
         self.exit(2, "%s: error: %s\n" % (
             self.prog, textutils.printable(message,
                                            textutils.MESSAGE_LIMIT)))
+
+
+class _LazyParser(_ArgumentParser):
+    """A parser whose arguments and subcommands are added when it parses
+    or prints its usage or help: a command builds its own parser, its
+    group's list of commands and the top level, not the parsers of the
+    twenty other commands (building them all cost about a twentieth of
+    the start-up of a real command).
+    """
+
+    LAZY = True
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self):
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self):
+        self._complete()
+        return super().format_help()
 
 
 class _LogFormatter(textutils.EscapingFormatter):
@@ -73,8 +116,14 @@ class _LogFormatter(textutils.EscapingFormatter):
                          super().formatException(ei).split("\n"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
+    """The command line's parser.
+
+    :param lazy: add a command's arguments only when the command is used,
+        as the command line does; by default the whole tree is built (for
+        the documentation, and for tests that walk it).
+    """
+    parser = (_LazyParser if lazy else _ArgumentParser)(
         prog="imagebackend",
         description="Turn images into instance disks through a shared, "
                     "verified base-image cache.")
@@ -113,14 +162,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv) -> int:
-    parser = build_parser()
+    parser = build_parser(lazy=True)
     args = parser.parse_args(argv)
     _check_size(parser, args)
     # Only a command that runs needs the configuration.
     from oslo_config import cfg
 
     from imagebackend import opts
-    from imagebackend.sources import base as source_base
 
     # The error itself is printed as the command's one-line result, so by
     # default only errors are logged; -v shows each step.
@@ -136,8 +184,7 @@ def _main(argv) -> int:
         conf_argv += ["--config-dir", path]
     conf = None
     try:
-        for image_id in _image_ids(args):
-            source_base.check_image_id(image_id)
+        _check_image_ids(args)
         # An image source's options are registered (and checked) when the
         # command builds the source: a command that uses none does not
         # load the Glance client for its options.
@@ -162,12 +209,20 @@ def _main(argv) -> int:
     return getattr(args, "exit_status", 0)
 
 
-def _image_ids(args) -> list:
-    """The image ids a command was given."""
+def _check_image_ids(args) -> None:
+    """Refuse an image id no source may serve, before anything is done.
+
+    :raises imagebackend.exception.InvalidImageId: one is refused.
+    """
     ids = list(getattr(args, "image_ids", None) or [])
     if getattr(args, "image_id", None) is not None:
         ids.insert(0, args.image_id)
-    return ids
+    if not ids:
+        return      # the disk operations: no image source code needed
+    from imagebackend.sources import base as source_base
+
+    for image_id in ids:
+        source_base.check_image_id(image_id)
 
 
 def _check_size(parser, args) -> None:

@@ -13,10 +13,10 @@
 """The one way imagebackend runs an external command.
 
 :class:`Runner` has two primitives: :meth:`Runner.execute`, which runs a
-command to completion through :func:`oslo_concurrency.processutils.execute`
-(or any function with its signature, such as a privsep or rootwrap
-``execute``; by default a command without a ``preexec_fn`` is started
-directly, which is faster and behaves the same), and
+command to completion as :func:`oslo_concurrency.processutils.execute`
+does (or through any function with its signature, such as a privsep or
+rootwrap ``execute``; by default the command is started directly, which is
+faster and behaves the same), and
 :meth:`Runner.stream`, which hands the command's standard output to a
 callback as it arrives and can stop the command from another thread.
 Callers take a runner as an argument, so a unit test passes an autospec
@@ -56,9 +56,9 @@ _PROCESSUTILS = "oslo_concurrency.processutils"
 
 # processutils (and oslo_utils.strutils, which it imports and whose
 # password patterns take about 0.1 s of CPU to compile) are imported when
-# first needed: a process whose commands all succeed without a
-# preexec_fn, or that runs none (the command line's cache list), needs
-# neither.
+# first needed: a process whose commands all succeed, with or without
+# resource limits (the command line's disk info), or that runs none (its
+# cache list), needs neither.
 def _processutils():
     from oslo_concurrency import processutils
     return processutils
@@ -220,14 +220,17 @@ class Runner:
     def __init__(self, execute: collections.abc.Callable | None = None
                  ) -> None:
         self._custom = execute is not None
-        # None: processutils.execute itself, imported when first needed.
+        # None: no function of the caller's; processutils is not needed.
         self._execute = execute or _replaced_execute()
-        # Without a preexec_fn, subprocess can start the program with
+        # Commands are started here rather than through
+        # processutils.execute, which would cost its import (see above) and
+        # always a preexec_fn (to reset SIGPIPE, which restore_signals does
+        # too): without one, subprocess starts the program with
         # vfork/posix_spawn instead of copying the whole Python process,
-        # which costs milliseconds per command.  processutils always
-        # passes one (to reset SIGPIPE, which restore_signals does too),
-        # so commands that need nothing else run directly.  A patched
-        # processutils.execute (a consumer's test fixture) is still used.
+        # which costs milliseconds per command; with one (resource limits)
+        # the program runs exactly as processutils would run it.  A
+        # patched processutils.execute (a consumer's test fixture) is still
+        # used.
         self._direct = self._execute is None
 
     def execute(self, argv: collections.abc.Sequence[str], *,
@@ -240,9 +243,9 @@ class Runner:
         :param ok_codes: exit codes that are a result, not a failure.
         :param preexec_fn: called in the child before the program starts
             (for example to set resource limits: see :meth:`Limits.preexec`).
-            Without one (and without an ``execute`` function given to the
-            runner) the program is started directly rather than through
-            processutils; the result and the errors are the same.
+            Unless an ``execute`` function was given to the runner, the
+            program is started directly rather than through processutils;
+            the result and the errors are the same.
         :returns: a :class:`ProcessResult`.
         :raises oslo_concurrency.processutils.ProcessExecutionError: the
             command exited with a code not in ``ok_codes``.
@@ -250,12 +253,11 @@ class Runner:
         """
         argv = [str(arg) for arg in argv]
         try:
-            if self._direct and preexec_fn is None:
-                stdout, stderr = _run(argv)
+            if self._direct:
+                stdout, stderr = _run(argv, preexec_fn)
             else:
-                execute = self._execute or _processutils().execute
-                stdout, stderr = execute(*argv, check_exit_code=[0],
-                                         preexec_fn=preexec_fn)
+                stdout, stderr = self._execute(*argv, check_exit_code=[0],
+                                               preexec_fn=preexec_fn)
         except _processutils().ProcessExecutionError as exc:
             if exc.exit_code not in ok_codes:
                 raise
@@ -321,11 +323,15 @@ class Runner:
         return ProcessResult(proc.returncode, stdout, stderr)
 
 
-def _run(argv):
-    """Run ``argv`` as processutils.execute(*argv) would, minus preexec_fn.
+def _run(argv, preexec_fn=None):
+    """Run ``argv`` as ``processutils.execute(*argv, preexec_fn=...)``
+    would.
 
     Output is decoded, and a failure is reported (with passwords masked),
     exactly as processutils does it, so callers cannot tell the two apart.
+    ``preexec_fn`` runs in the child, after subprocess has restored the
+    signals Python ignores (SIGPIPE, SIGXFSZ) to their defaults, as
+    processutils' own set-up does for SIGPIPE.
 
     :returns: (stdout, stderr).
     :raises oslo_concurrency.processutils.ProcessExecutionError: the
@@ -337,7 +343,7 @@ def _run(argv):
     start = time.monotonic()
     proc = subprocess.run(  # argv list, no shell
         tuple(argv), stdin=subprocess.DEVNULL, capture_output=True,
-        close_fds=True, check=False)
+        close_fds=True, check=False, preexec_fn=preexec_fn)
     LOG.debug('CMD "%s" returned: %s in %0.3fs', cmd, proc.returncode,
               time.monotonic() - start)
     stdout = os.fsdecode(proc.stdout)

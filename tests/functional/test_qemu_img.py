@@ -13,8 +13,11 @@
 """QemuImg against the real qemu-img, on real files in a temporary
 directory."""
 
+import json
 import os
+import resource
 import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -410,6 +413,94 @@ def test_info_over_its_cpu_time_limit_is_killed(tmp_path):
         qemu.info(str(tmp_path / "evil.qcow2"), "qcow2")
     assert "info_cpu_time_limit" in str(err.value)
     assert time.monotonic() - start < 20
+
+
+#: a stand-in for qemu-img: records the process state it was started in
+#: (its resource limits, process group, parent-death signal, and the
+#: signals it ignores: read by the shell, since Python ignores some
+#: itself as it starts) in the file named by its environment, then prints
+#: the info of a 1 MiB raw image.
+_REPORTING_QEMU_IMG = """#!/bin/sh
+grep '^SigIgn:' /proc/$$/status > "$REPORT.sigign"
+exec %s - "$@" <<'END'
+import ctypes, json, os, resource, sys
+def limit(name):
+    soft, hard = resource.getrlimit(getattr(resource, name))
+    return [soft, hard]
+sig = ctypes.c_int()
+ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+with open(os.environ["REPORT"] + ".sigign") as f:
+    ignored = int(f.read().split()[1], 16)
+with open(os.environ["REPORT"], "w") as report:
+    json.dump({"as": limit("RLIMIT_AS"), "cpu": limit("RLIMIT_CPU"),
+               "fsize": limit("RLIMIT_FSIZE"), "pid": os.getpid(),
+               "pgid": os.getpgid(0), "pdeathsig": sig.value,
+               "ignored": ignored}, report)
+print(json.dumps({"filename": sys.argv[-1], "format": "raw",
+                  "virtual-size": 1048576, "actual-size": 4096,
+                  "dirty-flag": False}))
+END
+"""
+
+
+def _ignores(report, signum):
+    return bool(report["ignored"] & (1 << signum - 1))
+
+
+@pytest.mark.parametrize("address_space,cpu_time", [(1024, 30), (77, 3)])
+def test_info_really_runs_under_its_limits(tmp_path, monkeypatch,
+                                           address_space, cpu_time):
+    # What the child process gets, reported by the child itself: the
+    # configured limits (soft and hard), a process group of its own, death
+    # with its caller, and the default action of the signals Python
+    # ignores (so a write past a file size limit kills it).
+    stand_in = tmp_path / "reporting-qemu-img"
+    stand_in.write_text(_REPORTING_QEMU_IMG % sys.executable)
+    stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("REPORT", str(tmp_path / "report.json"))
+    qemu = qemu_img.QemuImg(
+        _conf(info_address_space_limit=address_space,
+              info_cpu_time_limit=cpu_time), binary=str(stand_in))
+    info = qemu.info(str(tmp_path / "disk.raw"), "raw")
+    assert info.virtual_size == MiB
+    with open(tmp_path / "report.json") as f:
+        report = json.load(f)
+    assert report["as"] == [address_space * MiB] * 2
+    assert report["cpu"] == [cpu_time] * 2
+    assert report["fsize"] == [resource.RLIM_INFINITY] * 2
+    assert report["pgid"] == report["pid"] != os.getpgid(0)
+    assert report["pdeathsig"] == signal.SIGKILL
+    assert not _ignores(report, signal.SIGPIPE)
+    assert not _ignores(report, signal.SIGXFSZ)
+    # Without limits (limits=False), the child inherits this process's.
+    qemu.info(str(tmp_path / "disk.raw"), "raw", limits=False)
+    with open(tmp_path / "report.json") as f:
+        report = json.load(f)
+    assert report["as"] == list(resource.getrlimit(resource.RLIMIT_AS))
+    assert report["cpu"] == list(resource.getrlimit(resource.RLIMIT_CPU))
+
+
+def test_a_conversion_really_runs_under_its_limits(tmp_path, monkeypatch):
+    stand_in = tmp_path / "reporting-qemu-img"
+    stand_in.write_text(_REPORTING_QEMU_IMG % sys.executable)
+    stand_in.chmod(stand_in.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("REPORT", str(tmp_path / "report.json"))
+    qemu = qemu_img.QemuImg(
+        _conf(convert_address_space_limit=3000,
+              convert_cpu_seconds_per_gib=7), binary=str(stand_in))
+    target = str(tmp_path / "out.raw")
+    qemu.convert(str(tmp_path / "in.qcow2"), "qcow2", target, "raw",
+                 limits=True, max_output_size=5 * 1024 ** 3,
+                 durable=False)
+    with open(tmp_path / "report.json") as f:
+        report = json.load(f)
+    assert report["as"] == [3000 * MiB] * 2
+    assert report["cpu"] == [qemu_options.CONVERT_MIN_CPU_TIME] * 2
+    assert report["fsize"] == [
+        5 * 1024 ** 3 + qemu_options.CONVERT_OUTPUT_SLACK] * 2
+    assert report["pgid"] == report["pid"]
+    assert report["pdeathsig"] == signal.SIGKILL
+    assert not _ignores(report, signal.SIGXFSZ)
 
 
 def test_info_on_a_missing_file_is_a_clear_error(qemu, tmp_path):

@@ -115,11 +115,13 @@ def test_accepted_exit_codes_are_results():
     "import sys; print('half'); sys.exit('it broke')",
     "import os, signal; os.kill(os.getpid(), signal.SIGTERM)",
 ])
-def test_a_plain_command_fails_exactly_as_through_processutils(code):
+@pytest.mark.parametrize("limits", [None, runner.Limits(cpu_time=30)])
+def test_a_command_fails_exactly_as_through_processutils(code, limits):
+    preexec_fn = limits.preexec() if limits else None
     with pytest.raises(processutils.ProcessExecutionError) as expected:
-        processutils.execute(*python(code))
+        processutils.execute(*python(code), preexec_fn=preexec_fn)
     with pytest.raises(processutils.ProcessExecutionError) as err:
-        runner.Runner().execute(python(code))
+        runner.Runner().execute(python(code), preexec_fn=preexec_fn)
     assert (err.value.exit_code, err.value.stdout, err.value.stderr,
             err.value.cmd) == (expected.value.exit_code,
                                expected.value.stdout, expected.value.stderr,

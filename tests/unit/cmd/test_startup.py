@@ -16,6 +16,7 @@ reach everything it reached when it loaded it eagerly.  (What a command
 really imports: tests/functional/test_cli_startup.py.)
 """
 
+import argparse
 import configparser
 import os
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 
 import imagebackend
 from imagebackend.cmd import disk as disk_cmd
+from imagebackend.cmd import main
 from imagebackend.disk import operations as disk_ops
 from imagebackend.disk import trust as disk_trust
 from imagebackend.qemu import results as qemu_results
@@ -84,3 +86,68 @@ def test_the_version_and_load_backend_are_there():
     assert "opts" in dir(imagebackend)
     with pytest.raises(AttributeError, match="no_such_thing"):
         imagebackend.no_such_thing
+
+
+@pytest.mark.parametrize("argv", [
+    ["cache", "list"],
+    ["--config-file", "a.conf", "cache", "prune", "--dry-run", "-f", "json"],
+    ["cache", "invalidate", "img"],
+    ["cache", "verify", "a", "b", "--repair"],
+    ["cache", "prefetch", "a", "--parallel", "2"],
+    ["disk", "create", "img", "/d", "--size", "1G", "--backend", "raw"],
+    ["disk", "delete", "/d"],
+    ["-v", "disk", "info", "/d", "--input-format", "qcow2"],
+    ["disk", "check", "/d", "--repair", "leaks"],
+    ["disk", "snapshot", "list", "/d"],
+    ["disk", "snapshot", "apply", "/d", "s1"],
+    ["disk", "rebase", "/d", "/b", "--backing-format", "raw", "--unsafe"],
+    ["disk", "extract", "/d", "/o", "-O", "raw", "--upload", "n"],
+    ["disk", "resize", "/d", "2G", "--shrink"],
+])
+def test_the_lazy_parser_parses_as_the_whole_tree(argv):
+    # The command line adds a command's arguments only when it is used;
+    # what it parses must not depend on that.
+    lazy = main.build_parser(lazy=True).parse_args(argv)
+    assert vars(lazy) == vars(main.build_parser().parse_args(argv))
+
+
+def test_the_lazy_parser_builds_only_the_command_used():
+    parser = main.build_parser(lazy=True)
+    parser.parse_args(["disk", "info", "/d"])
+    groups = [a for a in parser._actions
+              if isinstance(a, argparse._SubParsersAction)][0]
+    disk, cache = groups.choices["disk"], groups.choices["cache"]
+    commands = [a for a in disk._actions
+                if isinstance(a, argparse._SubParsersAction)][0]
+    built = {name for name, command in commands.choices.items()
+             if len(command._actions) > 1}     # more than -h
+    assert built == {"info"}
+    assert [a.dest for a in cache._actions] == ["help"]
+
+
+def test_building_the_configuration_loads_no_cache_or_backend_code():
+    loaded = _fresh("import sys, imagebackend.opts as o; "
+                    "o.new_conf([], image_sources=[]); "
+                    "print(' '.join(sorted(m for m in sys.modules if "
+                    "m.startswith(('imagebackend.cache', "
+                    "'imagebackend.backends', 'imagebackend.sources.', "
+                    "'oslo_concurrency.processutils', "
+                    "'oslo_utils.strutils')))))")
+    assert loaded == ["imagebackend.backends", "imagebackend.backends.options",
+                      "imagebackend.cache", "imagebackend.cache.options"]
+
+
+def test_the_cache_package_loads_its_facade_when_it_is_asked_for():
+    loaded = _fresh("import sys, imagebackend.cache as c; "
+                    "print('imagebackend.cache.facade' in sys.modules, "
+                    "c.ImageCache.__module__, "
+                    "'imagebackend.cache.facade' in sys.modules, "
+                    "'ImageCache' in dir(c))")
+    assert loaded == ["False", "imagebackend.cache.facade", "True", "True"]
+
+
+def test_the_cache_packages_modules_are_reached_as_attributes():
+    found = _fresh("import imagebackend.cache as c; "
+                   "print(c.results.CachedBase.__name__, "
+                   "c.store.Store.__name__, hasattr(c, 'no_such_module'))")
+    assert found == ["CachedBase", "Store", "False"]

@@ -136,8 +136,21 @@ def test_a_plain_command_with_an_accepted_exit_code_is_a_result(run):
     assert result == runner.ProcessResult(3, "{}", "leaks")
 
 
-def test_a_command_with_a_preexec_fn_goes_through_processutils(
+def test_a_command_with_a_preexec_fn_starts_directly_with_it(run):
+    # Resource limits need no processutils: the program is started here,
+    # with the preexec_fn that sets them.
+    limits = runner.Limits(cpu_time=5)
+    result = runner.Runner().execute(["prog"], preexec_fn=limits.apply)
+    assert run.call_args.args == (("prog",),)
+    assert run.call_args.kwargs["preexec_fn"] == limits.apply
+    assert run.call_args.kwargs["stdin"] == runner.subprocess.DEVNULL
+    assert result == runner.ProcessResult(0, "out", "err")
+
+
+def test_a_patched_processutils_execute_still_runs_limited_commands(
         run, execute):
+    # A consumer's test fixture that replaced processutils.execute sees
+    # every command, those with limits too.
     limits = runner.Limits(cpu_time=5)
     runner.Runner().execute(["prog"], preexec_fn=limits.apply)
     assert not run.called
