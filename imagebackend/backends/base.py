@@ -403,7 +403,10 @@ class ImageBackend(abc.ABC):
         """
         if type(self).copy_disk is ImageBackend.copy_disk:
             return False        # the hook is not there
-        unnamed = fileio.Unnamed.make(os.path.dirname(target))
+        try:
+            unnamed = fileio.Unnamed.make(os.path.dirname(target))
+        except FileNotFoundError:
+            return False        # see _linked
         if unnamed is None:
             return False
         fd, handle = unnamed.fd, None
@@ -423,11 +426,8 @@ class ImageBackend(abc.ABC):
                                          keep_size=self.disk_format != "raw")
                 os.fdatasync(fd)
             handle = wait()
+            copied = copied and _linked(unnamed, target)
             if copied:
-                try:
-                    unnamed.link(os.path.basename(target))
-                except FileExistsError as exc:
-                    raise exception.TargetExists(path=target) from exc
                 # The record may say "done" before the name is durable: a
                 # done record of a disk that is not there protects nothing
                 # and is collected.
@@ -492,6 +492,23 @@ class ImageBackend(abc.ABC):
                                  keep_size=self.disk_format != "raw")
         finally:
             os.close(fd)
+
+
+def _linked(unnamed: fileio.Unnamed, target: str) -> bool:
+    """Link ``unnamed`` as ``target``.
+
+    :returns: False if its directory is gone: a concurrent call that made
+        it failed and removed it (it looked empty), and the default way
+        makes it again.
+    :raises imagebackend.exception.TargetExists: ``target`` exists.
+    """
+    try:
+        unnamed.link(os.path.basename(target))
+    except FileExistsError as exc:
+        raise exception.TargetExists(path=target) from exc
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _wait_quietly(wait):

@@ -287,3 +287,34 @@ def test_a_name_that_cannot_be_made_durable_is_removed(tmp_path, qemu,
     assert str(target) in str(err.value)
     assert os.listdir(tmp_path / "vm") == []
     assert records(backend) == []
+
+
+@pytest.mark.parametrize("when", ["before", "while"])
+def test_a_directory_removed_meanwhile_is_made_again(tmp_path, qemu, when):
+    """A concurrent call that made the target's directory fails and
+    removes it: it looked empty, as an unnamed file is no entry.  The disk
+    is made the default way, in the directory made again.
+    """
+    backend = copying(tmp_path, qemu)
+    target = tmp_path / "vm" / "disk"
+    real_make, real_copy = fileio.Unnamed.make, backend.copy_disk
+
+    def removed_before(directory, *args):
+        os.rmdir(directory)
+        return real_make(directory, *args)
+
+    def removed_while(*args):
+        os.rmdir(target.parent)
+        return real_copy(*args)
+    if when == "before":
+        patch = mock.patch.object(fileio.Unnamed, "make", removed_before)
+    else:
+        patch = mock.patch.object(backend, "copy_disk", removed_while)
+    with patch:
+        disk = backend.create_image("img", str(target), SIZE)
+    assert disk.path == str(target)
+    assert target.read_bytes() == b"QFI\xfb made"
+    assert os.listdir(target.parent) == ["disk"]
+    [record] = records(backend)
+    assert (record["state"], record["ino"]) == ("done",
+                                                os.stat(target).st_ino)
