@@ -50,12 +50,14 @@ class Registry:
     """The record of disks the library created, one file per attempt:
     ``_base/.disks/<cache_id>/<sha1 of the disk path>-<token>.json``.
 
-    A creation writes an *intent* record (durably) before it makes
-    anything that names a base, makes the disk under a temporary name,
-    publishes it, then marks its own record *done* -- or removes only its
-    own record on failure.  So a base is never without a record of the
-    disk that may use it, and a losing concurrent request for one target
-    never touches the winner's record.  Raw disks are recorded too (format
+    A creation writes an *intent* record (durably) before anything that
+    names a base has a name (a disk is built under a temporary name made
+    after the record is durable, or as a file without a name while the
+    record is made durable: :meth:`start`), publishes the disk, then marks
+    its own record *done* -- or removes only its own record on failure.
+    So a base is never without a record of the disk that may use it, and
+    a losing concurrent request for one target never touches the winner's
+    record.  Raw disks are recorded too (format
     ``raw``, base ``None``): their content is guest data, never a header
     to follow.
 

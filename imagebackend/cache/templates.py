@@ -80,6 +80,8 @@ _EXT_DATA_FILE = 0x44415441
 #: incompatible features a template may never have: dirty, corrupt,
 #: external data file.
 _REFUSED_FEATURES = 0b111
+#: the unit of holes in a template.
+_BLOCK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +212,20 @@ def _backing_format(body, offset, end):
             found = value.decode("ascii", "replace")
         offset += _EXT.size + (length + 7) // 8 * 8
     return found
+
+
+def _rewrite_sparse(fd: int, body: bytes) -> None:
+    """Make the open file ``fd`` hold ``body`` with every zero block a
+    hole: most of an empty overlay is zeros, and a copy of a sparse
+    template writes (and syncs) only its few blocks of data.
+    """
+    os.ftruncate(fd, 0)
+    os.ftruncate(fd, len(body))
+    view = memoryview(body)
+    for start in range(0, len(body), _BLOCK):
+        block = view[start:start + _BLOCK]
+        if not sparseio.all_zeros(block):
+            os.pwrite(fd, block, start)
 
 
 def of_base(base_dir: str, base_name: str
@@ -426,6 +442,7 @@ class Templates:
                 LOG.warning("Not keeping a template of the overlay qemu-img "
                             "made for %s (%s)", spec.backing_file, why)
                 return False
+            _rewrite_sparse(fd, body)
             os.pwrite(fd, _TRAILER.pack(TRAILER_MAGIC, length,
                                         spec.digest(body)), length)
             os.fsync(fd)

@@ -88,3 +88,21 @@ def test_a_symlink_at_the_template_name_is_not_followed(c, base, tmp_path):
     decoy.write_bytes(b"secret")
     os.symlink(decoy, os.path.join(c.base_dir, spec.file_name()))
     assert copy_into(c, base) == (False, b"")
+
+
+def test_templates_and_their_copies_keep_zero_blocks_as_holes(c, base):
+    first = tt.new_target(c, "first")
+    tt.make(c, base, first)
+    [name] = tt.template_files(c)
+    path = os.path.join(c.base_dir, name)
+    body = tt.overlay_bytes(base.path, "raw", GiB)
+    data_blocks = sum(1 for i in range(0, len(body), 4096)
+                      if body[i:i + 4096].strip(b"\0"))
+    # The trailer adds at most one block of data.
+    assert os.stat(path).st_blocks * 512 <= (data_blocks + 1) * 4096
+    assert len(body) > 4 * (data_blocks + 1) * 4096
+    assert tt.read(path)[:len(body)] == body
+    target = tt.new_target(c, "second")
+    assert tt.make(c, base, target) is True
+    assert tt.read(target) == body
+    assert os.stat(target).st_blocks * 512 <= (data_blocks + 1) * 4096
