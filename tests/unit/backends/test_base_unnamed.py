@@ -18,6 +18,7 @@ holds whatever the threads do.
 """
 
 import errno
+import logging
 import os
 import threading
 from unittest import mock
@@ -263,8 +264,10 @@ def test_a_target_taken_meanwhile_is_left_alone(tmp_path, qemu):
         target.write_bytes(b"the winner's")
         return real(*args)
     backend.copy_disk = other_wins
-    with pytest.raises(exception.TargetExists):
+    with pytest.raises(exception.TargetExists) as err:
         backend.create_image("img", str(target), SIZE)
+    assert err.value.kwargs["path"] == str(target)
+    assert str(target) in str(err.value)
     assert target.read_bytes() == b"the winner's"
     assert records(backend) == []
     assert sorted(os.listdir(tmp_path)) == ["disk", "instances"]
@@ -318,3 +321,36 @@ def test_a_directory_removed_meanwhile_is_made_again(tmp_path, qemu, when):
     [record] = records(backend)
     assert (record["state"], record["ino"]) == ("done",
                                                 os.stat(target).st_ino)
+
+
+def test_the_default_copy_hook_copies_nothing(tmp_path, qemu):
+    backend = copying(tmp_path, qemu)
+    assert base.ImageBackend.copy_disk(backend, "/b", "raw", 0, SIZE) is (
+        False)
+
+
+def test_a_failed_copy_whose_record_also_failed_logs_it(
+        tmp_path, qemu, monkeypatch, caplog):
+    backend = copying(tmp_path, qemu)
+    (tmp_path / "vm").mkdir()
+
+    def full(fd):
+        os.close(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cache_registry, "_sync_fd", full)
+
+    def fail(*args):
+        raise OSError(errno.EIO, "I/O error")
+    backend.copy_disk = fail
+    caplog.set_level(logging.DEBUG, logger="imagebackend.backends.base")
+    with pytest.raises(exception.DiskOperationError) as err:
+        backend.create_image("img", str(tmp_path / "vm" / "d"), SIZE)
+    assert "I/O error" in str(err.value)
+    [message] = [r.getMessage() for r in caplog.records
+                 if r.name == "imagebackend.backends.base"
+                 and r.levelno == logging.DEBUG]
+    assert message.startswith("Disk record not made durable: Image cache ")
+    assert ("cannot record disk %s in the cache ([Errno 28] No space left "
+            "on device)" % (tmp_path / "vm" / "d")) in message
+    assert os.listdir(tmp_path / "vm") == []
+    assert records(backend) == []

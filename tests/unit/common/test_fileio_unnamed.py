@@ -206,3 +206,18 @@ def test_background_raises_what_the_function_raises():
 
 def test_background_returns_none_from_a_function_returning_none():
     assert fileio.Background(lambda: None).wait() is None
+
+
+def test_the_unnamed_file_is_made_in_its_directory_not_here(tmp_path,
+                                                            monkeypatch):
+    # The working directory on another filesystem: a file made there
+    # could not be linked into tmp_path.
+    monkeypatch.chdir("/dev/shm")
+    assert os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev
+    made = fileio.Unnamed.make(str(tmp_path))
+    try:
+        assert os.fstat(made.fd).st_dev == os.stat(tmp_path).st_dev
+        made.link("disk")
+    finally:
+        made.close()
+    assert os.listdir(tmp_path) == ["disk"]
