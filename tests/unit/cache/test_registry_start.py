@@ -189,6 +189,8 @@ def test_confirm_of_a_short_write_leaves_the_intent(reg, tmp_path,
     monkeypatch.undo()
     assert (err.value.errno, err.value.strerror) == (errno.EIO,
                                                      "short write")
+    assert err.value.filename == os.path.join(
+        os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
     assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]
     assert read_json(path) == before
 
