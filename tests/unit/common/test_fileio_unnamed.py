@@ -221,3 +221,32 @@ def test_the_unnamed_file_is_made_in_its_directory_not_here(tmp_path,
     finally:
         made.close()
     assert os.listdir(tmp_path) == ["disk"]
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_a_directory_that_is_not_one_is_refused_at_once(tmp_path, kind):
+    """Put in place of the target's directory meanwhile, a file or a FIFO
+    is refused at once (opening a FIFO to read would wait for a writer).
+    """
+    path = str(tmp_path / "dir")
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        open(path, "w").close()
+    outcome = []
+
+    def make():
+        try:
+            fileio.Unnamed.make(path)
+            outcome.append("made")
+        except OSError as exc:
+            outcome.append(exc.errno)
+    worker = threading.Thread(target=make, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():
+        # Release the reader the FIFO holds, so no thread is left behind.
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+    assert outcome == [errno.ENOTDIR]
+    assert not worker.is_alive()
