@@ -354,3 +354,27 @@ def test_a_failed_copy_whose_record_also_failed_logs_it(
             "on device)" % (tmp_path / "vm" / "d")) in message
     assert os.listdir(tmp_path / "vm") == []
     assert records(backend) == []
+
+
+class RawCopying(Copying):
+    """A backend whose disks are raw copies (no backing file)."""
+
+    name = "raw-copying"
+    disk_format = "raw"
+    uses_backing_file = False
+
+
+def test_a_raw_copy_is_recorded_raw_and_preallocated_to_its_size(
+        tmp_path, qemu):
+    conf = fakes.conf(tmp_path, preallocate_images="space")
+    source = fakes.FakeSource(conf, images={"img": test_backends.RAW})
+    backend = RawCopying(conf, source=source, qemu=qemu)
+    target = tmp_path / "disk"
+    with mock.patch.object(sparseio, "preallocate") as prealloc:
+        disk = backend.create_image("img", str(target), SIZE)
+    [(_, _, fd, _)] = backend.copies
+    prealloc.assert_called_once_with(fd, SIZE, keep_size=False)
+    [record] = records(backend)
+    assert (record["format"], record["base"], record["state"]) == (
+        "raw", None, "done")
+    assert disk.backing_chain == []
