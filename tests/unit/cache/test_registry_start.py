@@ -213,3 +213,25 @@ def test_a_label_through_a_descriptor(tmp_path):
         os.close(fd)
     assert os.getxattr(path, cache_registry.MARK_XATTR) == b"0123"
     assert cache_registry._set_mark(-1, "0123") is False
+
+
+@pytest.mark.parametrize("failing", ["bytes", "name"])
+def test_begin_removes_a_record_it_cannot_make_durable(reg, tmp_path,
+                                                       monkeypatch, failing):
+    reg._cid_dir(CID)           # made (and synced) before
+    calls = []
+
+    def full(arg):
+        calls.append(arg)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if failing == "bytes":
+        monkeypatch.setattr(os, "fsync", full)
+    else:
+        monkeypatch.setattr(fileio, "fsync_dir", full)
+    with pytest.raises(OSError) as err:
+        reg.begin(CID, "img", str(tmp_path / "disk"), None, None, "raw")
+    monkeypatch.undo()
+    assert err.value.errno == errno.ENOSPC
+    assert len(calls) == 1
+    assert os.listdir(os.path.join(reg.directory, CID)) == []
+    assert reg._written == {}
