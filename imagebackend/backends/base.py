@@ -325,18 +325,22 @@ class ImageBackend(abc.ABC):
         The default: intent record, disk under a temporary name (filled by
         :meth:`create_disk`), fsync, no-replace publish, then the record
         is marked done; on failure only this attempt's temporary file and
-        record are removed.
+        record are removed.  A disk :meth:`copy_disk` can make is made
+        without a temporary name instead (:meth:`_make_unnamed`).
         """
+        backing = base_path if self.uses_backing_file else None
         with disk_target.errors(entry.image_id, target, size):
+            if self._make_unnamed(entry, backing, base_path, base_format,
+                                  target, size):
+                return
             tmp = disk_target.new_temp(target, made)
         handle = None
         try:
             with disk_target.errors(entry.image_id, target, size):
                 st = os.lstat(tmp)
                 handle = self.cache.register_disk(
-                    target, entry,
-                    base_path if self.uses_backing_file else None,
-                    tmp=tmp, disk_format=self.disk_format, st=st)
+                    target, entry, backing, tmp=tmp,
+                    disk_format=self.disk_format, st=st)
                 self.create_disk(base_path, base_format, tmp, size)
                 if self.conf.imagebackend.preallocate_images == "space":
                     self.preallocate(tmp, size)
@@ -346,9 +350,8 @@ class ImageBackend(abc.ABC):
                     # The hook replaced the file: tie the record to the
                     # one that is published.
                     old, handle = handle, self.cache.register_disk(
-                        target, entry,
-                        base_path if self.uses_backing_file else None,
-                        tmp=tmp, disk_format=self.disk_format, st=done)
+                        target, entry, backing, tmp=tmp,
+                        disk_format=self.disk_format, st=done)
                     self.cache.unregister_disk(old)
                 disk_target.publish(tmp, target)
         except BaseException:
@@ -357,6 +360,75 @@ class ImageBackend(abc.ABC):
                 self.cache.unregister_disk(handle)
             raise
         self.cache.confirm_disk(handle, done)
+
+    def _make_unnamed(self, entry, backing, base_path, base_format, target,
+                      size) -> bool:
+        """Make and publish the disk ``target`` as a file without a name
+        until it is complete, where the filesystem has them and
+        :meth:`copy_disk` fills one: the copy and its fdatasync overlap the
+        syncs of the intent record, which end before the disk gets a name
+        (linked without replacing anything; a crash before leaves no
+        file).
+
+        :returns: False (nothing made, nothing left) when the default way
+            must make the disk.
+        """
+        if type(self).copy_disk is ImageBackend.copy_disk:
+            return False        # the hook is not there
+        try:
+            unnamed = fileio.Unnamed.make(os.path.dirname(target))
+        except FileNotFoundError:
+            return False        # see _linked
+        if unnamed is None:
+            return False
+        fd, handle = unnamed.fd, None
+        try:
+            st = os.fstat(fd)
+            wait = self.cache.register_disk(
+                target, entry, backing, disk_format=self.disk_format, st=st,
+                fd=fd, wait=False)
+        except BaseException:
+            unnamed.close()
+            raise
+        try:
+            copied = self.copy_disk(base_path, base_format, fd, size)
+            if copied:
+                if self.conf.imagebackend.preallocate_images == "space":
+                    sparseio.preallocate(fd, size,
+                                         keep_size=self.disk_format != "raw")
+                os.fdatasync(fd)
+            handle = wait()
+            copied = copied and _linked(unnamed, target)
+            if copied:
+                # The record may say "done" before the name is durable: a
+                # done record of a disk that is not there protects nothing
+                # and is collected.
+                syncing = fileio.Background(unnamed.sync_name)
+                self.cache.confirm_disk(handle, st)
+                syncing.wait()
+        except BaseException:
+            if handle is None:
+                handle = _wait_quietly(wait)
+            copied = False
+            raise
+        finally:
+            unnamed.close()
+            if not copied and handle is not None:
+                self.cache.unregister_disk(handle)
+        return copied
+
+    def copy_disk(self, base_path: str, base_format: str, fd: int,
+                  size: int) -> bool:
+        """Overlay hook without a process: fill ``fd`` (a new, empty file
+        without a name, open for reading and writing) with the disk
+        :meth:`create_disk` would make, if that takes no process
+        (default: never; a backend that does not override this hook never
+        has it called).  The template method syncs and names it.
+
+        :returns: whether ``fd`` holds the disk; if not, it must be empty
+            and :meth:`create_disk` makes the disk.
+        """
+        return False
 
     #: whether disks of this backend keep a backing file.
     uses_backing_file = True
@@ -392,6 +464,34 @@ class ImageBackend(abc.ABC):
                                  keep_size=self.disk_format != "raw")
         finally:
             os.close(fd)
+
+
+def _linked(unnamed: fileio.Unnamed, target: str) -> bool:
+    """Link ``unnamed`` as ``target``.
+
+    :returns: False if its directory is gone: a concurrent call that made
+        it failed and removed it (it looked empty), and the default way
+        makes it again.
+    :raises imagebackend.exception.TargetExists: ``target`` exists.
+    """
+    try:
+        unnamed.link(os.path.basename(target))
+    except FileExistsError as exc:
+        raise exception.TargetExists(path=target) from exc
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _wait_quietly(wait):
+    """The handle ``wait()`` returns, or ``None`` if it fails (the record
+    is then gone already), for a caller that is failing anyway.
+    """
+    try:
+        return wait()
+    except Exception as exc:
+        LOG.debug("Disk record not made durable: %s", exc)
+        return None
 
 
 def load(conf: cfg.ConfigOpts, name: str | None = None,

@@ -44,3 +44,8 @@ class Qcow2Backend(base.ImageBackend):
     def create_disk(self, base_path, base_format, target, size):
         self.templates.make_overlay(base_path, base_format, target, size,
                                     options=self.overlay_options or None)
+
+    def copy_disk(self, base_path, base_format, fd, size):
+        return self.templates.copy_overlay(
+            base_path, base_format, fd, size,
+            options=self.overlay_options or None)

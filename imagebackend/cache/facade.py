@@ -256,7 +256,8 @@ class ImageCache:
     def register_disk(self, disk: str, entry: cache_lookup.CacheEntry,
                       backing_file: str | None, *, tmp: str | None = None,
                       disk_format: str = "qcow2",
-                      st: os.stat_result | None = None) -> str:
+                      st: os.stat_result | None = None,
+                      fd: int | None = None, wait: bool = True):
         """Record, durably and before the disk exists, that the library is
         making ``disk`` (built as ``tmp``) of format ``disk_format`` over
         ``backing_file`` (a base of ``entry``; ``None`` for a disk without
@@ -265,15 +266,33 @@ class ImageCache:
         Follow with :meth:`confirm_disk` once the disk has its name, or
         :meth:`unregister_disk` if it never gets it.
 
-        :param st: the stat of ``tmp``, tying the record to that file.
+        :param st: the stat of ``tmp`` (or of the unnamed file ``fd``),
+            tying the record to that file.
+        :param wait: False: the record is made durable in a thread of its
+            own, and a callable is returned at once that waits for it and
+            returns the handle (raising as this method does); call it
+            before the disk gets its name.
         :returns: a handle for :meth:`confirm_disk` / :meth:`unregister_disk`.
         :raises imagebackend.exception.CacheError: the record cannot be
             written.
         """
-        try:
-            return self.scanner.registry.begin(
+        with self._record_errors(disk):
+            intent = self.scanner.registry.start(
                 content_digest.cache_id(entry.image_id), entry.image_id,
-                disk, tmp, backing_file, disk_format, st)
+                disk, tmp, backing_file, disk_format, st, fd=fd,
+                background=not wait)
+        if wait:
+            return intent.path
+        return functools.partial(self._record_made, disk, intent)
+
+    def _record_made(self, disk, intent):
+        with self._record_errors(disk):
+            return intent.wait()
+
+    @contextlib.contextmanager
+    def _record_errors(self, disk):
+        try:
+            yield
         except OSError as exc:
             raise exception.CacheError(
                 path=self.base_dir,

@@ -50,12 +50,14 @@ class Registry:
     """The record of disks the library created, one file per attempt:
     ``_base/.disks/<cache_id>/<sha1 of the disk path>-<token>.json``.
 
-    A creation writes an *intent* record (durably) before it makes
-    anything that names a base, makes the disk under a temporary name,
-    publishes it, then marks its own record *done* -- or removes only its
-    own record on failure.  So a base is never without a record of the
-    disk that may use it, and a losing concurrent request for one target
-    never touches the winner's record.  Raw disks are recorded too (format
+    A creation writes an *intent* record (durably) before anything that
+    names a base has a name (a disk is built under a temporary name made
+    after the record is durable, or as a file without a name while the
+    record is made durable: :meth:`start`), publishes the disk, then marks
+    its own record *done* -- or removes only its own record on failure.
+    So a base is never without a record of the disk that may use it, and
+    a losing concurrent request for one target never touches the winner's
+    record.  Raw disks are recorded too (format
     ``raw``, base ``None``): their content is guest data, never a header
     to follow.
 
@@ -73,6 +75,9 @@ class Registry:
         self.directory = os.path.join(self.base_dir, cache_layout.DISKS_DIR)
         self.roots = [os.path.join(os.path.abspath(r), "") for r in roots]
         self.host = socket.gethostname()
+        #: the records this process wrote and has not confirmed or
+        #: removed yet, by path.
+        self._written: dict[str, dict] = {}
 
     @staticmethod
     def _key(disk: str) -> str:
@@ -118,6 +123,25 @@ class Registry:
             :meth:`rollback`.
         :raises OSError: the record cannot be written.
         """
+        return self.start(cid, image_id, disk, tmp, base, fmt, st,
+                          background=False).wait()
+
+    def start(self, cid: str, image_id: str, disk: str, tmp: str | None,
+              base: str | None, fmt: str, st: os.stat_result | None = None,
+              *, fd: int | None = None, background: bool = True
+              ) -> "Intent":
+        """Write the intent record of :meth:`begin`, and make it durable in
+        a thread of its own (``background``), so that the caller can build
+        the disk meanwhile; the caller waits (:meth:`Intent.wait`) before
+        the disk gets a name.
+
+        :param st: the stat of the file being built (``tmp``, or the
+            unnamed file ``fd`` when ``tmp`` is ``None``), to tie the record
+            to it.
+        :param fd: that file, open (labelled through it rather than
+            ``tmp``).
+        :raises OSError: the record cannot be written (nothing is left).
+        """
         disk = os.path.abspath(disk)
         token = secrets.token_hex(8)
         path = os.path.join(self._cid_dir(cid), "%s-%s.json" % (
@@ -127,24 +151,34 @@ class Registry:
                   "created_at": time.time(), "state": INTENT}
         if st is not None:
             record.update(dev=st.st_dev, ino=st.st_ino)
-            if _set_mark(tmp, token):
+            if _set_mark(tmp if fd is None else fd, token):
                 record["mark"] = token
         # A new name per attempt, so no rename is needed: a reader sees an
         # empty file (skipped) until the one write has put all of it.
-        data = json.dumps(record, indent=1, sort_keys=True).encode() + b"\n"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                     | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        data = _encode(record)
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                      | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
-            if os.write(fd, data) != len(data):
+            if os.write(out, data) != len(data):
                 raise OSError(errno.EIO, "short write", path)
-            os.fsync(fd)
         except BaseException:
-            os.close(fd)
+            os.close(out)
             fileio.remove_quietly(path)
             raise
-        os.close(fd)
-        fileio.fsync_dir(os.path.dirname(path))
-        return path
+        self._written[path] = record
+        directory = os.path.dirname(path)
+        if not background:
+            try:
+                _sync_fd(out)
+                fileio.fsync_dir(directory)
+            except BaseException:
+                self.rollback(path)
+                raise
+            return Intent(self, path, [])
+        # Its bytes and its name, each durable in a thread of its own.
+        return Intent(self, path, [fileio.Background(_sync_fd, out),
+                                   fileio.Background(fileio.fsync_dir,
+                                                     directory)])
 
     def confirm(self, path: str, st: os.stat_result | None = None) -> None:
         """Mark the attempt recorded in ``path`` done (its disk exists).
@@ -156,7 +190,11 @@ class Registry:
         :param st: the stat of the published disk.
         :raises OSError: the record cannot be rewritten.
         """
-        record = self._read(path)
+        # The record as this process wrote it (no one else rewrites an
+        # attempt's record), else as it reads now.
+        record = self._written.pop(path, None)
+        if record is None or not os.path.lexists(path):
+            record = self._read(path)
         if record is None:
             raise FileNotFoundError(errno.ENOENT, "registry record is gone",
                                     path)
@@ -164,10 +202,22 @@ class Registry:
         record["tmp"] = None
         if st is not None:
             record.update(dev=st.st_dev, ino=st.st_ino)
-        fileio.write_json_atomic(path, record, durable=False)
+        # Through a name of this attempt's own beside it, and a rename.
+        tmp = os.path.join(os.path.dirname(path),
+                           ".%s.tmp" % os.path.basename(path))
+        with fileio.new_file(tmp) as fd:
+            data = _encode(record)
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.EIO, "short write", tmp)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            fileio.remove_quietly(tmp)
+            raise
 
     def rollback(self, path: str) -> None:
         """Remove the record of a failed attempt (this attempt's only)."""
+        self._written.pop(path, None)
         if fileio.remove_quietly(path):
             try:
                 fileio.fsync_dir(os.path.dirname(path))
@@ -338,6 +388,43 @@ class Registry:
         return bool(bases_of(disk, st))
 
 
+class Intent:
+    """An intent record written by :meth:`Registry.start`, perhaps still
+    being made durable.
+
+    :ivar path: the record's path.
+    """
+
+    def __init__(self, registry: Registry, path: str, syncs: list) -> None:
+        self.path, self._registry, self._syncs = path, registry, syncs
+
+    def wait(self) -> str:
+        """Wait until the record is durable.
+
+        :returns: its path, for :meth:`Registry.confirm` and
+            :meth:`Registry.rollback`.
+        :raises OSError: it could not be made durable; it is removed.
+        """
+        failed = None
+        for sync in self._syncs:
+            try:
+                sync.wait()
+            except BaseException as exc:
+                failed = failed or exc
+        if failed is not None:
+            self._registry.rollback(self.path)
+            raise failed
+        return self.path
+
+
+def _sync_fd(fd: int) -> None:
+    """fsync the open file ``fd``, then close it."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _names_file(record: dict, st: os.stat_result) -> bool:
     """Whether ``record`` is tied to a file, which is the regular file at
     its disk path (not a symlink), and that file is ``st``.
@@ -352,7 +439,7 @@ def _names_file(record: dict, st: os.stat_result) -> bool:
             and _is_its_disk(record, here))
 
 
-def _set_mark(path: str, token: str) -> bool:
+def _set_mark(path: str | int, token: str) -> bool:
     """Label the new file ``path`` with its record's token (an extended
     attribute), so that a record is never taken for another file that got
     the same name and a reused inode number.
@@ -360,7 +447,11 @@ def _set_mark(path: str, token: str) -> bool:
     :returns: False where the filesystem has no extended attributes.
     """
     try:
-        os.setxattr(path, MARK_XATTR, token.encode(), follow_symlinks=False)
+        if isinstance(path, int):
+            os.setxattr(path, MARK_XATTR, token.encode())
+        else:
+            os.setxattr(path, MARK_XATTR, token.encode(),
+                        follow_symlinks=False)
         return True
     except OSError as exc:
         LOG.debug("Cannot label %s with its registry token: %s", path, exc)
@@ -383,6 +474,11 @@ def _is_its_disk(record: dict, st: os.stat_result) -> bool:
             return False
         return found == mark.encode()
     return True
+
+
+def _encode(record: dict) -> bytes:
+    """A record's bytes: one line of JSON (the C encoder's)."""
+    return json.dumps(record, sort_keys=True).encode() + b"\n"
 
 
 def _number(value) -> float:

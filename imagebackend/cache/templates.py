@@ -37,6 +37,7 @@ template is made again (a damaged one removed first) or, failing that,
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -79,6 +80,8 @@ _EXT_DATA_FILE = 0x44415441
 #: incompatible features a template may never have: dirty, corrupt,
 #: external data file.
 _REFUSED_FEATURES = 0b111
+#: the unit of holes in a template.
+_BLOCK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,14 +120,14 @@ class Spec:
     size: int
     options: tuple = ()
 
-    @property
+    @functools.cached_property
     def description(self) -> bytes:
         """The canonical text of the key (hashed into name and digest)."""
         return json.dumps([FORMAT, self.backing_file, self.backing_fmt,
                            self.size, [list(o) for o in self.options]],
                           separators=(",", ":")).encode()
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         return hashlib.sha256(self.description).hexdigest()[:KEY_HEX]
 
@@ -209,6 +212,20 @@ def _backing_format(body, offset, end):
             found = value.decode("ascii", "replace")
         offset += _EXT.size + (length + 7) // 8 * 8
     return found
+
+
+def _rewrite_sparse(fd: int, body: bytes) -> None:
+    """Make the open file ``fd`` hold ``body`` with every zero block a
+    hole: most of an empty overlay is zeros, and a copy of a sparse
+    template writes (and syncs) only its few blocks of data.
+    """
+    os.ftruncate(fd, 0)
+    os.ftruncate(fd, len(body))
+    view = memoryview(body)
+    for start in range(0, len(body), _BLOCK):
+        block = view[start:start + _BLOCK]
+        if not sparseio.all_zeros(block):
+            os.pwrite(fd, block, start)
 
 
 def of_base(base_dir: str, base_name: str
@@ -297,12 +314,39 @@ class Templates:
                          backing_fmt=backing_fmt, options=options)
         return False
 
-    def _copy(self, path, spec, target):
-        """Copy template ``path`` into ``target`` and check the copy.
+    def copy_overlay(self, backing_file: str, backing_fmt: str, fd: int,
+                     size: int, options: dict | None = None) -> bool:
+        """Fill ``fd`` (a new, empty file of the caller's, open for reading
+        and writing) with the overlay :meth:`make_overlay` makes, if a
+        template of it is there and passes the check; never starts a
+        process and never makes a template.
 
-        :returns: True when ``target`` holds the overlay; else the stat of
-            a template that failed the check (``None`` when there is no
-            regular file to copy); ``target`` is then emptied.
+        :returns: whether ``fd`` holds the overlay (else it is empty).
+        """
+        spec = spec_for(self.store.base_dir, backing_file, backing_fmt,
+                        size, options)
+        if spec is None:
+            return False
+        path = os.path.join(self.store.base_dir, spec.file_name())
+        return self._copy_into(path, spec, fd) is True
+
+    def _copy(self, path, spec, target):
+        """Copy template ``path`` into the file ``target`` and check the
+        copy (see :meth:`_copy_into`).
+        """
+        fd = os.open(target, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return self._copy_into(path, spec, fd)
+        finally:
+            os.close(fd)
+
+    def _copy_into(self, path, spec, fd):
+        """Copy template ``path`` into the open file ``fd`` and check the
+        copy.
+
+        :returns: True when ``fd`` holds the overlay; else the stat of a
+            template that failed the check (``None`` when there is no
+            regular file to copy); ``fd`` is then emptied.
         """
         try:
             st = os.lstat(path)
@@ -312,23 +356,19 @@ class Templates:
             LOG.warning("Ignoring overlay template %s: not a regular file "
                         "of at most %d bytes", path, MAX_TEMPLATE_BYTES)
             return st if stat.S_ISREG(st.st_mode) else None
-        fd = os.open(target, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        os.ftruncate(fd, 0)
         try:
+            sparseio.sparse_copy(path, fd, writeback=False)
+        except OSError as exc:
+            # Gone meanwhile, or unreadable: qemu-img makes the disk if it
+            # cannot be made again.
+            LOG.debug("Cannot copy overlay template %s: %s", path, exc)
             os.ftruncate(fd, 0)
-            try:
-                sparseio.sparse_copy(path, fd, writeback=False)
-            except OSError as exc:
-                # Gone meanwhile, or unreadable: qemu-img makes the disk
-                # if it cannot be made again.
-                LOG.debug("Cannot copy overlay template %s: %s", path, exc)
-                os.ftruncate(fd, 0)
-                return None
-            why = self._check_copy(fd, spec)
-            if why is None:
-                return True
-            os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)
+            return None
+        why = self._check_copy(fd, spec)
+        if why is None:
+            return True
+        os.ftruncate(fd, 0)
         LOG.warning("Overlay template %s is damaged (%s); making it again",
                     path, why)
         return st
@@ -402,6 +442,7 @@ class Templates:
                 LOG.warning("Not keeping a template of the overlay qemu-img "
                             "made for %s (%s)", spec.backing_file, why)
                 return False
+            _rewrite_sparse(fd, body)
             os.pwrite(fd, _TRAILER.pack(TRAILER_MAGIC, length,
                                         spec.digest(body)), length)
             os.fsync(fd)

@@ -17,6 +17,7 @@ is fsynced, and is renamed into place, so no reader ever sees half a file.
 Copies keep holes as holes.
 """
 
+import _thread
 import contextlib
 import ctypes
 import ctypes.util
@@ -288,6 +289,110 @@ def publish_fd(fd: int, path: str, final: str) -> bool:
         os.close(dir_fd)
     remove_quietly(path)
     return True
+
+
+#: errors of ``open(O_TMPFILE)`` that mean "no unnamed files here".
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
+
+
+class Unnamed:
+    """A new regular file without a name, in directory ``directory``
+    (``O_TMPFILE``): nothing of it is left if it is closed, or the host
+    crashes, before :meth:`link` names it.  Use :meth:`make`.
+
+    :ivar fd: the file, open for reading and writing.
+    """
+
+    def __init__(self, fd: int, dir_fd: int, directory: str) -> None:
+        self.fd, self.dir_fd, self.directory = fd, dir_fd, directory
+        self.name: str | None = None
+
+    @classmethod
+    def make(cls, directory: str, mode: int = 0o644) -> "Unnamed | None":
+        """:returns: the file, or ``None`` where the filesystem (or the
+            kernel) makes no unnamed files.
+        :raises OSError: ``directory`` cannot be opened, or another error.
+        """
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY
+                         | os.O_CLOEXEC)
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode,
+                         dir_fd=dir_fd)
+        except OSError as exc:
+            os.close(dir_fd)
+            if exc.errno in _NO_TMPFILE:
+                return None
+            raise
+        made = cls(fd, dir_fd, directory)
+        try:
+            os.fchmod(fd, mode)     # independent of the caller's umask
+        except BaseException:
+            made.close()
+            raise
+        return made
+
+    def link(self, name: str) -> None:
+        """Name the complete (fdatasynced) file ``name`` in its directory
+        unless that name exists; follow with :meth:`sync_name`.
+
+        :raises FileExistsError: ``name`` exists; nothing changed.
+        :raises OSError: any other failure; nothing changed.
+        """
+        # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N names the very
+        # inode this descriptor holds; it never replaces a name.
+        os.link("/proc/self/fd/%d" % self.fd, name, dst_dir_fd=self.dir_fd)
+        self.name = name
+
+    def sync_name(self) -> None:
+        """Make the name :meth:`link` gave durable.
+
+        :raises OSError: it could not be; the name is removed again.
+        """
+        try:
+            os.fsync(self.dir_fd)
+        except OSError:
+            remove_if_same(os.path.join(self.directory, self.name),
+                           os.fstat(self.fd))
+            raise
+
+    def close(self) -> None:
+        """Close the file (and remove it, if it has no name yet)."""
+        os.close(self.fd)
+        os.close(self.dir_fd)
+
+
+class Background:
+    """``func(*args)`` running in a thread of its own, for a wait that can
+    overlap other work (an fsync: the interpreter runs other threads
+    meanwhile).  Starting it does not wait for the thread to be scheduled.
+
+    :meth:`wait` returns its result or raises its exception.
+    """
+
+    def __init__(self, func, *args) -> None:
+        self._func, self._args = func, args
+        self._result = self._error = None
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+        _thread.start_new_thread(self._run, ())
+
+    def _run(self) -> None:
+        try:
+            self._result = self._func(*self._args)
+        except BaseException as exc:   # handed to wait()
+            self._error = exc
+        finally:
+            self._done.release()
+
+    def wait(self):
+        """:returns: what the function returned.
+        :raises BaseException: what the function raised.
+        """
+        with self._done:
+            pass
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def remove_if_same(path: str, st: os.stat_result) -> bool:

@@ -195,6 +195,8 @@ class Qcow2Hooks:
     disk_format = "qcow2"
     #: qemu-img commands a disk from a cached image costs.
     warm_qemu_calls = 1
+    #: whether a warm disk is a process-free copy (``copy_disk``).
+    copies_disks = True
 
     def expected_backing(self, world, image_id, size):
         """The backing file of a ``size``-byte disk, None for none."""
@@ -214,6 +216,7 @@ class RawHooks:
     backend_name = "raw"
     disk_format = "raw"
     warm_qemu_calls = 0
+    copies_disks = False
 
     def expected_backing(self, world, image_id, size):
         return None
@@ -411,7 +414,12 @@ class BackendContract:
         [record] = disk_records(backend, self.target())
         assert record["state"] == "done"
 
-    def test_failed_create_removes_only_what_it_made(self):
+    @pytest.mark.parametrize("hook_name", ["create_disk", "copy_disk"])
+    def test_failed_create_removes_only_what_it_made(self, hook_name):
+        """The overlay hook that makes the disk (``copy_disk`` for a warm
+        copy where the backend has one, else ``create_disk``) fails after
+        writing.
+        """
         w = self.world
         backend = self.backend()
         first = backend.create_image(w.raw_image, self.target("first"),
@@ -421,16 +429,26 @@ class BackendContract:
         with open(os.path.join(keep, "other"), "w") as f:
             f.write("someone else's")
         base_before = w.base_listing()
-        hook = backend.create_disk
+        hook = getattr(backend, hook_name)
+        called = []
 
         def fails_after_writing(base_path, base_format, path, size):
+            called.append(path)
             hook(base_path, base_format, path, size)
-            raise exception.DiskOperationError(path=path,
+            raise exception.DiskOperationError(path=str(path),
                                                reason="injected failure")
-        backend.create_disk = fails_after_writing
+        setattr(backend, hook_name, fails_after_writing)
+        if hook_name == "create_disk" and self.copies_disks:
+            # As when no template can serve: create_disk makes the disk.
+            backend.copy_disk = lambda *args: False
         target = os.path.join(keep, "new", "vm", "disk")
+        if hook_name == "copy_disk" and not self.copies_disks:
+            backend.create_image(w.raw_image, target, w.disk_size)
+            assert called == []
+            return
         with pytest.raises(exception.ImageBackendException):
             backend.create_image(w.raw_image, target, w.disk_size)
+        assert len(called) == 1
         # What it made (directories, temporary file, registry record) is
         # gone; what others made (a file, a disk, the cached base) is not.
         assert os.listdir(keep) == ["other"]

@@ -159,8 +159,7 @@ def test_begin_writes_the_whole_intent_durably(reg, tmp_path, synced,
               "created_at": 1234.5, "state": "intent",
               "dev": st.st_dev, "ino": st.st_ino,
               "mark": "0123456789abcdef"}
-    assert read(path) == json.dumps(record, indent=1,
-                                    sort_keys=True).encode() + b"\n"
+    assert read(path) == json.dumps(record, sort_keys=True).encode() + b"\n"
     assert stat.S_IMODE(os.lstat(path).st_mode) == 0o644
     assert synced[-1] == os.path.dirname(path)
     # The temporary file carries the record's token.
@@ -253,16 +252,21 @@ def test_confirm_marks_done_and_ties_the_record_to_the_disk(
     path = intent(reg, disk, tmp)
     before = json.loads(read(path))
     os.rename(tmp, disk)
-    writes = []
-    real = fileio.write_json_atomic
-
-    def spy(p, data, **kwargs):
-        writes.append((p, kwargs))
-        real(p, data, **kwargs)
-
-    monkeypatch.setattr(fileio, "write_json_atomic", spy)
+    synced, renamed = [], []
+    real_rename = os.rename
+    monkeypatch.setattr(os, "fsync", synced.append)
+    monkeypatch.setattr(os, "rename", lambda *a: (renamed.append(a),
+                                                  real_rename(*a)))
     reg.confirm(path, os.lstat(disk))
-    assert writes == [(path, {"durable": False})]
+    monkeypatch.undo()
+    # Not synced: rewritten through a hidden name of its own beside it.
+    assert synced == []
+    hidden = os.path.join(os.path.dirname(path),
+                          "." + os.path.basename(path) + ".tmp")
+    assert renamed == [(hidden, path)]
+    assert sorted(os.listdir(os.path.dirname(path))) == [
+        os.path.basename(path)]
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o644
     after = json.loads(read(path))
     st = os.lstat(disk)
     assert after == dict(before, state="done", tmp=None, dev=st.st_dev,
