@@ -70,11 +70,6 @@ def create(dep, image_id, name, backend="qcow2", size=DISK, path=None):
         image_id, path or target(dep, name), size)
 
 
-def base(dep, image_id, generation=1):
-    return os.path.join(dep.base_dir, cache_layout.stem(
-        content_digest.cache_id(image_id), generation))
-
-
 def converts(dep, image_id):
     cid = content_digest.cache_id(image_id)
     return [c for c in dep.qemu_calls()
@@ -98,19 +93,19 @@ def test_changed_image_is_a_new_generation_old_disk_keeps_old_bytes(
     again = create(dep, "guest.raw", "vm-again", backend)
 
     suffix = "_%d" % DISK if backend == "cached-base" else ""
-    assert old.backing_file == base(dep, "guest.raw", 1) + suffix
-    assert new.backing_file == base(dep, "guest.raw", 2) + suffix
+    assert old.backing_file == dep.base_path("guest.raw", 1) + suffix
+    assert new.backing_file == dep.base_path("guest.raw", 2) + suffix
     assert new.cache_hit is False and again.cache_hit is True
     assert again.backing_file == new.backing_file
     assert same(old_copy, "raw", old.path)
     assert same(source, "raw", new.path)
     assert not same(old.path, "qcow2", new.path)
     # The old generation's bytes were never touched.
-    assert same(old_copy, "raw", base(dep, "guest.raw", 1), "raw")
+    assert same(old_copy, "raw", dep.base_path("guest.raw", 1), "raw")
 
     rows = {os.path.basename(r["file"]): r
             for r in dep.cli_json("cache", "list")}
-    first, second = (os.path.basename(base(dep, "guest.raw", g))
+    first, second = (os.path.basename(dep.base_path("guest.raw", g))
                      for g in (1, 2))
     assert rows[first]["generation"] == 1 and rows[first]["stale"] is True
     assert rows[second]["generation"] == 2
@@ -147,10 +142,10 @@ def test_prune_with_zero_ages_removes_exactly_the_unused_bases(dep):
     os.makedirs(os.path.dirname(hand))
     subprocess.run([fenv.REAL_QEMU_IMG, "create", "-q", "-f", "qcow2",
                     "-F", "raw", "-b", os.path.relpath(
-                        base(dep, "d.raw"), os.path.dirname(hand)),
+                        dep.base_path("d.raw"), os.path.dirname(hand)),
                     hand], check=True)
     disks["d.raw"] = hand
-    unused = {base(dep, "b.qcow2"), base(dep, "e.qcow2")}
+    unused = {dep.base_path("b.qcow2"), dep.base_path("e.qcow2")}
     allocated = sum(os.stat(p).st_blocks * 512 for p in unused)
 
     dry = dep.cli_json("cache", "prune", "--dry-run")
@@ -163,11 +158,11 @@ def test_prune_with_zero_ages_removes_exactly_the_unused_bases(dep):
     assert not any(os.path.exists(p) for p in unused)
     # A record goes with the last file of its generation: b's sized base
     # is still there.
-    assert not os.path.exists(base(dep, "e.qcow2") + ".json")
-    assert os.path.exists(base(dep, "b.qcow2") + ".json")
+    assert not os.path.exists(dep.base_path("e.qcow2") + ".json")
+    assert os.path.exists(dep.base_path("b.qcow2") + ".json")
     for image_id in ("a.raw", "c.raw", "d.raw"):
-        assert os.path.exists(base(dep, image_id))
-    assert os.path.exists(base(dep, "b.qcow2") + "_%d" % DISK)
+        assert os.path.exists(dep.base_path(image_id))
+    assert os.path.exists(dep.base_path("b.qcow2") + "_%d" % DISK)
     for image_id, disk in disks.items():
         assert same(os.path.join(dep.images, image_id), fmt(image_id), disk)
     assert dep.cli_json("cache", "prune")["removed"] == []
@@ -314,35 +309,35 @@ def test_space_eviction_removes_least_recently_used_first(dep):
     now = time.time()
     for age, image_id in ((400, "q.raw"), (300, "r.raw"), (200, "s.raw"),
                           (100, "p.raw")):
-        os.utime(base(dep, image_id) + ".json", (now - age, now - age))
-    one = os.stat(base(dep, "p.raw")).st_blocks * 512
+        os.utime(dep.base_path(image_id) + ".json", (now - age, now - age))
+    one = os.stat(dep.base_path("p.raw")).st_blocks * 512
     conf.set_override("max_size", str(int(2.5 * one)), group="image_cache")
 
     report = cache.ImageCache(conf).prune()
     # q is the oldest but in use; r then s are the least recently used.
-    assert [r.file for r in report.removed] == [base(dep, "r.raw"),
-                                                base(dep, "s.raw")]
+    assert [r.file for r in report.removed] == [dep.base_path("r.raw"),
+                                                dep.base_path("s.raw")]
     assert report.bytes_freed == 2 * one
     assert report.space_target_met is True
-    assert os.path.exists(base(dep, "q.raw"))
-    assert os.path.exists(base(dep, "p.raw"))
+    assert os.path.exists(dep.base_path("q.raw"))
+    assert os.path.exists(dep.base_path("p.raw"))
 
     conf.set_override("max_size", "1", group="image_cache")
     report = cache.ImageCache(conf).prune()
-    assert [r.file for r in report.removed] == [base(dep, "p.raw")]
+    assert [r.file for r in report.removed] == [dep.base_path("p.raw")]
     assert report.space_target_met is False
 
 
 def test_orphaned_scratch_and_lock_files_go_unless_their_lock_is_held(dep):
     c = cache.ImageCache(dep.conf())
     c.store.ensure_dirs()
-    orphans = [base(dep, "gone.raw") + ".part",
-               base(dep, "gone.qcow2", 3) + ".converted",
-               base(dep, "x.raw") + "_%d.part" % DISK]
-    busy = base(dep, "busy.raw") + ".part"
+    orphans = [dep.base_path("gone.raw") + ".part",
+               dep.base_path("gone.qcow2", 3) + ".converted",
+               dep.base_path("x.raw") + "_%d.part" % DISK]
+    busy = dep.base_path("busy.raw") + ".part"
     # A fetch on a host that locks elsewhere: its lock is free here, but
     # its scratch is recent, so it stays.
-    running = base(dep, "elsewhere.raw") + ".part-0123456789ab"
+    running = dep.base_path("elsewhere.raw") + ".part-0123456789ab"
     old = time.time() - cache_layout.SCRATCH_MINIMUM_AGE - 60
     for path in orphans + [busy, running]:
         with open(path, "wb") as f:
@@ -399,7 +394,7 @@ def test_verify_detects_a_flipped_byte_and_repair_moves_it_aside(dep):
     assert {r["status"] for r in rows.values()} == {"ok"}
     assert len(rows) == 3               # two bases and a sized base
 
-    r_base, q_base = base(dep, "r.raw"), base(dep, "q.qcow2")
+    r_base, q_base = dep.base_path("r.raw"), dep.base_path("q.qcow2")
     _flip_byte(r_base)
     _flip_byte(q_base)
     _flip_byte(in_use.backing_file, 2 * MiB)
@@ -422,17 +417,17 @@ def test_verify_detects_a_flipped_byte_and_repair_moves_it_aside(dep):
     again = create(dep, "r.raw", "vm-r", "qcow2")
     assert again.cache_hit is False
     # A new generation: the name of the one moved aside is never reused.
-    assert again.backing_file == base(dep, "r.raw", 2)
+    assert again.backing_file == dep.base_path("r.raw", 2)
     assert same(raw, "raw", again.path)
     fresh = create(dep, "q.qcow2", "vm-q2", "cached-base")
     assert fresh.cache_hit is False
-    assert fresh.backing_file == base(dep, "q.qcow2", 2) + "_%d" % DISK
+    assert fresh.backing_file == dep.base_path("q.qcow2", 2) + "_%d" % DISK
     assert same(qcow2, "qcow2", fresh.path)
     code, rows = _verify(dep, "r.raw")
     # Generation 1's stale record is left (never replaced), so the fresh
     # copy is generation 2.
-    assert code == 0 and list(rows) == [os.path.basename(base(dep, "r.raw",
-                                                              2))]
+    assert code == 0 and list(rows) == [
+        os.path.basename(dep.base_path("r.raw", 2))]
 
 
 def test_invalidate_makes_the_next_create_fetch_again(dep):
@@ -442,17 +437,17 @@ def test_invalidate_makes_the_next_create_fetch_again(dep):
     assert len(converts(dep, "g.qcow2")) == 1
 
     result = dep.cli_json("cache", "invalidate", "g.qcow2")
-    assert result["marked_stale"] == [base(dep, "g.qcow2")]
+    assert result["marked_stale"] == [dep.base_path("g.qcow2")]
     assert result["removed"] == []
-    assert [k["file"] for k in result["kept"]] == [base(dep, "g.qcow2")]
+    assert [k["file"] for k in result["kept"]] == [dep.base_path("g.qcow2")]
     result = dep.cli_json("cache", "invalidate", "h.raw")
-    assert [r["file"] for r in result["removed"]] == [base(dep, "h.raw")]
+    assert [r["file"] for r in result["removed"]] == [dep.base_path("h.raw")]
     assert result["bytes_freed"] > 0
-    assert not os.path.exists(base(dep, "h.raw"))
+    assert not os.path.exists(dep.base_path("h.raw"))
 
     new = create(dep, "g.qcow2", "vm-g2")
     assert new.cache_hit is False
-    assert new.backing_file == base(dep, "g.qcow2", 2)
+    assert new.backing_file == dep.base_path("g.qcow2", 2)
     assert len(converts(dep, "g.qcow2")) == 2
     assert same(qcow2, "qcow2", new.path)
     assert same(qcow2, "qcow2", old.path)
@@ -460,7 +455,7 @@ def test_invalidate_makes_the_next_create_fetch_again(dep):
     assert h.cache_hit is False
     # Generation numbers are never reused, even once nothing of one is
     # left.
-    assert h.backing_file == base(dep, "h.raw", 2)
+    assert h.backing_file == dep.base_path("h.raw", 2)
     assert same(raw, "raw", h.path)
 
 
@@ -505,7 +500,7 @@ def test_a_sized_base_appears_complete_or_not_at_all(dep):
     conf = dep.conf()
     cache.ImageCache(conf, sources.load(conf)).prefetch(["big.raw"])
     size = 256 * MiB
-    final = base(dep, "big.raw") + "_%d" % size
+    final = dep.base_path("big.raw") + "_%d" % size
     name = os.path.basename(final)
     stop, sightings = threading.Event(), []
 

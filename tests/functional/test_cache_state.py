@@ -50,11 +50,6 @@ def dep(tmp_path):
     return fenv.Deployment(str(tmp_path))
 
 
-def base(dep, image_id, generation=1):
-    return os.path.join(dep.base_dir, cache_layout.stem(
-        content_digest.cache_id(image_id), generation))
-
-
 def target(dep, name):
     return os.path.join(dep.instances, name, "disk")
 
@@ -129,7 +124,7 @@ def register_raw(dep, image_id, disk):
     os.makedirs(directory, exist_ok=True)
     key = hashlib.sha1(disk.encode("utf-8")).hexdigest()
     with open(os.path.join(directory, key + ".json"), "w") as f:
-        json.dump({"disk": disk, "base": base(dep, image_id),
+        json.dump({"disk": disk, "base": dep.base_path(image_id),
                    "image_id": image_id, "format": "raw",
                    "host": socket.gethostname(),
                    "created_at": time.time()}, f)
@@ -145,7 +140,7 @@ def test_a_pruned_generation_number_is_never_reused(dep):
     dep.write_config(image_cache=AGES_ZERO)
     source = fenv.make_raw(os.path.join(dep.images, "g.raw"), SIZE, seed=1)
     run(dep, "cache", "prefetch", "g.raw")
-    first = base(dep, "g.raw")
+    first = dep.base_path("g.raw")
     # Made by hand outside every searched directory, never recorded.
     orphan = os.path.join(dep.root, "elsewhere", "disk")
     os.makedirs(os.path.dirname(orphan))
@@ -159,7 +154,7 @@ def test_a_pruned_generation_number_is_never_reused(dep):
     fenv.make_raw(source, SIZE, seed=2)
     disk = create(dep, "g.raw", "vm-new")
     assert disk.cache_hit is False
-    assert disk.backing_file == base(dep, "g.raw", 2)
+    assert disk.backing_file == dep.base_path("g.raw", 2)
     assert not os.path.exists(first)
     assert same(source, "raw", disk.path)
     claims = os.path.join(dep.base_dir, ".generations",
@@ -180,7 +175,7 @@ def test_a_raw_base_with_a_guest_header_survives_a_policy_bump(
     image, raw_bytes = guest_image_with_header(dep, "snap.qcow2",
                                                header_kind)
     first = create(dep, "snap.qcow2", "vm1")
-    the_base = base(dep, "snap.qcow2")
+    the_base = dep.base_path("snap.qcow2")
     assert first.backing_file == the_base
     assert same(raw_bytes, "raw", the_base, "raw")
     with open(the_base, "rb") as f:
@@ -214,7 +209,7 @@ def test_a_refused_non_raw_base_in_use_is_marked_stale_not_moved(dep):
                     "-o", "subformat=monolithicSparse", raw, image],
                    check=True)
     first = create(dep, "d.vmdk", "vm1")
-    the_base = base(dep, "d.vmdk")
+    the_base = dep.base_path("d.vmdk")
     assert fenv.qemu_info(the_base, "vmdk")["format"] == "vmdk"
     # The new policy refuses every VMDK.
     dep.write_config(imagebackend={"force_raw_images": "false",
@@ -246,7 +241,7 @@ def test_a_planted_header_in_a_registered_raw_disk_pins_nothing(dep):
     fenv.make_raw(os.path.join(dep.images, "victim.raw"), SIZE, seed=1)
     fenv.make_raw(os.path.join(dep.images, "guest.raw"), SIZE, seed=2)
     run(dep, "cache", "prefetch", "victim.raw")
-    victim = base(dep, "victim.raw")
+    victim = dep.base_path("victim.raw")
     disk = create(dep, "guest.raw", "vm-g", "raw").path
     register_raw(dep, "guest.raw", disk)
     header = qcow2_header_naming(os.path.join(dep.root, "h.qcow2"), victim)
@@ -257,7 +252,7 @@ def test_a_planted_header_in_a_registered_raw_disk_pins_nothing(dep):
     assert code == 0
     removed = {r["file"] for r in report["removed"]}
     assert victim in removed
-    assert base(dep, "guest.raw") in removed
+    assert dep.base_path("guest.raw") in removed
     assert report["kept"] == []
     with open(disk, "rb") as f:
         assert f.read(len(header)) == header     # never touched
@@ -294,7 +289,7 @@ def test_a_planted_special_backing_name_neither_stops_nor_hangs_pruning(
     assert code == 0
     assert time.monotonic() - started < 60
     assert sorted(r["file"] for r in report["removed"]) == sorted(
-        [base(dep, "p.raw"), base(dep, "q.raw")])
+        [dep.base_path("p.raw"), dep.base_path("q.raw")])
     assert report["space_target_met"] is True
     assert report["kept"] == []
 
@@ -306,7 +301,7 @@ def test_a_planted_special_backing_name_neither_stops_nor_hangs_pruning(
 def test_a_base_without_a_valid_record_is_fetched_again(dep, damage):
     source = fenv.make_qcow2(os.path.join(dep.images, "r.qcow2"), SIZE)
     first = create(dep, "r.qcow2", "vm1")
-    the_base = base(dep, "r.qcow2")
+    the_base = dep.base_path("r.qcow2")
     record_path = the_base + ".json"
     with open(record_path) as f:
         good = json.load(f)
@@ -332,7 +327,7 @@ def test_a_base_without_a_valid_record_is_fetched_again(dep, damage):
     assert [r["status"] for r in rows] == ["unverified"]
     second = create(dep, "r.qcow2", "vm2")
     assert second.cache_hit is False
-    assert second.backing_file == base(dep, "r.qcow2", 2)
+    assert second.backing_file == dep.base_path("r.qcow2", 2)
     assert same(source, "qcow2", second.path)
     assert os.path.exists(the_base)         # vm1 still reads it
     assert first.backing_file == the_base
@@ -366,10 +361,10 @@ def test_a_sized_base_stays_verifiable_after_its_original_is_pruned(dep):
     fenv.make_raw(os.path.join(dep.images, "s.raw"), SIZE)
     disk = create(dep, "s.raw", "vm1", "cached-base")
     sized = disk.backing_file
-    assert sized == base(dep, "s.raw") + "_%d" % DISK
+    assert sized == dep.base_path("s.raw") + "_%d" % DISK
     _write_sized_record(sized, "s.raw", content_digest.cache_id("s.raw"), DISK)
     code, report = run_json(dep, "cache", "prune")
-    assert [r["file"] for r in report["removed"]] == [base(dep, "s.raw")]
+    assert [r["file"] for r in report["removed"]] == [dep.base_path("s.raw")]
 
     code, rows = run_json(dep, "cache", "verify")
     assert (code, [(r["file"], r["status"]) for r in rows]) == (

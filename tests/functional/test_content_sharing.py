@@ -26,8 +26,6 @@ import textwrap
 import pytest
 
 from imagebackend.backends import base as backends_base
-from imagebackend.cache import layout as cache_layout
-from imagebackend.common import digest as content_digest
 from imagebackend import sources
 from tests.functional.fixtures import env as fenv
 from tests.functional.fixtures import hostile_glance as hg
@@ -41,11 +39,6 @@ AGES_ZERO = fenv.AGES_ZERO
 @pytest.fixture
 def dep(tmp_path):
     return fenv.Deployment(str(tmp_path))
-
-
-def base(dep, image_id, generation=1):
-    return os.path.join(dep.base_dir, cache_layout.stem(
-        content_digest.cache_id(image_id), generation))
 
 
 def create(dep, image_id, name, backend="qcow2"):
@@ -134,7 +127,7 @@ def test_verify_reports_each_id_and_repair_moves_only_unused_names(dep):
     assert sorted((r["image_id"], r["status"]) for r in rows) == [
         ("a.raw", "ok"), ("b.raw", "ok")]
     # Bit rot (or a hand) changes the shared bytes: both ids see it.
-    with open(base(dep, "a.raw"), "r+b") as f:
+    with open(dep.base_path("a.raw"), "r+b") as f:
         f.write(b"rot")
     os.unlink(disk_a.path)
 
@@ -147,8 +140,8 @@ def test_verify_reports_each_id_and_repair_moves_only_unused_names(dep):
         "a.raw": "corrupt", "b.raw": "corrupt"}
     assert rows["a.raw"]["action"].startswith("moved aside")
     assert rows["b.raw"]["action"].startswith("in use by")
-    assert os.path.exists(base(dep, "b.raw"))
-    assert not os.path.exists(base(dep, "a.raw"))
+    assert os.path.exists(dep.base_path("b.raw"))
+    assert not os.path.exists(dep.base_path("a.raw"))
     # The next disk of either id fetches fresh bytes, not the rotten ones.
     fresh = create(dep, "a.raw", "vm-a2")
     assert fenv.images_identical(a, "raw", fresh.path, "qcow2")
@@ -187,10 +180,10 @@ def test_a_crash_while_linking_leaves_nothing_under_its_name(dep, point):
                             point, target], env=dep.env())
 
     assert child.returncode == -signal.SIGKILL
-    assert not os.path.lexists(base(dep, "b.raw"))
+    assert not os.path.lexists(dep.base_path("b.raw"))
     assert not os.path.lexists(target)
     left = [n for n in os.listdir(dep.base_dir)
-            if n.startswith(os.path.basename(base(dep, "b.raw")))]
+            if n.startswith(os.path.basename(dep.base_path("b.raw")))]
     assert all(".part-" in n or n.endswith(".json") for n in left), left
     # The shared bytes and a.raw's record are untouched.
     with open(disk_a.backing_file + ".json", "rb") as f:
@@ -259,8 +252,8 @@ def test_a_glance_image_with_a_cached_sha512_is_not_downloaded(server,
     # Only the image's record was sent, no data.
     assert server.body_bytes_sent - sent < 4096
     assert not disk_b.cache_hit
-    assert os.path.samestat(os.lstat(base(gdep, first)),
-                            os.lstat(base(gdep, second)))
+    assert os.path.samestat(os.lstat(gdep.base_path(first)),
+                            os.lstat(gdep.base_path(second)))
     with open(disk_a.path, "rb") as fa, open(disk_b.path, "rb") as fb:
         assert fa.read(8 * MiB) == fb.read(8 * MiB) == BLOCK * 8
     rows = {r["image_id"]: r["status"]

@@ -21,7 +21,6 @@ import os
 import pytest
 
 from imagebackend import cache
-from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import locks as cache_locks
 from imagebackend.common import digest as content_digest
 from imagebackend import sources
@@ -62,8 +61,7 @@ def _create(dep, name="vm", check=False):
 def test_a_symlink_under_a_bases_name_is_refused(dep):
     victim = _victim(dep)
     os.makedirs(dep.base_dir)
-    name = os.path.join(dep.base_dir, cache_layout.stem(
-        content_digest.cache_id(IMAGE), 1))
+    name = dep.base_path(IMAGE)
     os.symlink(victim, name)
 
     target, result = _create(dep)
@@ -109,8 +107,7 @@ def test_nothing_is_removed_while_a_disk_directory_is_missing(dep):
     conf = dep.conf()
     c = cache.ImageCache(conf, sources.load(conf))
     [row] = c.prefetch([IMAGE]).images
-    base = os.path.join(dep.base_dir, cache_layout.stem(
-        content_digest.cache_id(IMAGE), 1))
+    base = dep.base_path(IMAGE)
     assert row.file == base and os.path.exists(base)
 
     # Its disks may be on the missing filesystem: nothing is pruned, and
@@ -131,8 +128,7 @@ def test_nothing_is_removed_while_a_disk_directory_is_missing(dep):
 def test_repair_marks_an_unverifiable_base_stale_and_never_moves_it(dep):
     conf = dep.conf()
     cache.ImageCache(conf, sources.load(conf)).prefetch([IMAGE])
-    base = os.path.join(dep.base_dir, cache_layout.stem(
-        content_digest.cache_id(IMAGE), 1))
+    base = dep.base_path(IMAGE)
     os.unlink(base + ".json")           # nothing can vouch for it now
 
     result = dep.cli("cache", "verify", "--repair", "-f", "json",
