@@ -220,12 +220,9 @@ def _rewrite_sparse(fd: int, body: bytes) -> None:
     template writes (and syncs) only its few blocks of data.
     """
     os.ftruncate(fd, 0)
-    os.ftruncate(fd, len(body))
-    view = memoryview(body)
-    for start in range(0, len(body), _BLOCK):
-        block = view[start:start + _BLOCK]
-        if not sparseio.all_zeros(block):
-            os.pwrite(fd, block, start)
+    writer = sparseio.SparseWriter(fd, block=_BLOCK)
+    writer.write(body)
+    writer.finish()
 
 
 def of_base(base_dir: str, base_name: str

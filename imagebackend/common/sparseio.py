@@ -52,10 +52,14 @@ class SparseWriter:
 
     Blocks are aligned to the file, not to the chunks, so the same holes
     are found however the stream is cut into chunks.
+
+    :param block: the size of the zero blocks left as holes (a multiple
+        of the filesystem's block size).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, block: int = ZERO_BLOCK) -> None:
         self.fd = fd
+        self.block = block
         self.offset = 0
 
     def write(self, chunk: bytes) -> None:
@@ -65,7 +69,8 @@ class SparseWriter:
         start = 0       # the first byte neither written nor skipped
         pos = 0
         while pos < length:
-            end = min(pos + ZERO_BLOCK - (origin + pos) % ZERO_BLOCK, length)
+            end = min(pos + self.block - (origin + pos) % self.block,
+                      length)
             if all_zeros(view[pos:end]):
                 if start < pos:
                     self._write_at(view[start:pos], origin + start)
