@@ -54,8 +54,6 @@ import sys
 import time
 import typing
 
-from oslo_concurrency import lockutils
-
 from imagebackend import exception
 
 LOG = logging.getLogger(__name__)
@@ -240,6 +238,10 @@ def exclusive(lock_dir: str, name: str, *, blocking: bool = True,
     :raises imagebackend.exception.LockFileError: the lock file cannot be
         created.
     """
+    # Imported by the first lock taken: listing the cache, or making a
+    # disk from a cached base, takes none of these.
+    from oslo_concurrency import lockutils
+
     path = lock_file(lock_dir, name)
     wait = _Wait(path, what, timeout, activity)
     # The in-process semaphore first: POSIX record locks belong to the

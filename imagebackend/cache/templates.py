@@ -51,7 +51,6 @@ from imagebackend.cache import store as cache_store
 from imagebackend.common import fileio
 from imagebackend.common import sparseio
 from imagebackend import exception
-from imagebackend.qemu import img as qemu_img
 
 LOG = logging.getLogger(__name__)
 
@@ -269,12 +268,13 @@ class Templates:
     """Makes qcow2 overlays by copying templates kept in ``_base``.
 
     :param store: the cache's paths and locks.
-    :param qemu: the qemu-img that makes a template (and a disk when no
-        template can serve).
+    :param qemu: the :class:`~imagebackend.qemu.img.QemuImg` that makes
+        a template (and a disk when no template can serve).
     """
 
-    def __init__(self, store: cache_store.Store,
-                 qemu: qemu_img.QemuImg) -> None:
+    # ``qemu`` is not annotated: the cache's scan uses this module and
+    # imports no qemu-img code.
+    def __init__(self, store: cache_store.Store, qemu) -> None:
         self.store = store
         self.qemu = qemu
 
