@@ -21,7 +21,6 @@ process; :mod:`imagebackend.qemu.img` does.
 
 import dataclasses
 import datetime
-import decimal
 import re
 import typing
 
@@ -58,6 +57,12 @@ def parse_size(value: str | int) -> int:
     if not match:
         raise exception.InvalidSize(value=value, reason="not a size")
     number, unit = match.groups()
+    if number.isdigit():
+        # A whole number needs no decimal arithmetic (nor the decimal
+        # module's import, for every command given a size).
+        return int(number) * _UNITS[unit and unit.lower()]
+    import decimal
+
     size = decimal.Decimal(number) * _UNITS[unit and unit.lower()]
     if size != size.to_integral_value():
         raise exception.InvalidSize(value=value,

@@ -25,7 +25,8 @@ KiB, MiB, GiB, TiB = 1024, 1024 ** 2, 1024 ** 3, 1024 ** 4
     ("10G", 10 * GiB), ("10g", 10 * GiB), ("1.5G", 3 * GiB // 2),
     ("2T", 2 * TiB), ("4k", 4 * KiB), ("4K", 4 * KiB), ("10GB", 10 * GiB),
     ("10GiB", 10 * GiB), ("100b", 100), (" 8 M ", 8 * MiB),
-    (".5K", 512),
+    (".5K", 512), ("1.", 1), ("2.0G", 2 * GiB), ("007M", 7 * MiB),
+    ("\u0663K", 3 * KiB),
 ])
 def test_parse_size_accepts(value, expected):
     assert qemu_results.parse_size(value) == expected
