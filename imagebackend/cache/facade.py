@@ -66,17 +66,24 @@ class ImageCache:
             conf.image_cache.disk_dirs or [])
         self.scanner = cache_usage.UsageScanner(
             base_dir, roots, [base_dir, self.store.lock_dir])
-        self.fetcher = None
-        if source is not None:
-            from imagebackend.cache import fetch as cache_fetch
-
-            self.fetcher = cache_fetch.Fetcher(
-                self.store, source, self.qemu, conf, self.scanner.registry)
 
     # The other collaborators are made, and their modules imported, when
     # first used: listing the cache (the command line's "cache list")
     # needs none of them.  They keep no state but the objects given to
     # them, so two threads that make one at once get equivalent ones.
+
+    @functools.cached_property
+    def fetcher(self):
+        """The :class:`~imagebackend.cache.fetch.Fetcher`, made when a
+        base is first looked up (deleting a disk needs none); None for a
+        cache made without a source.
+        """
+        if self.source is None:
+            return None
+        from imagebackend.cache import fetch as cache_fetch
+
+        return cache_fetch.Fetcher(self.store, self.source, self.qemu,
+                                   self.conf, self.scanner.registry)
 
     @functools.cached_property
     def qemu(self):

@@ -26,16 +26,12 @@ import time
 
 from oslo_config import cfg
 
-from imagebackend.cache import content as cache_content
-from imagebackend.cache import download as cache_download
 from imagebackend.cache import generations as cache_generations
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import lookup as cache_lookup
-from imagebackend.cache import publish as cache_publish
 from imagebackend.cache import registry as cache_registry
 from imagebackend.cache import reinspect as cache_reinspect
 from imagebackend.cache import store as cache_store
-from imagebackend.cache import verify as cache_verify
 from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
 from imagebackend.common import progress as common_progress
@@ -198,6 +194,12 @@ class Fetcher:
 
         :returns: its metadata record (``generation`` names the base).
         """
+        # The miss path's modules: a cache hit (identify, choose_stem)
+        # needs none of them.
+        from imagebackend.cache import content as cache_content
+        from imagebackend.cache import download as cache_download
+        from imagebackend.cache import publish as cache_publish
+
         record = None
         if self.conf.imagebackend.reuse_by_source_hash:
             record = cache_content.link_same_image(
@@ -293,6 +295,8 @@ class Fetcher:
         :raises imagebackend.exception.DiskOperationError: it cannot be
             read back or flushed, or was replaced meanwhile.
         """
+        from imagebackend.cache import verify as cache_verify
+
         fd = _open_scratch(converted)
         try:
             with sparseio.Writeback(path=converted):
