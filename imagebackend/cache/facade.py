@@ -82,8 +82,9 @@ class ImageCache:
             return None
         from imagebackend.cache import fetch as cache_fetch
 
-        return cache_fetch.Fetcher(self.store, self.source, self.qemu,
-                                   self.conf, self.scanner.registry)
+        return cache_fetch.Fetcher(self.store, self.source,
+                                   lambda: self.qemu, self.conf,
+                                   self.scanner.registry)
 
     @functools.cached_property
     def qemu(self):

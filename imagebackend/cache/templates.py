@@ -45,6 +45,7 @@ import os
 import re
 import stat
 import struct
+import typing
 
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import store as cache_store
@@ -270,13 +271,26 @@ class Templates:
     :param store: the cache's paths and locks.
     :param qemu: the :class:`~imagebackend.qemu.img.QemuImg` that makes
         a template (and a disk when no template can serve).
+    :param make_qemu: instead of ``qemu``, a function returning it,
+        called when qemu-img first runs: copying a template runs none.
     """
 
     # ``qemu`` is not annotated: the cache's scan uses this module and
     # imports no qemu-img code.
-    def __init__(self, store: cache_store.Store, qemu) -> None:
+    def __init__(self, store: cache_store.Store, qemu=None, *,
+                 make_qemu: typing.Callable[[], typing.Any] | None = None
+                 ) -> None:
+        if (qemu is None) == (make_qemu is None):
+            raise TypeError("give Templates qemu or make_qemu")
         self.store = store
-        self.qemu = qemu
+        if qemu is not None:
+            self.qemu = qemu
+        self._make_qemu = make_qemu
+
+    @functools.cached_property
+    def qemu(self):
+        """The QemuImg given, else the one ``make_qemu`` returns."""
+        return self._make_qemu()
 
     def make_overlay(self, backing_file: str, backing_fmt: str,
                      target: str, size: int,
