@@ -123,7 +123,8 @@ class ImageCache:
         """Verification: :class:`~imagebackend.cache.verify.Verifier`."""
         from imagebackend.cache import verify as cache_verify
 
-        return cache_verify.Verifier(self.store, self.qemu, self.scanner)
+        return cache_verify.Verifier(self.store, lambda: self.qemu,
+                                     self.scanner)
 
     # -- names and locks ---------------------------------------------------
 
