@@ -104,6 +104,9 @@ class _Commands(dict):
                                 self._parser_class(**self._pending.pop(name)))
         return super().__getitem__(name)
 
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
 
 class _LazyCommands(argparse._SubParsersAction):
     """argparse's subcommands action, making a command's parser only when

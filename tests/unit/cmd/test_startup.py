@@ -174,3 +174,13 @@ def test_a_lazy_command_name_is_refused_twice_as_argparse_refuses_it():
     with pytest.raises(argparse.ArgumentError) as err:
         commands.add_parser("disk", help="again")
     assert "conflicting subparser: disk" in str(err.value)
+
+
+def test_a_lazy_command_is_made_by_any_lookup():
+    groups = _subcommands(main.build_parser(lazy=True))
+    assert groups.choices.get("nope") is None
+    assert _made(groups) == set()
+    cache = groups.choices.get("cache")
+    assert isinstance(cache, argparse.ArgumentParser)
+    assert cache.prog == "imagebackend cache"
+    assert _made(groups) == {"cache"}
