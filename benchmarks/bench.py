@@ -58,7 +58,7 @@ if not __package__:
 
 from benchmarks import harness  # noqa: E402
 from benchmarks import scenarios  # noqa: E402
-from imagebackend.qemu import results as qemu_results  # noqa: E402
+from imagebackend.qemu import sizes as qemu_sizes  # noqa: E402
 
 GiB = harness.GiB
 MiB = harness.MiB
@@ -66,7 +66,7 @@ KiB = harness.KiB
 
 
 def parse_args(argv):
-    size = qemu_results.parse_size
+    size = qemu_sizes.parse_size
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=size, default=GiB,
                    help="virtual size of the test image (default 1G)")

@@ -36,12 +36,12 @@ import functools
 import itertools
 import os
 
-from oslo_concurrency import lockutils
 from oslo_config import cfg
 
 from imagebackend.backends import options as backends_options
 from imagebackend.cache import options as cache_options
 from imagebackend.common import config_check
+from imagebackend.common import lock_path
 from imagebackend.common import plugins
 from imagebackend import exception
 from imagebackend import inspection
@@ -94,9 +94,9 @@ def register_opts(conf: cfg.ConfigOpts,
     """
     for group, options in _library_opts():
         _register(group, conf.register_opts, options, group)
-    # oslo.concurrency registers its own options (lock_path) through its
-    # public API; the cache reads them with the same function.
-    _register("oslo_concurrency", lockutils.get_lock_path, conf)
+    # oslo.concurrency's options (lock_path): its own when it is loaded,
+    # else the same definitions without loading it.
+    _register(lock_path.GROUP, lock_path.register_opts, conf)
     if image_sources is None:
         image_sources = _source_names()
     for name in image_sources:

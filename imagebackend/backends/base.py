@@ -37,11 +37,15 @@ from imagebackend.common import fileio
 from imagebackend.common import plugins
 from imagebackend.common import progress as common_progress
 from imagebackend.common import sparseio
-from imagebackend.disk import operations as disk_operations
 from imagebackend import exception
-from imagebackend.qemu import img as qemu_img
 from imagebackend import sources
 from imagebackend.sources import base as source_base
+
+if typing.TYPE_CHECKING:
+    # Imported by the operations on existing disks and by what runs
+    # qemu-img, not by every use of a backend.
+    from imagebackend.disk import operations as disk_operations
+    from imagebackend.qemu import img as qemu_img
 
 LOG = logging.getLogger(__name__)
 
@@ -145,14 +149,20 @@ class ImageBackend(abc.ABC):
 
     def __init__(self, conf: cfg.ConfigOpts,
                  source: source_base.ImageSource | None = None,
-                 qemu: qemu_img.QemuImg | None = None) -> None:
+                 qemu: "qemu_img.QemuImg | None" = None) -> None:
         self.conf = conf
-        self.qemu = qemu or qemu_img.QemuImg(conf)
         self.source = source or sources.load(conf)
-        self.cache = image_cache.ImageCache(conf, self.source, self.qemu)
+        # Without a runner given, the cache makes one when qemu-img first
+        # runs (deleting a disk runs none), and the backend uses the same.
+        self.cache = image_cache.ImageCache(conf, self.source, qemu)
+
+    @property
+    def qemu(self) -> "qemu_img.QemuImg":
+        """The qemu-img runner: the one given, else the cache's."""
+        return self.cache.qemu
 
     @functools.cached_property
-    def disk_ops(self) -> disk_operations.DiskOperations:
+    def disk_ops(self) -> "disk_operations.DiskOperations":
         """Operations on existing disks -- info, check, snapshots, rebase,
         extract, resize -- run through this backend's qemu-img runner.
         Give them the format the disk was made with
@@ -160,6 +170,8 @@ class ImageBackend(abc.ABC):
         fmt=disk.format)``); see
         :class:`imagebackend.disk.operations.DiskOperations`.
         """
+        from imagebackend.disk import operations as disk_operations
+
         return disk_operations.DiskOperations(
             self.conf, records=disk_records.DiskRecords(self.conf),
             qemu=self.qemu)

@@ -39,7 +39,10 @@ class Qcow2Backend(base.ImageBackend):
     @functools.cached_property
     def templates(self) -> cache_templates.Templates:
         """The overlay templates of this backend's cache."""
-        return cache_templates.Templates(self.cache.store, self.qemu)
+        # The backend's qemu-img, made when a template is built: copying
+        # one runs no qemu-img.
+        return cache_templates.Templates(self.cache.store,
+                                         make_qemu=lambda: self.qemu)
 
     def create_disk(self, base_path, base_format, target, size):
         self.templates.make_overlay(base_path, base_format, target, size,

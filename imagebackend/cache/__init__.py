@@ -75,6 +75,7 @@ import typing
 from oslo_config import cfg
 
 from imagebackend.cache import options as cache_options
+from imagebackend.common import lock_path
 
 #: the ``[imagebackend]`` options of the cache: where it lives and how
 #: long its locks are waited for, and whether bases are converted to raw.
@@ -120,10 +121,5 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     module's ``[imagebackend]`` options (:data:`OPTIONS`) are registered
     by :func:`imagebackend.opts.register_opts`.
     """
-    from oslo_concurrency import lockutils
-
     conf.register_opts(IMAGE_CACHE_OPTIONS, group=IMAGE_CACHE_GROUP)
-    # oslo.concurrency has no public function that only registers its
-    # options: get_lock_path() registers them on ``conf`` (idempotently)
-    # before it reads lock_path, whose value is not needed here.
-    lockutils.get_lock_path(conf)
+    lock_path.register_opts(conf)

@@ -33,7 +33,6 @@ from imagebackend.cache import usage as cache_usage
 from imagebackend.common import digest as content_digest
 from imagebackend.common import progress as common_progress
 from imagebackend import exception
-from imagebackend.qemu import img as qemu_img
 from imagebackend.sources import base as source_base
 
 LOG = logging.getLogger(__name__)
@@ -46,34 +45,55 @@ class ImageCache:
         (:func:`imagebackend.opts.register_opts`).
     :param source: the :class:`~imagebackend.sources.base.ImageSource`;
         ``None`` for a cache that is only listed, pruned or verified.
-    :param qemu: the :class:`~imagebackend.qemu.img.QemuImg` to run.
+    :param qemu: the :class:`~imagebackend.qemu.img.QemuImg` to run; by
+        default one made from ``conf`` when first needed.
     :raises imagebackend.exception.ConfigurationError: ``base_dir_name``
         is not a plain directory name.
     """
 
     def __init__(self, conf: cfg.ConfigOpts,
                  source: source_base.ImageSource | None = None,
-                 qemu: qemu_img.QemuImg | None = None) -> None:
+                 qemu=None) -> None:
+        # ``qemu`` is not annotated: listing the cache imports no qemu-img
+        # code.
         self.conf = conf
         self.source = source
-        self.qemu = qemu or qemu_img.QemuImg(conf)
+        if qemu is not None:
+            self.qemu = qemu
         self.store = cache_store.Store.from_conf(conf)
         base_dir = self.store.base_dir
         roots = [self.store.instances_path] + list(
             conf.image_cache.disk_dirs or [])
         self.scanner = cache_usage.UsageScanner(
             base_dir, roots, [base_dir, self.store.lock_dir])
-        self.fetcher = None
-        if source is not None:
-            from imagebackend.cache import fetch as cache_fetch
-
-            self.fetcher = cache_fetch.Fetcher(
-                self.store, source, self.qemu, conf, self.scanner.registry)
 
     # The other collaborators are made, and their modules imported, when
     # first used: listing the cache (the command line's "cache list")
     # needs none of them.  They keep no state but the objects given to
     # them, so two threads that make one at once get equivalent ones.
+
+    @functools.cached_property
+    def fetcher(self):
+        """The :class:`~imagebackend.cache.fetch.Fetcher`, made when a
+        base is first looked up (deleting a disk needs none); None for a
+        cache made without a source.
+        """
+        if self.source is None:
+            return None
+        from imagebackend.cache import fetch as cache_fetch
+
+        return cache_fetch.Fetcher(self.store, self.source,
+                                   lambda: self.qemu, self.conf,
+                                   self.scanner.registry)
+
+    @functools.cached_property
+    def qemu(self):
+        """The :class:`~imagebackend.qemu.img.QemuImg` given, else one
+        made from ``conf`` when first needed (listing runs no qemu-img).
+        """
+        from imagebackend.qemu import img as qemu_img
+
+        return qemu_img.QemuImg(self.conf)
 
     @functools.cached_property
     def sized(self):
@@ -103,7 +123,8 @@ class ImageCache:
         """Verification: :class:`~imagebackend.cache.verify.Verifier`."""
         from imagebackend.cache import verify as cache_verify
 
-        return cache_verify.Verifier(self.store, self.qemu, self.scanner)
+        return cache_verify.Verifier(self.store, lambda: self.qemu,
+                                     self.scanner)
 
     # -- names and locks ---------------------------------------------------
 

@@ -20,29 +20,26 @@ publishes without replacing anything (see :meth:`Fetcher.fetch`).
 """
 
 import errno
+import functools
 import logging
 import os
 import time
+import typing
 
 from oslo_config import cfg
 
-from imagebackend.cache import content as cache_content
-from imagebackend.cache import download as cache_download
 from imagebackend.cache import generations as cache_generations
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import lookup as cache_lookup
-from imagebackend.cache import publish as cache_publish
 from imagebackend.cache import registry as cache_registry
 from imagebackend.cache import reinspect as cache_reinspect
 from imagebackend.cache import store as cache_store
-from imagebackend.cache import verify as cache_verify
 from imagebackend.common import digest as content_digest
 from imagebackend.common import fileio
 from imagebackend.common import progress as common_progress
 from imagebackend.common import sparseio
 from imagebackend import exception
 from imagebackend import inspection
-from imagebackend.qemu import img as qemu_img
 from imagebackend.qemu import options as qemu_options
 from imagebackend.sources import base as source_base
 
@@ -87,7 +84,10 @@ class Fetcher:
 
     :param store: the cache's paths and locks.
     :param source: the image source.
-    :param qemu: the qemu-img runner (check, convert).
+    :param qemu: a function returning the
+        :class:`~imagebackend.qemu.img.QemuImg` (check, convert), called
+        when a fetch first runs qemu-img: a cache hit, which uses this
+        module too, imports no qemu-img code.
     :param conf: the configuration: ``[imagebackend] force_raw_images``,
         ``reuse_by_source_hash`` and the inspection options.
     :param registry: the registry of disks, whose records name the
@@ -95,14 +95,20 @@ class Fetcher:
     """
 
     def __init__(self, store: cache_store.Store,
-                 source: source_base.ImageSource, qemu: qemu_img.QemuImg,
+                 source: source_base.ImageSource,
+                 qemu: typing.Callable[[], typing.Any],
                  conf: cfg.ConfigOpts,
                  registry: cache_registry.Registry) -> None:
         self.store = store
         self.source = source
-        self.qemu = qemu
+        self._make_qemu = qemu
         self.conf = conf
         self.registry = registry
+
+    @functools.cached_property
+    def qemu(self):
+        """The QemuImg, made when first needed."""
+        return self._make_qemu()
 
     def identify(self, meta):
         """``meta`` with its identity computed if the source deferred it and a
@@ -198,6 +204,12 @@ class Fetcher:
 
         :returns: its metadata record (``generation`` names the base).
         """
+        # The miss path's modules: a cache hit (identify, choose_stem)
+        # needs none of them.
+        from imagebackend.cache import content as cache_content
+        from imagebackend.cache import download as cache_download
+        from imagebackend.cache import publish as cache_publish
+
         record = None
         if self.conf.imagebackend.reuse_by_source_hash:
             record = cache_content.link_same_image(
@@ -293,6 +305,8 @@ class Fetcher:
         :raises imagebackend.exception.DiskOperationError: it cannot be
             read back or flushed, or was replaced meanwhile.
         """
+        from imagebackend.cache import verify as cache_verify
+
         fd = _open_scratch(converted)
         try:
             with sparseio.Writeback(path=converted):

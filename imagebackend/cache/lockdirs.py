@@ -25,7 +25,6 @@ import os
 import socket
 import tempfile
 import time
-import uuid
 
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import locks as cache_locks
@@ -53,6 +52,10 @@ def _lock_dir_id(lock_dir: str, create: bool) -> str | None:
     except FileNotFoundError:
         if not create:
             return None
+    # Made once per lock directory: not worth importing uuid (and the
+    # platform module it loads) in every process.
+    import uuid
+
     fd, tmp = tempfile.mkstemp(dir=lock_dir, prefix=".", suffix=".tmp")
     try:
         os.write(fd, (str(uuid.uuid4()) + "\n").encode())

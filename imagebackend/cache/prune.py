@@ -62,7 +62,7 @@ from imagebackend.cache import store as cache_store
 from imagebackend.cache import usage as cache_usage
 from imagebackend.common import sparseio
 from imagebackend import exception
-from imagebackend.qemu import results as qemu_results
+from imagebackend.qemu import sizes as qemu_sizes
 
 LOG = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def space_limits(policy: Policy, fs_size: int) -> tuple[int, int]:
                     raise ValueError(value)
                 limits.append(int(fs_size * percent / 100))
             else:
-                limits.append(qemu_results.parse_size(value))
+                limits.append(qemu_sizes.parse_size(value))
         except (ValueError, exception.InvalidSize) as exc:
             raise exception.ConfigurationError(
                 reason="[image_cache] %s = %r is not a size; give bytes, a "

@@ -45,13 +45,13 @@ import os
 import re
 import stat
 import struct
+import typing
 
 from imagebackend.cache import layout as cache_layout
 from imagebackend.cache import store as cache_store
 from imagebackend.common import fileio
 from imagebackend.common import sparseio
 from imagebackend import exception
-from imagebackend.qemu import img as qemu_img
 
 LOG = logging.getLogger(__name__)
 
@@ -269,14 +269,28 @@ class Templates:
     """Makes qcow2 overlays by copying templates kept in ``_base``.
 
     :param store: the cache's paths and locks.
-    :param qemu: the qemu-img that makes a template (and a disk when no
-        template can serve).
+    :param qemu: the :class:`~imagebackend.qemu.img.QemuImg` that makes
+        a template (and a disk when no template can serve).
+    :param make_qemu: instead of ``qemu``, a function returning it,
+        called when qemu-img first runs: copying a template runs none.
     """
 
-    def __init__(self, store: cache_store.Store,
-                 qemu: qemu_img.QemuImg) -> None:
+    # ``qemu`` is not annotated: the cache's scan uses this module and
+    # imports no qemu-img code.
+    def __init__(self, store: cache_store.Store, qemu=None, *,
+                 make_qemu: typing.Callable[[], typing.Any] | None = None
+                 ) -> None:
+        if (qemu is None) == (make_qemu is None):
+            raise TypeError("give Templates qemu or make_qemu")
         self.store = store
-        self.qemu = qemu
+        if qemu is not None:
+            self.qemu = qemu
+        self._make_qemu = make_qemu
+
+    @functools.cached_property
+    def qemu(self):
+        """The QemuImg given, else the one ``make_qemu`` returns."""
+        return self._make_qemu()
 
     def make_overlay(self, backing_file: str, backing_fmt: str,
                      target: str, size: int,

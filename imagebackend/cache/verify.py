@@ -45,6 +45,7 @@ using it, which are reported).  An unverifiable base is marked stale and
 never moved.
 """
 
+import functools
 import logging
 import os
 import typing
@@ -59,7 +60,6 @@ from imagebackend.cache import usage as cache_usage
 from imagebackend.common import digest
 from imagebackend import exception
 from imagebackend import inspection
-from imagebackend.qemu import img as qemu_img
 
 LOG = logging.getLogger(__name__)
 
@@ -108,15 +108,24 @@ class Verifier:
     """Checks the bases of one cache against their records, and repairs.
 
     :param store: the cache's paths and locks.
-    :param qemu: runs ``qemu-img check`` on non-raw bases.
+    :param qemu: a function returning the
+        :class:`~imagebackend.qemu.img.QemuImg` that runs ``qemu-img
+        check`` on non-raw bases, called when the first one is checked (a
+        cache of raw bases, or an empty one, imports no qemu-img code).
     :param scanner: finds the disks that use a corrupt base.
     """
 
-    def __init__(self, store: cache_store.Store, qemu: qemu_img.QemuImg,
+    def __init__(self, store: cache_store.Store,
+                 qemu: typing.Callable[[], typing.Any],
                  scanner: cache_usage.UsageScanner) -> None:
         self.store = store
-        self.qemu = qemu
+        self._make_qemu = qemu
         self.scanner = scanner
+
+    @functools.cached_property
+    def qemu(self):
+        """The QemuImg, made when first needed."""
+        return self._make_qemu()
 
     def check_base(self, f: cache_scan.CachedFile
                    ) -> tuple[str, str, tuple[str, str] | None]:

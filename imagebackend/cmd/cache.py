@@ -142,14 +142,15 @@ def make_cache(conf, with_source: bool = False
                ) -> "image_cache.ImageCache":
     """The cache; ``with_source`` for commands that fetch."""
     from imagebackend import cache as image_cache
-    from imagebackend.qemu import img as qemu_img
 
     source = None
     if with_source:
         from imagebackend import sources
 
         source = sources.load(conf)
-    return image_cache.ImageCache(conf, source, qemu_img.QemuImg(conf))
+    # The cache makes its QemuImg from ``conf`` when a command first runs
+    # qemu-img: listing runs none.
+    return image_cache.ImageCache(conf, source)
 
 
 def rbd_backend(conf):

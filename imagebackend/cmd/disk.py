@@ -116,10 +116,10 @@ def _delete_arguments(delete) -> None:
 
 def _size(value: str) -> int:
     from imagebackend import exception
-    from imagebackend.qemu import results as qemu_results
+    from imagebackend.qemu import sizes as qemu_sizes
 
     try:
-        return qemu_results.parse_size(value)
+        return qemu_sizes.parse_size(value)
     except exception.InvalidSize as exc:
         raise argparse.ArgumentTypeError(exc.message) from exc
 

@@ -19,8 +19,6 @@ Copies keep holes as holes.
 
 import _thread
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import json
 import logging
@@ -416,6 +414,8 @@ def renameat2_noreplace(src: str, dst: str) -> None:
     :raises OSError: the primitive is missing (``ENOSYS``) or the
         filesystem lacks it (``EINVAL``, ``EOPNOTSUPP``), or another error.
     """
+    import ctypes
+
     renameat2 = _renameat2()
     if renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available", dst)
@@ -448,6 +448,8 @@ def rename_noreplace(src: str, dst: str) -> None:
 
 
 def _renameat2():
+    import ctypes
+
     lib = load_libc()
     try:
         func = lib.renameat2
@@ -463,6 +465,11 @@ def load_libc():
     """The C library, for the calls Python's os module lacks."""
     global _libc
     if _libc is None:
+        # ctypes is loaded by the first write that needs it: reading the
+        # cache (the command line's cache list) needs none.
+        import ctypes
+        import ctypes.util
+
         _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int,
                                     ctypes.c_int64, ctypes.c_int64]

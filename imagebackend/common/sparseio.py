@@ -19,7 +19,6 @@ writing them, and reads only the data extents of a sparse file.
 """
 
 import contextlib
-import ctypes
 import errno
 import logging
 import mmap
@@ -220,6 +219,8 @@ def preallocate(fd: int, size: int, *, keep_size: bool = False) -> None:
         os.posix_fallocate(fd, 0, size)
         return
     if fileio.load_libc().fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size) != 0:
+        import ctypes   # loaded by load_libc()
+
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

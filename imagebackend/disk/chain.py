@@ -39,11 +39,16 @@ chain again and confirms that qemu-img opens exactly the files checked.
 import os
 import re
 import stat
+import typing
 
 from imagebackend.disk import trust as disk_trust
 from imagebackend import exception
-from imagebackend.qemu import img as qemu_img
-from imagebackend.qemu import results as qemu_results
+
+if typing.TYPE_CHECKING:
+    # Annotations only: the cache's scan uses MAX_CHAIN without running
+    # qemu-img.
+    from imagebackend.qemu import img as qemu_img
+    from imagebackend.qemu import results as qemu_results
 
 #: The deepest chain followed; deeper is a loop or a crafted image.
 MAX_CHAIN = 16
@@ -53,10 +58,10 @@ _PROTOCOL_RE = re.compile(r"^[^/]*:")
 
 # --- the backing chain -------------------------------------------------------
 
-def read_chain(qemu: qemu_img.QemuImg, path: str, fmt: str, *,
+def read_chain(qemu: "qemu_img.QemuImg", path: str, fmt: str, *,
                records: disk_trust.FormatRecords, top: str | None = None,
                follow: bool = True,
-               force_share: bool = False) -> qemu_results.ImageInfo:
+               force_share: bool = False) -> "qemu_results.ImageInfo":
     """Read disk ``path`` and its backing chain, one image at a time,
     checking every backing file before it is opened.
 
@@ -105,7 +110,7 @@ def read_chain(qemu: qemu_img.QemuImg, path: str, fmt: str, *,
     return chain[0]
 
 
-def check_new_backing(qemu: qemu_img.QemuImg, path: str, new_backing: str,
+def check_new_backing(qemu: "qemu_img.QemuImg", path: str, new_backing: str,
                       backing_fmt: str | None, *,
                       records: disk_trust.FormatRecords) -> tuple[str, str]:
     """Check ``new_backing`` as the next backing file of qcow2 disk
@@ -154,9 +159,9 @@ def _own_chain(path, new_backing):
         "in its own backing chain" % new_backing)
 
 
-def recheck(qemu: qemu_img.QemuImg, path: str, fmt: str, operation: str,
+def recheck(qemu: "qemu_img.QemuImg", path: str, fmt: str, operation: str,
             *, records: disk_trust.FormatRecords,
-            undo=None) -> qemu_results.ImageInfo:
+            undo=None) -> "qemu_results.ImageInfo":
     """Read and check the chain of disk ``path`` again after ``operation``
     changed it, then have qemu-img open the whole chain with the recorded
     formats and confirm it opens the images checked.

@@ -41,6 +41,7 @@ from imagebackend.disk import trust as disk_trust
 from imagebackend import exception
 from imagebackend.qemu import img as qemu_img
 from imagebackend.qemu import results as qemu_results
+from imagebackend.qemu import sizes as qemu_sizes
 
 LOG = logging.getLogger(__name__)
 
@@ -398,7 +399,7 @@ class DiskOperations:
         and filesystems are not changed.
 
         :param size: bytes, or a size string (see
-            :func:`imagebackend.qemu.results.parse_size`).
+            :func:`imagebackend.qemu.sizes.parse_size`).
         :param shrink: allow a smaller size; everything past the new end is
             lost.  Without it only growing is allowed.
         :returns: the disk's :meth:`info` afterwards.
@@ -408,7 +409,7 @@ class DiskOperations:
         :raises exception.QemuImgError: qemu-img refused the size (qcow2
             sizes must be a multiple of 512 bytes).
         """
-        size = qemu_results.parse_size(size)
+        size = qemu_sizes.parse_size(size)
         path, fmt = self._open(path, fmt, "resize", write=True)
         current = self._chain(path, fmt)
         if size == current.virtual_size:

@@ -44,9 +44,9 @@ import os
 import stat
 import typing
 
-from oslo_concurrency import lockutils
 from oslo_config import cfg
 
+from imagebackend.common import lock_path
 from imagebackend import exception
 from imagebackend.inspection import signatures
 
@@ -81,9 +81,9 @@ def cache_paths(conf: cfg.ConfigOpts) -> CachePaths:
     return CachePaths(
         instances_path=instances,
         base_dir=os.path.join(instances, opts.base_dir_name),
-        # get_lock_path() is oslo.concurrency's public way to read its
-        # option (it registers it on ``conf`` if needed).
-        lock_dir=os.path.abspath(lockutils.get_lock_path(conf)
+        # Registered on ``conf`` if needed, as oslo.concurrency's
+        # get_lock_path() does, without importing lockutils.
+        lock_dir=os.path.abspath(lock_path.get_lock_path(conf)
                                  or os.path.join(instances, "locks")),
         disk_dirs=tuple(os.path.abspath(d)
                         for d in conf.image_cache.disk_dirs or []))

@@ -43,6 +43,7 @@ from imagebackend.qemu import options as qemu_options
 from imagebackend.qemu import results
 from imagebackend.qemu import runner
 from imagebackend.qemu import running
+from imagebackend.qemu import sizes
 
 CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
 _CHECK_CODES = (CHECK_OK, CHECK_CORRUPTIONS, CHECK_LEAKS, CHECK_UNSUPPORTED)
@@ -87,7 +88,8 @@ class QemuImg:
         """Create image ``path`` (an existing file is replaced).
 
         :param size: the virtual size in bytes (or a size string, see
-            :func:`parse_size`); ``None`` takes the backing file's size.
+            :func:`imagebackend.qemu.sizes.parse_size`); ``None`` takes the
+            backing file's size.
         :param backing_file: make a copy-on-write overlay over this image.
         :param backing_fmt: the backing file's format; required with
             ``backing_file``.
@@ -119,7 +121,7 @@ class QemuImg:
             args += ["-o", _format_options("create", path, opts)]
         args.append(path)
         if size is not None:
-            args.append(str(results.parse_size(size)))
+            args.append(str(sizes.parse_size(size)))
         self._cmd.run("create", path, args)
 
     def convert(self, source: str, source_fmt: str, target: str,
@@ -230,7 +232,7 @@ class QemuImg:
             args.append("--shrink")
         if preallocation is not None:
             args.append("--preallocation=%s" % preallocation)
-        args += [path, str(results.parse_size(size))]
+        args += [path, str(sizes.parse_size(size))]
         self._cmd.run("resize", path, args)
 
     def rebase(self, path: str, fmt: str, backing_file: str | None,
@@ -413,7 +415,7 @@ class QemuImg:
         if options:
             args += ["-o", _format_options("measure", path, options)]
         if path is None:
-            args += ["--size", str(results.parse_size(size))]
+            args += ["--size", str(sizes.parse_size(size))]
         else:
             _check_fmt("measure", path, fmt)
             args += ["-f", fmt, path]

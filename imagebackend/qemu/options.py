@@ -15,9 +15,12 @@ the commands that read a user's image run under (:func:`info_limits`,
 :func:`convert_limits`).
 """
 
+import typing
+
 from oslo_config import cfg
 
-from imagebackend.qemu import runner
+if typing.TYPE_CHECKING:
+    from imagebackend.qemu import runner
 
 GROUP = "qemu_img"
 
@@ -95,11 +98,15 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     conf.register_opts(OPTIONS, group=GROUP)
 
 
-def info_limits(conf: cfg.ConfigOpts) -> runner.Limits:
+def info_limits(conf: cfg.ConfigOpts) -> "runner.Limits":
     """The limits of ``qemu-img info`` and ``check`` on a user's image.
 
     :param conf: a ConfigOpts with the ``[qemu_img]`` options registered.
     """
+    # The runner is imported by what runs qemu-img, not by the options
+    # (registered by every command, most of which run no qemu-img).
+    from imagebackend.qemu import runner
+
     group = conf.qemu_img
     return runner.Limits(
         address_space=group.info_address_space_limit * 1024 ** 2 or None,
@@ -107,7 +114,8 @@ def info_limits(conf: cfg.ConfigOpts) -> runner.Limits:
 
 
 def convert_limits(conf: cfg.ConfigOpts, limits: bool,
-                   max_output_size: int | None) -> runner.Limits | None:
+                   max_output_size: int | None
+                   ) -> "runner.Limits | None":
     """The limits of a conversion.
 
     :param conf: a ConfigOpts with the ``[qemu_img]`` options registered.
@@ -117,6 +125,8 @@ def convert_limits(conf: cfg.ConfigOpts, limits: bool,
         :data:`CONVERT_OUTPUT_SLACK`; ``None`` for no bound.
     :returns: ``None`` when nothing is limited.
     """
+    from imagebackend.qemu import runner
+
     if not limits and max_output_size is None:
         return None
     group = conf.qemu_img

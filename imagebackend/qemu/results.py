@@ -12,8 +12,9 @@
 
 """What goes into qemu-img and what comes out, as typed values.
 
-Sizes and ``-o`` option strings going in; JSON and error text coming
-out, parsed into the dataclasses :class:`ImageInfo`,
+``-o`` option strings going in (sizes: :mod:`imagebackend.qemu.sizes`);
+JSON and error text coming out, parsed into the dataclasses
+:class:`ImageInfo`,
 :class:`Snapshot`, :class:`CheckResult`, :class:`MapEntry`,
 :class:`Measurement` and :class:`CreateOption`.  Nothing here runs a
 process; :mod:`imagebackend.qemu.img` does.
@@ -21,48 +22,10 @@ process; :mod:`imagebackend.qemu.img` does.
 
 import dataclasses
 import datetime
-import decimal
 import re
 import typing
 
-from imagebackend import exception
-
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])i?)?b?$",
-                      re.IGNORECASE)
-_UNITS = {None: 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3,
-          "t": 1024 ** 4}
 _HELP_RE = re.compile(r"^\s+([^\s=]+)=<(.*?)>(?:\s+-\s+(.*))?$")
-
-
-def parse_size(value: str | int) -> int:
-    """Return bytes from an int or a string such as ``"10G"``.
-
-    ``"512M"``, ``"1.5G"`` and ``"1024"`` are sizes too.
-
-    Suffixes K, M, G and T (either case) are powers of 1024; a trailing
-    ``B`` (or ``iB``) is ignored.  A fraction is accepted when the result
-    is a whole number of bytes.
-
-    :raises exception.InvalidSize: not a size (also a ``ValueError``).
-    """
-    # Not oslo_utils.strutils.string_to_bytes: it needs a B suffix ("10G"
-    # fails), reads a lower-case "b" as bits, and goes through a float.
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise exception.InvalidSize(value=value,
-                                    reason="not a number or a string")
-    if isinstance(value, int):
-        if value < 0:
-            raise exception.InvalidSize(value=value, reason="negative")
-        return value
-    match = _SIZE_RE.match(value.strip())
-    if not match:
-        raise exception.InvalidSize(value=value, reason="not a size")
-    number, unit = match.groups()
-    size = decimal.Decimal(number) * _UNITS[unit and unit.lower()]
-    if size != size.to_integral_value():
-        raise exception.InvalidSize(value=value,
-                                    reason="not a whole number of bytes")
-    return int(size)
 
 
 def format_options(options: dict) -> str:

@@ -148,11 +148,30 @@ FETCH = ("imagebackend.cache.fetch", "imagebackend.cache.download",
 #: the cache's upkeep: pruning, removing, verifying, sized bases.
 UPKEEP = ("imagebackend.cache.prune", "imagebackend.cache.remove",
           "imagebackend.cache.verify", "imagebackend.cache.sized")
+#: oslo.concurrency's lockutils and what it imports: lock_path is read,
+#: and the cache's locks taken, without it (imagebackend.common.lock_path,
+#: imagebackend.cache.locks).
+LOCKUTILS = ("oslo_concurrency.lockutils", "debtcollector", "fasteners",
+             "oslo_i18n", "oslo_utils.timeutils")
+#: what runs qemu-img (and its results' dataclasses): a command that runs
+#: none loads none of it.
+QEMU = ("imagebackend.qemu.img", "imagebackend.qemu.runner",
+        "imagebackend.qemu.running", "imagebackend.qemu.results",
+        "imagebackend.disk.operations", "ctypes")
+#: needed only for a fraction in a size, and to give a new lock directory
+#: its identity.
+RARE = ("decimal", "uuid")
+#: the cache's miss path, once the Fetcher (which a hit uses) is made.
+DOWNLOAD = ("imagebackend.cache.download", "imagebackend.cache.publish",
+            "imagebackend.cache.content")
 #: the image cache's facade, the backends and the image sources' code:
 #: none of it is needed to work on an existing disk.
-NOT_FOR_DISK_OPERATIONS = (GLANCE + PROCESSUTILS + FETCH + UPKEEP + (
-    "imagebackend.backends.base", "imagebackend.cache.facade",
-    "imagebackend.sources.base", "imagebackend.sources.local"))
+NOT_FOR_DISK_OPERATIONS = (GLANCE + PROCESSUTILS + FETCH + UPKEEP +
+                           LOCKUTILS + RARE + (
+                               "imagebackend.backends.base",
+                               "imagebackend.cache.facade",
+                               "imagebackend.sources.base",
+                               "imagebackend.sources.local"))
 IMAGE = "small.qcow2"
 
 
@@ -163,7 +182,8 @@ def test_cache_list_loads_no_glance_no_backend_and_no_inspector(dep):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == "(none)\n"
     assert loaded(modules, GLANCE + BACKENDS + INSPECTION + FETCH +
-                  UPKEEP + ("imagebackend.backends.base",)) == []
+                  UPKEEP + LOCKUTILS + QEMU + RARE + (
+                      "imagebackend.backends.base",)) == []
 
 
 @pytest.fixture
@@ -180,41 +200,45 @@ def warm(tmp_path):
     return deployment
 
 
+#: what no command working on the cache alone (or on a cached image: the
+#: base is raw, so verifying it runs no qemu-img) loads.
+CACHE_ONLY = GLANCE + PROCESSUTILS + LOCKUTILS + QEMU + RARE
 #: each real command, on the warm deployment, with what it must not load.
 REAL_COMMANDS = {
     "cache list": (
         lambda d: ["cache", "list"],
-        GLANCE + BACKENDS + PROCESSUTILS + FETCH + UPKEEP + (
+        CACHE_ONLY + BACKENDS + FETCH + UPKEEP + (
             "imagebackend.backends.base",)),
     "cache prune --dry-run": (
         lambda d: ["cache", "prune", "--dry-run"],
-        GLANCE + BACKENDS + PROCESSUTILS + FETCH + (
+        CACHE_ONLY + BACKENDS + FETCH + (
             "imagebackend.cache.verify", "imagebackend.cache.sized",
             "imagebackend.backends.base")),
     "cache verify": (
         lambda d: ["cache", "verify"],
-        GLANCE + BACKENDS + PROCESSUTILS + FETCH + (
+        CACHE_ONLY + BACKENDS + FETCH + (
             "imagebackend.cache.prune", "imagebackend.cache.sized",
             "imagebackend.backends.base")),
     "cache invalidate": (
+        # It takes the image's lock, without lockutils.
         lambda d: ["cache", "invalidate", "other.qcow2"],
-        GLANCE + BACKENDS + PROCESSUTILS + FETCH + (
+        CACHE_ONLY + BACKENDS + FETCH + (
             "imagebackend.cache.verify", "imagebackend.cache.sized",
             "imagebackend.backends.base")),
     "cache prefetch (cached)": (
         lambda d: ["cache", "prefetch", IMAGE],
-        GLANCE + BACKENDS + PROCESSUTILS + (
+        CACHE_ONLY + BACKENDS + DOWNLOAD + (
             "imagebackend.cache.prune", "imagebackend.cache.remove",
             "imagebackend.cache.sized", "imagebackend.backends.base")),
     "disk create (warm)": (
         lambda d: ["disk", "create", IMAGE, d.new, "--size",
                    str(64 * fenv.MiB)],
-        GLANCE + PROCESSUTILS + (
+        CACHE_ONLY + DOWNLOAD + (
             "imagebackend.backends.raw", "imagebackend.backends.cached_base",
             "imagebackend.backends.rbd", "imagebackend.cache.prune")),
     "disk delete": (
         lambda d: ["disk", "delete", d.made],
-        GLANCE + PROCESSUTILS + (
+        CACHE_ONLY + FETCH + (
             "imagebackend.backends.raw", "imagebackend.backends.cached_base",
             "imagebackend.backends.rbd", "imagebackend.cache.prune")),
     "disk info": (
@@ -244,6 +268,22 @@ def test_a_real_command_loads_only_what_it_uses(warm, name):
     assert loaded(modules, not_loaded) == []
     # The control: the command did load the library code it runs.
     assert "imagebackend.opts" in modules
+
+
+def test_a_cache_miss_loads_what_a_hit_does_not(warm):
+    # The other side of the lists above: a disk made from an image not
+    # cached yet downloads, converts, publishes and takes the image's lock
+    # (without lockutils), so the modules a hit leaves out are loaded here
+    # by their real names.
+    fenv.make_qcow2(os.path.join(warm.images, "cold.qcow2"), 16 * fenv.MiB)
+    result, modules = imported(
+        ["-m", "imagebackend.cmd.main", "--config-file", warm.config_file,
+         "disk", "create", "cold.qcow2", warm.new, "--size",
+         str(64 * fenv.MiB)], env=warm.env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert set(DOWNLOAD) | {"imagebackend.cache.fetch",
+                            "imagebackend.qemu.img", "ctypes"} <= modules
+    assert loaded(modules, GLANCE + ("oslo_concurrency.lockutils",)) == []
 
 
 def test_disk_info_loads_no_glance_and_no_backend(dep, tmp_path):

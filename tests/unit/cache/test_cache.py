@@ -292,8 +292,8 @@ def test_the_cache_registers_no_option_when_it_is_made(tmp_path, qemu):
                            spy(conf.register_opts)), \
             mock.patch.object(conf, "register_opt", spy(conf.register_opt)):
         cache.ImageCache(conf, fakes.FakeSource(conf), qemu)
-    # Only oslo.concurrency's own get_lock_path() (its public way to read
-    # lock_path) registers its group, idempotently.
+    # Only reading lock_path registers oslo.concurrency's group
+    # (imagebackend.common.lock_path), idempotently.
     assert set(groups) <= {"oslo_concurrency"}
     assert _registered(conf) == before
 

@@ -15,6 +15,7 @@ removed safely.
 """
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -63,6 +64,28 @@ def test_exclusive_lock_excludes_other_threads(tmp_path):
         assert in_thread(lambda: try_exclusive(str(tmp_path),
                                                "other")) == "got it"
     assert in_thread(lambda: try_exclusive(str(tmp_path), "img")) == "got it"
+
+
+def test_locks_of_two_directories_do_not_exclude_each_other(tmp_path):
+    # The in-process semaphore is named after the lock file.
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    with cache_locks.exclusive(str(one), "img", blocking=False):
+        assert in_thread(lambda: try_exclusive(str(two), "img")) == "got it"
+
+
+def test_a_semaphore_is_kept_while_used_and_forgotten_after(tmp_path):
+    semaphores = cache_locks._Semaphores()
+    held = semaphores.get("a")
+    assert semaphores.get("a") is held
+    assert semaphores.get("b") is not held
+    assert list(semaphores._semaphores) == ["a"]
+    del held
+    gc.collect()
+    # Nobody holds or waits for it: the map does not grow with every
+    # image ever locked.
+    assert list(semaphores._semaphores) == []
 
 
 def test_a_caller_catching_library_errors_catches_a_held_lock(tmp_path):

@@ -111,18 +111,34 @@ def test_the_lazy_parser_parses_as_the_whole_tree(argv):
     assert vars(lazy) == vars(main.build_parser().parse_args(argv))
 
 
-def test_the_lazy_parser_builds_only_the_command_used():
+def _subcommands(parser):
+    return [a for a in parser._actions
+            if isinstance(a, argparse._SubParsersAction)][0]
+
+
+def _made(subcommands):
+    """The names whose parser was made (the map holds None for others)."""
+    return {name for name, command in dict.items(subcommands.choices)
+            if command is not None}
+
+
+def test_the_lazy_parser_makes_only_the_parsers_of_the_command_used():
     parser = main.build_parser(lazy=True)
     parser.parse_args(["disk", "info", "/d"])
-    groups = [a for a in parser._actions
-              if isinstance(a, argparse._SubParsersAction)][0]
-    disk, cache = groups.choices["disk"], groups.choices["cache"]
-    commands = [a for a in disk._actions
-                if isinstance(a, argparse._SubParsersAction)][0]
-    built = {name for name, command in commands.choices.items()
-             if len(command._actions) > 1}     # more than -h
-    assert built == {"info"}
-    assert [a.dest for a in cache._actions] == ["help"]
+    groups = _subcommands(parser)
+    # Every name is a choice; only the group used has a parser.
+    assert list(groups.choices) == ["disk", "cache"]
+    assert _made(groups) == {"disk"}
+    commands = _subcommands(groups.choices["disk"])
+    assert "resize" in commands.choices
+    assert _made(commands) == {"info"}
+    # The command's own parser was filled in.
+    assert len(commands.choices["info"]._actions) > 1     # more than -h
+    # The eager parser (documentation, tests that walk it) makes them all.
+    eager = _subcommands(main.build_parser())
+    assert _made(eager) == {"disk", "cache"}
+    assert _made(_subcommands(eager.choices["disk"])) == set(
+        _subcommands(eager.choices["disk"]).choices)
 
 
 def test_building_the_configuration_loads_no_cache_or_backend_code():
@@ -151,3 +167,20 @@ def test_the_cache_packages_modules_are_reached_as_attributes():
                    "print(c.results.CachedBase.__name__, "
                    "c.store.Store.__name__, hasattr(c, 'no_such_module'))")
     assert found == ["CachedBase", "Store", "False"]
+
+
+def test_a_lazy_command_name_is_refused_twice_as_argparse_refuses_it():
+    commands = _subcommands(main.build_parser(lazy=True))
+    with pytest.raises(argparse.ArgumentError) as err:
+        commands.add_parser("disk", help="again")
+    assert "conflicting subparser: disk" in str(err.value)
+
+
+def test_a_lazy_command_is_made_by_any_lookup():
+    groups = _subcommands(main.build_parser(lazy=True))
+    assert groups.choices.get("nope") is None
+    assert _made(groups) == set()
+    cache = groups.choices.get("cache")
+    assert isinstance(cache, argparse.ArgumentParser)
+    assert cache.prog == "imagebackend cache"
+    assert _made(groups) == {"cache"}
