@@ -366,6 +366,11 @@ class Background:
     overlap other work (an fsync: the interpreter runs other threads
     meanwhile).  Starting it does not wait for the thread to be scheduled.
 
+    The threads are kept for the next call once their function returns
+    (at most :data:`IDLE_THREADS` of them wait), so that a call costs a
+    wake-up rather than a new thread; a child process made by ``fork``
+    starts without any.
+
     :meth:`wait` returns its result or raises its exception.
     """
 
@@ -374,15 +379,13 @@ class Background:
         self._result = self._error = None
         self._done = _thread.allocate_lock()
         self._done.acquire()
-        _thread.start_new_thread(self._run, ())
+        _Worker.take().run(self)
 
     def _run(self) -> None:
         try:
             self._result = self._func(*self._args)
         except BaseException as exc:   # handed to wait()
             self._error = exc
-        finally:
-            self._done.release()
 
     def wait(self):
         """:returns: what the function returned.
@@ -393,6 +396,59 @@ class Background:
         if self._error is not None:
             raise self._error
         return self._result
+
+
+#: threads of :class:`Background` kept waiting for a next call, at most.
+IDLE_THREADS = 4
+
+
+class _Worker:
+    """A thread that runs :class:`Background` calls, one at a time."""
+
+    #: the workers waiting for a call (the list and its lock are made
+    #: anew in a child process: their threads are not in it).
+    idle: list = []
+    lock = _thread.allocate_lock()
+
+    def __init__(self) -> None:
+        self._job = None
+        self._go = _thread.allocate_lock()
+        self._go.acquire()
+        _thread.start_new_thread(self._loop, ())
+
+    @classmethod
+    def take(cls) -> "_Worker":
+        """An idle worker, or a new one."""
+        with cls.lock:
+            if cls.idle:
+                return cls.idle.pop()
+        return cls()
+
+    def run(self, job: Background) -> None:
+        self._job = job
+        self._go.release()
+
+    def _loop(self) -> None:
+        while True:
+            self._go.acquire()
+            job, self._job = self._job, None
+            job._run()
+            with _Worker.lock:
+                kept = len(_Worker.idle) < IDLE_THREADS
+                if kept:
+                    _Worker.idle.append(self)
+            # Only now: the caller's next call may find this one idle.
+            job._done.release()
+            if not kept:
+                return
+
+    @classmethod
+    def forget(cls) -> None:
+        cls.idle = []
+        cls.lock = _thread.allocate_lock()
+
+
+os.register_at_fork(after_in_child=_Worker.forget)
 
 
 def remove_if_same(path: str, st: os.stat_result) -> bool:
