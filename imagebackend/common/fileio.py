@@ -52,6 +52,42 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def real_path(path: str) -> str:
+    """What ``os.path.realpath(path)`` returns, with the part of an
+    absolute, normalized ``path`` that exists resolved by the kernel (one
+    open and one read of its ``/proc/self/fd`` link, instead of a look at
+    every component); the rest, which does not exist, cannot be a link and
+    is appended as it is.  Any other path, or where ``/proc`` cannot tell,
+    goes through ``os.path.realpath``.
+    """
+    if not os.path.isabs(path) or os.path.normpath(path) != path:
+        return os.path.realpath(path)
+    head, missing = path, []
+    while True:
+        try:
+            fd = os.open(head, os.O_PATH | os.O_CLOEXEC)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            parent, name = os.path.split(head)
+            if parent == head or os.path.lexists(head):
+                # A dangling symlink, which realpath resolves.
+                return os.path.realpath(path)
+            missing.append(name)
+            head = parent
+        except OSError:
+            return os.path.realpath(path)
+    try:
+        real = os.readlink("/proc/self/fd/%d" % fd)
+    except OSError:
+        return os.path.realpath(path)
+    finally:
+        os.close(fd)
+    if not real.startswith("/") or real.endswith(" (deleted)"):
+        # Out of this process's root, or removed meanwhile.
+        return os.path.realpath(path)
+    return os.path.join(real, *reversed(missing))
+
+
 def fdatasync_path(path: str) -> None:
     """Make the data and size of file ``path`` durable (not its times, so
     a file whose writer already flushed it costs no journal commit).
@@ -325,7 +361,11 @@ class Unnamed:
             raise
         made = cls(fd, dir_fd, directory)
         try:
-            os.fchmod(fd, mode)     # independent of the caller's umask
+            # Independent of the caller's umask (and not changed when the
+            # umask left it so: a change of the inode costs a journal
+            # entry).
+            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+                os.fchmod(fd, mode)
         except BaseException:
             made.close()
             raise

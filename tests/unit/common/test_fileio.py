@@ -515,3 +515,74 @@ def test_make_dirs_refuses_a_symlink(tmp_path):
     os.symlink(str(tmp_path / "real"), str(tmp_path / "link"))
     with pytest.raises(NotADirectoryError):
         fileio.make_dirs(str(tmp_path / "link"))
+
+
+# -- real_path ----------------------------------------------------------------
+
+@pytest.fixture
+def tree(tmp_path):
+    """Directories, links to them, a dangling link, a loop and a file."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "f").write_bytes(b"")
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    os.symlink("a/b", tmp_path / "relative")
+    os.symlink(tmp_path / "cache" / "new", tmp_path / "dangling")
+    os.symlink("loop2", tmp_path / "loop1")
+    os.symlink("loop1", tmp_path / "loop2")
+    return tmp_path
+
+
+@pytest.mark.parametrize("rel", [
+    "", "a", "a/b", "link", "link/b", "link/b/x/y", "relative",
+    "relative/x", "link/../a", "a//b", "a/b/", "dangling", "dangling/x",
+    "f", "f/x", "loop1", "loop1/x", "missing", "missing/x/y",
+    "a/missing/../b"])
+def test_real_path_is_what_realpath_says(tree, rel):
+    path = os.path.join(str(tree), rel)
+    assert fileio.real_path(path) == os.path.realpath(path)
+
+
+@pytest.mark.parametrize("path", ["/", "/nonexistent/x", "relative/x", ""])
+def test_real_path_of_paths_outside_a_tree(path):
+    assert fileio.real_path(path) == os.path.realpath(path)
+
+
+def test_real_path_asks_the_kernel_once_for_what_exists(tree, monkeypatch):
+    monkeypatch.setattr(os.path, "realpath", None)      # never used
+    assert fileio.real_path(str(tree / "link" / "b" / "x" / "y")) == str(
+        tree / "a" / "b" / "x" / "y")
+
+
+@pytest.mark.parametrize("answer", [OSError(errno.ENOENT, "no /proc"),
+                                    "(unreachable)/a", "/a (deleted)"])
+def test_real_path_falls_back_where_proc_cannot_tell(tree, monkeypatch,
+                                                     answer):
+    real = os.readlink
+
+    def readlink(path, *args, **kwargs):
+        if not path.startswith("/proc/self/fd/"):
+            return real(path, *args, **kwargs)
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+    monkeypatch.setattr(os, "readlink", readlink)
+    assert fileio.real_path(str(tree / "link" / "b")) == str(
+        tree / "a" / "b")
+
+
+def test_real_path_of_a_directory_it_cannot_open(tree, monkeypatch):
+    real = os.open
+
+    def refused(path, flags, *args, **kwargs):
+        if flags & os.O_PATH:
+            raise PermissionError(errno.EACCES, "denied")
+        return real(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refused)
+    assert fileio.real_path(str(tree / "link" / "b")) == str(
+        tree / "a" / "b")
+
+
+def test_real_path_closes_what_it_opens(tree):
+    before = set(os.listdir("/proc/self/fd"))
+    fileio.real_path(str(tree / "link" / "b" / "x"))
+    assert set(os.listdir("/proc/self/fd")) == before

@@ -175,11 +175,38 @@ def test_a_failed_chmod_closes_the_unnamed_file(tmp_path, monkeypatch):
         raise OSError(errno.EPERM, "not permitted")
     monkeypatch.setattr(os, "fchmod", fails)
     before = set(os.listdir("/proc/self/fd"))
-    with pytest.raises(OSError):
-        fileio.Unnamed.make(str(tmp_path))
+    old = os.umask(0o077)
+    try:
+        with pytest.raises(OSError):
+            fileio.Unnamed.make(str(tmp_path))
+    finally:
+        os.umask(old)
     monkeypatch.undo()
     assert set(os.listdir("/proc/self/fd")) == before
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask, mode, changed", [(0o022, 0o644, False),
+                                                  (0o077, 0o644, True),
+                                                  (0o022, 0o666, True),
+                                                  (0o022, 0o600, False),
+                                                  (0o000, 0o666, False)])
+def test_the_mode_is_changed_only_when_the_umask_left_another(
+        tmp_path, monkeypatch, umask, mode, changed):
+    calls = []
+    real = os.fchmod
+    monkeypatch.setattr(os, "fchmod",
+                        lambda fd, m: (calls.append(m), real(fd, m)))
+    old = os.umask(umask)
+    try:
+        made = fileio.Unnamed.make(str(tmp_path), mode)
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.fstat(made.fd).st_mode) == mode
+    finally:
+        made.close()
+    assert calls == ([mode] if changed else [])
 
 
 def test_background_returns_what_the_function_returns():
