@@ -424,7 +424,8 @@ class Templates:
         known = self._checked.get(path)
         fresh = (known is None or known.identity != identity(st)
                  or known.description != spec.description)
-        os.ftruncate(fd, 0)
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
         try:
             if not fresh:
                 known.write(fd)

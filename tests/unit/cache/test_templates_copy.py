@@ -24,6 +24,7 @@ from imagebackend.cache import templates
 from tests.unit.cache import test_templates as tt
 
 GiB = tt.GiB
+MiB = tt.MiB
 c, base = tt.c, tt.base
 
 
@@ -309,3 +310,28 @@ def test_identity_is_device_inode_size_and_times():
     st = os.stat("/")
     assert templates.identity(st) == (st.st_dev, st.st_ino, st.st_size,
                                       st.st_mtime_ns, st.st_ctime_ns)
+
+
+@pytest.mark.parametrize("remembered", [False, True])
+def test_a_file_that_is_not_empty_is_emptied_first(t, base, remembered):
+    if remembered:
+        assert copy_with(t, base)[0] is True
+    path = tt.new_target(_C[0], "junk")
+    with open(path, "wb") as f:
+        f.write(b"\x01" * (5 * MiB))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert t.copy_overlay(base.path, "raw", fd, GiB) is True
+    finally:
+        os.close(fd)
+    assert tt.read(path) == tt.overlay_bytes(base.path, "raw", GiB)
+
+
+def test_an_empty_file_is_not_truncated(t, base, monkeypatch):
+    assert copy_with(t, base)[0] is True
+    sizes = []
+    real = os.ftruncate
+    monkeypatch.setattr(os, "ftruncate", lambda fd, n: (sizes.append(n),
+                                                        real(fd, n)))
+    assert copy_with(t, base)[0] is True
+    assert sizes == [len(tt.overlay_bytes(base.path, "raw", GiB))]
