@@ -152,10 +152,13 @@ def read_json(path: str, limit: int = 1024 * 1024) -> dict | None:
     Records live where only the library writes, so a symlink or anything
     but a regular file there is ignored, never followed or opened in a
     way that could block (a FIFO); at most ``limit`` bytes are read.
+    Reading does not change the file's access time where the caller owns
+    it: that would be a change of the inode (a journal entry, which waits
+    for a commit in progress) that nothing here uses.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                     | os.O_CLOEXEC)
+        fd = _open_noatime(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                           | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -182,6 +185,18 @@ def read_json(path: str, limit: int = 1024 * 1024) -> dict | None:
         LOG.warning("Ignoring unreadable metadata record %s: %s", path, exc)
         return None
     return data if isinstance(data, dict) else None
+
+
+def _open_noatime(path: str, flags: int) -> int:
+    """``os.open(path, flags)``, with ``O_NOATIME`` unless the caller may
+    not ask for it (a file someone else owns).
+    """
+    try:
+        return os.open(path, flags | os.O_NOATIME)
+    except PermissionError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+    return os.open(path, flags)
 
 
 @contextlib.contextmanager

@@ -586,3 +586,44 @@ def test_real_path_closes_what_it_opens(tree):
     before = set(os.listdir("/proc/self/fd"))
     fileio.real_path(str(tree / "link" / "b" / "x"))
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+# -- read_json without touching the access time -------------------------------
+
+def test_read_json_leaves_the_access_time(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1}')
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))   # atime < mtime
+    assert fileio.read_json(str(path)) == {"a": 1}
+    assert os.stat(path).st_atime_ns == 1_000_000_000
+
+
+def test_read_json_of_a_file_owned_by_another_reads_it(tmp_path,
+                                                       monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1}')
+    real = os.open
+    flags = []
+
+    def not_owner(p, f, *args, **kwargs):
+        flags.append(f)
+        if f & os.O_NOATIME:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real(p, f, *args, **kwargs)
+    monkeypatch.setattr(os, "open", not_owner)
+    assert fileio.read_json(str(path)) == {"a": 1}
+    assert [bool(f & os.O_NOATIME) for f in flags] == [True, False]
+    assert all(f & os.O_NOFOLLOW and f & os.O_NONBLOCK for f in flags)
+
+
+def test_read_json_of_an_unreadable_file_is_none(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1}')
+    calls = []
+
+    def denied(p, f, *args, **kwargs):
+        calls.append(f)
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(os, "open", denied)
+    assert fileio.read_json(str(path)) is None
+    assert len(calls) == 1      # not asked again without O_NOATIME
