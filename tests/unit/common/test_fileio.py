@@ -11,6 +11,7 @@
 # under the License.
 
 import errno
+import json
 import os
 import time
 from unittest import mock
@@ -627,3 +628,67 @@ def test_read_json_of_an_unreadable_file_is_none(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", denied)
     assert fileio.read_json(str(path)) is None
     assert len(calls) == 1      # not asked again without O_NOATIME
+
+
+class _Shrunk:
+    """An os.fstat result that says the file is smaller than it is (it
+    grew after the look).
+    """
+
+    def __init__(self, st, size):
+        self._st, self.st_size = st, size
+
+    def __getattr__(self, name):
+        return getattr(self._st, name)
+
+
+@pytest.mark.parametrize("seen", [0, 1, 10, 40])
+def test_read_json_reads_a_record_that_grew_since_its_size_was_seen(
+        tmp_path, monkeypatch, seen):
+    path = tmp_path / "r.json"
+    body = {"a": "x" * 100}
+    path.write_text(json.dumps(body))
+    real = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: _Shrunk(real(fd), seen))
+    assert fileio.read_json(str(path)) == body
+
+
+@pytest.mark.parametrize("extra, read", [(0, True), (1, False)])
+def test_read_json_reads_at_most_its_limit_even_if_it_grew(
+        tmp_path, monkeypatch, extra, read):
+    path = tmp_path / "r.json"
+    text = '{"a": "%s"}' % ("x" * 200)
+    path.write_text(text)
+    real = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: _Shrunk(real(fd), 5))
+    result = fileio.read_json(str(path), limit=len(text) - 1 + (1 - extra))
+    assert (result is not None) is read
+
+
+def test_read_json_of_a_small_record_asks_for_a_small_buffer(
+        tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1}')
+    sizes = []
+    real = os.fdopen
+
+    class Reader:
+        def __init__(self, f):
+            self._f = f
+
+        def read(self, n=-1):
+            sizes.append(n)
+            return self._f.read(n)
+
+        def fileno(self):
+            return self._f.fileno()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Reader(real(fd,
+                                                                   mode)))
+    assert fileio.read_json(str(path)) == {"a": 1}
+    assert sizes == [len('{"a": 1}') + 1]
