@@ -170,13 +170,15 @@ def read_json(path: str, limit: int = 1024 * 1024) -> dict | None:
                         exc)
         return None
     try:
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
+        try:
+            st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 LOG.warning("Ignoring metadata record %s: not a regular "
                             "file", path)
                 return None
-            raw = _read_upto(f, st.st_size, limit + 1)
+            raw = _read_upto(fd, st.st_size, limit + 1)
+        finally:
+            os.close(fd)
         if not raw:
             return None
         if len(raw) > limit:
@@ -188,17 +190,28 @@ def read_json(path: str, limit: int = 1024 * 1024) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _read_upto(f, expected: int, most: int) -> bytes:
-    """At most ``most`` bytes of the open file ``f``, read with a buffer
-    of the ``expected`` size (plus one byte, to see more): a small record
-    never costs a buffer of ``most`` bytes (for 1 MiB, a mapping made and
-    unmapped, 70-150 us).
+def _read_upto(fd: int, expected: int, most: int) -> bytes:
+    """At most ``most`` bytes of the open file ``fd``, read with a buffer
+    of the ``expected`` size (plus one byte, to see more) first: a small
+    record never costs a buffer of ``most`` bytes (for 1 MiB, a mapping
+    made and unmapped, 70-150 us).
     """
-    raw = f.read(min(expected + 1, most))
-    if len(raw) > expected:
-        # It grew since: the rest, up to the limit.
-        raw += f.read(most - len(raw))
-    return raw
+    chunks, got = [], 0
+    want = min(expected + 1, most)
+    while want > 0:
+        chunk = os.read(fd, want)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+        # More than expected (it grew since), or a short read: go on to
+        # the end, a block at a time, up to the limit.
+        want = min(most - got, _READ_BLOCK)
+    return b"".join(chunks)
+
+
+#: what :func:`_read_upto` reads at a time past the expected size.
+_READ_BLOCK = 64 * 1024
 
 
 def _open_noatime(path: str, flags: int) -> int:

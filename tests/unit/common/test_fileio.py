@@ -665,30 +665,38 @@ def test_read_json_reads_at_most_its_limit_even_if_it_grew(
     assert (result is not None) is read
 
 
-def test_read_json_of_a_small_record_asks_for_a_small_buffer(
+def test_read_json_of_a_small_record_asks_for_small_buffers(
         tmp_path, monkeypatch):
     path = tmp_path / "r.json"
     path.write_text('{"a": 1}')
     sizes = []
-    real = os.fdopen
-
-    class Reader:
-        def __init__(self, f):
-            self._f = f
-
-        def read(self, n=-1):
-            sizes.append(n)
-            return self._f.read(n)
-
-        def fileno(self):
-            return self._f.fileno()
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self._f.close()
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Reader(real(fd,
-                                                                   mode)))
+    real = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: (sizes.append(n),
+                                                   real(fd, n))[1])
     assert fileio.read_json(str(path)) == {"a": 1}
-    assert sizes == [len('{"a": 1}') + 1]
+    # Its size and one byte, then a block to see the end.
+    assert sizes == [len('{"a": 1}') + 1, fileio._READ_BLOCK]
+
+
+def test_read_json_reads_on_after_a_short_read(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    text = '{"a": "%s"}' % ("x" * 300)
+    path.write_text(text)
+    real = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real(fd, min(n, 7)))
+    assert fileio.read_json(str(path)) == json.loads(text)
+    assert fileio.read_json(str(path), limit=len(text) - 1) is None
+
+
+def test_read_json_closes_the_record_when_a_read_fails(tmp_path,
+                                                       monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1}')
+
+    def fails(fd, n):
+        raise OSError(errno.EIO, "I/O error")
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "read", fails)
+    assert fileio.read_json(str(path)) is None
+    monkeypatch.undo()
+    assert set(os.listdir("/proc/self/fd")) == before
