@@ -39,3 +39,17 @@ def test_real_path_of_a_fifo_does_not_wait_for_a_writer(tmp_path):
     assert fileio.real_path(fifo) == os.path.realpath(fifo)
     assert fileio.real_path(os.path.join(fifo, "x")) == os.path.realpath(
         os.path.join(fifo, "x"))
+
+
+def test_a_record_that_grew_is_read_no_further_than_its_limit(
+        tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_bytes(b" " * (300 * 1024))
+    real_fstat, real_read = os.fstat, os.read
+    read = []
+    monkeypatch.setattr(os, "fstat",
+                        lambda fd: test_fileio._Shrunk(real_fstat(fd), 0))
+    monkeypatch.setattr(os, "read", lambda fd, n: (
+        lambda data: (read.append(len(data)), data)[1])(real_read(fd, n)))
+    assert fileio.read_json(str(path), limit=100 * 1024) is None
+    assert sum(read) == 100 * 1024 + 1
