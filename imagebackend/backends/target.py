@@ -87,11 +87,11 @@ def check_place(target: str, cache) -> None:
         its lock directory.
     :raises imagebackend.exception.TargetExists: it exists.
     """
-    real = os.path.join(os.path.realpath(os.path.dirname(target)),
+    real = os.path.join(fileio.real_path(os.path.dirname(target)),
                         os.path.basename(target))
     for area, what in ((cache.base_dir, "the image cache"),
                        (cache.lock_dir, "the cache's lock directory")):
-        if _within(real, os.path.realpath(area)) or _within(target, area):
+        if _within(real, fileio.real_path(area)) or _within(target, area):
             raise exception.InvalidTarget(
                 path=target,
                 reason="it is inside %s %s, where only the cache writes; "

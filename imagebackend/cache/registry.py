@@ -42,6 +42,9 @@ INTENT = "intent"
 DONE = "done"
 #: the extended attribute naming a disk's registry token.
 MARK_XATTR = "user.imagebackend.record"
+#: the extended attribute that marks an intent record done without
+#: rewriting it (its value: :data:`DONE`).
+STATE_XATTR = "user.imagebackend.state"
 _RECORD_KEYS = ("disk", "tmp", "base", "format", "image_id", "host",
                 "created_at", "state")
 
@@ -60,6 +63,11 @@ class Registry:
     record.  Raw disks are recorded too (format
     ``raw``, base ``None``): their content is guest data, never a header
     to follow.
+
+    A record is marked done by a rewrite, or -- when nothing else in it
+    changes (no temporary name to forget, the same file), and where the
+    filesystem has extended attributes -- by :data:`STATE_XATTR` on the
+    record's own file, a change that creates no file and writes no data.
 
     Every record read through :meth:`records` has the keys ``disk``,
     ``tmp``, ``base``, ``format``, ``image_id``, ``host``, ``created_at``,
@@ -185,7 +193,8 @@ class Registry:
 
         Not fsynced: an intent record whose disk exists already counts as
         a use and names the disk's format, so losing this on a crash is
-        harmless.
+        harmless.  Where only the state changes, the record is labelled
+        done (:data:`STATE_XATTR`) instead of rewritten.
 
         :param st: the stat of the published disk.
         :raises OSError: the record cannot be rewritten.
@@ -198,6 +207,11 @@ class Registry:
         if record is None:
             raise FileNotFoundError(errno.ENOENT, "registry record is gone",
                                     path)
+        if (record["state"] == INTENT and record["tmp"] is None
+                and (st is None or (record.get("dev"), record.get("ino"))
+                     == (st.st_dev, st.st_ino))
+                and _label_done(path)):
+            return
         record["state"] = DONE
         record["tmp"] = None
         if st is not None:
@@ -280,6 +294,8 @@ class Registry:
             record.setdefault("format", "qcow2")
         for name in _RECORD_KEYS:
             record.setdefault(name, None)
+        if record["state"] == INTENT and _labelled_done(path):
+            record["state"] = DONE
         return record
 
     def find(self, disk_path: str) -> dict | None:
@@ -455,6 +471,30 @@ def _set_mark(path: str | int, token: str) -> bool:
         return True
     except OSError as exc:
         LOG.debug("Cannot label %s with its registry token: %s", path, exc)
+        return False
+
+
+def _label_done(path: str) -> bool:
+    """Mark the record ``path`` done by :data:`STATE_XATTR`.
+
+    :returns: False where that cannot be done (no extended attributes on
+        this filesystem, or the record is not a regular file): the caller
+        rewrites the record instead.
+    """
+    try:
+        os.setxattr(path, STATE_XATTR, DONE.encode(), follow_symlinks=False)
+        return True
+    except OSError as exc:
+        LOG.debug("Cannot label registry record %s done: %s", path, exc)
+        return False
+
+
+def _labelled_done(path: str) -> bool:
+    """Whether the record ``path`` carries the done label."""
+    try:
+        return os.getxattr(path, STATE_XATTR,
+                           follow_symlinks=False) == DONE.encode()
+    except OSError:
         return False
 
 

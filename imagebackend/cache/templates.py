@@ -34,6 +34,14 @@ before the trailer is cut off; a copy that fails is never used: the
 template is made again (a damaged one removed first) or, failing that,
 ``qemu-img create`` makes the disk.  Templates go with their base
 (:func:`drop`); ``cache prune`` removes one whose base is gone.
+
+A template that passed the check is remembered (its data blocks, a few
+KiB) by the :class:`Templates` that copied it, with the identity of its
+file (device, inode, size, modification and change times): as long as
+the file at that name is the same file, later disks get the checked bytes
+written from memory instead of a copy and a check of their own.  A
+template that is replaced, removed or written to is no longer that file,
+and is copied and checked again.
 """
 
 import dataclasses
@@ -82,6 +90,8 @@ _EXT_DATA_FILE = 0x44415441
 _REFUSED_FEATURES = 0b111
 #: the unit of holes in a template.
 _BLOCK = 4096
+#: checked templates a :class:`Templates` remembers at most.
+REMEMBERED = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +235,59 @@ def _rewrite_sparse(fd: int, body: bytes) -> None:
     writer.finish()
 
 
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """A template's bytes as its copy passed the check: its length and
+    data blocks (zero blocks are holes), and what they were checked
+    against.
+    """
+
+    #: :func:`identity` of the template's file when it was copied.
+    identity: tuple
+    #: :attr:`Spec.description` of the spec it was checked against.
+    description: bytes
+    #: the overlay's length (without the trailer).
+    length: int
+    #: ``(offset, bytes)`` of each run of data blocks.
+    runs: tuple
+
+    @classmethod
+    def of(cls, st: os.stat_result, spec: Spec, body: bytes) -> "Checked":
+        """The checked ``body`` of the template file ``st`` of ``spec``."""
+        runs, start = [], None
+        for pos in range(0, len(body) + _BLOCK, _BLOCK):
+            data = pos < len(body) and not sparseio.all_zeros(
+                body[pos:pos + _BLOCK])
+            if data and start is None:
+                start = pos
+            elif not data and start is not None:
+                runs.append((start, body[start:pos]))
+                start = None
+        return cls(identity(st), spec.description, len(body), tuple(runs))
+
+    def write(self, fd: int) -> None:
+        """Make the open, empty file ``fd`` hold the overlay (zero blocks
+        as holes).
+
+        :raises OSError: it could not be written.
+        """
+        os.ftruncate(fd, self.length)
+        for offset, data in self.runs:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
+
+
+def identity(st: os.stat_result) -> tuple:
+    """What tells one file at a name from another, or from itself
+    after a write: device, inode, size, modification and change times.
+    """
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+            st.st_ctime_ns)
+
+
 def of_base(base_dir: str, base_name: str
             ) -> list[tuple[str, os.stat_result]]:
     """The templates (regular files, not scratch) of base ``base_name``
@@ -286,6 +349,8 @@ class Templates:
         if qemu is not None:
             self.qemu = qemu
         self._make_qemu = make_qemu
+        #: the templates whose copy passed the check, by path.
+        self._checked: dict[str, Checked] = {}
 
     @functools.cached_property
     def qemu(self):
@@ -355,6 +420,9 @@ class Templates:
         """Copy template ``path`` into the open file ``fd`` and check the
         copy.
 
+        A template file that passed the check before, and is still the
+        same file, is not copied again: its checked bytes are written.
+
         :returns: True when ``fd`` holds the overlay; else the stat of a
             template that failed the check (``None`` when there is no
             regular file to copy); ``fd`` is then emptied.
@@ -367,8 +435,15 @@ class Templates:
             LOG.warning("Ignoring overlay template %s: not a regular file "
                         "of at most %d bytes", path, MAX_TEMPLATE_BYTES)
             return st if stat.S_ISREG(st.st_mode) else None
-        os.ftruncate(fd, 0)
+        known = self._checked.get(path)
+        fresh = (known is None or known.identity != identity(st)
+                 or known.description != spec.description)
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)
         try:
+            if not fresh:
+                known.write(fd)
+                return True
             sparseio.sparse_copy(path, fd, writeback=False)
         except OSError as exc:
             # Gone meanwhile, or unreadable: qemu-img makes the disk if it
@@ -378,11 +453,30 @@ class Templates:
             return None
         why = self._check_copy(fd, spec)
         if why is None:
+            self._remember(path, st, spec, fd)
             return True
         os.ftruncate(fd, 0)
         LOG.warning("Overlay template %s is damaged (%s); making it again",
                     path, why)
         return st
+
+    def _remember(self, path, st, spec, fd):
+        """Keep the checked copy in ``fd`` of template ``path`` (``st``
+        before the copy) for the next disks, if the file at ``path`` is
+        still ``st``: the copy was made from that file.
+        """
+        try:
+            now = os.lstat(path)
+            body = os.pread(fd, os.fstat(fd).st_size, 0)
+        except OSError as exc:
+            LOG.debug("Not remembering overlay template %s: %s", path, exc)
+            return
+        if identity(now) != identity(st):
+            return
+        if path not in self._checked and len(self._checked) >= REMEMBERED:
+            # Forget the one remembered first.
+            del self._checked[next(iter(self._checked))]
+        self._checked[path] = Checked.of(st, spec, body)
 
     @staticmethod
     def _check_copy(fd, spec):

@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -128,30 +129,152 @@ def test_the_record_descriptor_is_closed_even_if_its_sync_fails(
     assert err.value.errno == errno.EBADF
 
 
-def test_confirm_uses_the_record_this_process_wrote(reg, tmp_path,
-                                                    monkeypatch):
+def _unnamed_disk(reg, tmp_path):
+    """An intent record of a disk made without a name, then linked as
+    ``disk``: (record path, its bytes, the disk's path).
+    """
     disk = str(tmp_path / "disk")
     made = fileio.Unnamed.make(str(tmp_path))
     try:
         st = os.fstat(made.fd)
         path = reg.start(CID, "img", disk, None, "/b/" + CID, "qcow2", st,
                          fd=made.fd).wait()
-        written = read_json(path)
         made.link("disk")
     finally:
         made.close()
+    with open(path, "rb") as f:
+        return path, f.read(), disk
+
+
+def test_confirm_uses_the_record_this_process_wrote(reg, tmp_path,
+                                                    monkeypatch):
+    path, _, disk = _unnamed_disk(reg, tmp_path)
+    written = read_json(path)
     opened = []
     real = fileio.read_json
     monkeypatch.setattr(fileio, "read_json", lambda *a, **k: (
         opened.append(a[0]), real(*a, **k))[1])
     reg.confirm(path, os.stat(disk))
     assert opened == []         # not read back
-    assert read_json(path) == dict(written, state="done")
     assert reg._written == {}
-    # A second confirm reads what is there.
+    monkeypatch.undo()
+    [found] = reg.records(CID)
+    assert found == dict(written, state="done", _path=path)
+    # A second confirm reads what is there (done by its label), and
+    # rewrites it.
+    monkeypatch.setattr(fileio, "read_json", lambda *a, **k: (
+        opened.append(a[0]), real(*a, **k))[1])
     reg.confirm(path)
     assert opened == [path]
     assert read_json(path) == dict(written, state="done")
+
+
+def test_confirm_labels_a_record_whose_state_alone_changes(
+        reg, tmp_path, monkeypatch):
+    """No file is made, renamed or written: the record keeps its bytes
+    and gets the done label; it reads as done.
+    """
+    path, before, disk = _unnamed_disk(reg, tmp_path)
+    inode = os.lstat(path).st_ino
+    calls = []
+    for name in ("open", "rename", "write", "fsync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _n=name, _r=real: (
+            calls.append(_n), _r(*a))[1])
+    reg.confirm(path, os.stat(disk))
+    monkeypatch.undo()
+    assert calls == []
+    with open(path, "rb") as f:
+        assert f.read() == before
+    assert os.lstat(path).st_ino == inode
+    assert os.getxattr(path, cache_registry.STATE_XATTR) == b"done"
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]
+    found = reg.find(disk)
+    assert (found["_path"], found["state"], found["tmp"]) == (path, "done",
+                                                              None)
+
+
+def test_confirm_rewrites_a_record_it_cannot_label(reg, tmp_path,
+                                                   monkeypatch):
+    path, before, disk = _unnamed_disk(reg, tmp_path)
+
+    def unsupported(*args, **kwargs):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(os, "setxattr", unsupported)
+    reg.confirm(path, os.stat(disk))
+    monkeypatch.undo()
+    assert read_json(path) == dict(json.loads(before), state="done")
+    assert cache_registry.STATE_XATTR not in os.listxattr(path)
+    assert reg.find(disk)["state"] == "done"
+
+
+def test_confirm_rewrites_a_record_of_another_file(reg, tmp_path):
+    """The disk published is not the file the record names (a hook
+    replaced it): the record is rewritten to name it, not labelled.
+    """
+    path, before, disk = _unnamed_disk(reg, tmp_path)
+    os.rename(disk, str(tmp_path / "old"))
+    with open(disk, "wb") as f:
+        f.write(b"new")
+    st = os.stat(disk)
+    reg.confirm(path, st)
+    assert read_json(path) == dict(json.loads(before), state="done",
+                                   ino=st.st_ino, dev=st.st_dev)
+    assert cache_registry.STATE_XATTR not in os.listxattr(path)
+
+
+def test_confirm_without_a_stat_labels_the_record(reg, tmp_path):
+    path, before, disk = _unnamed_disk(reg, tmp_path)
+    reg.confirm(path)
+    with open(path, "rb") as f:
+        assert f.read() == before
+    assert reg.find(disk)["state"] == "done"
+
+
+def test_confirm_rewrites_a_record_with_a_temporary_name(reg, tmp_path):
+    tmp = str(tmp_path / ".disk.1.tmp")
+    path = reg.begin(CID, "img", str(tmp_path / "disk"), tmp, None, "raw")
+    reg.confirm(path)
+    assert (read_json(path)["state"], read_json(path)["tmp"]) == ("done",
+                                                                  None)
+    assert cache_registry.STATE_XATTR not in os.listxattr(path)
+
+
+@pytest.mark.parametrize("label, state", [(b"done", "done"),
+                                          (b"done\0", "intent"),
+                                          (b"intent", "intent"),
+                                          (b"DONE", "intent")])
+def test_only_the_done_label_makes_an_intent_record_done(reg, tmp_path,
+                                                         label, state):
+    path = reg.begin(CID, "img", str(tmp_path / "disk"), None, None, "raw")
+    os.setxattr(path, cache_registry.STATE_XATTR, label)
+    assert [r["state"] for r in reg.records(CID)] == [state]
+
+
+def test_a_label_never_undoes_a_done_record(reg, tmp_path):
+    path = reg.begin(CID, "img", str(tmp_path / "disk"),
+                     str(tmp_path / ".disk.1.tmp"), None, "raw")
+    reg.confirm(path)
+    os.setxattr(path, cache_registry.STATE_XATTR, b"intent")
+    assert [r["state"] for r in reg.records(CID)] == ["done"]
+
+
+def test_a_labelled_record_whose_disk_is_gone_is_collected_at_once(
+        reg, tmp_path):
+    path, _, disk = _unnamed_disk(reg, tmp_path)
+    reg.confirm(path, os.stat(disk))
+    os.unlink(disk)
+    # Well within the grace of an intent record.
+    assert reg.collect(CID, lambda p, st: [], now=time.time()) == 1
+    assert not os.path.exists(path)
+
+
+def test_an_unlabelled_intent_record_is_kept_within_its_grace(reg,
+                                                              tmp_path):
+    path, _, disk = _unnamed_disk(reg, tmp_path)
+    os.unlink(disk)
+    assert reg.collect(CID, lambda p, st: [], now=time.time()) == 0
+    assert os.path.exists(path)
 
 
 def test_confirm_of_a_record_removed_meanwhile_says_so(reg, tmp_path):
@@ -165,7 +288,9 @@ def test_confirm_of_a_record_removed_meanwhile_says_so(reg, tmp_path):
 
 def test_confirm_leaves_no_hidden_file_when_the_rename_fails(
         reg, tmp_path, monkeypatch):
-    path = reg.begin(CID, "img", str(tmp_path / "disk"), None, None, "raw")
+    # A temporary name to forget: the record is rewritten.
+    path = reg.begin(CID, "img", str(tmp_path / "disk"),
+                     str(tmp_path / ".disk.1.tmp"), None, "raw")
     before = read_json(path)
 
     def fails(src, dst):
@@ -180,7 +305,8 @@ def test_confirm_leaves_no_hidden_file_when_the_rename_fails(
 
 def test_confirm_of_a_short_write_leaves_the_intent(reg, tmp_path,
                                                     monkeypatch):
-    path = reg.begin(CID, "img", str(tmp_path / "disk"), None, None, "raw")
+    path = reg.begin(CID, "img", str(tmp_path / "disk"),
+                     str(tmp_path / ".disk.1.tmp"), None, "raw")
     before = read_json(path)
     real = os.write
     monkeypatch.setattr(os, "write", lambda fd, data: real(fd, data[:5]))
@@ -235,3 +361,17 @@ def test_begin_removes_a_record_it_cannot_make_durable(reg, tmp_path,
     assert calls       # and the rollback flushed its removal too
     assert os.listdir(os.path.join(reg.directory, CID)) == []
     assert reg._written == {}
+
+
+def test_confirm_never_labels_the_file_a_symlink_points_at(reg, tmp_path):
+    path, _, disk = _unnamed_disk(reg, tmp_path)
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_bytes(b"{}")
+    os.unlink(path)
+    os.symlink(elsewhere, path)
+    reg.confirm(path, os.stat(disk))
+    assert cache_registry.STATE_XATTR not in os.listxattr(elsewhere)
+    assert elsewhere.read_bytes() == b"{}"
+    # Rewritten in its place instead.
+    assert not os.path.islink(path)
+    assert read_json(path)["state"] == "done"

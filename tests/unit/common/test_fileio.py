@@ -11,6 +11,7 @@
 # under the License.
 
 import errno
+import json
 import os
 import time
 from unittest import mock
@@ -515,3 +516,187 @@ def test_make_dirs_refuses_a_symlink(tmp_path):
     os.symlink(str(tmp_path / "real"), str(tmp_path / "link"))
     with pytest.raises(NotADirectoryError):
         fileio.make_dirs(str(tmp_path / "link"))
+
+
+# -- real_path ----------------------------------------------------------------
+
+@pytest.fixture
+def tree(tmp_path):
+    """Directories, links to them, a dangling link, a loop and a file."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "f").write_bytes(b"")
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    os.symlink("a/b", tmp_path / "relative")
+    os.symlink(tmp_path / "cache" / "new", tmp_path / "dangling")
+    os.symlink("loop2", tmp_path / "loop1")
+    os.symlink("loop1", tmp_path / "loop2")
+    return tmp_path
+
+
+@pytest.mark.parametrize("rel", [
+    "", "a", "a/b", "link", "link/b", "link/b/x/y", "relative",
+    "relative/x", "link/../a", "a//b", "a/b/", "dangling", "dangling/x",
+    "f", "f/x", "loop1", "loop1/x", "missing", "missing/x/y",
+    "a/missing/../b"])
+def test_real_path_is_what_realpath_says(tree, rel):
+    path = os.path.join(str(tree), rel)
+    assert fileio.real_path(path) == os.path.realpath(path)
+
+
+@pytest.mark.parametrize("path", ["/", "/nonexistent/x", "relative/x", ""])
+def test_real_path_of_paths_outside_a_tree(path):
+    assert fileio.real_path(path) == os.path.realpath(path)
+
+
+def test_real_path_asks_the_kernel_once_for_what_exists(tree, monkeypatch):
+    monkeypatch.setattr(os.path, "realpath", None)      # never used
+    assert fileio.real_path(str(tree / "link" / "b" / "x" / "y")) == str(
+        tree / "a" / "b" / "x" / "y")
+
+
+@pytest.mark.parametrize("answer", [OSError(errno.ENOENT, "no /proc"),
+                                    "(unreachable)/a", "/a (deleted)"])
+def test_real_path_falls_back_where_proc_cannot_tell(tree, monkeypatch,
+                                                     answer):
+    real = os.readlink
+
+    def readlink(path, *args, **kwargs):
+        if not path.startswith("/proc/self/fd/"):
+            return real(path, *args, **kwargs)
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+    monkeypatch.setattr(os, "readlink", readlink)
+    assert fileio.real_path(str(tree / "link" / "b")) == str(
+        tree / "a" / "b")
+
+
+def test_real_path_of_a_directory_it_cannot_open(tree, monkeypatch):
+    real = os.open
+
+    def refused(path, flags, *args, **kwargs):
+        if flags & os.O_PATH:
+            raise PermissionError(errno.EACCES, "denied")
+        return real(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refused)
+    assert fileio.real_path(str(tree / "link" / "b")) == str(
+        tree / "a" / "b")
+
+
+def test_real_path_closes_what_it_opens(tree):
+    before = set(os.listdir("/proc/self/fd"))
+    fileio.real_path(str(tree / "link" / "b" / "x"))
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+# -- read_json without touching the access time -------------------------------
+
+def test_read_json_leaves_the_access_time(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1}')
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))   # atime < mtime
+    assert fileio.read_json(str(path)) == {"a": 1}
+    assert os.stat(path).st_atime_ns == 1_000_000_000
+
+
+def test_read_json_of_a_file_owned_by_another_reads_it(tmp_path,
+                                                       monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1}')
+    real = os.open
+    flags = []
+
+    def not_owner(p, f, *args, **kwargs):
+        flags.append(f)
+        if f & os.O_NOATIME:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real(p, f, *args, **kwargs)
+    monkeypatch.setattr(os, "open", not_owner)
+    assert fileio.read_json(str(path)) == {"a": 1}
+    assert [bool(f & os.O_NOATIME) for f in flags] == [True, False]
+    assert all(f & os.O_NOFOLLOW and f & os.O_NONBLOCK for f in flags)
+
+
+def test_read_json_of_an_unreadable_file_is_none(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1}')
+    calls = []
+
+    def denied(p, f, *args, **kwargs):
+        calls.append(f)
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(os, "open", denied)
+    assert fileio.read_json(str(path)) is None
+    assert len(calls) == 1      # not asked again without O_NOATIME
+
+
+class _Shrunk:
+    """An os.fstat result that says the file is smaller than it is (it
+    grew after the look).
+    """
+
+    def __init__(self, st, size):
+        self._st, self.st_size = st, size
+
+    def __getattr__(self, name):
+        return getattr(self._st, name)
+
+
+@pytest.mark.parametrize("seen", [0, 1, 10, 40])
+def test_read_json_reads_a_record_that_grew_since_its_size_was_seen(
+        tmp_path, monkeypatch, seen):
+    path = tmp_path / "r.json"
+    body = {"a": "x" * 100}
+    path.write_text(json.dumps(body))
+    real = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: _Shrunk(real(fd), seen))
+    assert fileio.read_json(str(path)) == body
+
+
+@pytest.mark.parametrize("extra, read", [(0, True), (1, False)])
+def test_read_json_reads_at_most_its_limit_even_if_it_grew(
+        tmp_path, monkeypatch, extra, read):
+    path = tmp_path / "r.json"
+    text = '{"a": "%s"}' % ("x" * 200)
+    path.write_text(text)
+    real = os.fstat
+    monkeypatch.setattr(os, "fstat", lambda fd: _Shrunk(real(fd), 5))
+    result = fileio.read_json(str(path), limit=len(text) - 1 + (1 - extra))
+    assert (result is not None) is read
+
+
+def test_read_json_of_a_small_record_asks_for_small_buffers(
+        tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1}')
+    sizes = []
+    real = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: (sizes.append(n),
+                                                   real(fd, n))[1])
+    assert fileio.read_json(str(path)) == {"a": 1}
+    # Its size and one byte, then a block to see the end.
+    assert sizes == [len('{"a": 1}') + 1, fileio._READ_BLOCK]
+
+
+def test_read_json_reads_on_after_a_short_read(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    text = '{"a": "%s"}' % ("x" * 300)
+    path.write_text(text)
+    real = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: real(fd, min(n, 7)))
+    assert fileio.read_json(str(path)) == json.loads(text)
+    assert fileio.read_json(str(path), limit=len(text) - 1) is None
+
+
+def test_read_json_closes_the_record_when_a_read_fails(tmp_path,
+                                                       monkeypatch):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1}')
+
+    def fails(fd, n):
+        raise OSError(errno.EIO, "I/O error")
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "read", fails)
+    assert fileio.read_json(str(path)) is None
+    monkeypatch.undo()
+    assert set(os.listdir("/proc/self/fd")) == before

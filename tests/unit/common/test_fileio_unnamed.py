@@ -16,6 +16,7 @@ other work, on real files.
 
 import errno
 import os
+import signal
 import stat
 import threading
 
@@ -174,11 +175,38 @@ def test_a_failed_chmod_closes_the_unnamed_file(tmp_path, monkeypatch):
         raise OSError(errno.EPERM, "not permitted")
     monkeypatch.setattr(os, "fchmod", fails)
     before = set(os.listdir("/proc/self/fd"))
-    with pytest.raises(OSError):
-        fileio.Unnamed.make(str(tmp_path))
+    old = os.umask(0o077)
+    try:
+        with pytest.raises(OSError):
+            fileio.Unnamed.make(str(tmp_path))
+    finally:
+        os.umask(old)
     monkeypatch.undo()
     assert set(os.listdir("/proc/self/fd")) == before
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask, mode, changed", [(0o022, 0o644, False),
+                                                  (0o077, 0o644, True),
+                                                  (0o022, 0o666, True),
+                                                  (0o022, 0o600, False),
+                                                  (0o000, 0o666, False)])
+def test_the_mode_is_changed_only_when_the_umask_left_another(
+        tmp_path, monkeypatch, umask, mode, changed):
+    calls = []
+    real = os.fchmod
+    monkeypatch.setattr(os, "fchmod",
+                        lambda fd, m: (calls.append(m), real(fd, m)))
+    old = os.umask(umask)
+    try:
+        made = fileio.Unnamed.make(str(tmp_path), mode)
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.fstat(made.fd).st_mode) == mode
+    finally:
+        made.close()
+    assert calls == ([mode] if changed else [])
 
 
 def test_background_returns_what_the_function_returns():
@@ -206,6 +234,70 @@ def test_background_raises_what_the_function_raises():
 
 def test_background_returns_none_from_a_function_returning_none():
     assert fileio.Background(lambda: None).wait() is None
+
+
+def test_background_threads_are_kept_for_the_next_call():
+    first = fileio.Background(threading.get_ident)
+    ident = first.wait()
+    assert ident != threading.get_ident()
+    # The thread is idle once wait() returns: the next call takes it.
+    assert fileio.Background(threading.get_ident).wait() == ident
+
+
+def test_background_calls_at_the_same_time_run_in_threads_of_their_own():
+    release = threading.Event()
+    running = []
+
+    def work():
+        running.append(threading.get_ident())
+        release.wait(10)
+        return threading.get_ident()
+    jobs = [fileio.Background(work) for _ in range(3)]
+    for _ in range(1000):
+        if len(running) == 3:
+            break
+        threading.Event().wait(0.01)
+    release.set()
+    idents = [job.wait() for job in jobs]
+    assert len(set(idents)) == 3
+    assert sorted(running) == sorted(idents)
+
+
+def test_at_most_so_many_background_threads_wait(monkeypatch):
+    monkeypatch.setattr(fileio, "IDLE_THREADS", 2)
+    monkeypatch.setattr(fileio._Worker, "idle", [])
+    release = threading.Event()
+    jobs = [fileio.Background(release.wait, 10) for _ in range(4)]
+    release.set()
+    assert [job.wait() for job in jobs] == [True] * 4
+    # Each thread chose to wait or to end before its call was done.
+    assert len(fileio._Worker.idle) == 2
+
+
+def test_a_background_thread_whose_function_raised_is_used_again():
+    def fails():
+        raise ValueError(threading.get_ident())
+    with pytest.raises(ValueError) as err:
+        fileio.Background(fails).wait()
+    assert fileio.Background(threading.get_ident).wait() == (
+        err.value.args[0])
+
+
+def test_a_forked_child_starts_background_threads_of_its_own():
+    fileio.Background(int).wait()          # one idle thread here
+    assert fileio._Worker.idle
+    pid = os.fork()
+    if pid == 0:        # the child: the parent's threads are not here
+        try:
+            signal.alarm(10)
+            ok = (fileio._Worker.idle == []
+                  and fileio.Background(lambda: 7).wait() == 7)
+            os._exit(0 if ok else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert fileio._Worker.idle          # the parent keeps its own
 
 
 def test_the_unnamed_file_is_made_in_its_directory_not_here(tmp_path,
