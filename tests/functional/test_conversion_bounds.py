@@ -141,6 +141,30 @@ def _children(pid):
     return found
 
 
+def _qemu_img_child(pid, timeout=30):
+    """The child of ``pid`` running qemu-img, and its arguments, once it
+    runs it: a child found earlier is still the caller's fork on its way
+    (without its own process group yet), or in the middle of exec (its
+    cmdline empty).
+
+    :returns: ``(None, [])`` if none runs it within ``timeout`` seconds.
+    """
+    binary = os.path.realpath(fenv.REAL_QEMU_IMG)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in _children(pid):
+            try:
+                exe = os.readlink("/proc/%d/exe" % child)
+                with open("/proc/%d/cmdline" % child, "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if exe == binary and len(argv) > 1:
+                return child, argv
+        time.sleep(0.05)
+    return None, []
+
+
 def _alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
@@ -157,15 +181,9 @@ def test_a_killed_caller_takes_its_qemu_img_child_with_it(tmp_path):
         [sys.executable, "-c", _SLOW_CONVERT, fenv.REAL_QEMU_IMG, source,
          str(tmp_path / "out.raw")])
     try:
-        deadline = time.monotonic() + 30
-        children = []
-        while not children and time.monotonic() < deadline:
-            children = _children(caller.pid)
-            time.sleep(0.05)
-        assert children, "qemu-img never started"
-        child = children[0]
-        with open("/proc/%d/cmdline" % child, "rb") as f:
-            assert b"convert" in f.read()
+        child, argv = _qemu_img_child(caller.pid)
+        assert child, "qemu-img never started"
+        assert b"convert" in argv
         # It runs in a process group of its own.
         assert os.getpgid(child) == child != os.getpgid(caller.pid)
         caller.send_signal(signal.SIGKILL)

@@ -453,12 +453,28 @@ def consuming(adapter, *resps, pieces=None):
     adapter.request.side_effect = request
 
 
+#: files :func:`file_body` opened, closed after each test
+_OPENED = []
+
+
+@pytest.fixture(autouse=True)
+def _close_opened():
+    """Close what the test's :func:`file_body` opened.  Left to the
+    garbage collector (the mocks that saw a body are cyclic), a file would
+    be closed during some later test of the worker: under the feet of a
+    test that compares this process's open descriptors before and after.
+    """
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
 def file_body(tmp_path, size=3 * 256 * 1024 + 5):
     path = tmp_path / "disk"
     path.write_bytes(b"d" * size)
     seen = []
-    return glance_client.FileBody(open(path, "rb"), size,
-                                  seen.append), seen
+    _OPENED.append(open(path, "rb"))
+    return glance_client.FileBody(_OPENED[-1], size, seen.append), seen
 
 
 def test_send_json_posts_with_the_token_and_follows_no_redirect(adapter):
