@@ -273,11 +273,7 @@ class Checked:
         """
         os.ftruncate(fd, self.length)
         for offset, data in self.runs:
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(fd, view, offset)
-                view = view[written:]
-                offset += written
+            sparseio.pwrite_all(fd, data, offset)
 
 
 def identity(st: os.stat_result) -> tuple:

@@ -80,14 +80,22 @@ class SparseWriter:
         self.offset = origin + length
 
     def _write_at(self, data: memoryview, offset: int) -> None:
-        while data:
-            written = os.pwrite(self.fd, data, offset)
-            data = data[written:]
-            offset += written
+        pwrite_all(self.fd, data, offset)
 
     def finish(self) -> int:
         os.ftruncate(self.fd, self.offset)
         return self.offset
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` into ``fd`` at ``offset`` (``pwrite`` may
+    write less than it was given).
+    """
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def data_extents(fd: int, size: int):
